@@ -163,7 +163,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .device import set_threads
-    from .train import load_config, train
+    from .training import load_config, train
 
     set_threads(args.threads)
     cfg = load_config(args.config, steps=args.steps, preset=args.preset, seed=args.seed)
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_embed)
 
     t = sub.add_parser("train", help="episodic in-context training (resumes from OUT/state.pt)")
-    t.add_argument("--config", help="TOML file with a [train] table (see iris_core.train.TrainConfig)")
+    t.add_argument("--config", help="TOML file with a [train] table (see iris_core.training.config.TrainConfig)")
     t.add_argument("--out", required=True, help="run folder: state.pt, ema.safetensors, curve.png")
     t.add_argument("--steps", type=int)
     t.add_argument("--preset")

@@ -44,7 +44,8 @@ def _binary(img: sitk.Image, thr: float) -> sitk.Image:
 
 
 def colin27(labels: str = "brain") -> Sample:
-    """Colin27 T1 (with skull) and its brain mask (``labels='brain'``) or AAL regions (``'aal'``)."""
+    """Colin27 T1 (with skull) and its brain mask (``labels='brain'``), AAL regions (``'aal'``) or
+    Brodmann areas (``'brodmann'``), all on the T1's grid (Debian mricron-data)."""
     image = sitk.ReadImage(str(_mricron("ch2.nii.gz")), sitk.sitkFloat32)
     if labels == "brain":
         lab = _binary(sitk.ReadImage(str(_mricron("ch2bet.nii.gz"))), 1e-3)
@@ -56,8 +57,11 @@ def colin27(labels: str = "brain") -> Sample:
             parts = line.split()
             if len(parts) >= 2 and parts[0].isdigit():
                 names[int(parts[0])] = parts[1]
+    elif labels == "brodmann":
+        lab = sitk.Cast(sitk.ReadImage(str(_mricron("brodmann.nii.gz"))), sitk.sitkUInt16)
+        names = {v: f"Brodmann area {v}" for v in np.unique(sitk.GetArrayViewFromImage(lab)).tolist() if v}
     else:
-        raise InputError(f"unknown Colin27 labels {labels!r}; use 'brain' or 'aal'")
+        raise InputError(f"unknown Colin27 labels {labels!r}; use 'brain', 'aal' or 'brodmann'")
     lab.CopyInformation(image)
     return Sample("colin27", image, lab, names)
 

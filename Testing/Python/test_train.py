@@ -40,7 +40,7 @@ def test_train_resume_and_segment(tmp_path, phantom_files, capsys):
 
 def test_unknown_config_key(tmp_path):
     from iris_core.errors import InputError
-    from iris_core.train import load_config
+    from iris_core.training import load_config
 
     p = tmp_path / "t.toml"
     p.write_text("[train]\nstepz = 3\n")
@@ -48,11 +48,13 @@ def test_unknown_config_key(tmp_path):
         load_config(p)
 
 
-@pytest.mark.parametrize("source", ["synthetic", "inia19", "colin27"])
+@pytest.mark.parametrize("source", ["synthetic", "synth:random", "synth:colin27", "colin27", "icbm2009a"])
 def test_task_sources_make_valid_episodes(source):
     import numpy as np
 
-    from iris_core.train import TrainConfig, _build_sources, make_episode
+    from iris_core.training import TrainConfig
+    from iris_core.training.episodes import make_episode
+    from iris_core.training.sources import _build_sources
 
     cfg = TrainConfig(preset="iris-tiny", sources=(source,), max_classes=3)
     src = _build_sources(cfg, (4.0, 4.0, 4.0))
@@ -65,13 +67,65 @@ def test_task_sources_make_valid_episodes(source):
         assert torch.isfinite(q).all() and not torch.equal(q, r)  # independent views
 
 
-def test_lamb_and_checkpointing_train(tmp_path):
-    """Lamb and activation checkpointing: same episodes, finite decreasing-capable losses."""
-    from iris_core.train import TrainConfig, train
+def test_evaluation_only_data_is_refused():
+    """The macaque template is the held-out species check (DATA.md): no config can train on it."""
+    from iris_core.errors import InputError
+    from iris_core.sampledata import MRICRON_TEMPLATES
+    from iris_core.training import TrainConfig
+    from iris_core.training.sources import _build_sources
 
-    for opt, ck in (("lamb", True),):
-        cfg = TrainConfig(preset="iris-tiny", sources=("synthetic",), steps=2, batch=1, crop_sizes=(32,),
-                          crop_probs=(1.0,), warmup=1, save_every=2, optimizer=opt, checkpointing=ck)
-        train(cfg, tmp_path / opt)
-        state = torch.load(tmp_path / opt / "state.pt", weights_only=True)
-        assert state["step"] == 2
+    for source in ("inia19", f"unlabelled:{MRICRON_TEMPLATES / 'inia19-t1-brain.nii.gz'}"):
+        with pytest.raises(InputError):
+            _build_sources(TrainConfig(sources=(source,)), (4.0, 4.0, 4.0))
+
+
+def test_held_out_parcels_are_never_training_tasks():
+    import numpy as np
+
+    from iris_core.training import TrainConfig
+    from iris_core.training.sources import _build_sources
+
+    cfg = TrainConfig(sources=("colin27",), holdout=("aal:77", "aal:78"))
+    (src,) = _build_sources(cfg, (4.0, 4.0, 4.0))
+    regions = src.label_sets["aal"][0]
+    thalamus = torch.isin(regions, torch.tensor([77, 78]))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        task = src.sample_task(rng)
+        if int(task.sum()) and int((task & thalamus).sum()) == int(task.sum()):
+            raise AssertionError("a held-out parcel was drawn alone as a training task")
+    held = src.held_out()
+    assert all(bool((held.sample_task(rng) & ~thalamus).sum() == 0) for _ in range(10))
+
+
+def test_lamb_with_activation_checkpointing_computes_the_same_gradients(tmp_path):
+    """Activation checkpointing recomputes the conv stages in the backward pass: the gradients must be
+    those of the plain pass, and a Lamb run with it trains (finite loss, weights move)."""
+    import numpy as np
+
+    from iris_core.models import PRESETS, build_model
+    from iris_core.training import TrainConfig, train
+    from iris_core.training.loop import _set_checkpointing
+
+    torch.manual_seed(0)
+    net = build_model("iris", PRESETS["iris-tiny"].config)
+    q, r = torch.randn(1, 1, 32, 32, 32), torch.randn(1, 1, 32, 32, 32)
+    m = (torch.rand(1, 1, 32, 32, 32) > 0.7).float()
+    grads = []
+    for enabled in (False, True):
+        net.zero_grad()
+        _set_checkpointing(net, enabled)
+        net(q, r, m).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+    cfg = TrainConfig(preset="iris-tiny", sources=("synthetic",), steps=3, batch=1, crop_sizes=(32,),
+                      crop_probs=(1.0,), warmup=1, save_every=3, optimizer="lamb", checkpointing=True)
+    train(cfg, tmp_path / "lamb")
+    state = torch.load(tmp_path / "lamb" / "state.pt", weights_only=True)
+    hist = json.loads(state["history"])
+    assert state["step"] == 3 and all(np.isfinite(h["loss"]) for h in hist)
+    torch.manual_seed(cfg.seed)  # train() builds its model right after seeding: the initial weights
+    start = build_model("iris", PRESETS["iris-tiny"].config)
+    moved = [not torch.equal(state["model"][k], v) for k, v in start.state_dict().items() if v.is_floating_point()]
+    assert sum(moved) > len(moved) // 2

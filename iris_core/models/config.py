@@ -25,10 +25,18 @@ class IrisConfig:
     task_prior_slots: int = 73
     pos_embed_size: int = 128
     context_downsample: int = 1
+    head_token: str = "query"
+
+    # ``head_token``: which task token of each stage the head turns into the class kernel. "query"
+    # (token 0, a learnt query token: the published network) or "foreground" (the last token, the
+    # reference features averaged inside the mask: a direct path from the mask to the kernel, which
+    # small models trained briefly need to follow their reference - see the default model card).
 
     def __post_init__(self) -> None:
         if len(self.channels) != 5 or len(self.num_block) != 4:
             raise ValueError("IrisConfig needs 5 channel counts and 4 block counts")
+        if self.head_token not in ("query", "foreground"):
+            raise ValueError(f"head_token must be 'query' or 'foreground', got {self.head_token!r}")
         if not 1 <= self.num_prior_stage <= 3:
             raise ValueError("num_prior_stage must be 1, 2 or 3")
         for c in self.channels[5 - self.num_prior_stage :]:

@@ -229,6 +229,7 @@ class IrisDecoder(nn.Module):
         super().__init__()
         ch, nb = cfg.channels, cfg.num_block
         self.prior_fuse = nn.ModuleList(PriorFusion(d, cfg.attn_blocks) for d in cfg.token_dims)
+        self.head_index = 0 if cfg.head_token == "query" else -1
         self.up1 = UpBlock(ch[4], ch[3], nb[3])
         self.up2 = UpBlock(ch[3], ch[2], nb[2])
         self.up3 = UpBlock(ch[2], ch[1], nb[1])
@@ -243,7 +244,7 @@ class IrisDecoder(nn.Module):
         for stage, (up, skip) in enumerate(((self.up1, x4), (self.up2, x3), (self.up3, x2), (self.up4, x1))):
             if stage < len(self.prior_fuse):
                 out, post = self.prior_fuse[stage](out, tokens[stage].to(out.dtype))
-                posterior.append(post[:, :, 0, :])  # token 0 summarises the class at this scale
+                posterior.append(post[:, :, self.head_index, :])  # the token that summarises the class
             out = up(out, skip)
         return out, posterior
 

@@ -1,0 +1,12 @@
+"""Episodic in-context training of Iris (and Hermes) on task sources that run offline.
+
+``config`` (TrainConfig, TOML), ``sources`` (templates, nnU-Net datasets, class-agnostic
+clusters, procedural and label-to-image synthetic volumes), ``episodes`` (reference and
+query views, crops, batches), ``loop`` (resumable training, EMA, validation, export).
+Imported only by ``iris-segment train``: segmentation never needs it.
+"""
+
+from .config import TrainConfig, load_config
+from .loop import train
+
+__all__ = ["TrainConfig", "load_config", "train"]

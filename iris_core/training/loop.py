@@ -1,0 +1,260 @@
+"""The training loop: distributed set-up, EMA, optimiser, resume, validation, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+
+from ..checkpoint import Preprocessing, save_checkpoint
+from ..models import PRESETS, build_model
+from .config import TrainConfig
+from .episodes import TaskTable, _hermes_batch, _iris_batch
+from .sources import _build_sources
+
+log = logging.getLogger(__name__)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Loss curve (raw and smoothed) of the training history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([h["step"] for h in history])
+    loss = np.array([h["loss"] for h in history])
+    k = max(1, len(loss) // 50)
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, loss, alpha=0.3, label="loss (Dice + BCE)")
+    ax.plot(steps[k - 1 :], smooth, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper left")
+    val = [(h["step"], h["val_dice"]) for h in history if "val_dice" in h]
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val), "o-", color="tab:green", label="held-out Dice (EMA)")
+        swap = [(h["step"], h["val_swap"]) for h in history if "val_swap" in h]
+        if swap:
+            ax2.plot(*zip(*swap), "s--", color="tab:red", label="Dice with other classes (swap)")
+        ax2.set_ylabel("validation Dice")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def validation_set(sources: list, table, cfg: TrainConfig, size: int) -> list:
+    """Fixed episodes (their own seed, never the training stream's) scored at every save. Iris:
+    held-out tasks only - the templates' held-out parcels (``cfg.holdout``, never a training task)
+    and fresh synthetic draws - with 2-3 classes each, so that a swap check is possible."""
+    rng = np.random.default_rng([cfg.seed, 999_983])
+    vcfg = TrainConfig(**{**asdict(cfg), "batch": 1})
+    if table is not None:
+        return [_hermes_batch(sources, table, vcfg, size, rng) for _ in range(cfg.val_episodes)]
+    held = [s.held_out() if hasattr(s, "held_out") else s for s in sources]
+    vcfg = TrainConfig(**{**asdict(vcfg), "max_classes": 3})
+    episodes = []
+    while len(episodes) < cfg.val_episodes:
+        ep = _iris_batch(held, vcfg, size, rng)
+        if ep[1].shape[1] >= 2 and bool((ep[1].flatten(2).sum(-1) > 0).all()):
+            episodes.append(ep)
+    return episodes
+
+
+@torch.no_grad()
+def validation_scores(model, episodes: list, device, arch: str) -> dict[str, float]:
+    """Mean Dice of thresholded predictions with their own truth (``val_dice``) and, for Iris, with
+    the truth of the OTHER classes of the episode (``val_swap``): a model that ignores its reference
+    predicts the same for every class, so its swap Dice approaches its own Dice."""
+    from ..metrics import dice_score
+
+    own, swap = [], []
+    for ep in episodes:
+        if arch == "iris":
+            q, qm, r, rm = (t.to(device) for t in ep)
+            pred = model(q, r, rm) > 0
+        else:
+            x, qm, tasks, mods = (t.to(device) for t in ep)
+            pred = model(x, tasks, mods)[0] > 0
+        p, t = pred[0].cpu().numpy(), qm[0].cpu().numpy() > 0.5
+        for i in range(len(p)):
+            own.append(dice_score(p[i], t[i]))
+            swap += [dice_score(p[i], t[j]) for j in range(len(t)) if j != i and arch == "iris"]
+    out = {"val_dice": float(np.mean(own)) if own else float("nan")}
+    if swap:
+        out["val_swap"] = float(np.mean(swap))
+    return out
+
+
+def _lr(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed under torchrun (gloo on CPU, nccl on GPUs)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = None) -> Path:
+    """Train (or resume) in ``out_dir``; export the EMA model to ``export`` at the end. Under torchrun
+    every rank draws its own episodes (seeded by rank), gradients are averaged by DDP, rank 0 saves."""
+    rank, world = _distributed()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preset = PRESETS[cfg.preset]
+    torch.manual_seed(cfg.seed)
+    sources = _build_sources(cfg, preset.spacing)
+    table = TaskTable(sources) if preset.arch == "hermes" else None
+    config = preset.config
+    if table is not None:
+        from dataclasses import replace
+
+        config = replace(config, task_prior_slots=len(table.names))
+    model = build_model(preset.arch, config).train()
+    ema = build_model(preset.arch, config).eval()
+    ema.load_state_dict(model.state_dict())
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    from .device import autocast, select_device
+
+    device = select_device(cfg.device if world == 1 or not torch.cuda.is_available() else
+                           f"cuda:{int(__import__('os').environ.get('LOCAL_RANK', 0))}")
+    model.to(device)
+    ema.to(device)
+    if device.type == "cuda" and cfg.amp:
+        model.to(memory_format=torch.channels_last_3d)
+    _set_checkpointing(model, cfg.checkpointing)
+    if cfg.optimizer == "lamb":
+        from .optim import Lamb
+
+        opt = Lamb(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw or lamb")
+    state_path = out_dir / "state.pt"
+    step = 0
+    history: list[dict] = []
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        history = json.loads(state["history"])
+        log.info("resumed at step %d", step)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    rng = np.random.default_rng([cfg.seed, step, rank])
+    val_set = validation_set(sources, table, cfg, min(cfg.crop_sizes)) if rank == 0 and cfg.val_episodes else []
+    dice = DiceLoss(sigmoid=True)
+    meta = {"name": f"{cfg.preset} step {{}}", "train_config": asdict(cfg)}
+    names = table.names if table is not None else []
+    mod_names = {0: "CT", 1: "PET", 2: "T1 MRI"}
+    task_modalities = [mod_names[e[3]] for e in table.entries] if table is not None else []
+    t_run = time.perf_counter()
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        size = int(rng.choice(cfg.crop_sizes, p=cfg.crop_probs))
+        if table is None:
+            q, qm, r, rm = (t.to(device) for t in _iris_batch(sources, cfg, size, rng))
+            t_data = time.perf_counter() - t0
+            with autocast(device, cfg.amp):
+                logits = net(q, r, rm).float()
+            loss = dice(logits, qm) + F.binary_cross_entropy_with_logits(logits, qm)
+            k = qm.shape[1]
+        else:
+            x, m, tasks, mods = (t.to(device) for t in _hermes_batch(sources, table, cfg, size, rng))
+            t_data = time.perf_counter() - t0
+            with autocast(device, cfg.amp):
+                logits, mod_logits = (o.float() for o in net(x, tasks, mods))
+            loss = dice(logits, m) + F.binary_cross_entropy_with_logits(logits, m)
+            loss = loss + cfg.modality_loss_weight * F.cross_entropy(mod_logits, mods[:, 0])
+            k = m.shape[1]
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - cfg.ema)
+            for be, bm in zip(ema.buffers(), model.buffers()):
+                be.copy_(bm)
+        step += 1
+        history.append({"step": step, "loss": loss.item(), "lr": _lr(step - 1, cfg), "k": k, "size": size,
+                        "sec": time.perf_counter() - t0, "data_sec": t_data})
+        if step % 10 == 0 and rank == 0:
+            recent = history[-10:]
+            log.info("step %d loss %.4f  %.2f s/step (data %.2f)  %.2f episodes/s  RSS %.0f MB", step,
+                     np.mean([h["loss"] for h in recent]), np.mean([h["sec"] for h in recent]),
+                     np.mean([h["data_sec"] for h in recent]),
+                     cfg.batch * world / np.mean([h["sec"] for h in recent]), _peak_rss_mb())
+        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+            if val_set:
+                history[-1].update(validation_scores(ema, val_set, device, preset.arch))
+                log.info("step %d held-out validation Dice %.4f, with the other classes' truth %.4f (EMA, %d "
+                         "fixed episodes)", step, history[-1]["val_dice"], history[-1].get("val_swap", float("nan")),
+                         len(val_set))
+            tmp = state_path.with_suffix(".partial")
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "step": step, "history": json.dumps(history), "config": json.dumps(asdict(cfg))}, tmp)
+            tmp.replace(state_path)
+            plot_history(history, out_dir / "curve.png")
+            save_checkpoint(out_dir / "ema.safetensors", ema, Preprocessing(spacing=preset.spacing,
+                            window=preset.window), names, meta | {"name": meta["name"].format(step), "steps": step,
+                                                                  "task_modalities": task_modalities})
+    if rank == 0:
+        log.info("trained %d steps in %.0f s", step, time.perf_counter() - t_run)
+        if export:
+            save_checkpoint(export, ema, Preprocessing(spacing=preset.spacing, window=preset.window), names,
+                            meta | {"name": f"{cfg.preset} (step {step})", "steps": step,
+                                    "task_modalities": task_modalities}, half=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return out_dir / "ema.safetensors"
+
+
+def _set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Recompute the conv stages' activations in the backward pass (activation checkpointing)."""
+    from .models.blocks import DownBlock, UpBlock
+
+    for m in model.modules():
+        if isinstance(m, DownBlock | UpBlock):
+            m.checkpointing = enabled
+
+
+def _peak_rss_mb() -> float:
+    """Resident memory of this process in MB (psutil: portable; peak where the platform reports it)."""
+    import psutil
+
+    info = psutil.Process().memory_info()
+    return getattr(info, "peak_wset", info.rss) / 2**20
