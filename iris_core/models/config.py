@@ -26,11 +26,17 @@ class IrisConfig:
     pos_embed_size: int = 128
     context_downsample: int = 1
     head_token: str = "query"
+    reference_prototype: bool = False
 
     # ``head_token``: which task token of each stage the head turns into the class kernel. "query"
     # (token 0, a learnt query token: the published network) or "foreground" (the last token, the
     # reference features averaged inside the mask: a direct path from the mask to the kernel, which
     # small models trained briefly need to follow their reference - see the default model card).
+    # ``reference_prototype``: the embedding also carries, per class, the reference's own full-resolution
+    # decoder features averaged inside its mask; the logit adds a learnt affine map of the cosine between
+    # each target voxel's features and that prototype. Encoder and decoder are shared by reference and
+    # target, so the two live in one feature space and the mask reaches the prediction from the first
+    # step (a departure from the published network, for our small presets only).
 
     def __post_init__(self) -> None:
         if len(self.channels) != 5 or len(self.num_block) != 4:
@@ -100,15 +106,18 @@ PRESETS: dict[str, Preset] = {
     "iris-small": Preset(
         "iris",
         IrisConfig(channels=(8, 16, 32, 64, 128), num_block=(1, 1, 1, 1), query_tokens=4,
-                   attn_blocks=1, task_prior_slots=1, pos_embed_size=64, context_downsample=2),
+                   attn_blocks=1, task_prior_slots=1, pos_embed_size=64, context_downsample=2,
+                   head_token="foreground", reference_prototype=True),
         spacing=(3.0, 3.0, 3.0),
         window=(64, 64, 64),
-        description="CPU preset: 8..128 channels, one block per stage, coarse context path, 3 mm spacing.",
+        description="CPU preset: 8..128 channels, one block per stage, coarse context path, 3 mm spacing, "
+                    "class kernel from the foreground token plus a full-resolution reference prototype.",
     ),
     "iris-tiny": Preset(
         "iris",
         IrisConfig(channels=(4, 8, 32, 32, 32), num_block=(1, 1, 1, 1), query_tokens=2,
-                   attn_blocks=1, task_prior_slots=1, pos_embed_size=32, context_downsample=2),
+                   attn_blocks=1, task_prior_slots=1, pos_embed_size=32, context_downsample=2,
+                   head_token="foreground", reference_prototype=True),
         spacing=(4.0, 4.0, 4.0),
         window=(32, 32, 32),
         description="Test preset: runs in a fraction of a second on a CPU.",

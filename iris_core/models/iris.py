@@ -269,6 +269,9 @@ class IrisNet(nn.Module):
                 f"task_prior_{i}", nn.init.xavier_uniform_(torch.zeros(cfg.task_prior_slots, cfg.query_tokens + 1, dim))
             )
         self.out = TokenClassifier(sum(cfg.token_dims), cfg.channels[0])
+        if cfg.reference_prototype:  # logit += scale * (cosine(target features, prototype) - shift)
+            self.prototype_scale = nn.Parameter(torch.tensor(10.0))
+            self.prototype_shift = nn.Parameter(torch.tensor(0.5))
 
     def encode_task(self, reference: torch.Tensor, masks: torch.Tensor) -> list[torch.Tensor]:
         """Task embedding of K binary masks on one reference: a list, deepest stage first, of
@@ -277,16 +280,29 @@ class IrisNet(nn.Module):
         return self.encode_task_from_features(feats, masks)
 
     def encode_task_from_features(self, feats: Sequence[torch.Tensor], masks: torch.Tensor) -> list[torch.Tensor]:
-        """As :meth:`encode_task`, from encoder features already computed."""
-        return [enc(f, masks) for enc, f in zip(self.task_embedding, feats)]
+        """As :meth:`encode_task`, from encoder features already computed. With ``reference_prototype``
+        the list has one more entry, [B, K, 1, C_0]: the reference's decoder features (decoded with its
+        own task tokens) averaged inside each mask."""
+        tokens = [enc(f, masks) for enc, f in zip(self.task_embedding, feats)]
+        if self.config.reference_prototype:
+            out, _ = self.decoder(feats, tokens)
+            m = masks.to(out.dtype)
+            proto = torch.einsum("bcdhw,bkdhw->bkc", out, m) / m.sum((2, 3, 4)).clamp(min=1)[..., None]
+            tokens.append(proto.unsqueeze(2))
+        return tokens
 
     def segment(self, target: torch.Tensor, embedding: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits [B, K, D, H, W] of the K classes of ``embedding`` on ``target`` [B, 1, D, H, W].
         An embedding with batch 1 is shared by every target in the batch."""
         b = target.shape[0]
         tokens = [e.expand(b, -1, -1, -1) if e.shape[0] == 1 else e for e in embedding]
-        out, posterior = self.decoder(self.encoder(target), tokens)
-        return self.out(out, posterior)
+        out, posterior = self.decoder(self.encoder(target), tokens[: self.config.num_prior_stage])
+        logits = self.out(out, posterior)
+        if self.config.reference_prototype:
+            proto = F.normalize(tokens[-1][:, :, 0].to(out.dtype), dim=-1)
+            cos = torch.einsum("bcdhw,bkc->bkdhw", F.normalize(out, dim=1), proto)
+            logits = logits + self.prototype_scale * (cos - self.prototype_shift)
+        return logits
 
     def forward(self, target: torch.Tensor, reference: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return self.segment(target, self.encode_task(reference, masks))
