@@ -50,7 +50,7 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
     known = set(TrainConfig.__dataclass_fields__)
     unknown = set(data) - known
     if unknown:
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError(f"training config {path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
     return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

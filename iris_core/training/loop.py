@@ -139,7 +139,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     ema.load_state_dict(model.state_dict())
     for p in ema.parameters():
         p.requires_grad_(False)
-    from .device import autocast, select_device
+    from ..device import autocast, select_device
 
     device = select_device(cfg.device if world == 1 or not torch.cuda.is_available() else
                            f"cuda:{int(__import__('os').environ.get('LOCAL_RANK', 0))}")
@@ -245,7 +245,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
 
 def _set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
     """Recompute the conv stages' activations in the backward pass (activation checkpointing)."""
-    from .models.blocks import DownBlock, UpBlock
+    from ..models.blocks import DownBlock, UpBlock
 
     for m in model.modules():
         if isinstance(m, DownBlock | UpBlock):

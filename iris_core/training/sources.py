@@ -149,7 +149,7 @@ class NnunetSource:
     """Cases of an nnU-Net / MSD dataset preprocessed once onto the model grid (kept in memory)."""
 
     def __init__(self, folder: str, spacing: tuple[float, float, float]):
-        from .datasets import load_nnunet
+        from ..datasets import load_nnunet
 
         ds = load_nnunet(folder)
         self.name = ds.name
