@@ -24,8 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from .worker import PREFIX_DONE, PREFIX_ERROR, PREFIX_PROGRESS, PREFIX_START
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +102,8 @@ def parse_line(line: str) -> WorkerEvent:
 
 def kill_tree(pid: int) -> None:
     """Kill a process and all its descendants (the launcher and the real Python behind it)."""
+    import psutil  # imported when used: Slicer does not ship it (Resources/requirements.txt)
+
     try:
         parent = psutil.Process(pid)
     except psutil.NoSuchProcess:
@@ -167,6 +167,8 @@ class WorkerProcess:
 
     def cancel(self) -> None:
         """Kill the worker and everything it started (the launcher's child included)."""
+        import psutil
+
         self.cancelled = True
         if self.proc.poll() is None:
             kill_tree(self.proc.pid)
@@ -183,6 +185,8 @@ class WorkerProcess:
         return not self._finished
 
     def _sample_memory(self) -> None:
+        import psutil
+
         pid = self.worker_pid or self.proc.pid
         try:
             self.peak_rss = max(self.peak_rss, psutil.Process(pid).memory_info().rss)
@@ -225,6 +229,8 @@ class WorkerProcess:
         """The worker reports every Python error itself, so an end without a report means the
         process was killed or crashed. Behind a launcher the exit code is 1 whatever happened,
         so the real process id the worker announced tells whether it ever ran."""
+        import psutil
+
         tail = "\n".join(self._stderr[-STDERR_TAIL:])
         used = f" (it used {self.peak_rss / 2**30:.1f} GiB; {psutil.virtual_memory().available / 2**30:.1f} GiB " \
             "are free now)" if self.peak_rss else ""
