@@ -37,68 +37,72 @@ class IrisSegment(ScriptedLoadableModule):
         parent.helpText = (
             "Show one or more reference volumes that carry a segmentation; Iris segments the same structures "
             "in the target volume, every class in one pass, without fine-tuning. "
-            "See <a href='https://github.com/'>the README</a> for the controls and the models."
+            "The README.md in the module's folder describes the controls and the models. "
+            "Needs 3D Slicer 5.10 or later."
         )
         parent.acknowledgementText = (
             "Iris: Gao et al., Show and Segment: Universal Medical Image Segmentation via In-Context Learning, "
-            "CVPR 2025. Hermes: Gao et al., CVPR 2024. Sample data: Colin27 and ICBM 2009a (MNI)."
+            "CVPR 2025. Hermes: Gao et al., CVPR 2024. Sample data: Colin27 and ICBM 2009a, Copyright (C) "
+            "Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University "
+            "(Resources/SampleData/NOTICE.md)."
         )
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 def registerSampleData():
-    """Colin27 with its brain segmentation, and ICBM 2009a, in the Sample Data module (built from the
-    nilearn package on first use, with the user's consent to install it)."""
+    """The shipped sample pair (Resources/SampleData: Colin27 + brain segmentation as reference, ICBM
+    2009a moved off MNI space + its manual brain segmentation as target) in the Sample Data module.
+    Every list argument is a list of the same length: SampleDataSource.__init__ calls len() on each
+    (Modules/Scripted/SampleData/SampleData.py, Slicer 5.6 to main), so None crashed at start-up."""
     try:
         import SampleData
     except ImportError:
         return
+    from IrisSegmentLib.testing import sample_data_source
+
     icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "IrisSegment.png")
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="IrisSegment", sampleName="IrisBrainPair", thumbnailFileName=icon,
-        loadFileType=None, uris=None, fileNames=None, nodeNames=None, customDownloader=loadSampleBrainPair,
-    )
+    try:
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(thumbnailFileName=icon, **sample_data_source())
+    except Exception:  # a sample that cannot register must never break Slicer's start-up
+        logging.exception("IrisSegment: could not register the sample data")
 
 
-def loadSampleBrainPair(source=None):
-    """Reference (ICBM 2009a + brain segmentation) and target (the same template moved off MNI space)."""
-    if not ensureDependencies(["nilearn~=0.10"]):
-        return []
-    from IrisSegmentLib import testing
-
-    folder = os.path.join(slicer.app.temporaryPath, "IrisSegmentSample")
-    nodes = testing.build_scene(slicer.mrmlScene, folder)
-    return [nodes["reference"], nodes["reference_seg"], nodes["target"]]
-
-
-def ensureDependencies(extra: list[str] | None = None) -> bool:
-    """Install missing packages after asking the user; True when everything is importable."""
+def ensureDependencies() -> bool:
+    """Install missing or too old packages after asking the user; True when all are satisfied.
+    Uses slicer.packaging.pip_ensure where it exists (Slicer 5.12+, Base/Python/slicer/packaging.py:
+    it raises RuntimeError when the user declines and CalledProcessError when pip fails), else the
+    user's confirmation and slicer.util.pip_install. Never raises."""
     from IrisSegmentLib.dependencies import REQUIREMENTS, missing_packages
 
-    missing = missing_packages() + [r for r in (extra or []) if not _importable(r)]
+    missing = missing_packages()
     if not missing:
         return True
-    torch_missing = any(r.startswith("torch") for r in missing)
-    if torch_missing and _installTorchWithExtension():
-        missing = [r for r in missing if not r.startswith("torch")]
+    if any(r.startswith("torch") for r in missing) and _installTorchWithExtension():
+        missing = missing_packages()
     if not missing:
         return True
-    if hasattr(slicer, "packaging"):
-        slicer.packaging.pip_ensure(missing, requester="IrisSegment")
-    else:
-        text = "IrisSegment needs these Python packages:\n\n" + "\n".join(missing) + \
-            f"\n\n(from {REQUIREMENTS}). Install them now? This can take several minutes."
-        if not slicer.util.confirmOkCancelDisplay(text, windowTitle="IrisSegment: install packages"):
-            return False
-        slicer.util.pip_install(" ".join(f'"{m}"' for m in missing))
-    return not missing_packages()
-
-
-def _importable(req: str) -> bool:
-    import importlib.util
-
-    name = req.split("~")[0].split("=")[0].split(">")[0].strip()
-    return importlib.util.find_spec(name) is not None
+    try:
+        import slicer.packaging as packaging  # a submodule: not an attribute of slicer until imported
+    except ImportError:
+        packaging = None
+    try:
+        if packaging is not None:
+            packaging.pip_ensure(missing, requester="IrisSegment")
+        else:
+            text = "IrisSegment needs these Python packages:\n\n" + "\n".join(missing) + \
+                f"\n\n(from {REQUIREMENTS}). Install them now? This can take several minutes."
+            if not slicer.util.confirmOkCancelDisplay(text, windowTitle="IrisSegment: install packages"):
+                return False
+            slicer.util.pip_install(" ".join(f'"{m}"' for m in missing))
+    except Exception as exc:  # declined (RuntimeError) or pip failed (CalledProcessError)
+        slicer.util.errorDisplay(f"IrisSegment: the Python packages were not installed ({exc}).",
+                                 detailedText="\n".join(missing))
+        return False
+    still = missing_packages()
+    if still:
+        slicer.util.errorDisplay("IrisSegment: these packages are still missing or too old; restart Slicer "
+                                 "and try again:\n\n" + "\n".join(still))
+    return not still
 
 
 def _installTorchWithExtension() -> bool:
@@ -184,8 +188,10 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         u.segmentButton.connect("clicked(bool)", self.onSegment)
         u.cancelButton.connect("clicked(bool)", self.onCancel)
         u.compareButton.connect("clicked(bool)", self.onCompare)
+        u.reuseButton.connect("clicked(bool)", self.onReuseResult)
 
     def cleanup(self):
+        self._timer.stop()
         self.onCancel()
         self.removeObservers()
 
@@ -262,15 +268,14 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelChanged(self, *args):
         """List what the chosen Hermes model or task library can segment by name."""
-        from IrisSegmentLib.vocabulary import known_structures
+        from IrisSegmentLib.vocabulary import ModelFileError, known_structures
 
-        if not ensureDependencies():
-            return
+        # the file's header only (IrisSegmentLib.vocabulary): no weights loaded, no torch imported
         try:
             kind, names = known_structures(self.ui.modelPathLineEdit.currentPath or None,
                                            self.ui.libraryPathLineEdit.currentPath or None)
-        except Exception as exc:  # a bad file is reported when segmenting; here just list nothing
-            logging.warning("IrisSegment: cannot list structures: %s", exc)
+        except ModelFileError as exc:
+            self.ui.stageLabel.text = str(exc)
             kind, names = "iris", []
         self._knownKind = kind
         lst = self.ui.structuresList
@@ -284,6 +289,8 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- references table ---------------------------------------------------------------------
     def _fillReferencesTable(self, rows):
+        from IrisSegmentLib.parameters import format_segment_names, row_segment_names
+
         table = self.ui.referencesTable
         table.setRowCount(len(rows))
         for r, row in enumerate(rows):
@@ -300,17 +307,19 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     table.setCellWidget(r, c, combo)
                 combo.setCurrentNodeID(row.get(key) or "")
             item = table.item(r, 2) or qt.QTableWidgetItem()
-            item.setText(row.get("segments", ""))
+            item.setText(format_segment_names(row_segment_names(row)))
             table.setItem(r, 2, item)
 
     def _referencesFromTable(self):
+        from IrisSegmentLib.parameters import parse_segment_names
+
         table = self.ui.referencesTable
         rows = []
         for r in range(table.rowCount):
             vol, seg = table.cellWidget(r, 0), table.cellWidget(r, 1)
             item = table.item(r, 2)
             rows.append({"volume": vol.currentNodeID if vol else "", "segmentation": seg.currentNodeID if seg else "",
-                         "segments": item.text() if item else ""})
+                         "segments": parse_segment_names(item.text() if item else "")})
         return rows
 
     def onAddReference(self):
@@ -318,8 +327,16 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         seg = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
         vol = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()) if seg else None
         rows.append({"volume": vol.GetID() if vol else "", "segmentation": seg.GetID() if seg else "",
-                     "segments": ""})
+                     "segments": []})
         self._parameterNode.SetParameter("References", json.dumps(rows))
+
+    def onReuseResult(self):
+        """Edit, then reuse: the target and its (corrected) result become a new reference row."""
+        from IrisSegmentLib.parameters import add_reference
+
+        with slicer.util.tryWithErrorDisplay("Could not add the result as a reference.", waitCursor=True):
+            node = self._parameterNode
+            add_reference(slicer.mrmlScene, node, node.GetNodeReference("Target"), node.GetNodeReference("Result"))
 
     def onRemoveReference(self):
         rows = self._referencesFromTable()
@@ -334,59 +351,70 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegment(self):
         if not ensureDependencies():
             return
-        from IrisSegmentLib.scene import SceneError
-
-        try:
+        with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
             self._run = self.logic.core.prepare(self.logic.requestFromParameters(self._parameterNode))
-        except SceneError as exc:
-            slicer.util.errorDisplay(str(exc))
-            return
-        self.ui.logTextEdit.clear()
-        self._log(f"strategy {self._run.strategy}; work folder {self._run.workdir}")
-        self._process = self.logic.core.start(self._run)
-        self._setRunning(True)
-        self._timer.start()
+            self.ui.logTextEdit.clear()
+            self._log(f"strategy {self._run.strategy}; work folder {self._run.workdir}")
+            try:
+                self._process = self.logic.core.start(self._run)
+            except Exception:
+                self.logic.core.cleanup(self._run)
+                self._run = None
+                raise
+            self.ui.progressBar.value = 0
+            self._setRunning(True)
+            self._timer.start()
 
     def onPoll(self):
         proc = self._process
         if proc is None:
+            self._timer.stop()
             return
         for e in proc.poll():
             if e.kind == "progress":
                 self.ui.stageLabel.text = e.data["stage"]
                 self.ui.progressBar.maximum = max(1, e.data["total"])
-                self.ui.progressBar.value = e.data["done"]
+                self.ui.progressBar.value = min(e.data["done"], self.ui.progressBar.maximum)
             elif e.kind == "log":
                 self._log(e.data["line"])
-        if proc.proc.poll() is None:
+        if not proc.done:  # the outcome is known only once all output is read (no dropped DONE line)
             return
         self._timer.stop()
         self._process = None
-        self._setRunning(False)
-        if proc.cancelled:
-            self.logic.core.cleanup(self._run)
-            self.ui.stageLabel.text = "Cancelled; the scene is unchanged."
-        elif proc.error is not None:
-            self.logic.core.cleanup(self._run)
-            self._log(proc.error.details)
-            self.ui.stageLabel.text = "Failed; the scene is unchanged."
-            slicer.util.errorDisplay(f"Segmentation failed: {proc.error}", detailedText=proc.error.details)
-        elif proc.result is not None:
-            node = self.logic.core.finish(self._run, proc.result["sidecar"])
-            secs = proc.result["sidecar"]["timings_s"]["total"]
-            self.ui.stageLabel.text = f"Done in {secs:.1f} s: {node.GetName()}"
-            self.ui.outputSelector.setCurrentNode(node)
-        self._run = None
+        run, self._run = self._run, None
+        success = False
+        try:
+            if proc.cancelled:
+                self.logic.core.cleanup(run)
+                self.ui.stageLabel.text = "Cancelled; the scene is unchanged."
+            elif proc.error is not None:
+                self.logic.core.cleanup(run)
+                error = run.explain(proc.error)
+                self._log(error.details)
+                self.ui.stageLabel.text = "Failed; the scene is unchanged."
+                slicer.util.errorDisplay(f"Segmentation failed: {error}", detailedText=error.details)
+            else:
+                with slicer.util.tryWithErrorDisplay("The result could not be imported."):
+                    node = self.logic.core.finish(run, proc.result["sidecar"])
+                    secs = proc.result["sidecar"].get("timings_s", {}).get("total", 0.0)
+                    self.ui.stageLabel.text = f"Done in {secs:.1f} s: {node.GetName()}"
+                    # the Output selector stays as the user set it: the next run makes a new node
+                    from IrisSegmentLib.parameters import record_result
+
+                    record_result(self._parameterNode, node)
+                    success = True
+        finally:
+            self._setRunning(False, success)
 
     def onCancel(self):
         if self._process is not None:
             self._process.cancel()
 
-    def _setRunning(self, running):
+    def _setRunning(self, running, success=False):
         self.ui.segmentButton.enabled = not running
         self.ui.cancelButton.enabled = running
-        if not running:
-            self.ui.progressBar.value = self.ui.progressBar.maximum if self._process is None else 0
+        if not running:  # 100 % only after a success; a failure or cancel resets the bar
+            self.ui.progressBar.value = self.ui.progressBar.maximum if success else 0
         self.updateGUIFromParameterNode()
 
     def _log(self, line):
@@ -395,22 +423,13 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- compare ------------------------------------------------------------------------------
     def onCompare(self):
-        from IrisSegmentLib.scene import SceneError
-
-        result = self.ui.outputSelector.currentNode()
-        manual = self.ui.manualSelector.currentNode()
-        target = self.ui.targetSelector.currentNode()
-        if result is None or manual is None or target is None:
-            slicer.util.errorDisplay("Choose the target, the result (Output) and a manual segmentation.")
+        if not ensureDependencies():  # the metrics need monai
             return
-        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", f"{result.GetName()} vs {manual.GetName()}")
-        try:
-            self.logic.core.compare(result, manual, target, table)
-        except SceneError as exc:
-            slicer.mrmlScene.RemoveNode(table)
-            slicer.util.errorDisplay(str(exc))
-            return
-        self.ui.compareTableView.setMRMLTableNode(table)
+        with slicer.util.tryWithErrorDisplay("Compare failed.", waitCursor=True):
+            result = self._parameterNode.GetNodeReference("Result") or self.ui.outputSelector.currentNode()
+            table = self.logic.core.compare_to_table(result, self.ui.manualSelector.currentNode(),
+                                                     self.ui.targetSelector.currentNode())
+            self.ui.compareTableView.setMRMLTableNode(table)
 
 
 class IrisSegmentTest(ScriptedLoadableModuleTest):
@@ -424,6 +443,7 @@ class IrisSegmentTest(ScriptedLoadableModuleTest):
         self.test_segment_real_sample_pair()
 
     def test_segment_real_sample_pair(self):
+        """Needs torch and monai in Slicer's Python (the module installs them on first Segment)."""
         import tempfile
 
         from iris_core.checkpoint import preset_model, save_checkpoint
@@ -432,9 +452,9 @@ class IrisSegmentTest(ScriptedLoadableModuleTest):
         from IrisSegmentLib.logic import ReferenceSpec, SegmentRequest
         from IrisSegmentLib.runner import python_executable
 
-        self.delayDisplay("Building the sample scene")
+        self.delayDisplay("Loading the shipped sample pair")
         folder = tempfile.mkdtemp(prefix="iris-selftest-")
-        nodes = testing.build_scene(slicer.mrmlScene, folder)
+        nodes = testing.load_sample_pair(slicer.mrmlScene)
         tiny = preset_model("iris-tiny")
         model = save_checkpoint(os.path.join(folder, "tiny.safetensors"), tiny.model, tiny.preprocessing)
         logic = CoreLogic(slicer.mrmlScene, python=python_executable())

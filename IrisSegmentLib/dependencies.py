@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
 from pathlib import Path
 
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
 # import name of each requirement (distribution names differ from module names)
-IMPORT_NAMES = {"torch": "torch", "monai": "monai", "safetensors": "safetensors", "tqdm": "tqdm"}
+IMPORT_NAMES = {"torch": "torch", "monai": "monai", "safetensors": "safetensors", "tqdm": "tqdm", "psutil": "psutil"}
 # packages Slicer itself ships and uses: never installed or upgraded by this module
 SLICER_OWNED = {"numpy", "simpleitk", "vtk"}
 
@@ -25,11 +27,28 @@ def requirement_lines(path: Path = REQUIREMENTS) -> list[str]:
     return lines
 
 
+def requirement_name(line: str) -> str:
+    return re.split(r"[\s~=<>!\[;]", line.strip(), maxsplit=1)[0]
+
+
+def unsatisfied(line: str) -> bool:
+    """Whether a requirement line is not met: the package is absent, or its installed version is
+    outside the specifier (checked with ``packaging``, which Slicer ships; presence only without
+    it). Nothing is imported."""
+    name = requirement_name(line)
+    if importlib.util.find_spec(IMPORT_NAMES.get(name, name)) is None:
+        return True
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        return False
+    try:
+        installed = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False  # importable but not pip-installed (e.g. built into the application)
+    return not Requirement(line).specifier.contains(installed, prereleases=True)
+
+
 def missing_packages(path: Path = REQUIREMENTS) -> list[str]:
-    """Requirement lines whose package cannot be found (by import name, without importing it)."""
-    out = []
-    for ln in requirement_lines(path):
-        name = ln.split("~")[0].split("=")[0].split(">")[0].strip()
-        if importlib.util.find_spec(IMPORT_NAMES.get(name, name)) is None:
-            out.append(ln)
-    return out
+    """Requirement lines that are not met (absent, or a version outside the specifier)."""
+    return [ln for ln in requirement_lines(path) if unsatisfied(ln)]

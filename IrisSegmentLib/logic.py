@@ -8,7 +8,6 @@ leaves the scene exactly as it was.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -21,7 +20,18 @@ import numpy as np
 import SimpleITK as sitk
 
 from .runner import WorkerCancelled, WorkerError, WorkerProcess, run_worker
-from .scene import SceneError, SegmentInfo, add_labels_as_segmentation, segments_to_labels, volume_to_image
+from .scene import (
+    SceneError,
+    SegmentInfo,
+    add_labels_as_segmentation,
+    checked_image,
+    describe,
+    disjoint_groups,
+    nodes_removed_after,
+    segment_masks,
+    volume_to_image,
+    world_matrix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +71,18 @@ class PreparedRun:
     infos: list[SegmentInfo]
     request: SegmentRequest
     strategy: str
+    # work file -> the node it came from, as messages name it ("target volume 'CT'")
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def explain(self, error: WorkerError) -> WorkerError:
+        """The worker's error with temporary file names replaced by the nodes they came from."""
+        msg, details = str(error), error.details
+        for path, what in sorted(self.sources.items(), key=lambda kv: -len(kv[0])):
+            msg, details = msg.replace(path, what), details.replace(path, what)
+        return WorkerError(msg, details)
 
 
-@contextlib.contextmanager
-def scene_unchanged(scene):
-    """Remove every node added to ``scene`` inside the block (slicer.util's segment-array helpers
-    leave temporary display nodes behind); reading arrays must not change the user's scene."""
-    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-    try:
-        yield
-    finally:
-        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())
-                 if scene.GetNthNode(i).GetID() not in before]
-        for node in added:
-            scene.RemoveNode(node)
+scene_unchanged = nodes_removed_after  # reading arrays must not change the user's scene
 
 
 class IrisSegmentLogic:
@@ -90,18 +98,51 @@ class IrisSegmentLogic:
         self.workdir_root = Path(workdir) if workdir else None
 
     # -- export -------------------------------------------------------------------------------
-    def prepare(self, req: SegmentRequest) -> PreparedRun:
-        """Check the request and export its arrays with geometry; nothing in the scene changes."""
+    def check(self, req: SegmentRequest) -> None:
+        """Refuse, before anything is exported, what would fail later or touch the user's nodes."""
         if req.target is None:
             raise SceneError("choose a target volume")
+        for node, role in [(req.target, "target volume"), (req.output, "output segmentation")]:
+            if node is not None and not self.scene.IsNodePresent(node):
+                raise SceneError(f"{describe(node, role)} is no longer in the scene")
         if not req.references and not req.library and not req.structures:
             raise SceneError("add at least one reference (volume + segmentation), choose a task library, or "
                              "pick known structures of a Hermes model")
-        work = Path(tempfile.mkdtemp(prefix="iris-", dir=self.workdir_root))
+        if req.output is not None:
+            for i, ref in enumerate(req.references):
+                if ref.segmentation is req.output:
+                    raise SceneError(f"the output segmentation '{req.output.GetName()}' is reference {i + 1}'s "
+                                     "segmentation: its segments would be replaced; choose another output or "
+                                     "'Create new segmentation'")
+            if not np.allclose(world_matrix(req.output), world_matrix(req.target), atol=1e-6):
+                raise SceneError(f"the output segmentation '{req.output.GetName()}' is under a different transform "
+                                 f"from the target volume '{req.target.GetName()}': the result would be shifted; "
+                                 "put both under the same transform or choose 'Create new segmentation'")
+
+    def prepare(self, req: SegmentRequest) -> PreparedRun:
+        """Check the request and export its arrays with geometry; nothing in the scene changes."""
+        self.check(req)
+        target_img = checked_image(req.target, "target volume")
         try:
-            target_path = work / "target.nrrd"
-            sitk.WriteImage(volume_to_image(req.target), str(target_path))
-            job: dict = {"target": str(target_path), "output": str(work / "result.nrrd"), "model": req.model,
+            work = Path(tempfile.mkdtemp(prefix="iris-", dir=self.workdir_root))
+        except OSError as exc:
+            raise SceneError(f"cannot create a work folder in {self.workdir_root or tempfile.gettempdir()}: "
+                             f"{exc.strerror or exc}; free disk space or choose another temporary folder") from None
+        sources: dict[str, str] = {}
+
+        def write(img: sitk.Image, path: Path, what: str, compress: bool = False) -> str:
+            try:
+                sitk.WriteImage(img, str(path), compress)
+            except (RuntimeError, OSError) as exc:
+                reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+                raise SceneError(f"cannot write {what} to the work folder {work} ({reason}); free disk space "
+                                 "or choose another temporary folder") from None
+            sources[str(path)] = what
+            return str(path)
+
+        try:
+            target_path = write(target_img, work / "target.nrrd", describe(req.target, "target volume"))
+            job: dict = {"target": target_path, "output": str(work / "result.nrrd"), "model": req.model,
                          "device": req.device, "threads": req.threads, "tune_steps": req.tune_steps,
                          "tune_lr": req.tune_lr}
             infos: list[SegmentInfo] = []
@@ -112,42 +153,58 @@ class IrisSegmentLogic:
             elif req.library:
                 job["library"] = req.library
             else:
-                by_name: dict[str, SegmentInfo] = {}
-                counts: dict[str, int] = {}
-                refs = []
-                for i, ref in enumerate(req.references):
-                    if ref.volume is None or ref.segmentation is None:
-                        raise SceneError(f"reference {i + 1}: choose both a volume and a segmentation")
-                    with scene_unchanged(self.scene):
-                        labels, seg_infos = segments_to_labels(ref.segmentation, ref.segment_ids, ref.volume)
-                    # the same segment name in several references is the same class (context ensemble)
-                    arr = sitk.GetArrayFromImage(labels)
-                    remapped = np.zeros_like(arr)
-                    for info in seg_infos:
-                        if info.name not in by_name:
-                            by_name[info.name] = SegmentInfo(info.segment_id, info.name, info.color,
-                                                             info.terminology, len(by_name) + 1)
-                        counts[info.name] = counts.get(info.name, 0) + 1
-                        remapped[arr == info.value] = by_name[info.name].value
-                    out = sitk.GetImageFromArray(remapped)
-                    out.CopyInformation(labels)
-                    img_path, lab_path = work / f"ref{i}.nrrd", work / f"ref{i}_labels.nrrd"
-                    sitk.WriteImage(volume_to_image(ref.volume), str(img_path))
-                    sitk.WriteImage(out, str(lab_path), True)
-                    refs.append([str(img_path), str(lab_path)])
-                infos = list(by_name.values())
+                infos, refs, shared = self._export_references(req, work, write)
                 job["references"] = refs
                 job["classes"] = [{"name": s.name, "value": s.value} for s in infos]
-                if strategy == "one-shot" and any(c > 1 for c in counts.values()):
+                if strategy == "one-shot" and shared:
                     strategy = "ensemble"
                     log.info("several references share a segment name: using the context ensemble")
             job["strategy"] = strategy
             job_file = work / "job.json"
-            job_file.write_text(json.dumps(job, indent=2))
-            return PreparedRun(work, job_file, work / "result.nrrd", infos, req, strategy)
+            try:
+                job_file.write_text(json.dumps(job, indent=2))
+            except OSError as exc:
+                raise SceneError(f"cannot write the job file to the work folder {work} ({exc.strerror or exc}); "
+                                 "free disk space or choose another temporary folder") from None
+            return PreparedRun(work, job_file, work / "result.nrrd", infos, req, strategy, sources)
         except Exception:
             shutil.rmtree(work, ignore_errors=True)
             raise
+
+    def _export_references(self, req: SegmentRequest, work: Path, write) -> tuple[list[SegmentInfo], list, bool]:
+        """Write each reference image once and its segments as label maps: one label map per group
+        of non-overlapping segments, so a segment inside another stays whole (the same image is
+        listed once per group). Returns the classes, the (image, labels) pairs and whether a
+        class name occurs in several references."""
+        by_name: dict[str, SegmentInfo] = {}
+        counts: dict[str, int] = {}
+        refs = []
+        for i, ref in enumerate(req.references):
+            if ref.volume is None or ref.segmentation is None:
+                raise SceneError(f"reference {i + 1}: choose both a volume and a segmentation")
+            for node, role in [(ref.volume, f"reference {i + 1} volume"),
+                               (ref.segmentation, f"reference {i + 1} segmentation")]:
+                if not self.scene.IsNodePresent(node):
+                    raise SceneError(f"{describe(node, role)} is no longer in the scene")
+            role = f"reference {i + 1} volume"
+            image = checked_image(ref.volume, role)
+            with scene_unchanged(self.scene):
+                masks, seg_infos = segment_masks(ref.segmentation, ref.segment_ids, ref.volume)
+            for info in seg_infos:
+                if info.name not in by_name:
+                    by_name[info.name] = SegmentInfo(info.segment_id, info.name, info.color, info.terminology,
+                                                     len(by_name) + 1)
+                counts[info.name] = counts.get(info.name, 0) + 1
+            img_path = write(image, work / f"ref{i}.nrrd", describe(ref.volume, role))
+            for g, group in enumerate(disjoint_groups(masks)):
+                labels = np.zeros(masks[0].shape, np.uint16)
+                for k in group:
+                    labels[masks[k]] = by_name[seg_infos[k].name].value
+                out = sitk.GetImageFromArray(labels)
+                out.CopyInformation(image)
+                seg_what = describe(ref.segmentation, f"reference {i + 1} segmentation")
+                refs.append([img_path, write(out, work / f"ref{i}_labels{g}.nrrd", seg_what, True)])
+        return list(by_name.values()), refs, any(c > 1 for c in counts.values())
 
     # -- run ----------------------------------------------------------------------------------
     def start(self, run: PreparedRun) -> WorkerProcess:
@@ -155,8 +212,18 @@ class IrisSegmentLogic:
         return WorkerProcess(run.job_file, self.python)
 
     def finish(self, run: PreparedRun, sidecar: dict):
-        """Import a finished run's result into the scene; returns the segmentation node."""
+        """Import a finished run's result into the scene; returns the segmentation node. Raises
+        SceneError (and imports nothing) when the target or the output left the scene meanwhile."""
         try:
+            req = run.request
+            for node, role in [(req.target, "target volume"), (req.output, "output segmentation")]:
+                if node is not None and not self.scene.IsNodePresent(node):
+                    raise SceneError(f"{describe(node, role)} was removed from the scene while segmenting; "
+                                     "the result was not imported")
+            if req.output is not None and not np.allclose(world_matrix(req.output), world_matrix(req.target),
+                                                          atol=1e-6):
+                raise SceneError(f"the output segmentation '{req.output.GetName()}' was moved under a different "
+                                 "transform from the target while segmenting; the result was not imported")
             labels = sitk.ReadImage(str(run.output_file))
             infos = run.infos
             if not infos:  # task library / known structures: names (and terminology) from the sidecar
@@ -164,7 +231,7 @@ class IrisSegmentLogic:
                 terms = [t.get("terminology", "") for t in sidecar.get("details", {}).get("tasks", [])]
                 infos = [SegmentInfo("", c["name"], palette[i % len(palette)], terms[i] if i < len(terms) else "",
                                      int(c["value"])) for i, c in enumerate(sidecar["classes"])]
-            node = add_labels_as_segmentation(self.scene, labels, infos, run.request.target, run.request.output)
+            node = add_labels_as_segmentation(self.scene, labels, infos, req.target, req.output)
             node.SetAttribute("IrisSegment.Sidecar", json.dumps(sidecar))
             return node
         finally:
@@ -180,9 +247,12 @@ class IrisSegmentLogic:
         run = self.prepare(req)
         try:
             sidecar = run_worker(run.job_file, progress=progress, cancel=cancel, python=self.python, log=log_line)
-        except (WorkerError, WorkerCancelled):
+        except WorkerCancelled:
             self.cleanup(run)
             raise
+        except WorkerError as exc:
+            self.cleanup(run)
+            raise run.explain(exc) from None
         return self.finish(run, sidecar)
 
     # -- compare ------------------------------------------------------------------------------
@@ -211,6 +281,19 @@ class IrisSegmentLogic:
         if table_node is not None:
             fill_table(table_node, rows)
         return rows
+
+    def compare_to_table(self, result_node, manual_node, reference_volume, name: str | None = None):
+        """``compare`` into a NEW table node; on any failure no table is left in the scene."""
+        if result_node is None or manual_node is None or reference_volume is None:
+            raise SceneError("choose the target, the result and a manual segmentation")
+        table = self.scene.AddNewNodeByClass(
+            "vtkMRMLTableNode", name or f"{result_node.GetName()} vs {manual_node.GetName()}")
+        try:
+            self.compare(result_node, manual_node, reference_volume, table)
+        except Exception:
+            self.scene.RemoveNode(table)
+            raise
+        return table
 
 
 def fill_table(table_node, rows: list[dict]) -> None:

@@ -8,6 +8,7 @@ applied (hardened) so what the user sees in the views is what the model gets.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,14 +60,21 @@ def matrix_from_image(image: sitk.Image) -> np.ndarray:
     return m
 
 
-def volume_to_image(node) -> sitk.Image:
+def describe(node, role: str = "volume") -> str:
+    """How a node is named in messages: its role and its name as the user sees it."""
+    return f"{role} '{node.GetName()}'" if node is not None else role
+
+
+def volume_to_image(node, role: str = "volume") -> sitk.Image:
     """A SimpleITK image of a scalar volume node (array copied, world geometry)."""
     import slicer.util
 
-    if node is None or node.GetImageData() is None:
-        raise SceneError("the volume has no image data")
+    if node is None:
+        raise SceneError(f"choose a {role}")
+    if node.GetImageData() is None:
+        raise SceneError(f"{describe(node, role)} has no image data; load or choose another volume")
     if node.GetImageData().GetNumberOfScalarComponents() != 1:
-        raise SceneError(f"'{node.GetName()}' has several components per voxel; a scalar volume is needed")
+        raise SceneError(f"{describe(node, role)} has several components per voxel; a scalar volume is needed")
     arr = slicer.util.arrayFromVolume(node)
     img = sitk.GetImageFromArray(np.array(arr))
     spacing, origin, direction = geometry_from_matrix(ijk_to_world(node))
@@ -74,6 +82,49 @@ def volume_to_image(node) -> sitk.Image:
     img.SetOrigin(origin)
     img.SetDirection(direction)
     return img
+
+
+def checked_image(node, role: str) -> sitk.Image:
+    """``volume_to_image`` plus what the worker would refuse (not 3-D, a single slice, NaN voxels),
+    checked here so that the message names the node rather than a temporary file."""
+    from iris_core.errors import InputError
+    from iris_core.imaging import check_finite, check_volume
+
+    img = volume_to_image(node, role)
+    try:
+        check_volume(img, describe(node, role))
+        check_finite(img, describe(node, role))
+    except InputError as exc:
+        raise SceneError(str(exc)) from None
+    return img
+
+
+def world_matrix(node) -> np.ndarray:
+    """The node's transform to world (identity without a parent transform)."""
+    import vtk
+
+    tnode = node.GetParentTransformNode()
+    if tnode is None:
+        return np.eye(4)
+    if not tnode.IsTransformToWorldLinear():
+        raise SceneError(f"'{node.GetName()}' is under a non-linear transform; harden it first")
+    m = vtk.vtkMatrix4x4()
+    tnode.GetMatrixTransformToWorld(m)
+    return _vtk_to_numpy(m)
+
+
+@contextlib.contextmanager
+def nodes_removed_after(scene):
+    """Remove every node added to ``scene`` inside the block (slicer.util's segment-array helpers
+    leave temporary display nodes behind)."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    finally:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())
+                 if scene.GetNthNode(i).GetID() not in before]
+        for node in added:
+            scene.RemoveNode(node)
 
 
 @dataclass
@@ -114,23 +165,46 @@ def _get_tag(segment, name: str) -> str:
     return ""
 
 
-def segments_to_labels(seg_node, segment_ids: list[str], volume_node) -> tuple[sitk.Image, list[SegmentInfo]]:
-    """A label map (1..K, in ``segment_ids`` order) of the segments on ``volume_node``'s grid."""
+def duplicate_names(infos: list[SegmentInfo]) -> list[str]:
+    names = [i.name for i in infos]
+    return sorted({n for n in names if names.count(n) > 1})
+
+
+def segment_masks(seg_node, segment_ids: list[str] | None, volume_node) -> tuple[list[np.ndarray], list[SegmentInfo]]:
+    """One boolean mask per chosen segment on ``volume_node``'s grid (segments may overlap: a
+    structure inside another stays whole). Empty segments and repeated names are refused."""
     import slicer.util
 
     infos = segment_infos(seg_node, segment_ids)
-    ref = volume_to_image(volume_node)
-    labels = np.zeros(ref.GetSize()[::-1], dtype=np.uint16)
-    for k, info in enumerate(infos, start=1):
+    dup = duplicate_names(infos)
+    if dup:
+        raise SceneError(f"segmentation '{seg_node.GetName()}' has several segments named "
+                         f"{', '.join(repr(n) for n in dup)}; rename them (each name is one class)")
+    masks = []
+    for info in infos:
         arr = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, info.segment_id, volume_node)
         if arr is None or not np.any(arr):
             raise SceneError(f"segment '{info.name}' of '{seg_node.GetName()}' is empty on "
                              f"'{volume_node.GetName()}'")
-        labels[(arr > 0) & (labels == 0)] = k
-        info.value = k
-    img = sitk.GetImageFromArray(labels)
-    img.CopyInformation(ref)
-    return img, infos
+        masks.append(np.asarray(arr) > 0)
+    return masks, infos
+
+
+def disjoint_groups(masks: list[np.ndarray]) -> list[list[int]]:
+    """Indices of ``masks`` split into groups whose masks do not overlap (first fit), so each
+    group can be one label map without a segment swallowing another."""
+    groups: list[list[int]] = []
+    unions: list[np.ndarray] = []
+    for i, m in enumerate(masks):
+        for g, u in zip(groups, unions):
+            if not np.any(u & m):
+                g.append(i)
+                u |= m
+                break
+        else:
+            groups.append([i])
+            unions.append(m.copy())
+    return groups
 
 
 def add_labels_as_segmentation(scene, labels: sitk.Image, infos: list[SegmentInfo], target_node,
@@ -162,7 +236,9 @@ def add_labels_as_segmentation(scene, labels: sitk.Image, infos: list[SegmentInf
             sid = segmentation.AddEmptySegment("", info.name, list(info.color))
             single = (arr == info.value).astype(np.uint8)
             if single.any():
-                slicer.util.updateSegmentBinaryLabelmapFromArray(single, seg_node, sid, target_node)
+                # slicer.util removes its temporary label map node but not that node's display node
+                with nodes_removed_after(scene):
+                    slicer.util.updateSegmentBinaryLabelmapFromArray(single, seg_node, sid, target_node)
             segment = segmentation.GetSegment(sid)
             segment.SetColor(*info.color)
             if info.terminology:

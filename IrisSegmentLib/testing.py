@@ -15,16 +15,13 @@ BRAIN_TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy
 
 def write_sample_files(folder: str | Path) -> dict[str, Path]:
     """Colin27 T1 + brain mask (reference) and the ICBM 2009a template moved off MNI space with its
-    brain mask (target, truth), as NRRD files in ``folder``. Where Colin27 (Debian mricron-data) is
-    not installed, as inside a Slicer install, ICBM 2009a itself is the reference."""
+    brain mask (target, truth), as NRRD files in ``folder`` (full resolution; needs Debian
+    mricron-data and nilearn: the small shipped pair is ``load_sample_pair``)."""
     from iris_core import sampledata
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        ref = sampledata.colin27("brain")
-    except Exception:
-        ref = sampledata.icbm2009a("brain")
+    ref = sampledata.colin27("brain")
     tgt = sampledata.move_off_mni(sampledata.icbm2009a("brain"), seed=1)
     files = {"ref": ref.image, "ref_labels": ref.labels, "target": tgt.image, "truth": tgt.labels}
     paths = {}
@@ -32,6 +29,53 @@ def write_sample_files(folder: str | Path) -> dict[str, Path]:
         paths[key] = folder / f"{key}.nrrd"
         sitk.WriteImage(img, str(paths[key]), True)
     return paths
+
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "Resources" / "SampleData"
+# the shipped pair (see Resources/SampleData/NOTICE.md): (file, node name, Slicer file type)
+SAMPLE_FILES = [
+    ("Colin27.nrrd", "Colin27", "VolumeFile"),
+    ("Colin27.seg.nrrd", "Colin27 segmentation", "SegmentationFile"),
+    ("ICBM2009a-moved.nrrd", "ICBM2009a moved", "VolumeFile"),
+    ("ICBM2009a-moved.seg.nrrd", "ICBM2009a moved manual", "SegmentationFile"),
+]
+
+
+def sample_data_source() -> dict:
+    """Keyword arguments of SampleData.SampleDataLogic.registerCustomSampleDataSource for the
+    shipped pair: local files as file: URIs (as Slicer's own SampleData tests do, path2uri), every
+    list of the same length (SampleDataSource.__init__ checks len() of each)."""
+    import urllib.parse
+    import urllib.request
+
+    paths = [SAMPLE_DIR / f for f, _, _ in SAMPLE_FILES]
+    return {
+        "category": "IrisSegment", "sampleName": "IrisBrainPair",
+        "uris": [urllib.parse.urljoin("file:", urllib.request.pathname2url(str(p))) for p in paths],
+        "fileNames": [f"IrisSegment-{f}" for f, _, _ in SAMPLE_FILES],
+        "nodeNames": [n for _, n, _ in SAMPLE_FILES],
+        "loadFileTypes": [t for _, _, t in SAMPLE_FILES],
+    }
+
+
+def load_sample_pair(scene) -> dict:
+    """The shipped pair as nodes (what Sample Data loads): reference volume + segmentation, target
+    volume + its manual segmentation."""
+    nodes = []
+    for f, name, kind in SAMPLE_FILES:
+        path = SAMPLE_DIR / f
+        if kind == "VolumeFile":
+            nodes.append(load_volume(path, name))
+        else:
+            seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+            storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+            storage.SetFileName(str(path))
+            if not storage.ReadData(seg):
+                raise RuntimeError(f"could not read {path}")
+            seg.SetAndObserveStorageNodeID(storage.GetID())
+            seg.CreateDefaultDisplayNodes()
+            nodes.append(seg)
+    return {"reference": nodes[0], "reference_seg": nodes[1], "target": nodes[2], "manual": nodes[3]}
 
 
 def load_volume(path: Path, name: str, labelmap: bool = False):

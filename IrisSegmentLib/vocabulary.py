@@ -1,30 +1,127 @@
-"""What a model or task library can segment by name (for the "Known structures" mode)."""
+"""What a model or task library can segment by name (for the "Known structures" mode), read from
+the file's header only: the GUI must stay responsive when the user picks a 480 MB checkpoint, so
+nothing here loads weights or imports torch.
+
+- our ``.safetensors`` models and task libraries: the JSON header's ``__metadata__``
+  (architecture, class names) - the first bytes of the file;
+- a ``.pth`` zip (torch.save): the key names in its ``data.pkl`` record, scanned as bytes and
+  never unpickled; a Hermes state_dict has the published Hermes-R vocabulary.
+
+``model_kind`` is the one entry point; a model offered for download later plugs in by giving its
+kind without a file (see ``KNOWN_KINDS``).
+"""
 
 from __future__ import annotations
 
 import json
+import struct
+import zipfile
 from pathlib import Path
+
+# largest safetensors header accepted (the format's own reader refuses above 100 MB)
+MAX_HEADER = 100 * 2**20
+# key names that tell a foreign state_dict's architecture (iris_core.checkpoint.infer_architecture)
+HERMES_KEY = b"prior_init_fuse_2.task_prior"
+IRIS_KEY = b"task_embedding.0.task_query"
+# models known by name, without opening a file ("default" is the bundled Iris model)
+KNOWN_KINDS = {"": "iris", "default": "iris"}
+
+
+class ModelFileError(Exception):
+    """A model or task library file that cannot be what it claims to be; the message names it."""
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, from its header alone."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head.startswith(b"version "):
+                raise ModelFileError(f"{path}: a git-LFS pointer, not the model itself: fetch it with "
+                                     "'git lfs pull'")
+            if len(head) < 8:
+                raise ModelFileError(f"{path}: too short for a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or n > size - 8:
+                raise ModelFileError(f"{path}: not a safetensors file (corrupt or truncated header)")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, ValueError):
+        raise ModelFileError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def _pth_kind(path: Path) -> str:
+    """'hermes', 'iris' or 'unknown' for a torch.save zip, from the key names in data.pkl."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("data.pkl")]
+            if not names:
+                return "unknown"
+            record = z.read(names[0])
+    except (OSError, zipfile.BadZipFile):
+        return "unknown"  # legacy (non-zip) torch files: decided when segmenting
+    if HERMES_KEY in record:
+        return "hermes"
+    return "iris" if IRIS_KEY in record else "unknown"
+
+
+def model_kind(model: str | None) -> tuple[str, dict[str, str]]:
+    """(kind, safetensors metadata) of a model choice: 'iris', 'hermes', 'library' (a task library
+    given as the model) or 'unknown' (decided by the worker when segmenting)."""
+    model = (model or "").strip()
+    if model in KNOWN_KINDS:
+        return KNOWN_KINDS[model], {}
+    if model.startswith("preset:"):
+        return ("hermes" if model.startswith("preset:hermes") else "iris"), {}
+    path = Path(model)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    if path.suffix.lower() == ".safetensors":
+        meta = safetensors_metadata(path)
+        if "arch" in meta:
+            return meta["arch"], meta
+        return ("library" if "names" in meta else "unknown"), meta
+    return _pth_kind(path), {}
 
 
 def known_structures(model: str | None = None, library: str | None = None) -> tuple[str, list[str]]:
-    """('hermes' | 'library' | 'iris', names). A task library lists its class names; a Hermes model
-    its vocabulary (stored in our checkpoints, the published Hermes-R vocabulary otherwise); an Iris
-    model needs references and lists nothing."""
+    """('hermes' | 'library' | 'iris' | 'unknown', names). A task library lists its class names; a
+    Hermes model its vocabulary (stored in our checkpoints, the published Hermes-R vocabulary
+    otherwise); an Iris model needs references and lists nothing. Raises ModelFileError naming
+    the file when it cannot be read."""
     if library:
-        from safetensors import safe_open
+        meta = safetensors_metadata(library)
+        try:
+            return "library", list(json.loads(meta.get("names", "[]")))
+        except ValueError:
+            raise ModelFileError(f"{library}: task library with unreadable class names") from None
+    kind, meta = model_kind(model)
+    if kind == "library":
+        return kind, list(json.loads(meta.get("names", "[]")))
+    if kind != "hermes":
+        return kind, []
+    from iris_core.hermes_vocab import hermes_r_vocabulary, vocabulary_from_names
 
-        with safe_open(str(library), framework="pt") as f:
-            meta = f.metadata() or {}
-        return "library", json.loads(meta.get("names", "[]"))
-    if not model or model == "default" or not Path(model).is_file():
-        return "iris", []
-    from iris_core.api import hermes_vocabulary
-    from iris_core.checkpoint import load_checkpoint
-
-    loaded = load_checkpoint(model)
-    if loaded.arch != "hermes":
-        return "iris", []
-    vocab = hermes_vocabulary(loaded)
+    try:
+        stored = json.loads(meta.get("class_names", "[]"))
+        info = json.loads(meta.get("info", "{}"))
+        slots = json.loads(meta.get("config", "{}")).get("task_prior_slots")
+    except (ValueError, AttributeError):
+        raise ModelFileError(f"{model}: unreadable metadata") from None
+    # as iris_core.api.hermes_vocabulary: stored names, else Hermes-R, else tasks by index
+    if stored:
+        vocab = vocabulary_from_names(stored, info.get("task_modalities"))
+    else:
+        vocab = hermes_r_vocabulary()
+        if slots and slots < len(vocab):
+            vocab = vocabulary_from_names([f"custom/task_{i}" for i in range(slots)])
     names = [t.name for t in vocab]
     # a name shared by several datasets is listed qualified, so every entry is one task
     return "hermes", [t.qualified if names.count(t.name) > 1 else t.name for t in vocab]

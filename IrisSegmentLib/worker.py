@@ -1,17 +1,21 @@
 """The background worker: ``python -m IrisSegmentLib.worker JOB.json``.
 
 Runs iris_core on files described by the job, prints one protocol line per event on stdout
-(``IRIS-PROGRESS {...}``, ``IRIS-ERROR {...}``, ``IRIS-DONE {...}``) and exits 0 on success.
+(``IRIS-START {"pid": ...}`` first, then ``IRIS-PROGRESS {...}``, ``IRIS-ERROR {...}``,
+``IRIS-DONE {...}``) and exits 0 on success. The process id tells the GUI which process is the
+real worker when a launcher (PythonSlicer) stands between them.
 It never touches the MRML scene: the GUI process imports the result.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
 
+PREFIX_START = "IRIS-START "
 PREFIX_PROGRESS = "IRIS-PROGRESS "
 PREFIX_ERROR = "IRIS-ERROR "
 PREFIX_DONE = "IRIS-DONE "
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m IrisSegmentLib.worker JOB.json", file=sys.stderr)
         return 2
+    emit(PREFIX_START, {"pid": os.getpid()})
     try:
         job = json.loads(Path(argv[0]).read_text())
         sidecar = run_job(job)

@@ -5,7 +5,6 @@ so peak memory is its own."""
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import time
 
 import torch
 
+from .device import peak_rss_mb
 from .errors import InputError
 
 
@@ -51,7 +51,7 @@ def _measure(model_spec: str, window: int, classes: list[int], repeats: int, thr
             _, out["window_1_classes_compiled_s"] = _timed(lambda: seg(tgt, e), repeats)
             out["compiled_max_abs_difference"] = float((eager - compiled).abs().max())
             out["compiled_speedup"] = out["window_1_classes_s"]["median"] / out["window_1_classes_compiled_s"]["median"]
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -192,7 +192,7 @@ def pair_benchmark(model_spec: str = "default", repeats: int = 3, registration: 
             res[f"{name}_s"] = time.perf_counter() - t0
             res[f"{name}_dice"] = dice_score(sitk.GetArrayFromImage(warped) > 0,
                                              sitk.GetArrayFromImage(targets[0].labels) > 0)
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available():
         res["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return res

@@ -217,8 +217,21 @@ def _torch_load(path: Path, allow_unsafe: bool) -> Any:
             ) from None
         log.warning("%s: loading with full unpickling (allow_unsafe=True; it needs %s)", path, name)
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as exc:
+        # torch.load hands a *.safetensors name to safetensors itself, hence SafetensorError
+        raise CheckpointError(f"{path}: {_unreadable_reason(path)} ({str(exc).splitlines()[0]})") from None
+
+
+def _unreadable_reason(path: Path) -> str:
+    """What an unreadable model file most likely is (a git-LFS pointer is a common surprise)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return "unreadable checkpoint"
+    if head.startswith(b"version https://git-lfs"):
+        return "a git-LFS pointer, not the model itself: fetch it with 'git lfs pull'"
+    return "unreadable or truncated checkpoint"
 
 
 def load_checkpoint(path: str | Path, allow_unsafe: bool = False, device: str | torch.device = "cpu") -> LoadedModel:

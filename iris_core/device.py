@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import sys
 
+import psutil
 import torch
 
 from .errors import ResourceError
@@ -44,18 +45,31 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes that may be allocated now on ``device`` (host: MemAvailable)."""
+    """Bytes that may be allocated now on ``device`` (host: psutil's available memory, which is
+    MemAvailable on Linux and the equivalent on Windows and macOS)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return int(psutil.virtual_memory().available)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB, portably: the peak working set on Windows,
+    VmHWM on Linux; elsewhere (macOS) psutil has no peak, so the current RSS (a lower bound)."""
+    proc = psutil.Process()
+    info = proc.memory_info()
+    peak = getattr(info, "peak_wset", None)  # Windows
+    if peak:
+        return peak / 2**20
+    if sys.platform.startswith("linux"):
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return info.rss / 2**20
 
 
 def check_memory(needed: int, device: torch.device, what: str) -> None:
