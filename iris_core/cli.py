@@ -190,6 +190,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_model(args: argparse.Namespace) -> int:
+    """Collapse detector: ten different references on Colin27 must give ten different predictions."""
+    from .api import resolve_model
+    from .checks import standard_check
+
+    loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
+    report = standard_check(loaded, device=args.device, out_dir=args.output)
+    print(report.to_markdown(f"Reference sensitivity of {loaded.name}"))
+    if args.output:
+        print(f"wrote {Path(args.output) / 'check.json'}, check.md, check.png")
+    return 0 if report.passed else 1
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .models import PRESETS, build_preset
 
@@ -300,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true",
                    help="also time the torch.compile'd network per window (ratio and max abs difference)")
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("check-model", help="does the model follow its reference? (exit code 1 when it does not)")
+    c.add_argument("model", help="model file, 'default' (bundled) or preset:NAME")
+    c.add_argument("--output", help="folder for check.json, check.md and check.png")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a model file that needs full unpickling (it can run code: trusted files only)")
+    c.set_defaults(func=cmd_check_model)
 
     p = sub.add_parser("presets", help="list the architecture presets")
     p.set_defaults(func=cmd_presets)

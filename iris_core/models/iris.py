@@ -294,9 +294,15 @@ class IrisNet(nn.Module):
     def segment(self, target: torch.Tensor, embedding: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits [B, K, D, H, W] of the K classes of ``embedding`` on ``target`` [B, 1, D, H, W].
         An embedding with batch 1 is shared by every target in the batch."""
-        b = target.shape[0]
+        return self.segment_from_features(self.encoder(target), embedding)
+
+    def segment_from_features(self, feats: Sequence[torch.Tensor], embedding: Sequence[torch.Tensor]) -> torch.Tensor:
+        """As :meth:`segment`, from target encoder features already computed (batch 1 features are
+        shared by every embedding in a batch: one encoder pass for several single-class decodes)."""
+        b = max(feats[0].shape[0], embedding[0].shape[0])
+        feats = [f.expand(b, *f.shape[1:]) if f.shape[0] == 1 else f for f in feats]
         tokens = [e.expand(b, -1, -1, -1) if e.shape[0] == 1 else e for e in embedding]
-        out, posterior = self.decoder(self.encoder(target), tokens[: self.config.num_prior_stage])
+        out, posterior = self.decoder(feats, tokens[: self.config.num_prior_stage])
         logits = self.out(out, posterior)
         if self.config.reference_prototype:
             proto = F.normalize(tokens[-1][:, :, 0].to(out.dtype), dim=-1)

@@ -1,0 +1,147 @@
+"""The collapse detector (iris_core.checks): it fails the bundled collapsed model and a model that
+ignores its reference by construction, passes an oracle that returns the truth, and computes its
+figures right."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import dice
+from iris_core.checks import move_rigid, reference_sensitivity
+
+
+def _shapes(shape=(32, 48, 32)) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A textured volume with four different structures: a ball, a box, a slab and the ball+box group."""
+    rng = np.random.default_rng(0)
+    z, y, x = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    ball = (z - 16) ** 2 + (y - 18) ** 2 + (x - 12) ** 2 <= 36
+    box = (abs(z - 14) <= 4) & (abs(y - 32) <= 5) & (abs(x - 20) <= 4)
+    slab = (z >= 22) & (z <= 26) & (x >= 6) & (x <= 26) & (y >= 8) & (y <= 40)
+    image = rng.normal(0, 0.1, shape) + 1.5 * ball - 1.0 * box + 0.7 * slab
+    masks = np.stack([ball, box, slab, ball | box])
+    return (torch.tensor(image, dtype=torch.float32)[None, None], torch.from_numpy(masks),
+            ["ball", "box", "slab", "ball+box"])
+
+
+class Oracle(nn.Module):
+    """Knows the check's motion: its 'embedding' is the reference mask itself and it answers with the
+    moved mask of the class ``pick(k)``. pick = identity: a perfect model; pick = constant: a model that
+    returns one structure whatever the reference; pick = k + 1: a model that answers the wrong structure."""
+
+    def __init__(self, pick=lambda k, n: k):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.pick = pick
+
+    def encoder(self, target):
+        return [target]
+
+    def encode_task(self, image, masks):
+        self.reference_masks = masks[0].bool()
+        return [masks.flatten(2)[:, :, None]]  # [1, K, 1, DHW]
+
+    def segment_from_features(self, feats, embedding):
+        _, moved = move_rigid(torch.zeros(1, 1, *self.reference_masks.shape[1:]), self.reference_masks)
+        n = len(moved)
+        emb = embedding[0]
+        out = []
+        for b in range(emb.shape[0]):
+            rows = []
+            for j in range(emb.shape[1]):
+                k = next(i for i in range(n) if torch.equal(emb[b, j, 0].bool(), self.reference_masks[i].flatten()))
+                rows.append(moved[self.pick(k, n)].float() * 20 - 10)
+            out.append(torch.stack(rows))
+        return torch.stack(out)
+
+
+def test_oracle_passes_and_the_figures_are_computed_right():
+    image, masks, names = _shapes()
+    rep = reference_sensitivity(Oracle(), image, masks, names)
+    assert rep.passed, rep.rule
+    _, truth = move_rigid(image, masks)
+    t = truth.numpy()
+    expected = np.array([[dice(a, b) for b in t] for a in t])  # an independent Dice (conftest)
+    assert np.allclose(rep.truth_dice, expected, atol=1e-4)
+    assert np.allclose(rep.pred_truth_dice, expected, atol=1e-4) and np.allclose(rep.pred_dice, expected, atol=1e-4)
+    assert np.allclose(rep.joint_pred_truth_dice, expected, atol=1e-4)
+    assert rep.own_dice == 1.0 and rep.identified == 1.0 and rep.joint_identified == 1.0
+    off = ~np.eye(4, dtype=bool)
+    assert rep.other_dice == pytest.approx(expected[off].mean(), abs=1e-4)
+    assert rep.pred_agreement == pytest.approx(rep.truth_agreement, abs=1e-4)
+    # the ball and the ball+box group overlap: their truths really agree, a perfect model reproduces it
+    assert 0.4 < rep.truth_dice[0][3] < 0.9
+    # embedding cosines: here the embeddings are the flattened masks, so the cosine is computable by hand
+    flat = masks.flatten(1).float().numpy()
+    cos = flat @ flat.T / np.outer(np.linalg.norm(flat, axis=1), np.linalg.norm(flat, axis=1))
+    assert np.allclose(rep.embedding_cosine, cos, atol=1e-4)
+    # the moved view really moved: the truth differs from the reference masks it came from
+    assert dice(truth[0].numpy(), masks[0].numpy()) < 0.8
+    md = rep.to_markdown()
+    assert "**PASSED**" in md and "| 4 | 0." in md
+    assert json.loads(json.dumps(rep.to_dict()))["names"] == names
+
+
+def test_a_model_that_ignores_its_reference_fails():
+    image, masks, names = _shapes()
+    collapsed = reference_sensitivity(Oracle(pick=lambda k, n: 3), image, masks, names)  # always 'ball+box'
+    assert not collapsed.passed and collapsed.pred_agreement == 1.0 and collapsed.identified == 0.25
+    assert "FAILS: predictions agree" in collapsed.rule
+    wrong = reference_sensitivity(Oracle(pick=lambda k, n: (k + 1) % n), image, masks, names)  # different, wrong
+    assert not wrong.passed and wrong.own_dice < wrong.other_dice
+    assert "ok: predictions agree" in wrong.rule  # it is the identification rule that catches this one
+
+
+def test_real_network_with_a_constant_task_encoding_fails(tiny_model):
+    """The real IrisNet with the task encoders' last layer set to a constant: every reference gives the
+    same embedding, so every prediction is the same whatever it shows."""
+    import copy
+
+    net = copy.deepcopy(tiny_model.model)
+    with torch.no_grad():
+        for enc in net.task_embedding:
+            enc.norm_post.weight.zero_()
+            enc.norm_post.bias.normal_()
+    image, masks, names = _shapes()
+    rep = reference_sensitivity(net, image, masks, names, move=False)
+    assert not rep.passed and rep.pred_agreement == 1.0
+    assert rep.embedding_cosine_mean == pytest.approx(1.0, abs=1e-5)
+    assert net.training is tiny_model.model.training  # handed back as it was
+
+
+def test_moved_view_is_rigid():
+    image, masks, _ = _shapes()
+    same, m0 = move_rigid(image, masks, angle_deg=0.0, shift_vox=(0.0, 0.0, 0.0))
+    assert torch.equal(m0, masks) and torch.allclose(same, image, atol=1e-5)
+    _, moved = move_rigid(image, masks)
+    # a rigid motion keeps volumes (nearest-neighbour resampling: within a few per cent)
+    assert np.allclose(moved.flatten(1).sum(1).numpy(), masks.flatten(1).sum(1).numpy(), rtol=0.08)
+
+
+def test_bad_inputs_are_refused(tiny_model):
+    image, masks, names = _shapes()
+    with pytest.raises(ValueError, match="one name each"):
+        reference_sensitivity(tiny_model.model, image, masks, names[:2])
+    with pytest.raises(ValueError, match="empty reference masks"):
+        reference_sensitivity(tiny_model.model, image, torch.zeros_like(masks), names)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        reference_sensitivity(tiny_model.model, image[..., :30], masks[..., :30], names)
+
+
+@pytest.mark.slow
+def test_check_model_fails_the_bundled_collapsed_model(tmp_path, capsys):
+    """The evidence of issue 10: the bundled default model returns the brain for every reference."""
+    from iris_core.cli import main
+
+    code = main(["check-model", "default", "--output", str(tmp_path), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 1 and "**FAILED**" in out
+    rep = json.loads((tmp_path / "check.json").read_text())
+    assert len(rep["names"]) == 10 and rep["passed"] is False
+    assert rep["pred_agreement"] > 0.95 and rep["truth_agreement"] < 0.2  # ten references, one answer
+    assert rep["identified"] <= 0.2 and rep["embedding_cosine_mean"] > 0.9
+    assert (tmp_path / "check.png").stat().st_size > 20_000 and "FAILED" in (tmp_path / "check.md").read_text()
