@@ -154,15 +154,46 @@ def atlases() -> Dataset:
     return Dataset("atlases", out, names, "MR")
 
 
+def macaque_pairs(seed: int = 0) -> Dataset:
+    """The held-out species check (EVALUATION ONLY): inia19 with four structures as the reference,
+    and as the target a smoothly warped (up to 2 mm) and rigidly moved (5-15 degrees, 20-40 mm) copy
+    of itself resampled onto a 0.5 x 0.5 x 1.5 mm grid."""
+    from . import sampledata
+
+    ref = sampledata.inia19()
+    moved = sampledata.move_off_mni(sampledata.warp_smooth(ref, seed=seed, max_mm=2.0, smooth_mm=6.0), seed=seed,
+                                    spacing=(0.5, 0.5, 1.5))
+    cases = [Case(ref.name, ref.image, ref.labels, "inia19"), Case(moved.name, moved.image, moved.labels, "inia19")]
+    return Dataset("macaque", cases, dict(ref.label_names), "MR", [(moved.name, ref.name)])
+
+
+def cross_atlas_pairs(seed: int = 0) -> Dataset:
+    """Held-out structures across templates: Colin27 with AAL regions as the reference, the moved
+    MNI152NLin6Asym (rigid 5-15 degrees, 20-40 mm, 1 x 1 x 3 mm) with the Harvard-Oxford regions that
+    mean the same (sampledata.CROSS_ATLAS) as its independent truth."""
+    from . import sampledata
+
+    ref, tgt = sampledata.cross_atlas_samples()
+    moved = sampledata.move_off_mni(tgt, seed=seed)
+    cases = [Case(ref.name, ref.image, ref.labels, "colin27"), Case(moved.name, moved.image, moved.labels, "mni")]
+    return Dataset("cross-atlas", cases, dict(ref.label_names), "MR", [(moved.name, ref.name)])
+
+
 def load_dataset(spec: str) -> Dataset:
-    """``templates`` (built-in real pairs), ``atlases``, a CSV file, or an nnU-Net / MSD folder."""
+    """``templates`` (built-in real pairs), ``atlases``, ``macaque`` (held-out species, evaluation only),
+    ``cross-atlas`` (AAL -> Harvard-Oxford), a CSV file, or an nnU-Net / MSD folder."""
     if spec == "templates":
         return template_pairs()
     if spec == "atlases":
         return atlases()
+    if spec == "macaque":
+        return macaque_pairs()
+    if spec == "cross-atlas":
+        return cross_atlas_pairs()
     p = Path(spec)
     if p.is_dir():
         return load_nnunet(p)
     if p.suffix.lower() == ".csv":
         return load_csv(p)
-    raise InputError(f"dataset {spec!r}: not 'templates', a CSV file or an nnU-Net folder")
+    raise InputError(f"dataset {spec!r}: not 'templates', 'atlases', 'macaque', 'cross-atlas', a CSV file or an "
+                     "nnU-Net folder")
