@@ -32,17 +32,22 @@ class IrisConfig:
     # (token 0, a learnt query token: the published network) or "foreground" (the last token, the
     # reference features averaged inside the mask: a direct path from the mask to the kernel, which
     # small models trained briefly need to follow their reference - see the default model card).
-    # ``reference_prototype``: the embedding also carries, per class, the reference's own full-resolution
-    # decoder features averaged inside its mask; the logit adds a learnt affine map of the cosine between
-    # each target voxel's features and that prototype. Encoder and decoder are shared by reference and
-    # target, so the two live in one feature space and the mask reaches the prediction from the first
-    # step (a departure from the published network, for our small presets only).
+    # ``reference_prototype``: the embedding also carries, per class, the reference's own decoder
+    # features (last three levels: 1/4, 1/2 and full resolution) averaged inside its mask; the logit adds
+    # a learnt affine map of the mean cosine between each target voxel's features and that prototype.
+    # Encoder and decoder are shared by reference and target, so the two live in one feature space and
+    # the mask reaches the prediction from the first step. ``head_token = "prototype"`` makes that the
+    # whole head: the prediction is then a function of the similarity to what the reference shows, so
+    # a model cannot answer the same whatever the reference (departures from the published network, for
+    # our small presets only; see the default model card).
 
     def __post_init__(self) -> None:
         if len(self.channels) != 5 or len(self.num_block) != 4:
             raise ValueError("IrisConfig needs 5 channel counts and 4 block counts")
-        if self.head_token not in ("query", "foreground"):
-            raise ValueError(f"head_token must be 'query' or 'foreground', got {self.head_token!r}")
+        if self.head_token not in ("query", "foreground", "prototype"):
+            raise ValueError(f"head_token must be 'query', 'foreground' or 'prototype', got {self.head_token!r}")
+        if self.head_token == "prototype" and not self.reference_prototype:
+            raise ValueError("head_token 'prototype' needs reference_prototype = True")
         if not 1 <= self.num_prior_stage <= 3:
             raise ValueError("num_prior_stage must be 1, 2 or 3")
         for c in self.channels[5 - self.num_prior_stage :]:
@@ -107,17 +112,17 @@ PRESETS: dict[str, Preset] = {
         "iris",
         IrisConfig(channels=(8, 16, 32, 64, 128), num_block=(1, 1, 1, 1), query_tokens=4,
                    attn_blocks=1, task_prior_slots=1, pos_embed_size=64, context_downsample=2,
-                   head_token="foreground", reference_prototype=True),
+                   head_token="prototype", reference_prototype=True),
         spacing=(3.0, 3.0, 3.0),
         window=(64, 64, 64),
         description="CPU preset: 8..128 channels, one block per stage, coarse context path, 3 mm spacing, "
-                    "class kernel from the foreground token plus a full-resolution reference prototype.",
+                    "head: similarity to the reference's own multi-scale decoder features (prototype).",
     ),
     "iris-tiny": Preset(
         "iris",
         IrisConfig(channels=(4, 8, 32, 32, 32), num_block=(1, 1, 1, 1), query_tokens=2,
                    attn_blocks=1, task_prior_slots=1, pos_embed_size=32, context_downsample=2,
-                   head_token="foreground", reference_prototype=True),
+                   head_token="prototype", reference_prototype=True),
         spacing=(4.0, 4.0, 4.0),
         window=(32, 32, 32),
         description="Test preset: runs in a fraction of a second on a CPU.",

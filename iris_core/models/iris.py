@@ -230,6 +230,7 @@ class IrisDecoder(nn.Module):
         ch, nb = cfg.channels, cfg.num_block
         self.prior_fuse = nn.ModuleList(PriorFusion(d, cfg.attn_blocks) for d in cfg.token_dims)
         self.head_index = 0 if cfg.head_token == "query" else -1
+        self.levels: list[torch.Tensor] = []  # outputs of the last up-steps (prototype levels), per call
         self.up1 = UpBlock(ch[4], ch[3], nb[3])
         self.up2 = UpBlock(ch[3], ch[2], nb[2])
         self.up3 = UpBlock(ch[2], ch[1], nb[1])
@@ -241,11 +242,15 @@ class IrisDecoder(nn.Module):
         x5, x4, x3, x2, x1 = feats
         posterior: list[torch.Tensor] = []
         out = x5
+        levels = []
         for stage, (up, skip) in enumerate(((self.up1, x4), (self.up2, x3), (self.up3, x2), (self.up4, x1))):
             if stage < len(self.prior_fuse):
                 out, post = self.prior_fuse[stage](out, tokens[stage].to(out.dtype))
                 posterior.append(post[:, :, self.head_index, :])  # the token that summarises the class
             out = up(out, skip)
+            if stage >= 1:
+                levels.append(out)
+        self.levels = levels  # 1/4, 1/2 and full resolution: read by the reference prototype
         return out, posterior
 
 
@@ -281,14 +286,16 @@ class IrisNet(nn.Module):
 
     def encode_task_from_features(self, feats: Sequence[torch.Tensor], masks: torch.Tensor) -> list[torch.Tensor]:
         """As :meth:`encode_task`, from encoder features already computed. With ``reference_prototype``
-        the list has one more entry, [B, K, 1, C_0]: the reference's decoder features (decoded with its
-        own task tokens) averaged inside each mask."""
+        the list has one more entry, [B, K, 1, C_2 + C_1 + C_0]: the reference's decoder features at its
+        last three levels (decoded with its own task tokens), each averaged inside each mask."""
         tokens = [enc(f, masks) for enc, f in zip(self.task_embedding, feats)]
         if self.config.reference_prototype:
-            out, _ = self.decoder(feats, tokens)
-            m = masks.to(out.dtype)
-            proto = torch.einsum("bcdhw,bkdhw->bkc", out, m) / m.sum((2, 3, 4)).clamp(min=1)[..., None]
-            tokens.append(proto.unsqueeze(2))
+            self.decoder(feats, tokens)
+            protos = []
+            for level in self.decoder.levels:
+                m = F.adaptive_avg_pool3d(masks.to(level.dtype), level.shape[2:])
+                protos.append(torch.einsum("bcdhw,bkdhw->bkc", level, m) / m.sum((2, 3, 4)).clamp(min=1e-6)[..., None])
+            tokens.append(torch.cat(protos, dim=-1).unsqueeze(2))
         return tokens
 
     def segment(self, target: torch.Tensor, embedding: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -303,12 +310,27 @@ class IrisNet(nn.Module):
         feats = [f.expand(b, *f.shape[1:]) if f.shape[0] == 1 else f for f in feats]
         tokens = [e.expand(b, -1, -1, -1) if e.shape[0] == 1 else e for e in embedding]
         out, posterior = self.decoder(feats, tokens[: self.config.num_prior_stage])
-        logits = self.out(out, posterior)
+        logits = self.out(out, posterior) if self.config.head_token != "prototype" else 0
         if self.config.reference_prototype:
-            proto = F.normalize(tokens[-1][:, :, 0].to(out.dtype), dim=-1)
-            cos = torch.einsum("bcdhw,bkc->bkdhw", F.normalize(out, dim=1), proto)
-            logits = logits + self.prototype_scale * (cos - self.prototype_shift)
+            logits = logits + self.prototype_scale * (self.prototype_similarity(tokens[-1][:, :, 0]) - self.prototype_shift)
         return logits
+
+    def prototype_similarity(self, proto: torch.Tensor) -> torch.Tensor:
+        """Mean over the decoder's last three levels of the cosine between each target voxel's features
+        and the reference prototype [B, K, sum C] (computed at each level's resolution, upsampled)."""
+        levels = self.decoder.levels
+        full = levels[-1].shape[2:]
+        total = 0
+        start = 0
+        for level in levels:
+            c = level.shape[1]
+            p = F.normalize(proto[..., start : start + c].to(level.dtype), dim=-1)
+            start += c
+            cos = torch.einsum("bcdhw,bkc->bkdhw", F.normalize(level, dim=1), p)
+            if cos.shape[2:] != full:
+                cos = F.interpolate(cos, size=full, mode="trilinear", align_corners=False)
+            total = total + cos
+        return total / len(levels)
 
     def forward(self, target: torch.Tensor, reference: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return self.segment(target, self.encode_task(reference, masks))

@@ -136,7 +136,7 @@ class LabelSynthSource:
             if ok:
                 break
         chosen = rng.permutation(ok)[:k]
-        same = rng.random() < 0.3  # sometimes one contrast for both views (same scanner), else independent
+        same = rng.random() < 0.5  # one contrast for both views (same scanner) or independent contrasts
         seed = int(rng.integers(2**31))
         out = []
         for w in warped:
