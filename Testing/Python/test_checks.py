@@ -98,10 +98,14 @@ def test_a_model_that_ignores_its_reference_fails():
 
 def test_real_network_with_a_constant_task_encoding_fails(tiny_model):
     """The real IrisNet with the task encoders' last layer set to a constant: every reference gives the
-    same embedding, so every prediction is the same whatever it shows."""
-    import copy
+    same embedding, so every prediction is the same whatever it shows. (Without the reference prototype
+    of the newer presets, which would carry the mask past the task encoders.)"""
+    import dataclasses
 
-    net = copy.deepcopy(tiny_model.model)
+    from iris_core.models.iris import IrisNet
+
+    torch.manual_seed(0)
+    net = IrisNet(dataclasses.replace(tiny_model.model.config, reference_prototype=False))
     with torch.no_grad():
         for enc in net.task_embedding:
             enc.norm_post.weight.zero_()
@@ -110,7 +114,7 @@ def test_real_network_with_a_constant_task_encoding_fails(tiny_model):
     rep = reference_sensitivity(net, image, masks, names, move=False)
     assert not rep.passed and rep.pred_agreement == 1.0
     assert rep.embedding_cosine_mean == pytest.approx(1.0, abs=1e-5)
-    assert net.training is tiny_model.model.training  # handed back as it was
+    assert net.training  # handed back in training mode, as it came
 
 
 def test_moved_view_is_rigid():
@@ -132,16 +136,25 @@ def test_bad_inputs_are_refused(tiny_model):
         reference_sensitivity(tiny_model.model, image[..., :30], masks[..., :30], names)
 
 
+#: the bundled model of the first round (recorded name in its file): it returns the brain for any reference
+COLLAPSED_DEFAULT = "iris-small (step 2400)"
+
+
 @pytest.mark.slow
-def test_check_model_fails_the_bundled_collapsed_model(tmp_path, capsys):
-    """The evidence of issue 10: the bundled default model returns the brain for every reference."""
+def test_check_model_on_the_bundled_model(tmp_path, capsys):
+    """The evidence of issue 10: the first-round bundled model returns the brain for every reference and
+    must fail; any later bundled model must pass."""
+    from iris_core.api import resolve_model
     from iris_core.cli import main
 
+    collapsed = resolve_model("default").name == COLLAPSED_DEFAULT
     code = main(["check-model", "default", "--output", str(tmp_path), "--device", "cpu"])
     out = capsys.readouterr().out
-    assert code == 1 and "**FAILED**" in out
     rep = json.loads((tmp_path / "check.json").read_text())
-    assert len(rep["names"]) == 10 and rep["passed"] is False
-    assert rep["pred_agreement"] > 0.95 and rep["truth_agreement"] < 0.2  # ten references, one answer
-    assert rep["identified"] <= 0.2 and rep["embedding_cosine_mean"] > 0.9
-    assert (tmp_path / "check.png").stat().st_size > 20_000 and "FAILED" in (tmp_path / "check.md").read_text()
+    assert len(rep["names"]) == 10 and (tmp_path / "check.png").stat().st_size > 20_000
+    if collapsed:
+        assert code == 1 and "**FAILED**" in out and rep["passed"] is False
+        assert rep["pred_agreement"] > 0.95 and rep["truth_agreement"] < 0.2  # ten references, one answer
+        assert rep["identified"] <= 0.2 and rep["embedding_cosine_mean"] > 0.9
+    else:
+        assert code == 0 and rep["passed"] is True, rep["rule"]
