@@ -105,7 +105,7 @@ def test_real_network_with_a_constant_task_encoding_fails(tiny_model):
     from iris_core.models.iris import IrisNet
 
     torch.manual_seed(0)
-    net = IrisNet(dataclasses.replace(tiny_model.model.config, reference_prototype=False))
+    net = IrisNet(dataclasses.replace(tiny_model.model.config, head_token="query", reference_prototype=False))
     with torch.no_grad():
         for enc in net.task_embedding:
             enc.norm_post.weight.zero_()
