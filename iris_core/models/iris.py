@@ -82,6 +82,16 @@ def masked_mean_of_upsampled(feat: torch.Tensor, masks: torch.Tensor) -> torch.T
     return (total / count).to(feat.dtype)
 
 
+# radius (voxels of each level: 1/4, 1/2, full resolution) of the shell around a reference structure whose
+# features make its background prototype
+PROTOTYPE_SHELL = (1, 2, 3)
+
+
+def _masked_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[B, C, D, H, W] features averaged under [B, K, D, H, W] weights -> [B, K, C]."""
+    return torch.einsum("bcdhw,bkdhw->bkc", x, weights) / weights.sum((2, 3, 4)).clamp(min=1e-6)[..., None]
+
+
 class PositionalEncoding(nn.Module):
     """Learnable positional encoding stored at a fixed edge, sliced to the input."""
 
@@ -286,16 +296,20 @@ class IrisNet(nn.Module):
 
     def encode_task_from_features(self, feats: Sequence[torch.Tensor], masks: torch.Tensor) -> list[torch.Tensor]:
         """As :meth:`encode_task`, from encoder features already computed. With ``reference_prototype``
-        the list has one more entry, [B, K, 1, C_2 + C_1 + C_0]: the reference's decoder features at its
-        last three levels (decoded with its own task tokens), each averaged inside each mask."""
+        the list has one more entry, [B, K, 2, C_2 + C_1 + C_0]: the reference's decoder features at its
+        last three levels (decoded with its own task tokens), averaged inside each mask (foreground) and
+        in a thin shell around it (background)."""
         tokens = [enc(f, masks) for enc, f in zip(self.task_embedding, feats)]
         if self.config.reference_prototype:
             self.decoder(feats, tokens)
             protos = []
-            for level in self.decoder.levels:
+            for radius, level in zip(PROTOTYPE_SHELL, self.decoder.levels):
                 m = F.adaptive_avg_pool3d(masks.to(level.dtype), level.shape[2:])
-                protos.append(torch.einsum("bcdhw,bkdhw->bkc", level, m) / m.sum((2, 3, 4)).clamp(min=1e-6)[..., None])
-            tokens.append(torch.cat(protos, dim=-1).unsqueeze(2))
+                # the background prototype is local: a shell around the structure, not the whole crop, so
+                # that the structure is told apart from the tissue next to it (not from air)
+                shell = (F.max_pool3d(m, 2 * radius + 1, 1, radius) - m).clamp(min=0)
+                protos.append(torch.stack([_masked_mean(level, m), _masked_mean(level, shell)], dim=2))
+            tokens.append(torch.cat(protos, dim=-1))
         return tokens
 
     def segment(self, target: torch.Tensor, embedding: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -312,12 +326,13 @@ class IrisNet(nn.Module):
         out, posterior = self.decoder(feats, tokens[: self.config.num_prior_stage])
         logits = self.out(out, posterior) if self.config.head_token != "prototype" else 0
         if self.config.reference_prototype:
-            logits = logits + self.prototype_scale * (self.prototype_similarity(tokens[-1][:, :, 0]) - self.prototype_shift)
+            logits = logits + self.prototype_scale * (self.prototype_similarity(tokens[-1]) - self.prototype_shift)
         return logits
 
     def prototype_similarity(self, proto: torch.Tensor) -> torch.Tensor:
-        """Mean over the decoder's last three levels of the cosine between each target voxel's features
-        and the reference prototype [B, K, sum C] (computed at each level's resolution, upsampled)."""
+        """Mean over the decoder's last three levels of cosine(voxel, foreground prototype) minus
+        cosine(voxel, background prototype); ``proto`` is [B, K, 2, sum C] (computed at each level's
+        resolution, upsampled to full resolution)."""
         levels = self.decoder.levels
         full = levels[-1].shape[2:]
         total = 0
@@ -326,7 +341,8 @@ class IrisNet(nn.Module):
             c = level.shape[1]
             p = F.normalize(proto[..., start : start + c].to(level.dtype), dim=-1)
             start += c
-            cos = torch.einsum("bcdhw,bkc->bkdhw", F.normalize(level, dim=1), p)
+            f = F.normalize(level, dim=1)
+            cos = torch.einsum("bcdhw,bkc->bkdhw", f, p[:, :, 0]) - torch.einsum("bcdhw,bkc->bkdhw", f, p[:, :, 1])
             if cos.shape[2:] != full:
                 cos = F.interpolate(cos, size=full, mode="trilinear", align_corners=False)
             total = total + cos
