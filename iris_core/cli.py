@@ -50,9 +50,16 @@ def _window(text: str | None):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .api import parse_classes, resolve_model, segment, write_result
+    from .api import parse_classes, resolve_model, segment, sidecar_path, write_result
+    from .imaging import refuse_overwriting_inputs
     from .viz import overlay_png
 
+    inputs = {"target image": args.target, "task library": args.library,
+              "model file": args.model if Path(args.model).is_file() else None}
+    for k, (img, lab) in enumerate(args.reference or [], 1):
+        inputs |= {f"reference image {k}": img, f"reference label map {k}": lab}
+    refuse_overwriting_inputs({"--output": args.output, "its sidecar": sidecar_path(args.output),
+                               "--preview": args.preview, "--save-library": args.save_library}, inputs)
     progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
     try:

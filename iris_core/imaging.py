@@ -97,6 +97,30 @@ def _fmt(v) -> str:
     return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links, other spellings
+    except OSError:
+        return False
+
+
+def refuse_overwriting_inputs(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
+    """Raise before any work when an output would land on an input file (same path, another spelling
+    of it, or the same file by hard link) or on another output; ``None`` entries are ignored."""
+    outs = [(what, Path(p)) for what, p in outputs.items() if p is not None]
+    ins = [(what, Path(p)) for what, p in inputs.items() if p is not None]
+    for i, (what, out) in enumerate(outs):
+        for in_what, src in ins:
+            if _same_file(out, src):
+                raise InputError(f"{what} {out} is the input {in_what} {src}: writing it would destroy the "
+                                 "input; choose another output path")
+        for other_what, other in outs[i + 1:]:
+            if _same_file(out, other):
+                raise InputError(f"{what} and {other_what} are both {out}; choose another output path")
+
+
 def write_image_atomic(image: sitk.Image, path: str | Path) -> Path:
     """Write ``image`` to ``path`` through a temporary file in the same folder, so a failure
     leaves no partial file."""

@@ -154,3 +154,51 @@ def test_phantom_helper_is_deterministic():
     a, _ = phantom(seed=4)
     b, _ = phantom(seed=4)
     assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+
+
+def _snapshot(paths):
+    return {p: p.read_bytes() for p in paths}
+
+
+@pytest.mark.parametrize("clash", ["output is target", "output is reference labels", "sidecar is target",
+                                   "preview is reference image", "library output is target", "hard link"])
+def test_output_onto_an_input_is_refused_before_any_work(capsys, base, phantom_files, tmp_path, clash):
+    """No output (label map, sidecar, preview, saved library) may land on a file the user gave as input,
+    by the same path, another spelling of it, or a hard link to it; the inputs are left byte for byte."""
+    import os
+    import shutil
+
+    tgt = tmp_path / "in" / "tgt.nii.gz"
+    tgt.parent.mkdir()
+    shutil.copy(phantom_files["tgt"], tgt)
+    ref, lab = tmp_path / "in" / "ref.nii.gz", tmp_path / "in" / "lab.nii.gz"
+    shutil.copy(phantom_files["ref"], ref)
+    shutil.copy(phantom_files["ref_lab"], lab)
+    argv = base[:-3] + ["--reference", ref, lab, "--target", tgt]
+    output = tmp_path / "seg.nii.gz"
+    extra = []
+    if clash == "output is target":
+        output = tmp_path / "in" / ".." / "in" / "tgt.nii.gz"
+    elif clash == "output is reference labels":
+        output = lab
+    elif clash == "sidecar is target":
+        tgt_json = tmp_path / "in" / "tgt.json"
+        shutil.copy(phantom_files["tgt"], tgt_json)
+        argv[argv.index(tgt)] = tgt_json
+        tgt = tgt_json
+        output = tmp_path / "in" / "tgt.nii"  # its sidecar would be in/tgt.json
+    elif clash == "preview is reference image":
+        extra = ["--preview", ref]
+    elif clash == "library output is target":
+        extra = ["--save-library", tgt]
+    else:
+        link = tmp_path / "link.nii.gz"
+        os.link(tgt, link)
+        output = link
+    before = _snapshot([tgt, ref, lab])
+    code, stdout, err = run(capsys, *argv, *extra, "--output", output)
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "input" in err and "choose another" in err, err
+    assert _snapshot([tgt, ref, lab]) == before
+    assert not (tmp_path / "seg.nii.gz").exists() and not (tmp_path / "seg.json").exists()
