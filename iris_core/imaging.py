@@ -3,6 +3,7 @@ and writing results without leaving partial files."""
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -33,7 +34,44 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
         raise InputError(f"{what} {path}: unreadable ({msg})") from None
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        bad = nifti_nonfinite_voxels(path)
+        if bad:
+            raise InputError(f"{what} {path}: {bad} voxels are NaN or infinite; clean or mask the image first")
     return check_volume(image, f"{what} {path}")
+
+
+# NIfTI floating datatypes (code -> numpy type): ITK's NIfTI reader turns NaN/inf into 0, so the
+# file's own voxels are checked
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def nifti_nonfinite_voxels(path: Path) -> int:
+    """Count of NaN or infinite voxels in a floating-point NIfTI-1/2 file, read directly (0 for
+    integer data or a header this does not recognise)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(540)
+        for order in "<>":
+            size = int(np.frombuffer(head[:4], order + "i4")[0])
+            if size == 348:  # NIfTI-1
+                dims = np.frombuffer(head[40:56], order + "i2")
+                code = int(np.frombuffer(head[70:72], order + "i2")[0])
+                offset = int(np.frombuffer(head[108:112], order + "f4")[0])
+                break
+            if size == 540:  # NIfTI-2
+                dims = np.frombuffer(head[16:80], order + "i8")
+                code = int(np.frombuffer(head[12:14], order + "i2")[0])
+                offset = int(np.frombuffer(head[168:176], order + "i8")[0])
+                break
+        else:
+            return 0
+        if code not in _NIFTI_FLOATS or not 1 <= dims[0] <= 7:
+            return 0
+        count = int(np.prod(dims[1 : int(dims[0]) + 1], dtype=np.int64))
+        f.seek(offset)
+        data = np.frombuffer(f.read(count * int(_NIFTI_FLOATS[code][1])), order + _NIFTI_FLOATS[code])
+    return int(np.count_nonzero(~np.isfinite(data)))
 
 
 def check_volume(image: sitk.Image, name: str) -> sitk.Image:

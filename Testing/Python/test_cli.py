@@ -65,6 +65,10 @@ def bad_cases(tmp_path, files):
         "4-D": (["--target", _write4d(tmp_path, arr)], "is 4-D"),
         "multi-component": (["--target", _write(tmp_path, "rgb.nrrd", np.stack([arr] * 3, -1))], "3 components"),
         "NaN": (["--target", _write(tmp_path, "nan.mha", nan, like=ref)], "NaN or infinite"),
+        "NaN NIfTI": (["--target", _write(tmp_path, "nan.nii.gz", nan, like=ref)], "nan.nii.gz: 1 voxels are NaN"),
+        "inf NIfTI reference": (["--target", files["tgt"], "--reference",
+                                 _write(tmp_path, "inf.nii", np.where(arr > 250, np.inf, arr), like=ref),
+                                 files["ref_lab"]], "inf.nii: .* voxels are NaN or infinite"),
         "labels off grid": (["--target", files["tgt"], "--reference", files["ref"],
                              _write(tmp_path, "offgrid.nii.gz", sitk.GetArrayFromImage(lab), spacing=(2, 2, 2))],
                             "not on the grid of"),
@@ -103,6 +107,7 @@ def _huge(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing target", "unreadable", "2-D", "4-D", "multi-component", "NaN",
+                                  "NaN NIfTI", "inf NIfTI reference",
                                   "labels off grid", "empty reference", "class vanishes", "class absent",
                                   "bad classes", "too large", "no CUDA", "bad model"])
 def test_bad_input_has_specific_error_and_writes_nothing(capsys, base, phantom_files, tmp_path, case):
