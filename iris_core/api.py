@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from .checkpoint import LoadedModel, load_checkpoint, preset_model
 from .embedding import TaskEmbedding, model_fingerprint
 from .errors import InputError
-from .imaging import read_image, read_labels, write_image_atomic
+from .imaging import looks_like_labels, read_image, read_labels, write_image_atomic
 from .inference import ClassSpec, Engine, ProgressFn, Reference
 from .postprocess import postprocess as apply_postprocess
 from .strategies import TUNE_LR, TUNE_STEPS, run_strategy
@@ -37,14 +37,19 @@ def resolve_model(spec: str | None, allow_unsafe: bool = False, device: str = "c
     return load_checkpoint(spec, allow_unsafe=allow_unsafe, device=device)
 
 
-def parse_classes(text: str | None) -> list[ClassSpec] | None:
-    """'1,3' -> label_1, label_3; 'liver=1,spleen=2' -> named classes; None -> None (all labels)."""
+def parse_classes(text: str | None, names_only: bool = False) -> list[ClassSpec] | None:
+    """'1,3' -> label_1, label_3; 'liver=1,spleen=2' -> named classes; None -> None (all labels).
+    With ``names_only`` (a task library, whose classes are found by name) 'liver,spleen' is accepted
+    too; the library gives the values."""
     if not text:
         return None
     out = []
     for part in text.split(","):
         part = part.strip()
         if not part:
+            continue
+        if names_only:
+            out.append(ClassSpec(part.partition("=")[0].strip(), 0))
             continue
         name, _, value = part.rpartition("=") if "=" in part else ("", "", part)
         if not re.fullmatch(r"\d+", value):
@@ -64,6 +69,10 @@ def load_references(pairs: list[tuple[str, str]]) -> list[Reference]:
     refs = []
     for img_path, lab_path in pairs:
         img = read_image(img_path, "reference image")
+        if looks_like_labels(img) and not looks_like_labels(read_image(lab_path, "label map")):
+            raise InputError(f"reference ({img_path}, {lab_path}): the first file holds few integer values "
+                             "(a label map) and the second a continuous image; give --reference IMAGE LABELS "
+                             "in that order")
         refs.append(Reference(img, read_labels(lab_path, img, f"reference image {img_path}"), Path(img_path).name))
     return refs
 
@@ -181,6 +190,9 @@ def segment(
                     progress=progress, cancel=cancel, compile=compile, sw_batch=sw_batch)
     target_img = target if isinstance(target, sitk.Image) else read_image(target, "target image")
     target_name = "target" if isinstance(target, sitk.Image) else Path(target).name
+    if looks_like_labels(target_img):
+        log.warning("target image %s holds few integer values, like a label map; segmenting it anyway "
+                    "(was a label map given as --target?)", target_name)
     if structures is not None or loaded.arch == "hermes":
         engine.require_arch("hermes")
         if references or library:

@@ -64,7 +64,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
     try:
         result = segment(
-            args.target, references=[tuple(r) for r in args.reference or []], classes=parse_classes(args.classes),
+            args.target, references=[tuple(r) for r in args.reference or []], classes=parse_classes(args.classes, names_only=bool(args.library)),
             strategy=args.strategy, model=loaded, library=args.library, device=args.device, threads=args.threads,
             window=_window(args.window), overlap=args.overlap, modality=args.modality,
             tune_steps=args.tune_steps, tune_lr=args.tune_lr, progress=progress, structures=args.structures,

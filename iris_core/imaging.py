@@ -102,6 +102,21 @@ def check_finite(image: sitk.Image, name: str) -> np.ndarray:
     return arr
 
 
+LABEL_MAP_MAX_VALUES = 256  # an integer image with at most this many distinct values looks like a label map
+
+
+def looks_like_labels(image: sitk.Image) -> bool:
+    """True for an image of few integer values (a label map), False for a continuous image; decided
+    on a strided sample first so a CT or MR volume is ruled out quickly."""
+    arr = sitk.GetArrayViewFromImage(image)
+    for sample in (arr[::3, ::3, ::3], arr):
+        if np.issubdtype(arr.dtype, np.floating) and not np.array_equal(sample, np.round(sample)):
+            return False
+        if len(np.unique(sample)) > LABEL_MAP_MAX_VALUES:
+            return False
+    return True
+
+
 def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     """True when both images share size, spacing, origin and direction (within tolerance)."""
     if a.GetSize() != b.GetSize():

@@ -35,6 +35,17 @@ def test_segment_writes_labels_sidecar_preview_and_library(capsys, base, phantom
     code, _, err = run(capsys, "segment", "--model", base[2], "--device", "cpu", "--quiet", "--library",
                        tmp_path / "l.st", "--target", phantom_files["tgt"], "--output", tmp_path / "lib.nii.gz")
     assert code == 0, err
+    # a library's classes by name alone, as the README shows
+    code, _, err = run(capsys, "segment", "--model", base[2], "--device", "cpu", "--quiet", "--library",
+                       tmp_path / "l.st", "--classes", "box", "--target", phantom_files["tgt"],
+                       "--output", tmp_path / "box.nii.gz")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "box.json").read_text())
+    assert meta["classes"] == [{"name": "box", "value": 2}]
+    code, _, err = run(capsys, "segment", "--model", base[2], "--device", "cpu", "--quiet", "--library",
+                       tmp_path / "l.st", "--classes", "liver", "--target", phantom_files["tgt"],
+                       "--output", tmp_path / "liver.nii.gz")
+    assert code == 2 and "['liver'] are not in this embedding" in err and not (tmp_path / "liver.nii.gz").exists()
 
 
 def _write(tmp_path, name, arr, like=None, spacing=None):
@@ -77,6 +88,8 @@ def bad_cases(tmp_path, files):
         "class vanishes": (["--target", files["tgt"], "--reference", files["ref"],
                             _write(tmp_path, "speck.nii.gz", speck, like=lab), "--classes", "7"],
                            "vanishes at the model spacing"),
+        "reference swapped": (["--target", files["tgt"], "--reference", files["ref_lab"], files["ref"]],
+                              r"ref_lab.nii.gz, .*ref.nii.gz\): the first file holds few integer values"),
         "class absent": (["--target", files["tgt"], "--classes", "liver=9"], r"\['liver=9'\] are absent"),
         "bad classes": (["--target", files["tgt"], "--classes", "a=b"], "not a label value"),
         "too large": (["--target", _huge(tmp_path)], "needs about .* GiB but only"),
@@ -108,7 +121,7 @@ def _huge(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing target", "unreadable", "2-D", "4-D", "multi-component", "NaN",
                                   "NaN NIfTI", "inf NIfTI reference",
-                                  "labels off grid", "empty reference", "class vanishes", "class absent",
+                                  "labels off grid", "empty reference", "reference swapped", "class vanishes", "class absent",
                                   "bad classes", "too large", "no CUDA", "bad model"])
 def test_bad_input_has_specific_error_and_writes_nothing(capsys, base, phantom_files, tmp_path, case):
     extra, pattern = bad_cases(tmp_path, phantom_files)[case]
@@ -207,3 +220,13 @@ def test_output_onto_an_input_is_refused_before_any_work(capsys, base, phantom_f
     assert "input" in err and "choose another" in err, err
     assert _snapshot([tgt, ref, lab]) == before
     assert not (tmp_path / "seg.nii.gz").exists() and not (tmp_path / "seg.json").exists()
+
+
+def test_label_map_as_target_warns(capsys, caplog, base, phantom_files, tmp_path):
+    out = tmp_path / "seg.nii.gz"
+    code, _, err = run(capsys, *base, "--target", phantom_files["tgt_lab"], "--output", out)
+    assert code == 0, err
+    assert "like a label map" in caplog.text and "tgt_lab.nii.gz" in caplog.text
+    caplog.clear()
+    code, _, err = run(capsys, *base, "--target", phantom_files["tgt"], "--output", out.with_name("b.nii.gz"))
+    assert code == 0 and "like a label map" not in caplog.text
