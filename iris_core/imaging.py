@@ -174,6 +174,16 @@ def refuse_overwriting_inputs(outputs: dict[str, str | Path | None], inputs: dic
                 raise InputError(f"{what} and {other_what} are both {out}; choose another output path")
 
 
+def publish(tmp: Path, path: Path) -> Path:
+    """Move a finished temporary file onto ``path`` with the permissions of any new file (the umask's;
+    some writers create theirs 0600), so every output of a run is equally readable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
+    return path
+
+
 def write_image_atomic(image: sitk.Image, path: str | Path) -> Path:
     """Write ``image`` to ``path`` through a temporary file in the same folder, so a failure
     leaves no partial file."""
@@ -183,7 +193,7 @@ def write_image_atomic(image: sitk.Image, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.partial{suffix}")
     try:
         sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .blocks import (
     Attention,
     DualPreNorm,
@@ -136,7 +137,7 @@ class TaskEncoder(nn.Module):
     def __init__(self, dim: int, scale: int, cfg: IrisConfig):
         super().__init__()
         if scale % cfg.context_downsample:
-            raise ValueError(f"context_downsample {cfg.context_downsample} does not divide scale {scale}")
+            raise ConfigError(f"context_downsample {cfg.context_downsample} does not divide scale {scale}")
         self.downsample = cfg.context_downsample
         self.scale = scale // cfg.context_downsample
         sub = self.scale**3
