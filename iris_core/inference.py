@@ -18,7 +18,7 @@ from .embedding import TaskEmbedding
 from .errors import CancelledError, InputError
 from .options import SegmentOptions
 from .preprocess import PreparedImage, prepare_image
-from .resample import labels_to_masks, resample_to
+from .resample import array_to_image, labels_to_masks, resample_to
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,9 @@ class Engine:
         self.model.to(self.device).eval()
         self.policy = loaded.preprocessing
         self.window = tuple(options.window or self.policy.window)
-        if any(w % 16 for w in self.window):
-            raise InputError(f"window {self.window}: every edge must be a multiple of 16")
+        self.divisor = loaded.config.divisor  # the network's sizes must be multiples of this
+        if any(w % self.divisor for w in self.window):
+            raise InputError(f"window {self.window}: every edge must be a multiple of {self.divisor}")
         self.overlap = options.overlap
         self.sw_batch = options.sw_batch if options.sw_batch > 0 else self._auto_batch()
         self.amp = amp
@@ -138,7 +139,7 @@ class Engine:
         """Normalise and resample an image onto its model grid."""
         self._check_cancel()
         t0 = time.perf_counter()
-        prep = prepare_image(image, name, self.policy, self.intensity, multiple=16)
+        prep = prepare_image(image, name, self.policy, self.intensity, multiple=self.divisor)
         self.timer.add("prepare", t0)
         return prep
 
@@ -283,8 +284,7 @@ class Engine:
         best = np.full(target.GetSize()[::-1], threshold, dtype=np.float32)
         labels = np.zeros(target.GetSize()[::-1], dtype=np.int32)
         for k, v in enumerate(values):
-            p = sitk.GetImageFromArray(probs[k])
-            p.CopyInformation(prep.grid)
+            p = array_to_image(probs[k], prep.grid)
             # keep the resampled image alive while its array view is read (a view of a temporary
             # image points into freed memory)
             resampled = resample_to(p, target, sitk.sitkLinear, 0.0)
@@ -292,7 +292,6 @@ class Engine:
             win = pt > best
             labels[win] = v
             best[win] = pt[win]
-        out = sitk.GetImageFromArray(labels.astype(np.uint16 if max(values, default=0) > 255 else np.uint8))
-        out.CopyInformation(target)
+        out = array_to_image(labels.astype(np.uint16 if max(values, default=0) > 255 else np.uint8), target)
         self.timer.add("resample_back", t0)
         return out

@@ -74,7 +74,7 @@ def overlay_png(image: sitk.Image, labels: sitk.Image, path: str | Path, truth: 
 
 def class_grid_png(image: sitk.Image, predictions: dict[str, sitk.Image], truth: sitk.Image,
                    names: dict[int, str], path: str | Path, title: str = "") -> Path:
-    """One row per class, one column per method: the sagittal plane through the class's true centroid,
+    """One row per class, one column per method: the sagittal plane holding most of the class's truth,
     the method's mask of that class filled, the truth dashed white; Dice in each panel's title."""
     import matplotlib
 
@@ -91,8 +91,8 @@ def class_grid_png(image: sitk.Image, predictions: dict[str, sitk.Image], truth:
     lo, hi = np.percentile(arr, [1, 99])
     fig, axes = plt.subplots(len(names), len(preds), figsize=(2.6 * len(preds), 2.4 * len(names)), squeeze=False)
     for row, (v, name) in enumerate(names.items()):
-        where = np.argwhere(tru == v)
-        cx = int(where[:, 2].mean()) if len(where) else arr.shape[2] // 2
+        per_plane = (tru == v).sum(axis=(0, 1))  # the sagittal plane holding most of the class
+        cx = int(per_plane.argmax()) if per_plane.any() else arr.shape[2] // 2
         for col, (method, pred) in enumerate(preds.items()):
             ax = axes[row, col]
             ax.imshow(arr[::-1, :, cx], cmap="gray", vmin=lo, vmax=hi, aspect=sp[2] / sp[1], interpolation="nearest")

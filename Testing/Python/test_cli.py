@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import dice, phantom
 from iris_core.cli import main
 
 
@@ -163,15 +162,8 @@ def test_real_sample_data_result_is_placed_on_target(capsys, tmp_path, tiny_mode
     assert seg.GetSize() == tgt.image.GetSize()
     assert np.allclose(seg.GetDirection(), tgt.image.GetDirection())
     assert np.allclose(seg.GetSpacing(), (1.0, 1.0, 3.0))
-    # identity resampling of the truth is itself a valid segmentation: it must score 1 against itself
-    truth = sitk.GetArrayFromImage(tgt.labels)
-    assert dice(truth, truth) == 1.0 and truth.sum() > 1000
-
-
-def test_phantom_helper_is_deterministic():
-    a, _ = phantom(seed=4)
-    b, _ = phantom(seed=4)
-    assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+    labels = sitk.GetArrayFromImage(seg)
+    assert set(np.unique(labels)) <= {0, 1}
 
 
 def _snapshot(paths):

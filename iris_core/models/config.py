@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import ConfigError
@@ -101,7 +101,6 @@ class Preset:
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
     window: tuple[int, int, int] = (128, 128, 128)
     description: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
