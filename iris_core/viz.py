@@ -63,11 +63,19 @@ def overlay_png(image: sitk.Image, labels: sitk.Image, path: str | Path, truth: 
         handles.append(Patch(facecolor="none", edgecolor="black", linestyle="--", label="ground truth"))
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    return _save(fig, path, title, rect=(0, 0.07, 1, 0.95), dpi=90)
+
+
+def _save(fig, path: str | Path, title: str, rect: tuple[float, float, float, float], dpi: int,
+          fontsize: float | None = None) -> Path:
+    """Title, lay out, write (creating the folder) and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout(rect=rect)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -105,10 +113,4 @@ def class_grid_png(image: sitk.Image, predictions: dict[str, sitk.Image], truth:
                 ax.contour(t, levels=[0.5], colors=["white"], linewidths=0.9, linestyles="dashed")
             ax.set_title(f"{method}\n{name}: Dice {dice_score(pred == v, tru == v):.2f}", fontsize=8)
             ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, rect=(0, 0, 1, 0.97), dpi=80, fontsize=10)
