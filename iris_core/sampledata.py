@@ -135,9 +135,10 @@ def move_off_mni(sample: Sample, seed: int = 0, spacing=(1.0, 1.0, 3.0), angle_d
     angle = np.deg2rad(rng.uniform(*angle_deg))
     shift = rng.normal(size=3)
     shift = shift / np.linalg.norm(shift) * rng.uniform(*shift_mm)
+    from .resample import physical_bounds
+
     tf = sitk.VersorRigid3DTransform()
-    lo = np.array(sample.image.TransformContinuousIndexToPhysicalPoint([0, 0, 0]))
-    hi = np.array(sample.image.TransformContinuousIndexToPhysicalPoint([s - 1 for s in sample.image.GetSize()]))
+    lo, hi = physical_bounds(sample.image)
     tf.SetCenter(((lo + hi) / 2).tolist())
     tf.SetRotation(axis.tolist(), float(angle))
     tf.SetTranslation(shift.tolist())
