@@ -234,13 +234,13 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         u.outputSelector.setCurrentNode(node.GetNodeReference("Output"))
         u.strategyComboBox.setCurrentIndex(max(0, u.strategyComboBox.findData(node.GetParameter("Strategy"))))
         u.deviceComboBox.setCurrentIndex(max(0, u.deviceComboBox.findData(node.GetParameter("Device"))))
-        u.tuneStepsSpinBox.value = int(node.GetParameter("TuneSteps") or 20)
+        u.tuneStepsSpinBox.value = int(node.GetParameter("TuneSteps"))  # set_defaults filled it
         u.modelPathLineEdit.currentPath = node.GetParameter("ModelPath")
         u.libraryPathLineEdit.currentPath = node.GetParameter("LibraryPath")
         self._fillReferencesTable(json.loads(node.GetParameter("References") or "[]"))
         from IrisSegmentLib.parameters import can_segment
 
-        u.modalityComboBox.setCurrentIndex(max(0, u.modalityComboBox.findData(node.GetParameter("Modality"))))
+        u.modalityComboBox.setCurrentIndex(max(0, u.modalityComboBox.findData(node.GetParameter("HermesModality"))))
         u.segmentButton.enabled = self._process is None and can_segment(node)
         u.tuneStepsSpinBox.enabled = node.GetParameter("Strategy") == "tuning"
         self._updating = False
@@ -259,7 +259,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetParameter("ModelPath", u.modelPathLineEdit.currentPath)
         node.SetParameter("LibraryPath", u.libraryPathLineEdit.currentPath)
         node.SetParameter("References", json.dumps(self._referencesFromTable()))
-        node.SetParameter("Modality", u.modalityComboBox.currentData)
+        node.SetParameter("HermesModality", u.modalityComboBox.currentData)
         checked = [u.structuresList.item(i).text() for i in range(u.structuresList.count)
                    if u.structuresList.item(i).checkState() == qt.Qt.Checked]
         # a Hermes model segments the ticked structures; a task library segments all its classes
@@ -447,6 +447,7 @@ class IrisSegmentTest(ScriptedLoadableModuleTest):
         import tempfile
 
         from iris_core.checkpoint import preset_model, save_checkpoint
+        from iris_core.options import SegmentOptions
         from IrisSegmentLib import testing
         from IrisSegmentLib.logic import IrisSegmentLogic as CoreLogic
         from IrisSegmentLib.logic import ReferenceSpec, SegmentRequest
@@ -460,7 +461,7 @@ class IrisSegmentTest(ScriptedLoadableModuleTest):
         logic = CoreLogic(slicer.mrmlScene, python=python_executable())
         self.delayDisplay("Segmenting")
         result = logic.segment(SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"],
-                               nodes["reference_seg"])], model=str(model), device="cpu"))
+                               nodes["reference_seg"])], model=str(model), options=SegmentOptions(device="cpu")))
         testing.check_result(result, nodes["target"], nodes["reference_seg"])
         rows = logic.compare(result, nodes["manual"], nodes["target"])
         self.assertEqual(rows[0]["segment"], "brain")

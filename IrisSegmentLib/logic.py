@@ -8,6 +8,7 @@ leaves the scene exactly as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from iris_core.options import SegmentOptions
 
 from .runner import WorkerCancelled, WorkerError, WorkerProcess, run_worker
 from .scene import (
@@ -47,17 +50,14 @@ class ReferenceSpec:
 
 @dataclass
 class SegmentRequest:
+    """What to segment (scene nodes, model, library or structures) and how (``options``)."""
+
     target: object
     references: list[ReferenceSpec] = field(default_factory=list)
-    strategy: str = "one-shot"
-    device: str = "auto"
     model: str = "default"
     library: str | None = None
     structures: str | None = None  # Hermes / known structures: names from the model's vocabulary
-    modality: str = "auto"
-    tune_steps: int = 20
-    tune_lr: float = 1e-2
-    threads: int | None = None
+    options: SegmentOptions = field(default_factory=SegmentOptions)
     output: object = None  # an existing segmentation node, or None for a new one
 
 
@@ -142,31 +142,27 @@ class IrisSegmentLogic:
 
         try:
             target_path = write(target_img, work / "target.nrrd", describe(req.target, "target volume"))
-            job: dict = {"target": target_path, "output": str(work / "result.nrrd"), "model": req.model,
-                         "device": req.device, "threads": req.threads, "tune_steps": req.tune_steps,
-                         "tune_lr": req.tune_lr}
+            job: dict = {"target": target_path, "output": str(work / "result.nrrd"), "model": req.model}
             infos: list[SegmentInfo] = []
-            strategy = req.strategy
+            options = req.options
             if req.structures:
                 job["structures"] = req.structures
-                job["modality"] = req.modality
             elif req.library:
                 job["library"] = req.library
             else:
                 infos, refs, shared = self._export_references(req, work, write)
                 job["references"] = refs
                 job["classes"] = [{"name": s.name, "value": s.value} for s in infos]
-                if strategy == "one-shot" and shared:
-                    strategy = "ensemble"
+                if options.strategy == "one-shot" and shared:
+                    options = dataclasses.replace(options, strategy="ensemble")
                     log.info("several references share a segment name: using the context ensemble")
-            job["strategy"] = strategy
             job_file = work / "job.json"
             try:
-                job_file.write_text(json.dumps(job, indent=2))
+                job_file.write_text(json.dumps({"inputs": job, "options": options.to_dict()}, indent=2))
             except OSError as exc:
                 raise SceneError(f"cannot write the job file to the work folder {work} ({exc.strerror or exc}); "
                                  "free disk space or choose another temporary folder") from None
-            return PreparedRun(work, job_file, work / "result.nrrd", infos, req, strategy, sources)
+            return PreparedRun(work, job_file, work / "result.nrrd", infos, req, options.strategy, sources)
         except Exception:
             shutil.rmtree(work, ignore_errors=True)
             raise

@@ -1,7 +1,8 @@
 """The module's parameter node (a vtkMRMLScriptedModuleNode) <-> a SegmentRequest, without Qt.
 
-Parameters: Strategy, Device, ModelPath, LibraryPath, TuneSteps, Structures, Modality and
-References (JSON rows of volume id, segmentation id, segment names as a list; a string is read
+Parameters: ModelPath, LibraryPath, Structures, the run options Strategy, Device, TuneSteps and
+HermesModality (``OPTION_PARAMETERS``: each maps to one ``SegmentOptions`` field, whose default it
+takes), and References (JSON rows of volume id, segmentation id, segment names as a list; a string is read
 as comma-separated, with double quotes around a name that holds a comma); node references Target,
 Output (where Segment writes: none means a new node every run) and Result (the last result, for
 Compare and for "edit, then reuse").
@@ -12,11 +13,16 @@ from __future__ import annotations
 import csv
 import json
 
+from iris_core.options import SegmentOptions
+
 from .logic import ReferenceSpec, SegmentRequest
 from .scene import SceneError
 
-DEFAULTS = {"Strategy": "one-shot", "Device": "auto", "ModelPath": "", "LibraryPath": "", "TuneSteps": "20",
-            "References": "[]", "Structures": "", "Modality": "CT"}
+#: parameter name -> SegmentOptions field
+OPTION_PARAMETERS = {"Strategy": "strategy", "Device": "device", "TuneSteps": "tune_steps",
+                     "HermesModality": "hermes_modality"}
+DEFAULTS = {"ModelPath": "", "LibraryPath": "", "References": "[]", "Structures": ""} | {
+    key: "" if (v := getattr(SegmentOptions(), name)) is None else str(v) for key, name in OPTION_PARAMETERS.items()}
 
 
 def set_defaults(node) -> None:
@@ -51,6 +57,18 @@ def row_segment_names(row: dict) -> list[str]:
     return list(value) if isinstance(value, list) else parse_segment_names(value)
 
 
+def options_from_parameters(node) -> SegmentOptions:
+    """The run options the parameter node holds (an empty parameter keeps the default)."""
+    default = SegmentOptions()
+    values = {}
+    for key, name in OPTION_PARAMETERS.items():
+        text = node.GetParameter(key)
+        if text:
+            kind = type(getattr(default, name))
+            values[name] = kind(text) if kind in (int, float) else text
+    return SegmentOptions.from_dict(values)
+
+
 def request_from_parameters(scene, node) -> SegmentRequest:
     """The SegmentRequest the parameter node describes; segment names resolve to segment ids."""
     refs = []
@@ -63,11 +81,9 @@ def request_from_parameters(scene, node) -> SegmentRequest:
             ids = [seg.GetSegmentation().GetSegmentIdBySegmentName(n) or n for n in names]
         refs.append(ReferenceSpec(vol, seg, ids))
     return SegmentRequest(
-        target=node.GetNodeReference("Target"), references=refs, strategy=node.GetParameter("Strategy"),
-        device=node.GetParameter("Device"), model=node.GetParameter("ModelPath") or "default",
-        library=node.GetParameter("LibraryPath") or None, tune_steps=int(node.GetParameter("TuneSteps") or 20),
-        structures=node.GetParameter("Structures") or None, modality=node.GetParameter("Modality") or "auto",
-        output=node.GetNodeReference("Output"))
+        target=node.GetNodeReference("Target"), references=refs, model=node.GetParameter("ModelPath") or "default",
+        library=node.GetParameter("LibraryPath") or None, structures=node.GetParameter("Structures") or None,
+        options=options_from_parameters(node), output=node.GetNodeReference("Output"))
 
 
 def can_segment(node) -> bool:

@@ -27,30 +27,22 @@ def emit(prefix: str, payload: dict) -> None:
 
 
 def run_job(job: dict) -> dict:
-    """Execute a segmentation job dict (see ``runner.make_job``); returns the sidecar."""
+    """Execute a segmentation job ``{"inputs": {...}, "options": {...}}`` (written by
+    ``logic.IrisSegmentLogic.prepare``; options as ``SegmentOptions.to_dict``); returns the sidecar."""
     from iris_core.api import segment, write_result
     from iris_core.inference import ClassSpec
+    from iris_core.options import SegmentOptions
 
     def progress(stage: str, done: int, total: int) -> None:
         emit(PREFIX_PROGRESS, {"stage": stage, "done": done, "total": total})
 
-    classes = [ClassSpec(c["name"], int(c["value"])) for c in job["classes"]] if job.get("classes") else None
-    result = segment(
-        job["target"],
-        references=[tuple(r) for r in job.get("references", [])] or None,
-        classes=classes,
-        strategy=job.get("strategy", "one-shot"),
-        model=job.get("model") or "default",
-        library=job.get("library"),
-        device=job.get("device", "auto"),
-        threads=job.get("threads"),
-        tune_steps=int(job.get("tune_steps", 20)),
-        tune_lr=float(job.get("tune_lr", 1e-2)),
-        structures=job.get("structures"),
-        modality=job.get("modality", "auto"),
-        progress=progress,
-    )
-    write_result(result, job["output"])
+    inputs = job["inputs"]
+    classes = [ClassSpec(c["name"], int(c["value"])) for c in inputs["classes"]] if inputs.get("classes") else None
+    result = segment(inputs["target"], references=[tuple(r) for r in inputs.get("references", [])] or None,
+                     classes=classes, model=inputs.get("model") or "default", library=inputs.get("library"),
+                     structures=inputs.get("structures"), options=SegmentOptions.from_dict(job.get("options")),
+                     progress=progress)
+    write_result(result, inputs["output"])
     return result.sidecar
 
 

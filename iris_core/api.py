@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -15,10 +16,11 @@ import SimpleITK as sitk
 from .checkpoint import LoadedModel, load_checkpoint, preset_model
 from .embedding import TaskEmbedding, model_fingerprint
 from .errors import InputError
-from .imaging import read_image, read_labels, write_image_atomic
+from .imaging import looks_like_labels, publish, read_image, read_labels, write_image_atomic
 from .inference import ClassSpec, Engine, ProgressFn, Reference
+from .options import SegmentOptions
 from .postprocess import postprocess as apply_postprocess
-from .strategies import TUNE_LR, TUNE_STEPS, run_strategy
+from .strategies import encode_references, run_strategy
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +39,19 @@ def resolve_model(spec: str | None, allow_unsafe: bool = False, device: str = "c
     return load_checkpoint(spec, allow_unsafe=allow_unsafe, device=device)
 
 
-def parse_classes(text: str | None) -> list[ClassSpec] | None:
-    """'1,3' -> label_1, label_3; 'liver=1,spleen=2' -> named classes; None -> None (all labels)."""
+def parse_classes(text: str | None, names_only: bool = False) -> list[ClassSpec] | None:
+    """'1,3' -> label_1, label_3; 'liver=1,spleen=2' -> named classes; None -> None (all labels).
+    With ``names_only`` (a task library, whose classes are found by name) 'liver,spleen' is accepted
+    too; the library gives the values."""
     if not text:
         return None
     out = []
     for part in text.split(","):
         part = part.strip()
         if not part:
+            continue
+        if names_only:
+            out.append(ClassSpec(part.partition("=")[0].strip(), 0))
             continue
         name, _, value = part.rpartition("=") if "=" in part else ("", "", part)
         if not re.fullmatch(r"\d+", value):
@@ -64,6 +71,10 @@ def load_references(pairs: list[tuple[str, str]]) -> list[Reference]:
     refs = []
     for img_path, lab_path in pairs:
         img = read_image(img_path, "reference image")
+        if looks_like_labels(img) and not looks_like_labels(read_image(lab_path, "label map")):
+            raise InputError(f"reference ({img_path}, {lab_path}): the first file holds few integer values "
+                             "(a label map) and the second a continuous image; give --reference IMAGE LABELS "
+                             "in that order")
         refs.append(Reference(img, read_labels(lab_path, img, f"reference image {img_path}"), Path(img_path).name))
     return refs
 
@@ -109,7 +120,7 @@ class _Run:
     details: dict
 
 
-def _segment_hermes(engine: Engine, loaded: LoadedModel, target_img: sitk.Image, target_name: str,
+def segment_hermes(engine: Engine, loaded: LoadedModel, target_img: sitk.Image, target_name: str,
                     structures: str | None, modality: tuple[str, int]) -> _Run:
     """Hermes: the named structures of the model's vocabulary, no reference."""
     from .hermes_vocab import resolve_structures, terminology
@@ -148,44 +159,41 @@ def segment(
     target: str | Path | sitk.Image,
     references: list[tuple[str, str]] | list[Reference] | None = None,
     classes: list[ClassSpec] | None = None,
-    strategy: str = "one-shot",
     model: LoadedModel | str | None = None,
     library: str | Path | None = None,
-    device: str = "auto",
-    threads: int | None = None,
-    window: tuple[int, int, int] | None = None,
-    overlap: float = 0.5,
-    modality: str = "auto",
-    tune_steps: int = TUNE_STEPS,
-    tune_lr: float = TUNE_LR,
+    structures: str | None = None,
+    options: SegmentOptions | None = None,
     progress: ProgressFn | None = None,
     cancel=None,
-    structures: str | None = None,
-    compile: bool = False,
-    sw_batch: int = 0,
-    postprocess: str = "none",
+    **option_overrides,
 ) -> SegmentationResult:
     """Segment every class of the references (or of a task library) on ``target`` in one pass; with a
-    Hermes model, the named ``structures`` (``modality`` then names the Hermes modality)."""
+    Hermes model, the named ``structures``. How to run is ``options`` (a SegmentOptions), with keyword
+    overrides of its fields: ``segment(t, refs, strategy="ensemble", device="cpu")``."""
     t_start = time.perf_counter()
+    options = SegmentOptions.from_dict(option_overrides, options)
     loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
     hermes_modality = None
     if loaded.arch == "hermes" or structures:
-        from .hermes_vocab import resolve_modality
+        from .hermes_vocab import intensity_for, resolve_modality
 
-        if modality == "auto":
-            raise InputError("a Hermes model needs the modality: --modality CT, PET, T1, T2 or cine")
-        hermes_modality = resolve_modality(modality)
-        modality = "CT" if hermes_modality[0] == "CT" else ("PET" if hermes_modality[0] == "PET" else "MR")
-    engine = Engine(loaded, device=device, threads=threads, window=window, overlap=overlap, modality=modality,
-                    progress=progress, cancel=cancel, compile=compile, sw_batch=sw_batch)
+        if not options.hermes_modality:
+            raise InputError("a Hermes model needs the target's modality: --hermes-modality CT, PET, T1, T2 "
+                             "or cine")
+        hermes_modality = resolve_modality(options.hermes_modality)
+        if options.intensity == "auto":
+            options = dataclasses.replace(options, intensity=intensity_for(hermes_modality[0]))
+    engine = Engine(loaded, options, progress=progress, cancel=cancel)
     target_img = target if isinstance(target, sitk.Image) else read_image(target, "target image")
     target_name = "target" if isinstance(target, sitk.Image) else Path(target).name
+    if looks_like_labels(target_img):
+        log.warning("target image %s holds few integer values, like a label map; segmenting it anyway "
+                    "(was a label map given as --target?)", target_name)
     if structures is not None or loaded.arch == "hermes":
         engine.require_arch("hermes")
         if references or library:
             raise InputError("a Hermes model segments named structures: give --structures, not references")
-        run = _segment_hermes(engine, loaded, target_img, target_name, structures, hermes_modality)
+        run = segment_hermes(engine, loaded, target_img, target_name, structures, hermes_modality)
     elif library is not None:
         if references:
             raise InputError("give either references or a task library, not both")
@@ -196,11 +204,12 @@ def segment(
         refs = references if isinstance(references[0], Reference) else load_references(references)
         classes = resolve_classes(refs, classes)
         prep = engine.prepare(target_img, target_name)
-        result = run_strategy(engine, prep, refs, classes, strategy, tune_steps, tune_lr)
-        run = _Run(prep, result.probabilities, classes, result.embedding, strategy, result.details)
+        result = run_strategy(engine, prep, encode_references(engine, refs, classes), classes, options.strategy,
+                              options.tune_steps, options.tune_lr)
+        run = _Run(prep, result.probabilities, classes, result.embedding, options.strategy, result.details)
     prep, classes, emb, strategy, details = run.prep, run.classes, run.embedding, run.strategy, run.details
     values = [c.value for c in classes]
-    labels = apply_postprocess(engine.to_target(run.probabilities, prep, values), values, postprocess)
+    labels = apply_postprocess(engine.to_target(run.probabilities, prep, values), values, options.postprocess)
     sidecar = {
         "target": target_name,
         "classes": [{"name": c.name, "value": c.value} for c in classes],
@@ -209,8 +218,9 @@ def segment(
         "device": str(engine.device),
         "spacing_mm": list(loaded.preprocessing.spacing),
         "window": list(engine.window),
-        "overlap": overlap,
-        "postprocess": postprocess,
+        "overlap": options.overlap,
+        "postprocess": options.postprocess,
+        "options": options.to_dict(),
         "timings_s": {k: round(v, 3) for k, v in engine.timer.seconds.items()}
         | {"total": round(time.perf_counter() - t_start, 3)},
         "details": details,
@@ -234,5 +244,5 @@ def write_result(result: SegmentationResult, output: str | Path) -> tuple[Path, 
     side = sidecar_path(output)
     tmp = side.with_name(side.name + ".partial")
     tmp.write_text(json.dumps(result.sidecar, indent=2))
-    tmp.replace(side)
+    publish(tmp, side)
     return out, side

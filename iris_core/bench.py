@@ -179,13 +179,13 @@ def pair_benchmark(model_spec: str = "default", repeats: int = 3, registration: 
         sitk.GetArrayFromImage(sitk.Resample(ref.labels, t.image, sitk.Transform(), sitk.sitkNearestNeighbor)) > 0,
         sitk.GetArrayFromImage(t.labels) > 0) for t in targets]
     if registration:
-        from .evaluate import Method, _registration
+        from .evaluate import Method, register_labels
 
         for name in ("ants:SyN", "elastix"):
             method = Method("ants", name.split(":")[1]) if name.startswith("ants") else Method("elastix")
             t0 = time.perf_counter()
             try:
-                warped = _registration(method, targets[0].image, ref.image, ref.labels)
+                warped = register_labels(method, targets[0].image, ref.image, ref.labels)
             except InputError as exc:  # the registration package is not installed
                 res[f"{name}_skipped"] = str(exc)
                 continue

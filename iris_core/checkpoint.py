@@ -23,6 +23,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .errors import CheckpointError
+from .imaging import publish
 from .models import PRESETS, build_model, config_from_dict, config_to_dict
 from .models.config import HermesConfig, IrisConfig
 
@@ -97,8 +98,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[s
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return publish(tmp, path)
 
 
 def read_safetensors(path: Path, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import IrisError
+from .errors import ConfigError, IrisError
 
 log = logging.getLogger("iris_core")
 
@@ -45,24 +45,49 @@ class TerminalProgress:
 def _window(text: str | None):
     if not text:
         return None
-    parts = [int(p) for p in text.replace("x", ",").split(",")]
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise IrisError(f"--window {text!r}: give one size (128) or three (128,128,96)") from None
     return tuple(parts * 3 if len(parts) == 1 else parts)
 
 
+def segment_options(args: argparse.Namespace):
+    """The run options the command line describes (``--modality``, the old shared name, maps to the
+    Hermes modality with ``--structures``, else to the intensity policy)."""
+    from .options import SegmentOptions
+
+    intensity, hermes_modality = args.intensity, args.hermes_modality
+    if args.modality is not None:
+        log.warning("--modality is deprecated: use --intensity (CT, MR, PET, auto) or --hermes-modality")
+        if args.structures:
+            hermes_modality = hermes_modality or args.modality
+        else:
+            intensity = args.modality
+    return SegmentOptions(
+        strategy=args.strategy, tune_steps=args.tune_steps, tune_lr=args.tune_lr, device=args.device,
+        threads=args.threads, window=_window(args.window), overlap=args.overlap, sw_batch=args.sw_batch,
+        compile=args.compile, intensity=intensity, hermes_modality=hermes_modality, postprocess=args.postprocess)
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .api import parse_classes, resolve_model, segment, write_result
+    from .api import parse_classes, resolve_model, segment, sidecar_path, write_result
+    from .imaging import refuse_overwriting_inputs
     from .viz import overlay_png
 
+    inputs = {"target image": args.target, "task library": args.library,
+              "model file": args.model if Path(args.model).is_file() else None}
+    for k, (img, lab) in enumerate(args.reference or [], 1):
+        inputs |= {f"reference image {k}": img, f"reference label map {k}": lab}
+    refuse_overwriting_inputs({"--output": args.output, "its sidecar": sidecar_path(args.output),
+                               "--preview": args.preview, "--save-library": args.save_library}, inputs)
+    options = segment_options(args)
     progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
     try:
-        result = segment(
-            args.target, references=[tuple(r) for r in args.reference or []], classes=parse_classes(args.classes),
-            strategy=args.strategy, model=loaded, library=args.library, device=args.device, threads=args.threads,
-            window=_window(args.window), overlap=args.overlap, modality=args.modality,
-            tune_steps=args.tune_steps, tune_lr=args.tune_lr, progress=progress, structures=args.structures,
-            compile=args.compile, sw_batch=args.sw_batch, postprocess=args.postprocess,
-        )
+        result = segment(args.target, references=[tuple(r) for r in args.reference or []],
+                         classes=parse_classes(args.classes, names_only=bool(args.library)), model=loaded,
+                         library=args.library, structures=args.structures, options=options, progress=progress)
     finally:
         progress.close()
     out, side = write_result(result, args.output)
@@ -82,46 +107,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """One-shot brain segmentation of a real template moved off MNI space, from a real reference."""
-    import SimpleITK as sitk
+    """Six brain structures in one pass on a moved head MR with its skull, from one real reference, beside
+    registration, identity and a threshold."""
+    from .demo import format_summary, run_demo
 
-    from . import sampledata
-    from .api import resolve_model, segment, write_result
-    from .inference import ClassSpec
-    from .metrics import dice_score
-    from .resample import resample_to
-    from .viz import overlay_png
-
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    ref = sampledata.colin27("brain")
-    tgt = sampledata.move_off_mni(sampledata.icbm2009a("brain"), seed=args.seed)
-    files = {"reference_image": (ref.image, "colin27_t1.nii.gz"), "reference_labels": (ref.labels, "colin27_brain.nii.gz"),
-             "target_image": (tgt.image, "icbm2009a_moved_t1.nii.gz"),
-             "target_truth": (tgt.labels, "icbm2009a_moved_brain_truth.nii.gz")}
-    for img, name in files.values():
-        sitk.WriteImage(img, str(out / name))
-    loaded = resolve_model(args.model)
     progress = TerminalProgress(sys.stderr.isatty())
     try:
-        res = segment(out / files["target_image"][1], [(out / files["reference_image"][1],
-                      out / files["reference_labels"][1])], classes=[ClassSpec("brain", 1)], model=loaded,
-                      device=args.device, progress=progress)
+        summary = run_demo(args.output, model=args.model, device=args.device, seed=args.seed,
+                           registration=None if args.registration == "none" else args.registration,
+                           progress=progress)
     finally:
         progress.close()
-    seg_path, side = write_result(res, out / "icbm2009a_moved_brain_iris.nii.gz")
-    truth = sitk.GetArrayFromImage(tgt.labels) > 0
-    d = dice_score(sitk.GetArrayFromImage(res.labels) > 0, truth)
-    identity = resample_to(ref.labels, tgt.image, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    d_id = dice_score(sitk.GetArrayFromImage(identity) > 0, truth)
-    png = overlay_png(tgt.image, res.labels, out / "demo.png", truth=tgt.labels, names={1: "brain (Iris)"},
-                      title=f"Colin27 -> moved ICBM2009a, one-shot, {loaded.name}: Dice {d:.3f} "
-                            f"(identity {d_id:.3f})")
-    summary = {"dice": round(d, 4), "identity_dice": round(d_id, 4), "seconds": res.sidecar["timings_s"],
-               "model": loaded.name, "device": res.sidecar["device"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"Dice {d:.4f} (identity resampling {d_id:.4f}) in {res.sidecar['timings_s']['total']:.1f} s on "
-          f"{res.sidecar['device']}\nwrote {seg_path}, {side}, {png}")
+    print(format_summary(summary))
+    print("wrote " + ", ".join(summary["files"].values()))
     return 0
 
 
@@ -144,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset)
     summary = run_evaluation(ds, args.method, args.out, model=args.model, device=args.device, seed=args.seed,
                              overlays=not args.no_overlays, progress=sys.stderr.isatty(),
-                             hermes_model=args.hermes_model, modality=args.hermes_modality,
+                             hermes_model=args.hermes_model, hermes_modality=args.hermes_modality,
                              fixed_reference=args.reference_case, postprocess=args.postprocess)
     if summary.is_file():
         print(summary.read_text())
@@ -163,10 +161,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .device import set_threads
+    from .models import PRESETS
+    from .options import check_field_types
     from .training import load_config, train
 
     set_threads(args.threads)
     cfg = load_config(args.config, steps=args.steps, preset=args.preset, seed=args.seed)
+    check_field_types(cfg, f"training config {args.config or '(defaults)'}")
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"training config {args.config or '(defaults)'}: unknown preset {cfg.preset!r}; "
+                          f"known presets: {', '.join(PRESETS)}")
     path = train(cfg, args.out, export=args.export)
     print(f"trained {cfg.steps} steps; EMA model {path}" + (f", exported {args.export}" if args.export else ""))
     return 0
@@ -213,8 +217,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .preprocess import MODALITIES
-    from .strategies import STRATEGIES, TUNE_LR, TUNE_STEPS
+    from .options import INTENSITY_POLICIES, POSTPROCESSING, STRATEGIES, SegmentOptions
+
+    default = SegmentOptions()
 
     ap = argparse.ArgumentParser(prog="iris-segment", description="In-context 3D medical image segmentation")
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -225,36 +230,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                    help="a reference image and its label map; repeat for several references")
     s.add_argument("--classes", help="label values '1,3' or named 'liver=1,spleen=2' (default: every label)")
-    s.add_argument("--strategy", choices=STRATEGIES, default="one-shot")
+    s.add_argument("--strategy", choices=STRATEGIES, default=default.strategy)
     s.add_argument("--library", help="segment from a saved task library instead of references")
     s.add_argument("--structures", help="Hermes models: named structures, e.g. liver,spleen or amos_ct/liver")
     s.add_argument("--save-library", help="save the task embedding used to this file (a task library)")
     s.add_argument("--model", default="default", help="model file, 'default' (bundled) or preset:NAME")
     s.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a model file that needs full unpickling (it can run code: trusted files only)")
-    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    s.add_argument("--threads", type=int, help="CPU threads")
+    s.add_argument("--device", default=default.device, help="auto, cpu, cuda, cuda:N or mps")
+    s.add_argument("--threads", type=int, default=default.threads, help="CPU threads")
     s.add_argument("--window", help="sliding-window size, e.g. 128 or 128,128,96 (default: the model's)")
-    s.add_argument("--overlap", type=float, default=0.5)
-    s.add_argument("--sw-batch", type=int, default=0, help="windows per forward pass (0: from free memory)")
-    s.add_argument("--postprocess", choices=["none", "largest"], default="none",
+    s.add_argument("--overlap", type=float, default=default.overlap)
+    s.add_argument("--sw-batch", type=int, default=default.sw_batch,
+                   help="windows per forward pass (0: from free memory)")
+    s.add_argument("--postprocess", choices=POSTPROCESSING, default=default.postprocess,
                    help="largest: keep each class's largest connected component (single structures only)")
-    s.add_argument("--modality", default="auto",
-                   help=f"intensity policy {', '.join(MODALITIES)}; Hermes: CT, PET, T1, T2 or cine")
-    s.add_argument("--tune-steps", type=int, default=TUNE_STEPS)
-    s.add_argument("--tune-lr", type=float, default=TUNE_LR)
+    s.add_argument("--intensity", choices=INTENSITY_POLICIES, default=default.intensity,
+                   help="intensity policy of the preprocessing (auto: CT when the values look like HU)")
+    s.add_argument("--hermes-modality", default=default.hermes_modality,
+                   help="Hermes models: the target's modality prior, CT, PET, T1, T2 or cine")
+    s.add_argument("--modality", help=argparse.SUPPRESS)  # deprecated: the two above
+    s.add_argument("--tune-steps", type=int, default=default.tune_steps)
+    s.add_argument("--tune-lr", type=float, default=default.tune_lr)
     s.add_argument("--output", required=True, help="output label map on the target's grid")
     s.add_argument("--preview", help="also write a PNG with three planes of the result")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--compile", action="store_true",
+    s.add_argument("--compile", action="store_true", default=default.compile,
                    help="torch.compile the network (about a minute once, then ~3x faster per window on a CPU)")
     s.set_defaults(func=cmd_segment)
 
-    d = sub.add_parser("demo", help="segment real sample data (Colin27 -> moved ICBM 2009a) with a picture")
+    d = sub.add_parser("demo", help="six brain structures from one reference (Colin27) on a moved head MR with "
+                                     "its skull (MNI152NLin6Asym), beside registration and a threshold")
     d.add_argument("--output", default="out/demo")
     d.add_argument("--model", default="default")
     d.add_argument("--device", default="auto")
     d.add_argument("--seed", type=int, default=0, help="seed of the random rigid move of the target")
+    d.add_argument("--registration", default="ants:SyN",
+                   help="registration baseline: ants:SyN, ants:Affine, elastix or none (skipped when not installed)")
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="describe a model file")
@@ -277,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--hermes-model", help="Hermes model for method 'hermes' (classes by dataset.json names)")
     e.add_argument("--hermes-modality", help="Hermes modality (default from dataset.json: CT or T1)")
     e.add_argument("--no-overlays", action="store_true")
-    e.add_argument("--postprocess", choices=["none", "largest"], default="none",
+    e.add_argument("--postprocess", choices=POSTPROCESSING, default=default.postprocess,
                    help="applied to Iris and Hermes predictions")
     e.set_defaults(func=cmd_evaluate)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import SimpleITK as sitk
 
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,9 +124,10 @@ def template_pairs(labels: str = "brain", seeds: tuple[int, ...] = (0,),
     for name in names or tuple(sampledata.TEMPLATES):
         try:
             samples.append(sampledata.TEMPLATES[name]("brain"))
-        except InputError:
+        except InputError as exc:
             if names:  # explicitly requested: missing data is an error
                 raise
+            log.warning("template %s left out of the template pairs: %s", name, exc)
     cases = [Case(s.name, s.image, s.labels, s.name) for s in samples]
     pairs = []
     for seed in seeds:

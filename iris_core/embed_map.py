@@ -12,6 +12,7 @@ import SimpleITK as sitk
 
 from .datasets import Dataset
 from .embedding import TaskEmbedding, model_fingerprint
+from .errors import InputError
 from .resample import labels_to_masks
 
 
@@ -24,7 +25,7 @@ def embed_dataset(ds: Dataset, out_dir: str | Path, model: str = "default", devi
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = resolve_model(model)
-    eng = Engine(loaded, device=device, modality=ds.modality)
+    eng = Engine(loaded, device=device, intensity=ds.modality)
     parts, meta = [], []
     cases = ds.cases[:max_cases] if max_cases else ds.cases
     for i, case in enumerate(cases):
@@ -61,7 +62,11 @@ def project_2d(vectors: np.ndarray) -> np.ndarray:
     if len(v) < 5:
         u, s, _ = np.linalg.svd(v - v.mean(0), full_matrices=False)
         return (u[:, :2] * s[:2]) if u.shape[1] >= 2 else np.c_[u[:, :1] * s[:1], np.zeros(len(v))]
-    from sklearn.manifold import TSNE
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        raise InputError("the embedding map of 5 or more classes needs scikit-learn: "
+                         "pip install 'iris-segment[eval]'") from None
 
     return TSNE(n_components=2, perplexity=min(30.0, (len(v) - 1) / 3), init="pca", random_state=0,
                 metric="cosine").fit_transform(v)

@@ -13,6 +13,10 @@ class InputError(IrisError):
     """An input image, label map or argument is unusable (missing, wrong shape, NaN, ...)."""
 
 
+class ConfigError(IrisError, ValueError):
+    """A configuration value (preset, architecture or training setting) is unknown or of the wrong type."""
+
+
 class CheckpointError(IrisError):
     """A model file is missing, truncated, foreign, unsafe or does not fit the architecture."""
 

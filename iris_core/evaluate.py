@@ -50,11 +50,14 @@ def parse_method(text: str) -> Method:
     kind = parts[0]
     if kind == "iris":
         strategy = parts[1] if len(parts) > 1 else "one-shot"
-        from .strategies import STRATEGIES
+        from .options import STRATEGIES
 
         if strategy not in STRATEGIES:
             raise InputError(f"method {text!r}: unknown strategy; use one of {', '.join(STRATEGIES)}")
         k = int(parts[2]) if len(parts) > 2 else (1 if strategy == "one-shot" else 3)
+        if strategy == "one-shot" and k != 1:
+            raise InputError(f"method {text!r}: one-shot segments from one reference; for {k} references use "
+                             f"iris:ensemble:{k} or iris:retrieval:{k}")
         return Method("iris", strategy, k)
     if kind == "ants":
         return Method("ants", parts[1] if len(parts) > 1 else "SyN")
@@ -80,7 +83,7 @@ def choose_references(ds: Dataset, target: str, k: int, seed: int, fixed: str | 
     return [str(x) for x in rng.choice(others, size=min(k, len(others)), replace=False)]
 
 
-def _registration(method: Method, target: sitk.Image, ref: sitk.Image, ref_labels: sitk.Image) -> sitk.Image:
+def register_labels(method: Method, target: sitk.Image, ref: sitk.Image, ref_labels: sitk.Image) -> sitk.Image:
     """Register the reference image to the target and warp its labels (generic-label interpolation)."""
     with tempfile.TemporaryDirectory() as d:
         paths = {}
@@ -131,11 +134,11 @@ class Evaluator:
 
     def __init__(self, ds: Dataset, methods: list[Method], out_dir: str | Path, model: str = "default",
                  device: str = "auto", seed: int = 0, overlays: bool = True, progress: bool = True,
-                 hermes_model: str | None = None, modality: str | None = None, fixed_reference: str | None = None,
+                 hermes_model: str | None = None, hermes_modality: str | None = None, fixed_reference: str | None = None,
                  postprocess: str = "none"):
         self.ds, self.methods, self.out = ds, methods, Path(out_dir)
         self.model_spec, self.device, self.seed = model, device, seed
-        self.hermes_spec, self.hermes_modality, self.fixed = hermes_model, modality, fixed_reference
+        self.hermes_spec, self.hermes_modality, self.fixed = hermes_model, hermes_modality, fixed_reference
         self._hermes = None
         self.postprocess = postprocess  # applied to Iris and Hermes predictions
         self.overlays, self.progress = overlays, progress
@@ -153,7 +156,7 @@ class Evaluator:
             from .api import resolve_model
             from .inference import Engine
 
-            self._engine = Engine(resolve_model(self.model_spec), device=self.device, modality=self.ds.modality)
+            self._engine = Engine(resolve_model(self.model_spec), device=self.device, intensity=self.ds.modality)
         return self._engine
 
     def classes(self, ref_names: list[str]):
@@ -166,50 +169,40 @@ class Evaluator:
 
     def run_iris(self, method: Method, target: str, refs: list[str]) -> sitk.Image:
         from .inference import Reference
-        from .strategies import ensemble, held_classes, retrieval, tune
+        from .strategies import encode_references, run_strategy
 
         eng = self.engine()
         classes = self.classes(refs)
         encoded = []
-        for r in refs:
+        for r in refs:  # each reference encoded once for the whole cohort
             key = (r, tuple(c.value for c in classes))
             if key not in self._cache:
-                img, lab = self._read(r)
-                ref = Reference(img, lab, r)
-                prep = eng.prepare(img, r)
-                self._cache[key] = (ref, eng.encode(ref, held_classes(ref, classes), prep), prep)
-            encoded.append(self._cache[key])
+                self._cache[key] = encode_references(eng, [Reference(*self._read(r), r)], classes)
+            encoded += self._cache[key]
         tprep = eng.prepare(self._read(target)[0], target)
-        if method.option in ("one-shot", "ensemble"):
-            emb = ensemble(encoded, classes)
-        elif method.option == "retrieval":
-            emb, _ = retrieval(eng, tprep, encoded, classes)
-        else:
-            emb, _ = tune(eng, encoded, classes)
-        probs = eng.predict(tprep, emb)
-        return eng.to_target(probs, tprep, [c.value for c in classes])
+        result = run_strategy(eng, tprep, encoded, classes, method.option)
+        return eng.to_target(result.probabilities, tprep, [c.value for c in classes])
 
     def run_hermes(self, target: str) -> sitk.Image:
         """Hermes segments the dataset's named classes (names from dataset.json looked up in the model's
         vocabulary); no reference."""
-        from .api import hermes_vocabulary, resolve_model
-        from .hermes_vocab import resolve_modality, resolve_structures
+        from .api import resolve_model, segment_hermes
+        from .hermes_vocab import intensity_for, resolve_modality
         from .inference import Engine
 
         if not self.hermes_spec:
             raise InputError("method hermes needs --hermes-model FILE")
         if self._hermes is None:
             loaded = resolve_model(self.hermes_spec)
-            modality = self.hermes_modality or {"CT": "CT", "MR": "T1"}.get(self.ds.modality, "CT")
-            self._hermes = (Engine(loaded, device=self.device, modality="CT" if modality == "CT" else "MR"),
-                            hermes_vocabulary(loaded), resolve_modality(modality))
-        eng, vocab, (mod_name, mod_idx) = self._hermes
+            modality = resolve_modality(self.hermes_modality or {"CT": "CT", "MR": "T1"}.get(self.ds.modality, "CT"))
+            self._hermes = (Engine(loaded, device=self.device, intensity=intensity_for(modality[0])), loaded, modality)
+        eng, loaded, modality = self._hermes
         values = sorted(self.ds.label_names)
         if not values:
             raise InputError(f"dataset {self.ds.name}: method hermes needs label names (dataset.json)")
-        tasks = resolve_structures(",".join(self.ds.label_names[v] for v in values), vocab, mod_name)
-        prep = eng.prepare(self._read(target)[0], target)
-        return eng.to_target(eng.predict_tasks(prep, [t.index for t in tasks], mod_idx), prep, values)
+        run = segment_hermes(eng, loaded, self._read(target)[0], target,
+                             ",".join(self.ds.label_names[v] for v in values), modality)
+        return eng.to_target(run.probabilities, run.prep, values)
 
     def predict(self, method: Method, target: str, refs: list[str]) -> sitk.Image:
         timg = self._read(target)[0]
@@ -222,7 +215,7 @@ class Evaluator:
         rimg, rlab = self._read(refs[0])
         if method.kind == "identity":
             return resample_to(rlab, timg, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
-        return _registration(method, timg, rimg, rlab)
+        return register_labels(method, timg, rimg, rlab)
 
     def _done(self, path: Path) -> set[tuple[str, str, str]]:
         if not path.is_file():
@@ -350,7 +343,7 @@ def summarize(rows: list[dict], out_dir: Path, title: str = "") -> Path:
 
 def run_evaluation(dataset: Dataset, methods: list[str], out_dir: str | Path, model: str = "default",
                    device: str = "auto", seed: int = 0, overlays: bool = True, progress: bool = True,
-                   hermes_model: str | None = None, modality: str | None = None,
+                   hermes_model: str | None = None, hermes_modality: str | None = None,
                    fixed_reference: str | None = None, postprocess: str = "none") -> Path:
     """Evaluate (sharded under torchrun: RANK / WORLD_SIZE) and summarise; returns summary.md (rank 0)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -361,7 +354,7 @@ def run_evaluation(dataset: Dataset, methods: list[str], out_dir: str | Path, mo
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     out = Path(out_dir)
     ev = Evaluator(dataset, [parse_method(m) for m in methods], out, model, device, seed, overlays, progress,
-                   hermes_model, modality, fixed_reference, postprocess)
+                   hermes_model, hermes_modality, fixed_reference, postprocess)
     ev.run(rank, world)
     if world > 1:
         import torch.distributed as dist

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from .errors import InputError
 
-# Hermes-R modality slots
-MODALITIES = {"CT": 0, "PET": 1, "T1 MRI": 2, "T2 MRI": 3, "cine MRI": 4}
+# Hermes-R modality prior slots (not the intensity policy of the preprocessing: see options.INTENSITY_POLICIES)
+HERMES_MODALITIES = {"CT": 0, "PET": 1, "T1 MRI": 2, "T2 MRI": 3, "cine MRI": 4}
 MODALITY_ALIASES = {"ct": "CT", "pet": "PET", "t1": "T1 MRI", "t1 mri": "T1 MRI", "mr": "T1 MRI", "mri": "T1 MRI",
                     "t2": "T2 MRI", "t2 mri": "T2 MRI", "cine": "cine MRI", "cine mri": "cine MRI"}
 
@@ -110,9 +110,15 @@ def vocabulary_from_names(class_names: list[str], modalities: list[str] | None =
 def resolve_modality(text: str) -> tuple[str, int]:
     """Canonical modality name and its prior slot."""
     canon = MODALITY_ALIASES.get(text.strip().lower(), text.strip())
-    if canon not in MODALITIES:
-        raise InputError(f"unknown modality {text!r}; use one of {', '.join(MODALITIES)}")
-    return canon, MODALITIES[canon]
+    if canon not in HERMES_MODALITIES:
+        raise InputError(f"unknown Hermes modality {text!r}; use one of {', '.join(HERMES_MODALITIES)} "
+                         "(or CT, PET, T1, T2, cine)")
+    return canon, HERMES_MODALITIES[canon]
+
+
+def intensity_for(hermes_modality: str) -> str:
+    """The intensity policy that preprocesses a target of this (canonical) Hermes modality."""
+    return {"CT": "CT", "PET": "PET"}.get(hermes_modality, "MR")
 
 
 def resolve_structures(text: str, vocab: list[Task], modality: str) -> list[Task]:

@@ -3,6 +3,7 @@ and writing results without leaving partial files."""
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -33,7 +34,44 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
         raise InputError(f"{what} {path}: unreadable ({msg})") from None
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        bad = nifti_nonfinite_voxels(path)
+        if bad:
+            raise InputError(f"{what} {path}: {bad} voxels are NaN or infinite; clean or mask the image first")
     return check_volume(image, f"{what} {path}")
+
+
+# NIfTI floating datatypes (code -> numpy type): ITK's NIfTI reader turns NaN/inf into 0, so the
+# file's own voxels are checked
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def nifti_nonfinite_voxels(path: Path) -> int:
+    """Count of NaN or infinite voxels in a floating-point NIfTI-1/2 file, read directly (0 for
+    integer data or a header this does not recognise)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(540)
+        for order in "<>":
+            size = int(np.frombuffer(head[:4], order + "i4")[0])
+            if size == 348:  # NIfTI-1
+                dims = np.frombuffer(head[40:56], order + "i2")
+                code = int(np.frombuffer(head[70:72], order + "i2")[0])
+                offset = int(np.frombuffer(head[108:112], order + "f4")[0])
+                break
+            if size == 540:  # NIfTI-2
+                dims = np.frombuffer(head[16:80], order + "i8")
+                code = int(np.frombuffer(head[12:14], order + "i2")[0])
+                offset = int(np.frombuffer(head[168:176], order + "i8")[0])
+                break
+        else:
+            return 0
+        if code not in _NIFTI_FLOATS or not 1 <= dims[0] <= 7:
+            return 0
+        count = int(np.prod(dims[1 : int(dims[0]) + 1], dtype=np.int64))
+        f.seek(offset)
+        data = np.frombuffer(f.read(count * int(_NIFTI_FLOATS[code][1])), order + _NIFTI_FLOATS[code])
+    return int(np.count_nonzero(~np.isfinite(data)))
 
 
 def check_volume(image: sitk.Image, name: str) -> sitk.Image:
@@ -62,6 +100,21 @@ def check_finite(image: sitk.Image, name: str) -> np.ndarray:
         if bad:
             raise InputError(f"{name}: {bad} voxels are NaN or infinite; clean or mask the image first")
     return arr
+
+
+LABEL_MAP_MAX_VALUES = 256  # an integer image with at most this many distinct values looks like a label map
+
+
+def looks_like_labels(image: sitk.Image) -> bool:
+    """True for an image of few integer values (a label map), False for a continuous image; decided
+    on a strided sample first so a CT or MR volume is ruled out quickly."""
+    arr = sitk.GetArrayViewFromImage(image)
+    for sample in (arr[::3, ::3, ::3], arr):
+        if np.issubdtype(arr.dtype, np.floating) and not np.array_equal(sample, np.round(sample)):
+            return False
+        if len(np.unique(sample)) > LABEL_MAP_MAX_VALUES:
+            return False
+    return True
 
 
 def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
@@ -97,6 +150,40 @@ def _fmt(v) -> str:
     return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links, other spellings
+    except OSError:
+        return False
+
+
+def refuse_overwriting_inputs(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
+    """Raise before any work when an output would land on an input file (same path, another spelling
+    of it, or the same file by hard link) or on another output; ``None`` entries are ignored."""
+    outs = [(what, Path(p)) for what, p in outputs.items() if p is not None]
+    ins = [(what, Path(p)) for what, p in inputs.items() if p is not None]
+    for i, (what, out) in enumerate(outs):
+        for in_what, src in ins:
+            if _same_file(out, src):
+                raise InputError(f"{what} {out} is the input {in_what} {src}: writing it would destroy the "
+                                 "input; choose another output path")
+        for other_what, other in outs[i + 1:]:
+            if _same_file(out, other):
+                raise InputError(f"{what} and {other_what} are both {out}; choose another output path")
+
+
+def publish(tmp: Path, path: Path) -> Path:
+    """Move a finished temporary file onto ``path`` with the permissions of any new file (the umask's;
+    some writers create theirs 0600), so every output of a run is equally readable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
+    return path
+
+
 def write_image_atomic(image: sitk.Image, path: str | Path) -> Path:
     """Write ``image`` to ``path`` through a temporary file in the same folder, so a failure
     leaves no partial file."""
@@ -106,7 +193,7 @@ def write_image_atomic(image: sitk.Image, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.partial{suffix}")
     try:
         sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

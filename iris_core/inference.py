@@ -16,8 +16,9 @@ from .checkpoint import LoadedModel
 from .device import autocast, check_memory, select_device, set_threads
 from .embedding import TaskEmbedding
 from .errors import CancelledError, InputError
+from .options import SegmentOptions
 from .preprocess import PreparedImage, prepare_image
-from .resample import labels_to_masks, resample_to
+from .resample import array_to_image, labels_to_masks, resample_to
 
 log = logging.getLogger(__name__)
 
@@ -79,33 +80,30 @@ class Engine:
     def __init__(
         self,
         loaded: LoadedModel,
-        device: str = "auto",
-        threads: int | None = None,
-        window: tuple[int, int, int] | None = None,
-        overlap: float = 0.5,
-        sw_batch: int = 0,
-        amp: bool = True,
-        modality: str = "auto",
+        options: SegmentOptions | None = None,
         progress: ProgressFn | None = None,
         cancel: Callable[[], bool] | None = None,
+        amp: bool = True,
         skip_empty: bool = True,
-        compile: bool = False,
+        **overrides,
     ):
-        set_threads(threads)
+        """``options`` (device, threads, window, overlap, sw_batch, compile, intensity are read here),
+        with keyword ``overrides`` of its fields (``Engine(loaded, device="cpu")``)."""
+        self.options = options = SegmentOptions.from_dict(overrides, options)
+        set_threads(options.threads)
         self.loaded = loaded
         self.model = loaded.model
-        self.device = select_device(device)
+        self.device = select_device(options.device)
         self.model.to(self.device).eval()
         self.policy = loaded.preprocessing
-        self.window = tuple(window or self.policy.window)
-        if any(w % 16 for w in self.window):
-            raise InputError(f"window {self.window}: every edge must be a multiple of 16")
-        if not 0 <= overlap < 1:
-            raise InputError(f"overlap {overlap} must be in [0, 1)")
-        self.overlap = overlap
-        self.sw_batch = sw_batch if sw_batch > 0 else self._auto_batch()
+        self.window = tuple(options.window or self.policy.window)
+        self.divisor = loaded.config.divisor  # the network's sizes must be multiples of this
+        if any(w % self.divisor for w in self.window):
+            raise InputError(f"window {self.window}: every edge must be a multiple of {self.divisor}")
+        self.overlap = options.overlap
+        self.sw_batch = options.sw_batch if options.sw_batch > 0 else self._auto_batch()
         self.amp = amp
-        self.modality = modality
+        self.intensity = options.intensity
         self.progress = progress or _no_progress
         self.cancel = cancel or (lambda: False)
         self.skip_empty = skip_empty
@@ -114,7 +112,7 @@ class Engine:
         # size, then several times faster per window on a CPU; worth it for cohorts, not one target
         self._segment = None
         if loaded.arch == "iris":
-            self._segment = compile_segment(self.model) if compile else self.model.segment
+            self._segment = compile_segment(self.model) if options.compile else self.model.segment
         self.timer = Timer()
 
     def _auto_batch(self) -> int:
@@ -141,7 +139,7 @@ class Engine:
         """Normalise and resample an image onto its model grid."""
         self._check_cancel()
         t0 = time.perf_counter()
-        prep = prepare_image(image, name, self.policy, self.modality, multiple=16)
+        prep = prepare_image(image, name, self.policy, self.intensity, multiple=self.divisor)
         self.timer.add("prepare", t0)
         return prep
 
@@ -286,8 +284,7 @@ class Engine:
         best = np.full(target.GetSize()[::-1], threshold, dtype=np.float32)
         labels = np.zeros(target.GetSize()[::-1], dtype=np.int32)
         for k, v in enumerate(values):
-            p = sitk.GetImageFromArray(probs[k])
-            p.CopyInformation(prep.grid)
+            p = array_to_image(probs[k], prep.grid)
             # keep the resampled image alive while its array view is read (a view of a temporary
             # image points into freed memory)
             resampled = resample_to(p, target, sitk.sitkLinear, 0.0)
@@ -295,7 +292,6 @@ class Engine:
             win = pt > best
             labels[win] = v
             best[win] = pt[win]
-        out = sitk.GetImageFromArray(labels.astype(np.uint16 if max(values, default=0) > 255 else np.uint8))
-        out.CopyInformation(target)
+        out = array_to_image(labels.astype(np.uint16 if max(values, default=0) > 255 else np.uint8), target)
         self.timer.add("resample_back", t0)
         return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+from .resample import array_to_image
+
 POSTPROCESS = ("none", "largest")
 
 
@@ -20,9 +22,7 @@ def keep_largest_component(labels: sitk.Image, values: list[int]) -> sitk.Image:
             continue
         cc = sitk.RelabelComponent(sitk.ConnectedComponent(mask, True), sortByObjectSize=True)
         out[sitk.GetArrayViewFromImage(cc) == 1] = v
-    img = sitk.GetImageFromArray(out)
-    img.CopyInformation(labels)
-    return img
+    return array_to_image(out, labels)
 
 
 def postprocess(labels: sitk.Image, values: list[int], method: str = "none") -> sitk.Image:

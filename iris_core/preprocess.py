@@ -12,9 +12,8 @@ from .checkpoint import Preprocessing
 from .device import check_memory
 from .errors import InputError
 from .imaging import check_finite
+from .options import INTENSITY_POLICIES
 from .resample import model_grid, model_grid_geometry, resample_to, smooth_for_downsampling
-
-MODALITIES = ("auto", "CT", "MR", "PET")
 
 
 def guess_modality(arr: np.ndarray) -> str:
@@ -45,8 +44,8 @@ class IntensityMap:
 def intensity_map(arr: np.ndarray, modality: str, policy: Preprocessing) -> IntensityMap:
     """Clip window and z-score statistics: CT clipped to the policy's HU window, MR/PET to
     percentiles; mean and std of the clipped voxels."""
-    if modality not in MODALITIES:
-        raise InputError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
+    if modality not in INTENSITY_POLICIES:
+        raise InputError(f"unknown intensity policy {modality!r}; use one of {', '.join(INTENSITY_POLICIES)}")
     if modality == "auto":
         modality = guess_modality(arr)
     sample = arr.ravel()

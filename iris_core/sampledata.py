@@ -43,9 +43,16 @@ def _binary(img: sitk.Image, thr: float) -> sitk.Image:
     return out
 
 
+# AAL regions (label values of aal.nii.txt) grouped into disjoint lobes and structures, left and right
+AAL_LOBES = {1: ("frontal lobe", [*range(1, 17), *range(19, 29)]), 2: ("parietal lobe", list(range(57, 71))),
+             3: ("temporal lobe", list(range(79, 91))), 4: ("occipital lobe", list(range(43, 57))),
+             5: ("deep grey nuclei", list(range(71, 79))), 6: ("cerebellum", list(range(91, 117)))}
+
+
 def colin27(labels: str = "brain") -> Sample:
-    """Colin27 T1 (with skull) and its brain mask (``labels='brain'``), AAL regions (``'aal'``) or
-    Brodmann areas (``'brodmann'``), all on the T1's grid (Debian mricron-data)."""
+    """Colin27 T1 (with skull) and its brain mask (``labels='brain'``), AAL regions (``'aal'``), Brodmann
+    areas (``'brodmann'``) or the AAL regions grouped into six lobes and structures (``'lobes'``,
+    ``AAL_LOBES``), all on the T1's grid (Debian mricron-data)."""
     image = sitk.ReadImage(str(_mricron("ch2.nii.gz")), sitk.sitkFloat32)
     if labels == "brain":
         lab = _binary(sitk.ReadImage(str(_mricron("ch2bet.nii.gz"))), 1e-3)
@@ -60,8 +67,15 @@ def colin27(labels: str = "brain") -> Sample:
     elif labels == "brodmann":
         lab = sitk.Cast(sitk.ReadImage(str(_mricron("brodmann.nii.gz"))), sitk.sitkUInt16)
         names = {v: f"Brodmann area {v}" for v in np.unique(sitk.GetArrayViewFromImage(lab)).tolist() if v}
+    elif labels == "lobes":
+        aal = sitk.GetArrayFromImage(sitk.ReadImage(str(_mricron("aal.nii.gz"))))
+        lookup = np.zeros(max(max(v) for _, v in AAL_LOBES.values()) + 1, np.uint8)
+        for value, (_, regions) in AAL_LOBES.items():
+            lookup[regions] = value
+        lab = sitk.GetImageFromArray(lookup[np.clip(aal, 0, len(lookup) - 1).astype(np.int64)])
+        names = {v: name for v, (name, _) in AAL_LOBES.items()}
     else:
-        raise InputError(f"unknown Colin27 labels {labels!r}; use 'brain', 'aal' or 'brodmann'")
+        raise InputError(f"unknown Colin27 labels {labels!r}; use 'brain', 'aal', 'brodmann' or 'lobes'")
     lab.CopyInformation(image)
     return Sample("colin27", image, lab, names)
 
@@ -121,9 +135,10 @@ def move_off_mni(sample: Sample, seed: int = 0, spacing=(1.0, 1.0, 3.0), angle_d
     angle = np.deg2rad(rng.uniform(*angle_deg))
     shift = rng.normal(size=3)
     shift = shift / np.linalg.norm(shift) * rng.uniform(*shift_mm)
+    from .resample import physical_bounds
+
     tf = sitk.VersorRigid3DTransform()
-    lo = np.array(sample.image.TransformContinuousIndexToPhysicalPoint([0, 0, 0]))
-    hi = np.array(sample.image.TransformContinuousIndexToPhysicalPoint([s - 1 for s in sample.image.GetSize()]))
+    lo, hi = physical_bounds(sample.image)
     tf.SetCenter(((lo + hi) / 2).tolist())
     tf.SetRotation(axis.tolist(), float(angle))
     tf.SetTranslation(shift.tolist())

@@ -16,17 +16,11 @@ from monai.losses import DiceLoss
 from .embedding import TaskEmbedding
 from .errors import InputError
 from .inference import ClassSpec, Engine, Reference
+from .options import STRATEGIES, TUNE_LR, TUNE_STEPS
 from .preprocess import PreparedImage
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("one-shot", "ensemble", "retrieval", "tuning")
-
-# In-context tuning defaults. The embedding tokens are layer-normalised (elements of order 1):
-# Adam at 1e-2 moves each element by at most ~0.01 per step, so 20 steps can reshape the
-# embedding noticeably without leaving the region the decoder was trained on.
-TUNE_STEPS = 20
-TUNE_LR = 1e-2
 
 
 @dataclass
@@ -36,17 +30,29 @@ class StrategyResult:
     details: dict = field(default_factory=dict)
 
 
-def encode_references(engine: Engine, refs: list[Reference], classes: list[ClassSpec]
-                      ) -> list[tuple[Reference, TaskEmbedding, object]]:
-    """Encode each reference once for the classes it holds; returns (reference, embedding, prepared)."""
+@dataclass
+class EncodedReference:
+    """A reference encoded once: its task embedding (the classes it holds) and its prepared image."""
+
+    reference: Reference
+    embedding: TaskEmbedding
+    prepared: PreparedImage
+
+    @property
+    def name(self) -> str:
+        return self.reference.name
+
+
+def encode_references(engine: Engine, refs: list[Reference], classes: list[ClassSpec]) -> list[EncodedReference]:
+    """Encode each reference once for the classes it holds."""
     out = []
     for ref in refs:
         held = held_classes(ref, classes)
         if not held:
             continue
         prep = engine.prepare(ref.image, ref.name)
-        out.append((ref, engine.encode(ref, held, prep), prep))
-    missing = [c.name for c in classes if not any(c.name in e.names for _, e, _ in out)]
+        out.append(EncodedReference(ref, engine.encode(ref, held, prep), prep))
+    missing = [c.name for c in classes if not any(c.name in e.embedding.names for e in out)]
     if missing:
         raise InputError(f"classes {missing} are in none of the references")
     return out
@@ -58,21 +64,21 @@ def held_classes(ref: Reference, classes: list[ClassSpec]) -> list[ClassSpec]:
     return [c for c in classes if c.value in present]
 
 
-def one_shot(encoded: list, classes: list[ClassSpec]) -> TaskEmbedding:
+def one_shot(encoded: list[EncodedReference], classes: list[ClassSpec]) -> TaskEmbedding:
     """Per class, the embedding from the first reference that holds it."""
     parts = []
     for c in classes:
-        emb = next(e for _, e, _ in encoded if c.name in e.names)
+        emb = next(e.embedding for e in encoded if c.name in e.embedding.names)
         parts.append(emb.select([c.name]))
     return TaskEmbedding.concat(parts)
 
 
-def ensemble(encoded: list, classes: list[ClassSpec]) -> TaskEmbedding:
+def ensemble(encoded: list[EncodedReference], classes: list[ClassSpec]) -> TaskEmbedding:
     """Per class, the mean embedding over every reference holding it."""
-    return TaskEmbedding.average([e for _, e, _ in encoded]).select([c.name for c in classes])
+    return TaskEmbedding.average([e.embedding for e in encoded]).select([c.name for c in classes])
 
 
-def retrieval(engine: Engine, target: PreparedImage, encoded: list, classes: list[ClassSpec]
+def retrieval(engine: Engine, target: PreparedImage, encoded: list[EncodedReference], classes: list[ClassSpec]
               ) -> tuple[TaskEmbedding, dict]:
     """Segment with the ensemble, embed the target's own predicted classes, then per class take
     the reference whose embedding is most similar (cosine) to the target's."""
@@ -82,7 +88,7 @@ def retrieval(engine: Engine, target: PreparedImage, encoded: list, classes: lis
     parts = []
     for k, c in enumerate(classes):
         mask = probs[k] >= 0.5
-        candidates = [(r, e) for r, e, _ in encoded if c.name in e.names]
+        candidates = [(e.reference, e.embedding) for e in encoded if c.name in e.embedding.names]
         if not mask.any() or len(candidates) == 1:
             r, e = candidates[0]
             chosen[c.name] = r.name
@@ -99,7 +105,7 @@ def retrieval(engine: Engine, target: PreparedImage, encoded: list, classes: lis
     return TaskEmbedding.concat(parts), {"retrieved": chosen}
 
 
-def tune(engine: Engine, encoded: list, classes: list[ClassSpec], steps: int = TUNE_STEPS, lr: float = TUNE_LR
+def tune(engine: Engine, encoded: list[EncodedReference], classes: list[ClassSpec], steps: int = TUNE_STEPS, lr: float = TUNE_LR
          ) -> tuple[TaskEmbedding, dict]:
     """In-context tuning: the network frozen, only the task embedding is optimised (Adam, Dice + BCE)
     to segment the references themselves; starts from the ensemble embedding."""
@@ -112,10 +118,11 @@ def tune(engine: Engine, encoded: list, classes: list[ClassSpec], steps: int = T
     opt = torch.optim.Adam(tokens, lr=lr)
     dice = DiceLoss(sigmoid=True)
     crops = []
-    for ref, emb, prep in encoded:
+    for e in encoded:
+        emb = e.embedding
         idx = [start.names.index(n) for n in emb.names]
-        masks = engine.reference_masks(ref, prep, [ClassSpec(n, v) for n, v in zip(emb.names, emb.values)])
-        img, m = engine.reference_crop(prep, masks)
+        masks = engine.reference_masks(e.reference, e.prepared, [ClassSpec(n, v) for n, v in zip(emb.names, emb.values)])
+        img, m = engine.reference_crop(e.prepared, masks)
         crops.append((img.clone(), m.clone(), idx))
     losses = []
     t0 = time.perf_counter()
@@ -142,14 +149,14 @@ def tune(engine: Engine, encoded: list, classes: list[ClassSpec], steps: int = T
                    "tune_loss_last": losses[-1] if losses else None}
 
 
-def run_strategy(engine: Engine, target: PreparedImage, refs: list[Reference], classes: list[ClassSpec],
+def run_strategy(engine: Engine, target: PreparedImage, encoded: list[EncodedReference], classes: list[ClassSpec],
                  strategy: str = "one-shot", tune_steps: int = TUNE_STEPS, tune_lr: float = TUNE_LR
                  ) -> StrategyResult:
-    """Encode the references and segment ``target`` with the chosen strategy."""
+    """Segment ``target`` from already-encoded references with the chosen strategy (the one dispatch:
+    the API and evaluation both call it; evaluation reuses encodings across targets)."""
     if strategy not in STRATEGIES:
         raise InputError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    encoded = encode_references(engine, refs, classes)
-    details: dict = {"references": [r.name for r, _, _ in encoded]}
+    details: dict = {"references": [e.name for e in encoded]}
     if strategy == "one-shot":
         emb = one_shot(encoded, classes)
     elif strategy == "ensemble":

@@ -63,10 +63,54 @@ def overlay_png(image: sitk.Image, labels: sitk.Image, path: str | Path, truth: 
         handles.append(Patch(facecolor="none", edgecolor="black", linestyle="--", label="ground truth"))
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    return _save(fig, path, title, rect=(0, 0.07, 1, 0.95), dpi=90)
+
+
+def _save(fig, path: str | Path, title: str, rect: tuple[float, float, float, float], dpi: int,
+          fontsize: float | None = None) -> Path:
+    """Title, lay out, write (creating the folder) and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout(rect=rect)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def class_grid_png(image: sitk.Image, predictions: dict[str, sitk.Image], truth: sitk.Image,
+                   names: dict[int, str], path: str | Path, title: str = "") -> Path:
+    """One row per class, one column per method: the sagittal plane holding most of the class's truth,
+    the method's mask of that class filled, the truth dashed white; Dice in each panel's title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .metrics import dice_score
+
+    img = sitk.DICOMOrient(image, "LPS")
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    tru = sitk.GetArrayFromImage(sitk.DICOMOrient(truth, "LPS"))
+    preds = {k: sitk.GetArrayFromImage(sitk.DICOMOrient(v, "LPS")) for k, v in predictions.items()}
+    sp = img.GetSpacing()
+    lo, hi = np.percentile(arr, [1, 99])
+    fig, axes = plt.subplots(len(names), len(preds), figsize=(2.6 * len(preds), 2.4 * len(names)), squeeze=False)
+    for row, (v, name) in enumerate(names.items()):
+        per_plane = (tru == v).sum(axis=(0, 1))  # the sagittal plane holding most of the class
+        cx = int(per_plane.argmax()) if per_plane.any() else arr.shape[2] // 2
+        for col, (method, pred) in enumerate(preds.items()):
+            ax = axes[row, col]
+            ax.imshow(arr[::-1, :, cx], cmap="gray", vmin=lo, vmax=hi, aspect=sp[2] / sp[1], interpolation="nearest")
+            colour = COLOURS[row % len(COLOURS)]
+            m = (pred[::-1, :, cx] == v).astype(float)
+            if m.any():
+                ax.contourf(m, levels=[0.5, 1.5], colors=[colour], alpha=0.45)
+            t = (tru[::-1, :, cx] == v).astype(float)
+            if t.any():
+                ax.contour(t, levels=[0.5], colors=["white"], linewidths=0.9, linestyles="dashed")
+            ax.set_title(f"{method}\n{name}: Dice {dice_score(pred == v, tru == v):.2f}", fontsize=8)
+            ax.axis("off")
+    return _save(fig, path, title, rect=(0, 0, 1, 0.97), dpi=80, fontsize=10)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job: set up, then segment the brain in a real MR template moved off MNI space
-# (ICBM 2009a) from one real reference (Colin27 + its brain mask) with the bundled default
-# model; writes the label map, a JSON sidecar, a PNG and the Dice into out/demo.
+# The main job: set up, then segment six brain structures in one pass on a real head MR with its
+# skull (MNI152NLin6Asym) moved off MNI space, from one real reference (Colin27 with its AAL lobes),
+# with the bundled default model; beside it antspyx SyN registration, identity and a threshold.
+# Writes the label map, a JSON sidecar, two pictures and the Dice table into out/demo.
+# Extra arguments go to `iris-segment demo` (--registration ants:Affine|elastix|none, --seed N, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -35,7 +35,7 @@ class IrisSegmentModuleTest(unittest.TestCase):
         run = logic.prepare(parameters.request_from_parameters(slicer.mrmlScene, node))
         try:
             job = json.loads(open(str(run.job_file)).read())
-            self.assertEqual([c["name"] for c in job["classes"]], ["brain"])
+            self.assertEqual([c["name"] for c in job["inputs"]["classes"]], ["brain"])
         finally:
             logic.cleanup(run)
 

@@ -75,10 +75,16 @@ def test_wrong_shapes_and_foreign_keys(tmp_path, tiny_model):
         load_checkpoint(tmp_path / "opt.pth")
 
 
-def test_loader_has_no_plain_pickle_fallback():
-    import iris_core.checkpoint as ck
-
-    assert "pickle.load(" not in open(ck.__file__).read()
+def test_code_carrying_file_loads_only_when_trusted(tmp_path, tiny_model, capsys, caplog):
+    """The full-unpickling path runs only with allow_unsafe=True, says so, and loads the same weights;
+    without it the same file is refused before any of its code runs (above)."""
+    path = tmp_path / "trusted.pth"
+    torch.save({"model_state_dict": tiny_model.model.state_dict(), "hook": Evil()}, path)
+    loaded = load_checkpoint(path, allow_unsafe=True)
+    assert "must never run" in capsys.readouterr().out  # the file's code did run: that is what trusting means
+    assert "full unpickling" in caplog.text
+    for k, v in tiny_model.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v)
 
 
 def test_preset_param_counts():

@@ -66,6 +66,8 @@ def test_csv_pairs(nnunet, tmp_path, tiny_model_file):
 def test_bad_specs():
     with pytest.raises(InputError, match="unknown strategy"):
         parse_method("iris:magic")
+    with pytest.raises(InputError, match="one-shot segments from one reference; .* iris:ensemble:3"):
+        parse_method("iris:one-shot:3")  # used to run the ensemble while labelled one-shot
     with pytest.raises(InputError, match="use iris:STRATEGY"):
         parse_method("nnunet")
     with pytest.raises(InputError, match="not 'templates'"):
@@ -112,3 +114,24 @@ def test_torchrun_sharded_evaluation(nnunet, tmp_path):
     rows = list(csv.DictReader((tmp_path / "e" / "results.csv").open()))
     assert sorted({r["case"] for r in rows}) == ["ph_000", "ph_001", "ph_002"] and len(rows) == 6
     assert "| ball | identity | 3 |" in (tmp_path / "e" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("strategy", ["one-shot", "retrieval"])
+def test_evaluation_and_api_share_the_strategy_dispatch(nnunet, tiny_model_file, tmp_path, strategy):
+    """The cohort evaluation predicts exactly what ``segment`` predicts for the same pair and strategy."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from iris_core.api import segment
+    from iris_core.evaluate import Evaluator
+
+    ds = load_dataset(str(nnunet))
+    k = 1 if strategy == "one-shot" else 2
+    method = parse_method(f"iris:{strategy}:{k}")
+    refs = ["ph_001", "ph_002"][:k]
+    ev = Evaluator(ds, [method], tmp_path, model=str(tiny_model_file), device="cpu", progress=False)
+    got = ev.predict(method, "ph_000", refs)
+    api = segment(nnunet / "imagesTr" / "ph_000_0000.nii.gz",
+                  [(nnunet / "imagesTr" / f"{r}_0000.nii.gz", nnunet / "labelsTr" / f"{r}.nii.gz") for r in refs],
+                  model=str(tiny_model_file), strategy=strategy, device="cpu", intensity="MR")
+    assert np.array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(api.labels))

@@ -55,26 +55,27 @@ def test_hermes_trains_and_segments_by_name(hermes_model, dataset, tmp_path, cap
     assert m.arch == "hermes" and m.class_names == ["Phantoms/ball", "Phantoms/box"]
     assert m.config.task_prior_slots == 2
     out = tmp_path / "s.nii.gz"
-    code = main(["segment", "--model", str(hermes_model), "--structures", "box,ball", "--modality", "T1",
+    code = main(["segment", "--model", str(hermes_model), "--structures", "box,ball", "--hermes-modality", "T1",
                  "--target", str(dataset / "imagesTr" / "h_000_0000.nii.gz"), "--output", str(out), "--device", "cpu",
                  "--quiet"])
     assert code == 0, capsys.readouterr().err
     side = json.loads((tmp_path / "s.json").read_text())
     assert [c["name"] for c in side["classes"]] == ["box", "ball"] and side["strategy"] == "hermes"
     assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(dataset / "labelsTr" / "h_000.nii.gz")).GetSize()
-    code = main(["segment", "--model", str(hermes_model), "--structures", "liver", "--modality", "T1",
+    code = main(["segment", "--model", str(hermes_model), "--structures", "liver", "--hermes-modality", "T1",
                  "--target", str(dataset / "imagesTr" / "h_000_0000.nii.gz"), "--output", str(tmp_path / "x.nii.gz"),
                  "--device", "cpu", "--quiet"])
     assert code != 0 and "valid names: ball, box" in capsys.readouterr().err
     code = main(["segment", "--model", str(hermes_model), "--target", str(dataset / "imagesTr" / "h_000_0000.nii.gz"),
                  "--reference", str(dataset / "imagesTr" / "h_001_0000.nii.gz"), str(dataset / "labelsTr" / "h_001.nii.gz"),
-                 "--modality", "T1", "--output", str(tmp_path / "y.nii.gz"), "--device", "cpu", "--quiet"])
+                 "--hermes-modality", "T1", "--output", str(tmp_path / "y.nii.gz"), "--device", "cpu", "--quiet"])
     assert code != 0 and "give --structures" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_hermes_known_structures_on_mrml_scene(hermes_model, dataset):
     pytest.importorskip("slicer")
+    from iris_core.options import SegmentOptions
     from IrisSegmentLib import testing
     from IrisSegmentLib.logic import IrisSegmentLogic, SegmentRequest
     from IrisSegmentLib.standalone import init_scene
@@ -82,8 +83,8 @@ def test_hermes_known_structures_on_mrml_scene(hermes_model, dataset):
     scene = init_scene()
     target = testing.load_volume(dataset / "imagesTr" / "h_000_0000.nii.gz", "phantom")
     before = testing.node_ids(scene)
-    node = IrisSegmentLogic(scene).segment(SegmentRequest(target, [], structures="ball", modality="T1",
-                                                          model=str(hermes_model), device="cpu"))
+    node = IrisSegmentLogic(scene).segment(SegmentRequest(target, [], structures="ball", model=str(hermes_model),
+                                                          options=SegmentOptions(hermes_modality="T1", device="cpu")))
     assert node.GetSegmentation().GetNthSegment(0).GetName() == "ball"
     assert set(testing.node_ids(scene)) > set(before)
 
@@ -125,7 +126,7 @@ def test_evaluate_hermes_method(hermes_model, dataset, tmp_path):
     from iris_core.evaluate import run_evaluation
 
     run_evaluation(load_nnunet(dataset), ["hermes", "identity"], tmp_path / "e", device="cpu", progress=False,
-                   overlays=False, hermes_model=str(hermes_model), modality="T1")
+                   overlays=False, hermes_model=str(hermes_model), hermes_modality="T1")
     rows = list(csv.DictReader((tmp_path / "e" / "results.csv").open()))
     hermes = [r for r in rows if r["method"] == "hermes"]
     assert {r["class_name"] for r in hermes} == {"ball", "box"} and {r["references"] for r in hermes} == {"-"}

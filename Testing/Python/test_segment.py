@@ -42,9 +42,9 @@ def test_ensemble_is_the_mean_and_embeddings_are_reused(phantom_files, tiny_mode
     enc = encode_references(eng, refs, classes)
     ens = ensemble(enc, classes)
     for s in range(len(ens.tokens)):
-        assert torch.allclose(ens.tokens[s], (enc[0][1].tokens[s] + enc[1][1].tokens[s]) / 2, atol=1e-6)
+        assert torch.allclose(ens.tokens[s], (enc[0].embedding.tokens[s] + enc[1].embedding.tokens[s]) / 2, atol=1e-6)
     first = one_shot(enc, classes)
-    assert torch.equal(first.tokens[0], enc[0][1].tokens[0])
+    assert torch.equal(first.tokens[0], enc[0].embedding.tokens[0])
     # one embedding, two targets: the encoder of the reference is not run again
     calls = []
     hook = tiny_model.model.task_embedding[0].register_forward_hook(lambda *a: calls.append(1))

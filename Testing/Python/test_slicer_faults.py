@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
+from iris_core.options import SegmentOptions  # noqa: E402
 from IrisSegmentLib import testing  # noqa: E402
 from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest  # noqa: E402
 from IrisSegmentLib.runner import WorkerError, WorkerProcess, run_worker  # noqa: E402
@@ -57,9 +58,9 @@ def world(tmp_path_factory, tiny_model):
     return scene, _load_pair(scene), IrisSegmentLogic(scene), str(model)
 
 
-def request(nodes, model, **kw):
+def request(nodes, model, output=None):
     return SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], nodes["reference_seg"])],
-                          model=model, device="cpu", threads=1, **kw)
+                          model=model, options=SegmentOptions(device="cpu", threads=1), output=output)
 
 
 def node_ids(scene):
@@ -168,14 +169,14 @@ def test_d4_overlapping_segments_stay_whole_and_d7_no_orphan_nodes(world):
                                        extra={"core": core})
     try:
         req = SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], ref_seg)], model=model,
-                             device="cpu", threads=1)
+                             options=SegmentOptions(device="cpu", threads=1))
         run = logic.prepare(req)
         try:
             job = json.loads(run.job_file.read_text())
-            values = {c["name"]: c["value"] for c in job["classes"]}
+            values = {c["name"]: c["value"] for c in job["inputs"]["classes"]}
             for name, mask in masks.items():  # each segment whole in the exported label maps
                 got = np.zeros_like(mask)
-                for _, lab in job["references"]:
+                for _, lab in job["inputs"]["references"]:
                     got |= sitk.GetArrayFromImage(sitk.ReadImage(lab)) == values[name]
                 assert np.array_equal(got, mask), name
         finally:
@@ -197,7 +198,7 @@ def test_d5_target_removed_while_running_is_reported_and_nothing_imported(world)
     scene, nodes, logic, model = world
     target = slicer.modules.volumes.logic().AddArchetypeVolume(str(SAMPLE / "ICBM2009a-moved.nrrd"), "doomed", 0)
     req = SegmentRequest(target, [ReferenceSpec(nodes["reference"], nodes["reference_seg"])], model=model,
-                         device="cpu", threads=1)
+                         options=SegmentOptions(device="cpu", threads=1))
     run = logic.prepare(req)
     scene.RemoveNode(target)  # while the worker runs (the import is what is checked)
     before = node_ids(scene)
@@ -453,7 +454,7 @@ def test_edit_then_reuse_adds_the_corrected_result_as_a_reference(world):
     try:
         assert run.strategy == "ensemble"  # the same name in two references
         job = json.loads(run.job_file.read_text())
-        exported = sitk.GetArrayFromImage(sitk.ReadImage(job["references"][1][1])) > 0
+        exported = sitk.GetArrayFromImage(sitk.ReadImage(job["inputs"]["references"][1][1])) > 0
         assert np.array_equal(exported, truth)  # the corrected mask is what the next run learns from
     finally:
         logic.cleanup(run)

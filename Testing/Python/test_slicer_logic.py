@@ -7,6 +7,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
+from iris_core.options import SegmentOptions  # noqa: E402
 from IrisSegmentLib import testing  # noqa: E402
 from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest  # noqa: E402
 from IrisSegmentLib.runner import WorkerCancelled, WorkerError  # noqa: E402
@@ -21,9 +22,9 @@ def world(tmp_path_factory, tiny_model_file):
     return scene, nodes, IrisSegmentLogic(scene), str(tiny_model_file)
 
 
-def request(nodes, model, **kw):
+def request(nodes, model, **options):
     return SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], nodes["reference_seg"])],
-                          model=model, device="cpu", **kw)
+                          model=model, options=SegmentOptions(device="cpu", **options))
 
 
 def test_geometry_bridge_matches_files(world):
@@ -106,7 +107,7 @@ def test_parameter_node_round_trip(world):
 
     from IrisSegmentLib.parameters import can_segment, request_from_parameters, set_defaults
 
-    scene, nodes, _, model = world
+    scene, nodes, logic, model = world
     node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "IrisSegment")
     set_defaults(node)
     assert node.GetParameter("Strategy") == "one-shot" and not can_segment(node)
@@ -116,10 +117,20 @@ def test_parameter_node_round_trip(world):
                                                  "segments": "brain"}]))
     node.SetParameter("ModelPath", model)
     node.SetParameter("Strategy", "tuning")
+    node.SetParameter("TuneSteps", "7")
     set_defaults(node)  # keeps the user's choices
     assert can_segment(node)
     req = request_from_parameters(scene, node)
-    assert req.target is nodes["target"] and req.strategy == "tuning" and req.model == model
+    assert req.target is nodes["target"] and req.model == model
+    assert req.options == SegmentOptions(strategy="tuning", tune_steps=7)  # the rest: the one set of defaults
+    # the worker job holds exactly these options
+    run = logic.prepare(req)
+    try:
+        job = json.loads(run.job_file.read_text())
+        assert SegmentOptions.from_dict(job["options"]) == req.options
+        assert job["inputs"]["model"] == model and len(job["inputs"]["references"]) == 1
+    finally:
+        logic.cleanup(run)
     seg_id = nodes["reference_seg"].GetSegmentation().GetNthSegmentID(0)
     assert req.references[0].segment_ids == [seg_id] and req.output is None
     scene.RemoveNode(node)

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import ConfigError
 from .config import PRESETS, HermesConfig, IrisConfig, Preset, config_from_dict, config_to_dict
 from .hermes import HermesNet
 from .iris import IrisNet
@@ -16,14 +17,14 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"iris": IrisNet, "hermes": HermesNe
 def build_model(arch: str, config: Any = None) -> nn.Module:
     """Instantiate the network of architecture ``arch`` ('iris' or 'hermes') with ``config``."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+        raise ConfigError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch](config)
 
 
 def build_preset(name: str) -> nn.Module:
     """Instantiate the network of a named preset (see ``PRESETS``), randomly initialised."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     p = PRESETS[name]
     return build_model(p.arch, p.config)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -43,16 +45,16 @@ class IrisConfig:
 
     def __post_init__(self) -> None:
         if len(self.channels) != 5 or len(self.num_block) != 4:
-            raise ValueError("IrisConfig needs 5 channel counts and 4 block counts")
+            raise ConfigError("IrisConfig needs 5 channel counts and 4 block counts")
         if self.head_token not in ("query", "foreground", "prototype"):
-            raise ValueError(f"head_token must be 'query', 'foreground' or 'prototype', got {self.head_token!r}")
+            raise ConfigError(f"head_token must be 'query', 'foreground' or 'prototype', got {self.head_token!r}")
         if self.head_token == "prototype" and not self.reference_prototype:
-            raise ValueError("head_token 'prototype' needs reference_prototype = True")
+            raise ConfigError("head_token 'prototype' needs reference_prototype = True")
         if not 1 <= self.num_prior_stage <= 3:
-            raise ValueError("num_prior_stage must be 1, 2 or 3")
+            raise ConfigError("num_prior_stage must be 1, 2 or 3")
         for c in self.channels[5 - self.num_prior_stage :]:
             if c % 32:
-                raise ValueError(f"prior-stage channels must be multiples of 32 (heads of 32), got {c}")
+                raise ConfigError(f"prior-stage channels must be multiples of 32 (heads of 32), got {c}")
 
     @property
     def token_dims(self) -> tuple[int, ...]:
@@ -99,7 +101,6 @@ class Preset:
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
     window: tuple[int, int, int] = (128, 128, 128)
     description: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
@@ -153,5 +154,5 @@ def config_from_dict(arch: str, data: dict) -> Any:
     names = {f.name for f in fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"unknown {arch} config keys: {sorted(unknown)}")
+        raise ConfigError(f"unknown {arch} config keys: {sorted(unknown)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

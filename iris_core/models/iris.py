@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .blocks import (
     Attention,
     DualPreNorm,
@@ -146,7 +147,7 @@ class TaskEncoder(nn.Module):
     def __init__(self, dim: int, scale: int, cfg: IrisConfig):
         super().__init__()
         if scale % cfg.context_downsample:
-            raise ValueError(f"context_downsample {cfg.context_downsample} does not divide scale {scale}")
+            raise ConfigError(f"context_downsample {cfg.context_downsample} does not divide scale {scale}")
         self.downsample = cfg.context_downsample
         self.scale = scale // cfg.context_downsample
         sub = self.scale**3
@@ -350,14 +351,3 @@ class IrisNet(nn.Module):
 
     def forward(self, target: torch.Tensor, reference: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return self.segment(target, self.encode_task(reference, masks))
-
-    def memory_embedding(self, slots: torch.Tensor) -> list[torch.Tensor]:
-        """Embedding of the memory-bank slots ``slots`` ([K] ints), batch 1."""
-        return [getattr(self, f"task_prior_{i}")[slots].unsqueeze(0) for i in range(self.config.num_prior_stage)]
-
-    @torch.no_grad()
-    def update_memory(self, slots: torch.Tensor, embedding: Sequence[torch.Tensor], momentum: float = 0.99) -> None:
-        """EMA update of memory-bank ``slots`` with a batch-1 embedding of the same classes."""
-        for i, e in enumerate(embedding):
-            bank = getattr(self, f"task_prior_{i}")
-            bank[slots] = bank[slots] * momentum + (1 - momentum) * e[0].to(bank.dtype)

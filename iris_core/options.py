@@ -1,0 +1,117 @@
+"""Run options: one frozen ``SegmentOptions`` built once (by the CLI, the API, the Slicer parameter node or
+the worker job) and read by every stage, with the defaults in this one place. Torch-free, so the CLI's
+``--help`` and the Slicer side can import it cheaply."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import ConfigError
+
+STRATEGIES = ("one-shot", "ensemble", "retrieval", "tuning")
+#: intensity policy of the preprocessing: how voxel values are clipped and normalised
+INTENSITY_POLICIES = ("auto", "CT", "MR", "PET")
+POSTPROCESSING = ("none", "largest")
+
+# In-context tuning defaults. The embedding tokens are layer-normalised (elements of order 1):
+# Adam at 1e-2 moves each element by at most ~0.01 per step, so 20 steps can reshape the
+# embedding noticeably without leaving the region the decoder was trained on.
+TUNE_STEPS = 20
+TUNE_LR = 1e-2
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How to run one segmentation; what to segment (target, references, library, structures) is not here.
+
+    ``intensity`` is the preprocessing's intensity policy; ``hermes_modality`` is the modality prior a
+    Hermes model is conditioned on (CT, PET, T1, T2 or cine; see ``hermes_vocab``), two different things.
+    """
+
+    strategy: str = "one-shot"
+    tune_steps: int = TUNE_STEPS
+    tune_lr: float = TUNE_LR
+    device: str = "auto"
+    threads: int | None = None
+    window: tuple[int, int, int] | None = None  # sliding-window size; None: the model's
+    overlap: float = 0.5
+    sw_batch: int = 0  # windows per forward pass; 0: from free memory
+    compile: bool = False
+    intensity: str = "auto"
+    hermes_modality: str | None = None
+    postprocess: str = "none"
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "segment options")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if self.intensity not in INTENSITY_POLICIES:
+            raise ConfigError(f"unknown intensity policy {self.intensity!r}; use one of "
+                              f"{', '.join(INTENSITY_POLICIES)}")
+        if self.postprocess not in POSTPROCESSING:
+            raise ConfigError(f"unknown post-processing {self.postprocess!r}; use one of {', '.join(POSTPROCESSING)}")
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"overlap {self.overlap} must be in [0, 1)")
+        if self.tune_steps < 0 or self.tune_lr <= 0:
+            raise ConfigError(f"tuning needs steps >= 0 and a positive rate (got {self.tune_steps}, {self.tune_lr})")
+        if self.window is not None and (len(self.window) != 3 or any(w <= 0 for w in self.window)):
+            raise ConfigError(f"window {self.window}: three positive edges are needed")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (a tuple window becomes a list)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, base: SegmentOptions | None = None) -> SegmentOptions:
+        """Options from a dict (a job file, keyword overrides); keys not given keep ``base``'s values
+        (the defaults when no ``base``); an unknown key is an error."""
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown segment options {unknown}; known: {sorted(known)}")
+        if data.get("window") is not None:
+            data["window"] = tuple(data["window"])
+        return dataclasses.replace(base or cls(), **data)
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether ``value`` fits the type ``hint`` (the simple types config files hold)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple | list):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_accepts(args[0], v) for v in value)
+        return len(args) == len(value) and all(_accepts(h, v) for h, v in zip(args, value))
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def check_field_types(obj: Any, where: str) -> None:
+    """Raise ConfigError naming the field, its value and the expected type when a dataclass field does
+    not hold a value of its annotated type (a string where a number belongs in a TOML file, say)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not _accepts(hints[f.name], value):
+            raise ConfigError(f"{where}: {f.name} = {value!r} is not a {_type_name(hints[f.name])}; "
+                              f"the default is {f.default!r}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
