@@ -21,14 +21,14 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "
 
 
 def follow_scores(model: torch.nn.Module, size: int, source: str = "synth:random", episodes: int = 12,
-                  seed: int = 4242) -> dict[str, float]:
+                  seed: int = 4242, same_view: bool = False) -> dict[str, float]:
     """Dice with the shown structure (``val_dice``) and with the other structures (``val_swap``) on
     fresh episodes of 2-3 classes from ``source`` (crops of edge ``size``), every class present."""
     from iris_core.training import TrainConfig
     from iris_core.training.loop import validation_scores, validation_set
     from iris_core.training.sources import _build_sources
 
-    cfg = TrainConfig(sources=(source,), val_episodes=episodes, seed=seed)
+    cfg = TrainConfig(sources=(source,), val_episodes=episodes, seed=seed, same_view=same_view)
     sources = _build_sources(cfg, (1.0, 1.0, 1.0))
     torch.manual_seed(seed)
     return validation_scores(model.float().eval(), validation_set(sources, None, cfg, size), "cpu", "iris")

@@ -129,3 +129,23 @@ def test_lamb_with_activation_checkpointing_computes_the_same_gradients(tmp_path
     start = build_model("iris", PRESETS["iris-tiny"].config)
     moved = [not torch.equal(state["model"][k], v) for k, v in start.state_dict().items() if v.is_floating_point()]
     assert sum(moved) > len(moved) // 2
+
+
+def test_compact_resume_point_continues_a_run(tmp_path):
+    """A run's state becomes a small float16 file (weights, step, history; no optimiser) from which a
+    new run folder continues at the same step with the same weights."""
+    from iris_core.training import TrainConfig, train
+    from iris_core.training.loop import write_resume_point
+
+    cfg = TrainConfig(preset="iris-tiny", sources=("synthetic",), steps=2, batch=1, crop_sizes=(32,),
+                      crop_probs=(1.0,), warmup=1, save_every=2, val_episodes=0)
+    train(cfg, tmp_path / "a")
+    point = write_resume_point(tmp_path / "a" / "state.pt", tmp_path / "resume.safetensors")
+    first = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
+    assert point.stat().st_size < (tmp_path / "a" / "state.pt").stat().st_size / 2
+    cfg2 = TrainConfig(**{**cfg.__dict__, "steps": 3, "save_every": 3, "resume_point": str(point)})
+    train(cfg2, tmp_path / "b")
+    second = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+    hist = json.loads(second["history"])
+    assert second["step"] == 3 and [h["step"] for h in hist] == [1, 2, 3]
+    assert hist[:2] == json.loads(first["history"])

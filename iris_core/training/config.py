@@ -33,6 +33,11 @@ class TrainConfig:
     val_episodes: int = 8  # fixed held-aside episodes scored (Dice of the EMA model) at every save
     # template parcels never used as training tasks ("labelset:value"): the validation scores them, and
     # the reference-sensitivity check can use them as unseen structures
+    # the query is the reference view itself: the collapse-detector test's setting, in which only the mask
+    # can say which of several shapes is the task (a model that ignores its reference cannot learn it)
+    same_view: bool = False
+    # a compact resume point (training.loop.write_resume_point) to start from when OUT/state.pt is absent
+    resume_point: str = ""
     holdout: tuple[str, ...] = ("aal:1", "aal:2", "aal:37", "aal:38", "aal:77", "aal:78", "brodmann:17")
 
 

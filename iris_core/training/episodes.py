@@ -87,6 +87,8 @@ def make_episode(sources: list, cfg: TrainConfig, size: int, rng: np.random.Gene
     q_jitter = int(getattr(src, "query_jitter", 0.5) * size)
     for img, m, jitter in ((q, qm, q_jitter), (r, rm, size // 8)):
         out += _crop_pair(img, m, size, jitter, rng)
+    if cfg.same_view:
+        out[:2] = out[2:]
     return tuple(out)
 
 

@@ -167,6 +167,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
         step = int(state["step"])
         history = json.loads(state["history"])
         log.info("resumed at step %d", step)
+    elif cfg.resume_point:  # a compact resume point (weights, step, history; the optimiser starts afresh)
+        from ..checkpoint import read_safetensors
+
+        meta, tensors = read_safetensors(Path(cfg.resume_point), "resume point")
+        model.load_state_dict({k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")})
+        ema.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
+        step, history = int(meta["step"]), json.loads(meta["history"])
+        log.info("started from the resume point %s at step %d (fresh optimiser state)", cfg.resume_point, step)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -241,6 +249,19 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
 
         dist.barrier()
     return out_dir / "ema.safetensors"
+
+
+def write_resume_point(state_file: str | Path, out: str | Path) -> Path:
+    """A compact resume point from a run's ``state.pt``: model and EMA weights in float16 safetensors with
+    the step and history (no optimiser state), small enough to commit; ``resume_point`` in the config
+    continues from it."""
+    from ..checkpoint import write_safetensors
+
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    tensors = {f"model.{k}": v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
+    tensors |= {f"ema.{k}": v.half() if v.is_floating_point() else v for k, v in state["ema"].items()}
+    return write_safetensors(Path(out), tensors, {"step": str(int(state["step"])), "history": state["history"],
+                                                  "config": state["config"]})
 
 
 def _set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
