@@ -17,7 +17,7 @@ from .embedding import TaskEmbedding, model_fingerprint
 from .errors import InputError
 from .imaging import read_image, read_labels, write_image_atomic
 from .inference import ClassSpec, Engine, ProgressFn, Reference
-from .postprocess import postprocess as apply_postprocess
+from .postprocess import POSTPROCESS
 from .strategies import TUNE_LR, TUNE_STEPS, run_strategy
 
 log = logging.getLogger(__name__)
@@ -27,13 +27,18 @@ DEFAULT_MODEL = RESOURCES / "Models" / "iris-default.safetensors"
 
 
 def resolve_model(spec: str | None, allow_unsafe: bool = False, device: str = "cpu") -> LoadedModel:
-    """Load a model from a file path, 'default' (the bundled model) or 'preset:NAME' (untrained)."""
+    """Load a model from a file path, 'default' (the bundled model), a known model's name such as
+    'mass-base' (downloaded by ``iris-segment models pull``) or 'preset:NAME' (untrained)."""
     if spec in (None, "", "default"):
         if not DEFAULT_MODEL.is_file():
             raise InputError(f"the bundled default model {DEFAULT_MODEL} is missing; pass --model FILE")
         return load_checkpoint(DEFAULT_MODEL, device=device)
     if spec.startswith("preset:"):
         return preset_model(spec.split(":", 1)[1])
+    from . import hub
+
+    if spec in hub.KNOWN and not Path(spec).exists():  # a known name (mass-base): its downloaded file
+        return load_checkpoint(hub.resolve(spec), allow_unsafe=allow_unsafe, device=device)
     return load_checkpoint(spec, allow_unsafe=allow_unsafe, device=device)
 
 
@@ -142,6 +147,8 @@ class SegmentationResult:
     classes: list[ClassSpec]
     embedding: TaskEmbedding | None
     sidecar: dict = field(default_factory=dict)
+    #: with ``probabilities=True``: one float32 map per class (same order as ``classes``), target grid
+    probabilities: list[sitk.Image] | None = None
 
 
 def segment(
@@ -154,7 +161,7 @@ def segment(
     device: str = "auto",
     threads: int | None = None,
     window: tuple[int, int, int] | None = None,
-    overlap: float = 0.5,
+    overlap: float | None = None,
     modality: str = "auto",
     tune_steps: int = TUNE_STEPS,
     tune_lr: float = TUNE_LR,
@@ -163,10 +170,17 @@ def segment(
     structures: str | None = None,
     compile: bool = False,
     sw_batch: int = 0,
-    postprocess: str = "none",
+    postprocess: str | None = None,
+    probabilities: bool = False,
+    max_classes_per_forward: int = 0,
 ) -> SegmentationResult:
     """Segment every class of the references (or of a task library) on ``target`` in one pass; with a
-    Hermes model, the named ``structures`` (``modality`` then names the Hermes modality)."""
+    Hermes model, the named ``structures`` (``modality`` then names the Hermes modality).
+
+    The model's policy decides the pipeline (ours, or the MASS authors' for MASS/Iris checkpoints);
+    ``overlap`` and ``postprocess`` default to it ('largest' for MASS checkpoints). ``probabilities``
+    also returns one float map per class on the target grid; ``max_classes_per_forward`` segments
+    the classes in chunks (less memory per window, one pass over the windows per chunk)."""
     t_start = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
     hermes_modality = None
@@ -178,7 +192,8 @@ def segment(
         hermes_modality = resolve_modality(modality)
         modality = "CT" if hermes_modality[0] == "CT" else ("PET" if hermes_modality[0] == "PET" else "MR")
     engine = Engine(loaded, device=device, threads=threads, window=window, overlap=overlap, modality=modality,
-                    progress=progress, cancel=cancel, compile=compile, sw_batch=sw_batch)
+                    progress=progress, cancel=cancel, compile=compile, sw_batch=sw_batch,
+                    max_classes_per_forward=max_classes_per_forward)
     target_img = target if isinstance(target, sitk.Image) else read_image(target, "target image")
     target_name = "target" if isinstance(target, sitk.Image) else Path(target).name
     if structures is not None or loaded.arch == "hermes":
@@ -200,22 +215,29 @@ def segment(
         run = _Run(prep, result.probabilities, classes, result.embedding, strategy, result.details)
     prep, classes, emb, strategy, details = run.prep, run.classes, run.embedding, run.strategy, run.details
     values = [c.value for c in classes]
-    labels = apply_postprocess(engine.to_target(run.probabilities, prep, values), values, postprocess)
+    policy = loaded.preprocessing
+    if postprocess is None:
+        postprocess = "largest" if policy.largest_component else "none"
+    if postprocess not in POSTPROCESS:
+        raise InputError(f"unknown post-processing {postprocess!r}; use one of {', '.join(POSTPROCESS)}")
+    labels = engine.to_target(run.probabilities, prep, values, largest=postprocess == "largest")
+    prob_maps = engine.probability_maps(run.probabilities, prep) if probabilities else None
     sidecar = {
         "target": target_name,
         "classes": [{"name": c.name, "value": c.value} for c in classes],
         "strategy": strategy,
         "model": {"name": loaded.name, "source": loaded.source, "arch": loaded.arch},
         "device": str(engine.device),
-        "spacing_mm": list(loaded.preprocessing.spacing),
+        "pipeline": policy.name,
+        "spacing_mm": list(policy.spacing),
         "window": list(engine.window),
-        "overlap": overlap,
+        "overlap": engine.overlap,
         "postprocess": postprocess,
         "timings_s": {k: round(v, 3) for k, v in engine.timer.seconds.items()}
         | {"total": round(time.perf_counter() - t_start, 3)},
         "details": details,
     }
-    return SegmentationResult(labels, classes, emb, sidecar)
+    return SegmentationResult(labels, classes, emb, sidecar, prob_maps)
 
 
 def sidecar_path(output: str | Path) -> Path:
@@ -228,8 +250,25 @@ def sidecar_path(output: str | Path) -> Path:
     return p.with_name(name + ".json")
 
 
+def probability_paths(output: str | Path, classes: list[ClassSpec]) -> list[Path]:
+    """``seg.nii.gz`` and class 'left caudate' -> ``seg_prob_left_caudate.nii.gz`` (one per class)."""
+    p = Path(output)
+    stem = sidecar_path(p).name[: -len(".json")]
+    ext = p.name[len(stem):] or ".nii.gz"
+    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", c.name).strip("_") or f"label_{c.value}" for c in classes]
+    if len(set(names)) != len(names):  # names that differ only in characters a file name cannot hold
+        names = [f"{n}_{c.value}" for n, c in zip(names, classes)]
+    return [p.with_name(f"{stem}_prob_{n}{ext}") for n in names]
+
+
 def write_result(result: SegmentationResult, output: str | Path) -> tuple[Path, Path]:
-    """Write the label map and its JSON sidecar (no partial files on failure)."""
+    """Write the label map, its probability maps (when computed) and its JSON sidecar (no partial
+    files on failure)."""
+    if result.probabilities is not None:
+        paths = probability_paths(output, result.classes)
+        for img, path in zip(result.probabilities, paths):
+            write_image_atomic(img, path)
+        result.sidecar["probability_maps"] = {c.name: p.name for c, p in zip(result.classes, paths)}
     out = write_image_atomic(result.labels, output)
     side = sidecar_path(output)
     tmp = side.with_name(side.name + ".partial")

@@ -62,6 +62,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             window=_window(args.window), overlap=args.overlap, modality=args.modality,
             tune_steps=args.tune_steps, tune_lr=args.tune_lr, progress=progress, structures=args.structures,
             compile=args.compile, sw_batch=args.sw_batch, postprocess=args.postprocess,
+            probabilities=args.save_probabilities, max_classes_per_forward=args.max_classes_per_forward,
         )
     finally:
         progress.close()
@@ -199,6 +200,32 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from . import hub
+
+    if args.action == "pull":
+        if not args.name:
+            raise_usage = f"models pull needs a name: {', '.join(n for n, m in hub.KNOWN.items() if m.repo_id)}"
+            print(f"error: {raise_usage}", file=sys.stderr)
+            return 2
+        m = hub.KNOWN.get(args.name)
+        if m is not None and m.repo_id:
+            print(f"downloading {m.name} ({m.size_text()}) from {m.url}\nlicence: {m.licence}", file=sys.stderr)
+        path = hub.pull(args.name, progress=not args.quiet)
+        print(f"{args.name}: {path}\nverified: loads as the {hub.KNOWN[args.name].arch} layout; licence: "
+              f"{hub.KNOWN[args.name].licence}\nuse it with --model {args.name}")
+        return 0
+    rows = hub.describe()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        state = r["local"] or (f"not downloaded: {r['get']}" if r["get"] else "")
+        print(f"{r['name']:10s} {r['size']:>7s}  {r['title']}\n{'':19s}licence: {r['licence']}\n"
+              f"{'':19s}source:  {r['source']}" + (f"\n{'':19s}local:   {state}" if state else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .preprocess import MODALITIES
     from .strategies import STRATEGIES, TUNE_LR, TUNE_STEPS
@@ -216,16 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--library", help="segment from a saved task library instead of references")
     s.add_argument("--structures", help="Hermes models: named structures, e.g. liver,spleen or amos_ct/liver")
     s.add_argument("--save-library", help="save the task embedding used to this file (a task library)")
-    s.add_argument("--model", default="default", help="model file, 'default' (bundled) or preset:NAME")
+    s.add_argument("--model", default="default",
+                   help="model file, 'default' (bundled), 'mass-base' (after `models pull mass-base`) or preset:NAME")
     s.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a model file that needs full unpickling (it can run code: trusted files only)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     s.add_argument("--threads", type=int, help="CPU threads")
     s.add_argument("--window", help="sliding-window size, e.g. 128 or 128,128,96 (default: the model's)")
-    s.add_argument("--overlap", type=float, default=0.5)
+    s.add_argument("--overlap", type=float, help="sliding-window overlap (default: the model's, 0.5)")
     s.add_argument("--sw-batch", type=int, default=0, help="windows per forward pass (0: from free memory)")
-    s.add_argument("--postprocess", choices=["none", "largest"], default="none",
-                   help="largest: keep each class's largest connected component (single structures only)")
+    s.add_argument("--max-classes-per-forward", type=int, default=0, metavar="N",
+                   help="segment at most N classes per forward pass (less memory, one sweep per chunk; 0: all)")
+    s.add_argument("--postprocess", choices=["none", "largest"], default=None,
+                   help="largest: keep each class's largest connected component (single structures only); "
+                        "default: the model's (largest for MASS checkpoints, none for ours)")
+    s.add_argument("--save-probabilities", action="store_true",
+                   help="also write one float probability map per class on the target grid, "
+                        "OUTPUT_prob_<class>.nii.gz")
     s.add_argument("--modality", default="auto",
                    help=f"intensity policy {', '.join(MODALITIES)}; Hermes: CT, PET, T1, T2 or cine")
     s.add_argument("--tune-steps", type=int, default=TUNE_STEPS)
@@ -300,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true",
                    help="also time the torch.compile'd network per window (ratio and max abs difference)")
     b.set_defaults(func=cmd_bench)
+
+    mo = sub.add_parser("models", help="list known models (size, licence, source); 'models pull NAME' downloads one")
+    mo.add_argument("action", nargs="?", choices=["list", "pull"], default="list")
+    mo.add_argument("name", nargs="?", help="with pull: the model to download, e.g. mass-base")
+    mo.add_argument("--json", action="store_true", help="list as JSON")
+    mo.add_argument("--quiet", action="store_true", help="no progress bar")
+    mo.set_defaults(func=cmd_models)
 
     p = sub.add_parser("presets", help="list the architecture presets")
     p.set_defaults(func=cmd_presets)

@@ -44,7 +44,7 @@ def encode_references(engine: Engine, refs: list[Reference], classes: list[Class
         held = held_classes(ref, classes)
         if not held:
             continue
-        prep = engine.prepare(ref.image, ref.name)
+        prep = engine.prepare(ref.image, ref.name, target=False)
         out.append((ref, engine.encode(ref, held, prep), prep))
     missing = [c.name for c in classes if not any(c.name in e.names for _, e, _ in out)]
     if missing:

@@ -12,6 +12,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
+#: the compatibility fixtures (vendored: public-data-derived, see Testing/Data/compat/README.md)
+COMPAT = ROOT / "Testing" / "Data" / "compat"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

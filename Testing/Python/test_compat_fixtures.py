@@ -10,12 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED
+from conftest import COMPAT
 from iris_core.checkpoint import load_checkpoint
 from iris_core.models import build_preset
-
-COMPAT = SHARED / "compat"
-pytestmark = pytest.mark.skipif(not COMPAT.is_dir(), reason="../shared/compat not present")
 
 
 def weight_rule(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
