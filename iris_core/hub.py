@@ -87,7 +87,8 @@ def _manual_instructions(m: KnownModel) -> str:
             f"(or pass --model /path/to/{m.filename})")
 
 
-def cached_path(name: str, known: dict[str, KnownModel] | None = None) -> Path | None:
+def cached_path(name: str, known: dict[str, KnownModel] | None = None, cache_dir: Path | None = None
+                ) -> Path | None:
     """The local file of a downloadable model (hand-placed copy first, then the hub cache), or None."""
     m = _entry(name, known)
     if not m.repo_id:
@@ -97,7 +98,7 @@ def cached_path(name: str, known: dict[str, KnownModel] | None = None) -> Path |
         return manual
     from huggingface_hub import try_to_load_from_cache
 
-    hit = try_to_load_from_cache(m.repo_id, m.filename, revision=m.revision)
+    hit = try_to_load_from_cache(m.repo_id, m.filename, revision=m.revision, cache_dir=cache_dir)
     return Path(hit) if isinstance(hit, str) and Path(hit).is_file() else None
 
 
@@ -130,7 +131,8 @@ def verify(path: Path, m: KnownModel) -> None:
 
 
 def pull(name: str, known: dict[str, KnownModel] | None = None, progress: bool = True,
-         tqdm_class: type | None = None, cancel: Callable[[], bool] | None = None) -> Path:
+         tqdm_class: type | None = None, cancel: Callable[[], bool] | None = None,
+         cache_dir: Path | None = None) -> Path:
     """Download a known model into the huggingface_hub cache (once; later calls reuse it), verify it
     and return its path. ``tqdm_class`` replaces the progress bar (e.g. to report to a GUI; it may
     raise to cancel). Without network: a CheckpointError saying where to download it by hand."""
@@ -147,7 +149,7 @@ def pull(name: str, known: dict[str, KnownModel] | None = None, progress: bool =
     try:
         _reachable(endpoint())
         path = Path(hf_hub_download(m.repo_id, m.filename, revision=m.revision, endpoint=endpoint(),
-                                    tqdm_class=tqdm_class))
+                                    tqdm_class=tqdm_class, cache_dir=cache_dir))
     except Exception as exc:  # noqa: BLE001 - network, HTTP, disk: one message with the way out
         if cancel is not None and cancel():
             from .errors import CancelledError
