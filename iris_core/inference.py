@@ -69,9 +69,16 @@ def _windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> in
 def compile_segment(model):
     """``model.segment`` compiled by inductor with frozen weights (constant folding, prepacked
     convolutions); same outputs within float rounding."""
+    import os
+    from pathlib import Path
+
+    # a persistent cache (not /tmp): the compiled kernels and graphs are reused by later processes,
+    # so the compile cost is paid once per machine and model, not once per run
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "iris-segment" / "inductor"))
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
+    inductor_config.fx_graph_cache = True
     return torch.compile(model.segment, dynamic=False)
 
 
