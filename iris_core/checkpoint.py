@@ -210,6 +210,8 @@ def infer_architecture(sd: dict[str, torch.Tensor], path: Path) -> tuple[str, An
             task_prior_slots=sd["task_prior_0"].shape[0] if "task_prior_0" in sd else 1,
             pos_embed_size=sd["task_embedding.0.pos_embed.embedding"].shape[-1],
             context_downsample=max(1, 16 // shuffle),
+            # our small presets' prototype head (never in MASS files); the head token is not in the weights
+            reference_prototype="prototype_scale" in sd,
         )
         return "iris", cfg
     if "inc.conv1.weight" in sd and "prior_init_fuse_2.task_prior" in sd:
