@@ -9,7 +9,8 @@ from pathlib import Path
 
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
 # import name of each requirement (distribution names differ from module names)
-IMPORT_NAMES = {"torch": "torch", "monai": "monai", "safetensors": "safetensors", "tqdm": "tqdm", "psutil": "psutil"}
+IMPORT_NAMES = {"torch": "torch", "monai": "monai", "safetensors": "safetensors", "tqdm": "tqdm", "scipy": "scipy",
+                "huggingface_hub": "huggingface_hub", "psutil": "psutil"}
 # packages Slicer itself ships and uses: never installed or upgraded by this module
 SLICER_OWNED = {"numpy", "simpleitk", "vtk"}
 

@@ -26,9 +26,37 @@ def emit(prefix: str, payload: dict) -> None:
     sys.stdout.flush()
 
 
+def pull_job(job: dict) -> dict:
+    """Download a known model (``{"action": "pull", "model": "mass-base"}``) with progress lines."""
+    from tqdm import tqdm
+
+    from iris_core import hub
+
+    class ProgressBar(tqdm):
+        """huggingface_hub's progress bar, reported on the protocol instead of a terminal."""
+
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = False
+            kwargs["file"] = sys.stderr
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            out = super().update(n)
+            emit(PREFIX_PROGRESS, {"stage": f"Downloading {job['model']}", "done": int(self.n),
+                                   "total": int(self.total or 0)})
+            return out
+
+    path = hub.pull(job["model"], tqdm_class=ProgressBar)
+    m = hub.KNOWN[job["model"]]
+    return {"path": str(path), "licence": m.licence, "source": m.source}
+
+
 def run_job(job: dict) -> dict:
-    """Execute a segmentation job ``{"inputs": {...}, "options": {...}}`` (written by
-    ``logic.IrisSegmentLogic.prepare``; options as ``SegmentOptions.to_dict``); returns the sidecar."""
+    """Execute a job: a segmentation ``{"inputs": {...}, "options": {...}}`` (written by
+    ``logic.IrisSegmentLogic.prepare``; options as ``SegmentOptions.to_dict``), or a model download
+    ``{"action": "pull", "model": ...}``; returns the sidecar."""
+    if job.get("action") == "pull":
+        return pull_job(job)
     from iris_core.api import segment, write_result
     from iris_core.inference import ClassSpec
     from iris_core.options import SegmentOptions

@@ -19,7 +19,6 @@ from .errors import InputError
 from .imaging import looks_like_labels, publish, read_image, read_labels, write_image_atomic
 from .inference import ClassSpec, Engine, ProgressFn, Reference
 from .options import SegmentOptions
-from .postprocess import postprocess as apply_postprocess
 from .strategies import encode_references, run_strategy
 
 log = logging.getLogger(__name__)
@@ -29,13 +28,18 @@ DEFAULT_MODEL = RESOURCES / "Models" / "iris-default.safetensors"
 
 
 def resolve_model(spec: str | None, allow_unsafe: bool = False, device: str = "cpu") -> LoadedModel:
-    """Load a model from a file path, 'default' (the bundled model) or 'preset:NAME' (untrained)."""
+    """Load a model from a file path, 'default' (the bundled model), a known model's name such as
+    'mass-base' (downloaded by ``iris-segment models pull``) or 'preset:NAME' (untrained)."""
     if spec in (None, "", "default"):
         if not DEFAULT_MODEL.is_file():
             raise InputError(f"the bundled default model {DEFAULT_MODEL} is missing; pass --model FILE")
         return load_checkpoint(DEFAULT_MODEL, device=device)
     if spec.startswith("preset:"):
         return preset_model(spec.split(":", 1)[1])
+    from . import hub
+
+    if spec in hub.KNOWN and not Path(spec).exists():  # a known name (mass-base): its downloaded file
+        return load_checkpoint(hub.resolve(spec), allow_unsafe=allow_unsafe, device=device)
     return load_checkpoint(spec, allow_unsafe=allow_unsafe, device=device)
 
 
@@ -153,6 +157,8 @@ class SegmentationResult:
     classes: list[ClassSpec]
     embedding: TaskEmbedding | None
     sidecar: dict = field(default_factory=dict)
+    #: with ``save_probabilities``: one float32 map per class (same order as ``classes``), target grid
+    probabilities: list[sitk.Image] | None = None
 
 
 def segment(
@@ -169,7 +175,13 @@ def segment(
 ) -> SegmentationResult:
     """Segment every class of the references (or of a task library) on ``target`` in one pass; with a
     Hermes model, the named ``structures``. How to run is ``options`` (a SegmentOptions), with keyword
-    overrides of its fields: ``segment(t, refs, strategy="ensemble", device="cpu")``."""
+    overrides of its fields: ``segment(t, refs, strategy="ensemble", device="cpu")``.
+
+    The model's policy decides the pipeline (ours, or the MASS authors' for MASS/Iris checkpoints);
+    ``overlap`` and ``postprocess`` left None follow it ('largest' for MASS checkpoints).
+    ``save_probabilities`` also returns one float map per class on the target grid;
+    ``max_classes_per_forward`` segments the classes in chunks (less memory per window, one pass over
+    the windows per chunk)."""
     t_start = time.perf_counter()
     options = SegmentOptions.from_dict(option_overrides, options)
     loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
@@ -209,23 +221,29 @@ def segment(
         run = _Run(prep, result.probabilities, classes, result.embedding, options.strategy, result.details)
     prep, classes, emb, strategy, details = run.prep, run.classes, run.embedding, run.strategy, run.details
     values = [c.value for c in classes]
-    labels = apply_postprocess(engine.to_target(run.probabilities, prep, values), values, options.postprocess)
+    policy = loaded.preprocessing
+    postprocess = options.postprocess
+    if postprocess is None:
+        postprocess = "largest" if policy.largest_component else "none"
+    labels = engine.to_target(run.probabilities, prep, values, largest=postprocess == "largest")
+    prob_maps = engine.probability_maps(run.probabilities, prep) if options.save_probabilities else None
     sidecar = {
         "target": target_name,
         "classes": [{"name": c.name, "value": c.value} for c in classes],
         "strategy": strategy,
         "model": {"name": loaded.name, "source": loaded.source, "arch": loaded.arch},
         "device": str(engine.device),
-        "spacing_mm": list(loaded.preprocessing.spacing),
+        "pipeline": policy.name,
+        "spacing_mm": list(policy.spacing),
         "window": list(engine.window),
-        "overlap": options.overlap,
-        "postprocess": options.postprocess,
+        "overlap": engine.overlap,
+        "postprocess": postprocess,
         "options": options.to_dict(),
         "timings_s": {k: round(v, 3) for k, v in engine.timer.seconds.items()}
         | {"total": round(time.perf_counter() - t_start, 3)},
         "details": details,
     }
-    return SegmentationResult(labels, classes, emb, sidecar)
+    return SegmentationResult(labels, classes, emb, sidecar, prob_maps)
 
 
 def sidecar_path(output: str | Path) -> Path:
@@ -238,8 +256,25 @@ def sidecar_path(output: str | Path) -> Path:
     return p.with_name(name + ".json")
 
 
+def probability_paths(output: str | Path, classes: list[ClassSpec]) -> list[Path]:
+    """``seg.nii.gz`` and class 'left caudate' -> ``seg_prob_left_caudate.nii.gz`` (one per class)."""
+    p = Path(output)
+    stem = sidecar_path(p).name[: -len(".json")]
+    ext = p.name[len(stem):] or ".nii.gz"
+    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", c.name).strip("_") or f"label_{c.value}" for c in classes]
+    if len(set(names)) != len(names):  # names that differ only in characters a file name cannot hold
+        names = [f"{n}_{c.value}" for n, c in zip(names, classes)]
+    return [p.with_name(f"{stem}_prob_{n}{ext}") for n in names]
+
+
 def write_result(result: SegmentationResult, output: str | Path) -> tuple[Path, Path]:
-    """Write the label map and its JSON sidecar (no partial files on failure)."""
+    """Write the label map, its probability maps (when computed) and its JSON sidecar (no partial
+    files on failure)."""
+    if result.probabilities is not None:
+        paths = probability_paths(output, result.classes)
+        for img, path in zip(result.probabilities, paths):
+            write_image_atomic(img, path)
+        result.sidecar["probability_maps"] = {c.name: p.name for c, p in zip(result.classes, paths)}
     out = write_image_atomic(result.labels, output)
     side = sidecar_path(output)
     tmp = side.with_name(side.name + ".partial")

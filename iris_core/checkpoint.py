@@ -13,7 +13,7 @@ import json
 import logging
 import pickle
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +31,75 @@ log = logging.getLogger(__name__)
 
 FORMAT = "iris-segment/1"
 # Wrapper keys of foreign training checkpoints, most preferred first (EMA weights infer best).
-STATE_DICT_KEYS = ("ema_state_dict", "ema_model_state_dict", "model_state_dict", "state_dict", "model", "net")
+STATE_DICT_KEYS = ("ema_state_dict", "ema_model_state_dict", "ema_model", "model_state_dict", "state_dict", "model", "net")
 PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How images are prepared for a model: spacing (mm), window (voxels), intensity policy."""
+    """The inference policy of a model: every choice of the pipeline around the network, from reading
+    the image to writing the label map. ``Preprocessing()`` is this project's own pipeline (our
+    models); :meth:`mass` is the pipeline of the MASS authors' ``inference.py`` (``mass_base.pth``
+    and any foreign Iris checkpoint). Stored in our checkpoint format, so a converted or fine-tuned
+    MASS model keeps it."""
 
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
     window: tuple[int, int, int] = (128, 128, 128)
     ct_window: tuple[float, float] = (-990.0, 500.0)
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    #: 'iris-segment' (ours) or 'mass' (the authors' inference.py); a label for humans and sidecars
+    name: str = "iris-segment"
+    #: orientation code applied first ('RAS' with sitk.DICOMOrient); '' keeps the file's
+    orientation: str = ""
+    #: 'physical': identity-direction grid over the physical extent, sizes a multiple of 16, anti-aliased;
+    #: 'native': same origin and direction, size round(size * spacing / new spacing), no smoothing
+    grid: str = "physical"
+    #: modality guess of 'auto': 'iris' (1st percentile < -500 -> CT) or 'mass' (0.5/99.5 percentiles)
+    modality_rule: str = "iris"
+    #: target body crop margin (z, y, x voxels); empty: no body crop
+    body_margin: tuple[int, ...] = ()
+    ct_body_threshold: float = -500.0
+    #: reference crops: 'union' (all classes in one window, volume-normalised) or 'per-label' (one
+    #: window per label centred on its box, zero-padded, normalised on the crop)
+    reference_crop: str = "union"
+    #: reference label maps onto the model grid: 'soft' (anti-aliased, >= 0.5) or 'nearest'
+    reference_masks: str = "soft"
+    #: sliding window: 'monai' (background padding, MONAI Gaussian) or 'mass' (zero padding at the
+    #: far end, separable Gaussian sigma 0.125 x edge normalised to max 1)
+    blending: str = "monai"
+    overlap: float = 0.5
+    #: windows holding only background are skipped (their output is taken as 0)
+    skip_empty: bool = True
+    threshold: float = 0.5
+    #: labels decided 'target' (probabilities resampled linearly, then argmax) or 'model' (on the model
+    #: grid, then nearest neighbour onto the target grid)
+    labels_on: str = "target"
+    #: keep each label's largest connected component by default; connectivity 6 (faces) or 26
+    largest_component: bool = False
+    connectivity: int = 26
 
     def to_dict(self) -> dict:
-        return {k: list(v) for k, v in asdict(self).items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(**{k: tuple(v) for k, v in d.items() if k in cls.__dataclass_fields__})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v
+                      for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    @classmethod
+    def mass(cls) -> Preprocessing:
+        """The MASS authors' pipeline (Stanford-AIMI/MASS inference.py, every option at its default);
+        see README: MASS checkpoints."""
+        return cls(spacing=(1.5, 1.5, 1.5), window=(128, 128, 128), ct_window=(-991.0, 500.0),
+                   mr_percentiles=(2.0, 98.0), name="mass", orientation="RAS", grid="native",
+                   modality_rule="mass", body_margin=(16, 32, 32), ct_body_threshold=-500.0,
+                   reference_crop="per-label", reference_masks="nearest", blending="mass", overlap=0.5,
+                   skip_empty=False, threshold=0.5, labels_on="model", largest_component=True,
+                   connectivity=6)
+
+
+#: the inference policy object (one frozen dataclass; ``Preprocessing`` is its historical name)
+Policy = Preprocessing
 
 
 @dataclass
@@ -237,17 +287,33 @@ def _unreadable_reason(path: Path) -> str:
     return "unreadable or truncated checkpoint"
 
 
+def _with_evaluation_settings(prep: Preprocessing, obj: Any) -> Preprocessing:
+    """The window and overlap a MASS training checkpoint records under config.evaluation (the
+    authors' inference.py prefers them to its defaults)."""
+    ev = obj.get("config", {}).get("evaluation", {}) if isinstance(obj, dict) else {}
+    if not isinstance(ev, dict):
+        return prep
+    changes: dict = {}
+    if isinstance(ev.get("window_size"), list | tuple) and len(ev["window_size"]) == 3:
+        changes["window"] = tuple(int(w) for w in ev["window_size"])
+    if isinstance(ev.get("overlap"), int | float):
+        changes["overlap"] = float(ev["overlap"])
+    return replace(prep, **changes) if changes else prep
+
+
 def load_checkpoint(path: str | Path, allow_unsafe: bool = False, device: str | torch.device = "cpu") -> LoadedModel:
     """Load any supported model file into the matching network (eval mode) on ``device``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: model file not found")
     meta: dict[str, str] = {}
+    obj: Any = None
     if _is_safetensors(path):
         meta, sd = read_safetensors(path, "model")
         wrapper = "safetensors"
     else:
-        sd, wrapper = _find_state_dict(_torch_load(path, allow_unsafe), path)
+        obj = _torch_load(path, allow_unsafe)
+        sd, wrapper = _find_state_dict(obj, path)
     sd = _strip_prefixes(dict(sd))
     if meta.get("format") == FORMAT:
         arch = meta["arch"]
@@ -260,7 +326,10 @@ def load_checkpoint(path: str | Path, allow_unsafe: bool = False, device: str | 
         info = json.loads(meta.get("info", "{}"))
     else:
         arch, config = infer_architecture(sd, path)
-        prep = Preprocessing()
+        # a foreign Iris checkpoint is a MASS/Iris release: the authors' pipeline, not ours
+        prep = Preprocessing.mass() if arch == "iris" else Preprocessing()
+        if arch == "iris":
+            prep = _with_evaluation_settings(prep, obj)
         names, info = [], {"name": path.name, "format": f"foreign ({wrapper})"}
     model = build_model(arch, config)
     _load_into(model, sd, path)

@@ -67,7 +67,8 @@ def segment_options(args: argparse.Namespace):
     return SegmentOptions(
         strategy=args.strategy, tune_steps=args.tune_steps, tune_lr=args.tune_lr, device=args.device,
         threads=args.threads, window=_window(args.window), overlap=args.overlap, sw_batch=args.sw_batch,
-        compile=args.compile, intensity=intensity, hermes_modality=hermes_modality, postprocess=args.postprocess)
+        compile=args.compile, intensity=intensity, hermes_modality=hermes_modality, postprocess=args.postprocess,
+        save_probabilities=args.save_probabilities, max_classes_per_forward=args.max_classes_per_forward)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -179,6 +180,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_pair, format_table, pair_benchmark, run_benchmark
 
+    if args.pipeline:
+        from .bench_pipeline import format_pipeline, pipeline_benchmark
+
+        res = pipeline_benchmark(args.model[0] if args.model else "default", target=args.target,
+                                 references=[tuple(r) for r in args.reference or []], intensity=args.intensity,
+                                 compile=args.compile, threads=args.threads, further_targets=args.further_targets)
+        print(format_pipeline(res))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+        return 0
     if args.pair:
         res = pair_benchmark(args.model[0] if args.model else "default", repeats=args.repeats,
                              registration=not args.no_registration, threads=args.threads)
@@ -216,6 +227,32 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from . import hub
+
+    if args.action == "pull":
+        if not args.name:
+            raise_usage = f"models pull needs a name: {', '.join(n for n, m in hub.KNOWN.items() if m.repo_id)}"
+            print(f"error: {raise_usage}", file=sys.stderr)
+            return 2
+        m = hub.KNOWN.get(args.name)
+        if m is not None and m.repo_id:
+            print(f"downloading {m.name} ({m.size_text()}) from {m.url}\nlicence: {m.licence}", file=sys.stderr)
+        path = hub.pull(args.name, progress=not args.quiet)
+        print(f"{args.name}: {path}\nverified: loads as the {hub.KNOWN[args.name].arch} layout; licence: "
+              f"{hub.KNOWN[args.name].licence}\nuse it with --model {args.name}")
+        return 0
+    rows = hub.describe()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        state = r["local"] or (f"not downloaded: {r['get']}" if r["get"] else "")
+        print(f"{r['name']:10s} {r['size']:>7s}  {r['title']}\n{'':19s}licence: {r['licence']}\n"
+              f"{'':19s}source:  {r['source']}" + (f"\n{'':19s}local:   {state}" if state else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .options import INTENSITY_POLICIES, POSTPROCESSING, STRATEGIES, SegmentOptions
 
@@ -234,17 +271,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--library", help="segment from a saved task library instead of references")
     s.add_argument("--structures", help="Hermes models: named structures, e.g. liver,spleen or amos_ct/liver")
     s.add_argument("--save-library", help="save the task embedding used to this file (a task library)")
-    s.add_argument("--model", default="default", help="model file, 'default' (bundled) or preset:NAME")
+    s.add_argument("--model", default="default",
+                   help="model file, 'default' (bundled), 'mass-base' (after `models pull mass-base`) or preset:NAME")
     s.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a model file that needs full unpickling (it can run code: trusted files only)")
     s.add_argument("--device", default=default.device, help="auto, cpu, cuda, cuda:N or mps")
     s.add_argument("--threads", type=int, default=default.threads, help="CPU threads")
     s.add_argument("--window", help="sliding-window size, e.g. 128 or 128,128,96 (default: the model's)")
-    s.add_argument("--overlap", type=float, default=default.overlap)
+    s.add_argument("--overlap", type=float, default=default.overlap,
+                   help="sliding-window overlap (default: the model's, 0.5 for ours)")
     s.add_argument("--sw-batch", type=int, default=default.sw_batch,
                    help="windows per forward pass (0: from free memory)")
+    s.add_argument("--max-classes-per-forward", type=int, default=default.max_classes_per_forward, metavar="N",
+                   help="segment at most N classes per forward pass (less memory, one sweep per chunk; 0: all)")
     s.add_argument("--postprocess", choices=POSTPROCESSING, default=default.postprocess,
-                   help="largest: keep each class's largest connected component (single structures only)")
+                   help="largest: keep each class's largest connected component (single structures only); "
+                        "default: the model's (largest for MASS checkpoints, none for ours)")
+    s.add_argument("--save-probabilities", action="store_true", default=default.save_probabilities,
+                   help="also write one float probability map per class on the target grid, "
+                        "OUTPUT_prob_<class>.nii.gz")
     s.add_argument("--intensity", choices=INTENSITY_POLICIES, default=default.intensity,
                    help="intensity policy of the preprocessing (auto: CT when the values look like HU)")
     s.add_argument("--hermes-modality", default=default.hermes_modality,
@@ -322,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pair", action="store_true",
                    help="whole-volume figures on the real template pair, optimised vs plain eager, and registration")
     b.add_argument("--no-registration", action="store_true", help="with --pair: skip the antspyx SyN baseline")
+    b.add_argument("--pipeline", action="store_true",
+                   help="one whole target through the model's pipeline (MASS checkpoints: the authors'), seconds "
+                        "per stage and window, further targets, peak memory; default data: the MASS fixture MR case")
+    b.add_argument("--target", help="with --pipeline: the target image")
+    b.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
+                   help="with --pipeline: a reference image and its label map")
+    b.add_argument("--intensity", default="auto", help="with --pipeline: the intensity policy")
+    b.add_argument("--further-targets", type=int, default=1, help="with --pipeline: further targets to time")
     b.add_argument("--compile", action="store_true",
                    help="also time the torch.compile'd network per window (ratio and max abs difference)")
     b.set_defaults(func=cmd_bench)
@@ -333,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a model file that needs full unpickling (it can run code: trusted files only)")
     c.set_defaults(func=cmd_check_model)
+
+    mo = sub.add_parser("models", help="list known models (size, licence, source); 'models pull NAME' downloads one")
+    mo.add_argument("action", nargs="?", choices=["list", "pull"], default="list")
+    mo.add_argument("name", nargs="?", help="with pull: the model to download, e.g. mass-base")
+    mo.add_argument("--json", action="store_true", help="list as JSON")
+    mo.add_argument("--quiet", action="store_true", help="no progress bar")
+    mo.set_defaults(func=cmd_models)
 
     p = sub.add_parser("presets", help="list the architecture presets")
     p.set_defaults(func=cmd_presets)

@@ -17,8 +17,10 @@ from .device import autocast, check_memory, select_device, set_threads
 from .embedding import TaskEmbedding
 from .errors import CancelledError, InputError
 from .options import SegmentOptions
-from .preprocess import PreparedImage, prepare_image
-from .resample import array_to_image, labels_to_masks, resample_to
+from .postprocess import keep_largest_component
+from .preprocess import PreparedImage, largest_component_array, prepare_image, reorient, volume_intensity_map
+from .resample import array_to_image, labels_to_masks, nearest_masks, resample_to
+from .sliding import sliding_window
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,16 @@ def _windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> in
 def compile_segment(model):
     """``model.segment`` compiled by inductor with frozen weights (constant folding, prepacked
     convolutions); same outputs within float rounding."""
+    import os
+    from pathlib import Path
+
+    # a persistent cache (not /tmp): the compiled kernels and graphs are reused by later processes,
+    # so the compile cost is paid once per machine and model, not once per run
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "iris-segment" / "inductor"))
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
+    inductor_config.fx_graph_cache = True
     return torch.compile(model.segment, dynamic=False)
 
 
@@ -100,13 +109,17 @@ class Engine:
         self.divisor = loaded.config.divisor  # the network's sizes must be multiples of this
         if any(w % self.divisor for w in self.window):
             raise InputError(f"window {self.window}: every edge must be a multiple of {self.divisor}")
-        self.overlap = options.overlap
+        # None: the model's policy (MASS: the authors' overlap)
+        self.overlap = self.policy.overlap if options.overlap is None else options.overlap
+        if not 0 <= self.overlap < 1:
+            raise InputError(f"overlap {self.overlap} must be in [0, 1)")
+        self.max_classes_per_forward = options.max_classes_per_forward
         self.sw_batch = options.sw_batch if options.sw_batch > 0 else self._auto_batch()
         self.amp = amp
         self.intensity = options.intensity
         self.progress = progress or _no_progress
         self.cancel = cancel or (lambda: False)
-        self.skip_empty = skip_empty
+        self.skip_empty = skip_empty and self.policy.skip_empty
         self.skipped_windows = 0
         # torch.compile (inductor, frozen weights): minutes to compile once per process and window
         # size, then several times faster per window on a CPU; worth it for cohorts, not one target
@@ -135,11 +148,11 @@ class Engine:
                          "(an Iris model segments from references: use --reference or --library)")
 
     # -- preparation -----------------------------------------------------------------------
-    def prepare(self, image: sitk.Image, name: str) -> PreparedImage:
-        """Normalise and resample an image onto its model grid."""
+    def prepare(self, image: sitk.Image, name: str, target: bool = True) -> PreparedImage:
+        """Normalise and resample an image onto its model grid (a reference: ``target=False``)."""
         self._check_cancel()
         t0 = time.perf_counter()
-        prep = prepare_image(image, name, self.policy, self.intensity, multiple=self.divisor)
+        prep = prepare_image(image, name, self.policy, self.intensity, multiple=self.divisor, target=target)
         self.timer.add("prepare", t0)
         return prep
 
@@ -174,10 +187,31 @@ class Engine:
         return (torch.from_numpy(img)[None, None].to(self.device),
                 torch.from_numpy(m.astype(np.float32))[None].to(self.device))
 
+    def label_crop(self, prep: PreparedImage, masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 'per-label' reference crop: a window centred on the label's bounding box (centre
+        rounded half to even, as Python's round), zero-padded outside the volume, the image crop
+        z-scored on its own."""
+        if prep.raw is None:
+            raise InputError(f"{prep.name}: prepared as a target; per-label reference crops need the "
+                             "reference prepared with target=False")
+        zyx = np.argwhere(masks.any(axis=0))
+        centre = np.array([int(round((int(lo) + int(hi)) / 2.0)) for lo, hi in zip(zyx.min(0), zyx.max(0))])
+        win = np.array(self.window)
+        box = tuple(slice(int(s), int(s + w)) for s, w in zip(centre - win // 2, win))
+        raw = self._crop(prep.raw, box, 0.0)
+        img = volume_intensity_map(raw, self.intensity, self.policy).apply(raw)
+        m = np.stack([self._crop(mk, box, 0) for mk in masks])
+        return (torch.from_numpy(img)[None, None].to(self.device),
+                torch.from_numpy(m.astype(np.float32))[None].to(self.device))
+
     # -- encoding --------------------------------------------------------------------------
     def reference_masks(self, ref: Reference, prep: PreparedImage, classes: list[ClassSpec]) -> np.ndarray:
         """Binary masks of ``classes`` on the reference's model grid; empty classes are an error."""
-        masks = labels_to_masks(ref.labels, prep.grid, [c.value for c in classes])
+        values = [c.value for c in classes]
+        if self.policy.reference_masks == "nearest":
+            masks = nearest_masks(reorient(ref.labels, self.policy.orientation), prep.grid, values)
+        else:
+            masks = labels_to_masks(ref.labels, prep.grid, values)
         for c, m in zip(classes, masks):
             if not m.any():
                 raise InputError(
@@ -191,14 +225,16 @@ class Engine:
         """Task embedding of ``classes`` on one reference (one encoder pass when they fit one window)."""
         self.require_arch("iris")
         self._check_cancel()
-        prep = prep or self.prepare(ref.image, ref.name)
+        prep = prep or self.prepare(ref.image, ref.name, target=False)
         t0 = time.perf_counter()
         masks = self.reference_masks(ref, prep, classes)
         parts = []
-        groups = self._group_classes(masks)
+        per_label = self.policy.reference_crop == "per-label"
+        groups = [[i] for i in range(len(masks))] if per_label else self._group_classes(masks)
         for gi, group in enumerate(groups):
             self.progress(f"Encoding reference {ref.name}", gi, len(groups))
-            img, m = self.reference_crop(prep, masks[group])
+            crop = self.label_crop if per_label else self.reference_crop
+            img, m = crop(prep, masks[group])
             with autocast(self.device, self.amp):
                 tokens = self.model.encode_task(img, m)
             parts.append(TaskEmbedding([t[0].float().cpu() for t in tokens],
@@ -228,7 +264,16 @@ class Engine:
         """Per-class probabilities [K, z, y, x] of an Iris embedding on the target's model grid."""
         self.require_arch("iris")
         tokens = tokens if tokens is not None else emb.batched(self.device)
-        return self._sliding(prep, len(emb), lambda x: self._segment(x, tokens))
+        k = len(emb)
+        step = self.max_classes_per_forward or k
+        if step >= k:
+            return self._sliding(prep, k, lambda x: self._segment(x, tokens))
+        # fewer classes per forward pass: less memory per window, one pass over the windows per chunk
+        parts = []
+        for a in range(0, k, step):
+            chunk = [t[:, a : a + step] for t in tokens]
+            parts.append(self._sliding(prep, chunk[0].shape[1], lambda x, c=chunk: self._segment(x, c)))
+        return np.concatenate(parts)
 
     def predict_tasks(self, prep: PreparedImage, task_idx: list[int], modality_idx: int) -> np.ndarray:
         """Per-task probabilities [T, z, y, x] of a Hermes model for global task indices and a modality."""
@@ -248,6 +293,10 @@ class Engine:
         check_memory(self._estimate_bytes(prep.array.shape, k), self.device, f"segmenting {prep.name}")
         t0 = time.perf_counter()
         x = torch.from_numpy(prep.array)[None, None]
+        if self.policy.blending == "mass":
+            probs = self._sliding_mass(x, prep.name, k, logits_fn)
+            self.timer.add("segment", t0)
+            return probs
         total = _windows(x.shape[2:], self.window, self.overlap)
         done = [0]
 
@@ -275,23 +324,78 @@ class Engine:
         self.timer.add("segment", t0)
         return probs[0].numpy()
 
+    def _sliding_mass(self, x: torch.Tensor, name: str, k: int, logits_fn) -> np.ndarray:
+        """The 'mass' blending: zero padding at the far end, every window, the authors' Gaussian."""
+
+        def probs_fn(patch: torch.Tensor) -> torch.Tensor:
+            self._check_cancel()
+            with autocast(self.device, self.amp):
+                return torch.sigmoid(logits_fn(patch.to(self.device)).float())
+
+        def on_window(done: int, total: int) -> None:
+            self.progress(f"Segmenting {name}", done, total)
+
+        with torch.inference_mode():
+            return sliding_window(x, self.window, self.overlap, k, probs_fn, on_window)[0].numpy()
+
     # -- back to the target grid -----------------------------------------------------------
-    def to_target(self, probs: np.ndarray, prep: PreparedImage, values: list[int], threshold: float = 0.5
-                  ) -> sitk.Image:
-        """Label map on the exact target grid: per voxel the most probable class above ``threshold``."""
+    def to_target(self, probs: np.ndarray, prep: PreparedImage, values: list[int], threshold: float | None = None,
+                  largest: bool = False) -> sitk.Image:
+        """Label map on the exact target grid: per voxel the most probable class above ``threshold``
+        (default: the policy's); ``largest`` keeps each label's largest connected component (the
+        policy's connectivity). Where labels are decided follows the policy's ``labels_on``."""
         t0 = time.perf_counter()
+        threshold = self.policy.threshold if threshold is None else threshold
+        if self.policy.labels_on == "model":
+            out = self._labels_on_model_grid(probs, prep, values, threshold, largest)
+            self.timer.add("resample_back", t0)
+            return out
         target = prep.source
         best = np.full(target.GetSize()[::-1], threshold, dtype=np.float32)
         labels = np.zeros(target.GetSize()[::-1], dtype=np.int32)
         for k, v in enumerate(values):
-            p = array_to_image(probs[k], prep.grid)
-            # keep the resampled image alive while its array view is read (a view of a temporary
-            # image points into freed memory)
-            resampled = resample_to(p, target, sitk.sitkLinear, 0.0)
-            pt = sitk.GetArrayViewFromImage(resampled)
+            pt = self._probability_on_target(probs[k], prep)
             win = pt > best
             labels[win] = v
             best[win] = pt[win]
-        out = array_to_image(labels.astype(np.uint16 if max(values, default=0) > 255 else np.uint8), target)
+        out = array_to_image(labels.astype(_label_dtype(values)), target)
+        if largest:
+            out = keep_largest_component(out, values, fully_connected=self.policy.connectivity == 26)
         self.timer.add("resample_back", t0)
         return out
+
+    def _labels_on_model_grid(self, probs: np.ndarray, prep: PreparedImage, values: list[int], threshold: float,
+                              largest: bool) -> sitk.Image:
+        """The 'model' policy: a voxel of the model grid takes the label of the highest probability
+        >= ``threshold`` (classes in the given order, ties to the first), components are filtered
+        there, and the label map goes to the target grid by nearest neighbour."""
+        best = np.zeros(probs.shape[1:], dtype=np.float32)
+        labels = np.zeros(probs.shape[1:], dtype=_label_dtype(values))
+        for k, v in enumerate(values):
+            win = (probs[k] >= threshold) & (probs[k] > best)
+            labels[win] = v
+            best[win] = probs[k][win]
+        if largest:
+            kept = np.zeros_like(labels)
+            for v in values:
+                if (labels == v).any():
+                    kept[largest_component_array(labels == v, self.policy.connectivity)] = v
+            labels = kept
+        img = array_to_image(labels, prep.grid)
+        return resample_to(img, prep.source, sitk.sitkNearestNeighbor, 0, img.GetPixelID())
+
+    def _probability_on_target(self, p: np.ndarray, prep: PreparedImage) -> np.ndarray:
+        img = array_to_image(np.ascontiguousarray(p, dtype=np.float32), prep.grid)
+        # a copy: an array view of a temporary image would point into freed memory
+        return sitk.GetArrayFromImage(resample_to(img, prep.source, sitk.sitkLinear, 0.0))
+
+    def probability_maps(self, probs: np.ndarray, prep: PreparedImage) -> list[sitk.Image]:
+        """One float32 probability image per class on the exact target grid (linear, outside: 0)."""
+        out = []
+        for p in probs:
+            out.append(array_to_image(self._probability_on_target(p, prep), prep.source))
+        return out
+
+
+def _label_dtype(values: list[int]) -> type:
+    return np.uint16 if max(values, default=0) > 255 else np.uint8

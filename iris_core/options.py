@@ -38,12 +38,14 @@ class SegmentOptions:
     device: str = "auto"
     threads: int | None = None
     window: tuple[int, int, int] | None = None  # sliding-window size; None: the model's
-    overlap: float = 0.5
+    overlap: float | None = None  # sliding-window overlap; None: the model's policy's
     sw_batch: int = 0  # windows per forward pass; 0: from free memory
     compile: bool = False
     intensity: str = "auto"
     hermes_modality: str | None = None
-    postprocess: str = "none"
+    postprocess: str | None = None  # "none" or "largest"; None: the model's policy's (MASS: largest)
+    save_probabilities: bool = False  # also one float32 probability map per class on the target grid
+    max_classes_per_forward: int = 0  # classes per forward pass (chunks: less memory); 0: all at once
 
     def __post_init__(self) -> None:
         check_field_types(self, "segment options")
@@ -52,10 +54,13 @@ class SegmentOptions:
         if self.intensity not in INTENSITY_POLICIES:
             raise ConfigError(f"unknown intensity policy {self.intensity!r}; use one of "
                               f"{', '.join(INTENSITY_POLICIES)}")
-        if self.postprocess not in POSTPROCESSING:
+        if self.postprocess is not None and self.postprocess not in POSTPROCESSING:
             raise ConfigError(f"unknown post-processing {self.postprocess!r}; use one of {', '.join(POSTPROCESSING)}")
-        if not 0 <= self.overlap < 1:
+        if self.overlap is not None and not 0 <= self.overlap < 1:
             raise ConfigError(f"overlap {self.overlap} must be in [0, 1)")
+        if self.max_classes_per_forward < 0:
+            raise ConfigError(f"max classes per forward {self.max_classes_per_forward} must be >= 0 "
+                              "(0: all at once)")
         if self.tune_steps < 0 or self.tune_lr <= 0:
             raise ConfigError(f"tuning needs steps >= 0 and a positive rate (got {self.tune_steps}, {self.tune_lr})")
         if self.window is not None and (len(self.window) != 3 or any(w <= 0 for w in self.window)):

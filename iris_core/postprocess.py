@@ -10,8 +10,9 @@ from .resample import array_to_image
 POSTPROCESS = ("none", "largest")
 
 
-def keep_largest_component(labels: sitk.Image, values: list[int]) -> sitk.Image:
-    """Per class, keep only its largest 26-connected component (stray islands removed). Fits single
+def keep_largest_component(labels: sitk.Image, values: list[int], fully_connected: bool = True) -> sitk.Image:
+    """Per class, keep only its largest 26-connected component (6-connected: ``fully_connected=False``;
+    stray islands removed). Fits single
     connected structures (brain, liver); not structures made of several parts (e.g. both kidneys
     as one label)."""
     arr = sitk.GetArrayFromImage(labels)
@@ -20,7 +21,7 @@ def keep_largest_component(labels: sitk.Image, values: list[int]) -> sitk.Image:
         mask = sitk.GetImageFromArray((arr == v).astype(np.uint8))
         if not sitk.GetArrayViewFromImage(mask).any():
             continue
-        cc = sitk.RelabelComponent(sitk.ConnectedComponent(mask, True), sortByObjectSize=True)
+        cc = sitk.RelabelComponent(sitk.ConnectedComponent(mask, fully_connected), sortByObjectSize=True)
         out[sitk.GetArrayViewFromImage(cc) == 1] = v
     return array_to_image(out, labels)
 

@@ -72,11 +72,16 @@ class PreparedImage:
     source: sitk.Image
     intensity: IntensityMap
     name: str
+    #: the resampled image before normalisation (policies that normalise each reference crop on its own)
+    raw: np.ndarray | None = None
 
 
 def prepare_image(image: sitk.Image, name: str, policy: Preprocessing, modality: str = "auto",
-                  multiple: int = 16) -> PreparedImage:
-    """Normalise intensities, anti-alias and resample ``image`` onto its model grid."""
+                  multiple: int = 16, target: bool = True) -> PreparedImage:
+    """Normalise intensities, anti-alias and resample ``image`` onto its model grid (the policy's
+    'native' grid: see :func:`prepare_native`)."""
+    if policy.grid == "native":
+        return prepare_native(image, name, policy, modality, body_crop=target)
     size, _ = model_grid_geometry(image, policy.spacing, multiple)
     # model grid as uint8 + float32 resampled + float32 normalised, plus the source as float32
     check_memory(int(np.prod(size.astype(np.float64))) * 9 + int(np.prod(image.GetSize())) * 8,
@@ -88,3 +93,116 @@ def prepare_image(image: sitk.Image, name: str, policy: Preprocessing, modality:
     img = smooth_for_downsampling(img, policy.spacing)
     res = resample_to(img, grid, sitk.sitkLinear, default=imap.lo)
     return PreparedImage(imap.apply(sitk.GetArrayViewFromImage(res)), grid, image, imap, name)
+
+
+# -- the 'native' grid policy (the MASS authors' pipeline) -------------------------------------------
+
+def guess_modality_mass(arr: np.ndarray) -> str:
+    """The MASS rule: CT when the 0.5th percentile < -200 and the 99.5th > 300; PET when >= 0 and > 5."""
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return "CT"
+    lo, hi = np.percentile(finite, [0.5, 99.5])
+    if lo < -200 and hi > 300:
+        return "CT"
+    if lo >= 0 and hi > 5:
+        return "PET"
+    return "MR"
+
+
+def _modality(arr: np.ndarray, modality: str, policy: Preprocessing) -> str:
+    if modality not in INTENSITY_POLICIES:
+        raise InputError(f"unknown intensity policy {modality!r}; use one of {', '.join(INTENSITY_POLICIES)}")
+    if modality != "auto":
+        return modality
+    return guess_modality_mass(arr) if policy.modality_rule == "mass" else guess_modality(arr)
+
+
+def volume_intensity_map(arr: np.ndarray, modality: str, policy: Preprocessing, eps: float = 1e-6) -> IntensityMap:
+    """Clip (CT: the policy's HU window; MR/PET: its percentiles of every voxel, when they differ),
+    then z-score over the whole clipped array."""
+    modality = _modality(arr, modality, policy)
+    a = arr.astype(np.float32, copy=False)
+    if modality == "CT":
+        lo, hi = policy.ct_window
+    else:
+        lo, hi = np.percentile(a[np.isfinite(a)], policy.mr_percentiles) if a.size else (0.0, 0.0)
+        if not hi > lo:
+            lo, hi = -np.inf, np.inf
+    clipped = np.clip(a, np.float32(lo), np.float32(hi))
+    mean, std = float(clipped.mean()), float(clipped.std())
+    return IntensityMap(float(lo), float(hi), mean, std if std > eps else 1.0, modality)
+
+
+def reorient(image: sitk.Image, orientation: str) -> sitk.Image:
+    """``image`` with its axes reordered/flipped to a DICOM orientation code ('' keeps it)."""
+    return sitk.DICOMOrient(image, orientation) if orientation else image
+
+
+def native_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> sitk.Image:
+    """Empty grid at ``spacing`` with ``image``'s origin and direction, size round(size * old / new)."""
+    size = [max(1, int(round(n * s / float(t)))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    grid = sitk.Image(size, sitk.sitkUInt8)
+    grid.SetSpacing([float(t) for t in spacing])
+    grid.SetOrigin(image.GetOrigin())
+    grid.SetDirection(image.GetDirection())
+    return grid
+
+
+def largest_component_array(mask: np.ndarray, connectivity: int = 6) -> np.ndarray:
+    """The largest connected component of a binary array (6: faces, 26: faces, edges, corners)."""
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(3, 1 if connectivity == 6 else 3)
+    lab, n = ndimage.label(mask, structure)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
+def body_box(arr: np.ndarray, modality: str, policy: Preprocessing) -> tuple[slice, ...] | None:
+    """The body's bounding box (z, y, x slices) plus the policy's margin, clamped to the volume: CT
+    voxels above the body threshold, else |value| above 1e-3 of the 99th percentile of |values|;
+    closed (2 iterations), holes filled, largest component. None when nothing is found."""
+    from scipy import ndimage
+
+    finite = np.isfinite(arr)
+    if _modality(arr, modality, policy) == "CT":
+        mask = finite & (arr > policy.ct_body_threshold)
+    else:
+        if not finite.any():
+            return None
+        thr = max(float(np.percentile(np.abs(arr[finite]), 99)) * 1e-3, 1e-6)
+        mask = finite & (np.abs(arr) > thr)
+    mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2))
+    mask = largest_component_array(mask, 6)
+    if not mask.any():
+        return None
+    box = []
+    for axis, margin in enumerate(policy.body_margin):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(0, int(idx[0]) - margin), min(mask.shape[axis], int(idx[-1]) + 1 + margin)))
+    return tuple(box)
+
+
+def prepare_native(image: sitk.Image, name: str, policy: Preprocessing, modality: str = "auto",
+                   body_crop: bool = True) -> PreparedImage:
+    """The MASS preparation: reorient, resample linearly (outside: 0) onto the native grid at the
+    policy spacing, crop a target to its body box, z-score the (cropped) array."""
+    grid = native_grid(reorient(image, policy.orientation), policy.spacing)
+    check_memory(int(np.prod(grid.GetSize())) * 12 + int(np.prod(image.GetSize())) * 8,
+                 torch.device("cpu"), f"preparing {name} at {policy.spacing} mm")
+    check_finite(image, name)
+    oriented = reorient(image, policy.orientation)
+    res = resample_to(oriented, grid, sitk.sitkLinear, 0.0)
+    if body_crop and policy.body_margin:
+        box = body_box(sitk.GetArrayViewFromImage(res), modality, policy)
+        if box is not None:
+            res = sitk.RegionOfInterest(res, [b.stop - b.start for b in box[::-1]], [b.start for b in box[::-1]])
+    raw = sitk.GetArrayFromImage(res)
+    imap = volume_intensity_map(raw, modality, policy)
+    grid = sitk.Image(res.GetSize(), sitk.sitkUInt8)
+    grid.CopyInformation(res)
+    return PreparedImage(imap.apply(raw), grid, image, imap, name, raw=None if body_crop else raw)

@@ -82,6 +82,13 @@ def labels_to_masks(labels: sitk.Image, grid: sitk.Image, values: list[int]) -> 
     return out
 
 
+def nearest_masks(labels: sitk.Image, grid: sitk.Image, values: list[int]) -> np.ndarray:
+    """Binary masks [K, z, y, x] of label ``values`` after nearest-neighbour resampling onto ``grid``."""
+    resampled = resample_to(labels, grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
+    arr = sitk.GetArrayViewFromImage(resampled)
+    return np.stack([arr == v for v in values]).astype(np.uint8)
+
+
 def array_to_image(arr: np.ndarray, grid: sitk.Image) -> sitk.Image:
     """A SimpleITK image of ``arr`` (z, y, x) with ``grid``'s geometry."""
     img = sitk.GetImageFromArray(arr)

@@ -50,7 +50,7 @@ def encode_references(engine: Engine, refs: list[Reference], classes: list[Class
         held = held_classes(ref, classes)
         if not held:
             continue
-        prep = engine.prepare(ref.image, ref.name)
+        prep = engine.prepare(ref.image, ref.name, target=False)
         out.append(EncodedReference(ref, engine.encode(ref, held, prep), prep))
     missing = [c.name for c in classes if not any(c.name in e.embedding.names for e in out)]
     if missing:

@@ -12,6 +12,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
+#: the compatibility fixtures (vendored: public-data-derived, see Testing/Data/compat/README.md)
+COMPAT = ROOT / "Testing" / "Data" / "compat"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -100,3 +102,37 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     s = a.sum() + b.sum()
     return 1.0 if s == 0 else 2.0 * np.logical_and(a, b).sum() / s
+
+
+def weight_rule(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """The fixtures' deterministic weights, generated under the reference names (compat/README.md)."""
+    import math
+    import zlib
+
+    out = {}
+    for key in sorted(shapes):
+        g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        r = torch.randn(shapes[key], generator=g, dtype=torch.float32)
+        if len(shapes[key]) >= 2:
+            out[key] = r / math.sqrt(math.prod(shapes[key][1:]))
+        elif key.endswith("weight"):
+            out[key] = 1 + 0.1 * r
+        else:
+            out[key] = 0.1 * r
+    return out
+
+
+@pytest.fixture(scope="session")
+def mass_rule_checkpoint(tmp_path_factory) -> Path:
+    """The weight-rule MASS-base network saved exactly as the authors' training format
+    (compat/mass_pipeline/README.md step 1): about 480 MB, built once per session."""
+    import json
+
+    ref = json.loads((COMPAT / "iris_mass_state_dict.json").read_text())["state_dict"]
+    path = tmp_path_factory.mktemp("mass") / "mass_base.pth"
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in weight_rule(ref).items()},
+                "config": {"model": {"type": "iris", "in_ch": 1, "channels": [32, 64, 128, 256, 512], "tn": 73,
+                                     "num_prior_stage": 3},
+                           "evaluation": {"window_size": [128, 128, 128], "overlap": 0.5}},
+                "epoch": 0}, path)
+    return path

@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
-import zlib
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED
+from conftest import COMPAT, weight_rule
 from iris_core.checkpoint import load_checkpoint
 from iris_core.models import build_preset
-
-COMPAT = SHARED / "compat"
-pytestmark = pytest.mark.skipif(not COMPAT.is_dir(), reason="../shared/compat not present")
-
-
-def weight_rule(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    """The fixtures' deterministic weights, generated under the reference names (compat/README.md)."""
-    out = {}
-    for key in sorted(shapes):
-        g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-        r = torch.randn(shapes[key], generator=g, dtype=torch.float32)
-        if len(shapes[key]) >= 2:
-            out[key] = r / math.sqrt(math.prod(shapes[key][1:]))
-        elif key.endswith("weight"):
-            out[key] = 1 + 0.1 * r
-        else:
-            out[key] = 0.1 * r
-    return out
 
 
 def test_mass_base_layout_and_parameter_count():

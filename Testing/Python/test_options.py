@@ -46,6 +46,22 @@ def test_cli_and_parameter_node_defaults_are_the_options_defaults():
         assert DEFAULTS[key] == ("" if default is None else str(default))
 
 
+def test_issue11_options_are_fields_with_policy_defaults():
+    """--save-probabilities, --max-classes-per-forward, --overlap and --postprocess reach the one
+    SegmentOptions; overlap and postprocess left out stay None (the model's policy decides)."""
+    default = SegmentOptions()
+    assert default.overlap is None and default.postprocess is None
+    assert default.save_probabilities is False and default.max_classes_per_forward == 0
+    parse = build_parser().parse_args
+    opts = segment_options(parse(["segment", "--target", "t", "--output", "o", "--save-probabilities",
+                                  "--max-classes-per-forward", "2", "--overlap", "0.25", "--postprocess", "none"]))
+    assert (opts.save_probabilities, opts.max_classes_per_forward, opts.overlap, opts.postprocess) == (
+        True, 2, 0.25, "none")
+    assert SegmentOptions.from_dict(json.loads(json.dumps(opts.to_dict()))) == opts  # the worker job
+    with pytest.raises(ConfigError, match="max classes per forward -1"):
+        SegmentOptions(max_classes_per_forward=-1)
+
+
 def test_deprecated_modality_maps_to_the_right_option():
     parse = build_parser().parse_args
     assert segment_options(parse(["segment", "--target", "t", "--output", "o", "--modality", "CT"])).intensity == "CT"

@@ -1,0 +1,74 @@
+"""The model choice of the Slicer module, without Qt: the choices, what a choice needs before it can
+run (a download the user must agree to), and the download itself in the worker process (progress
+lines, Cancel kills it; a later download resumes). The GUI process never loads a model: what it
+shows comes from iris_core.hub's table and a file-existence check."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .runner import run_worker
+
+FILE_CHOICE = "file"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    key: str  # 'default', a known model's name ('mass-base') or 'file'
+    label: str
+    download_bytes: int | None = None  # size to download before first use; None: nothing to download
+
+
+def model_choices() -> list[ModelChoice]:
+    """The bundled default, "MASS base (download, about 480 MB)" and a file, in that order."""
+    from iris_core import hub
+
+    out = [ModelChoice("default", "Bundled default model")]
+    for name, m in hub.KNOWN.items():
+        if m.repo_id:
+            mb = round((m.size_bytes or 0) / 1e6, -1)
+            out.append(ModelChoice(name, f"{m.title.split(':')[0]} (download, about {mb:.0f} MB)", m.size_bytes))
+    out.append(ModelChoice(FILE_CHOICE, "Model file..."))
+    return out
+
+
+def needs_download(key: str) -> bool:
+    """True when the choice is a downloadable model with no local copy yet (ask before segmenting)."""
+    from iris_core import hub
+
+    m = hub.KNOWN.get(key)
+    return bool(m and m.repo_id and hub.cached_path(key) is None)
+
+
+def consent_text(key: str) -> str:
+    """What the confirmation dialog says before a download: size, source, licence."""
+    from iris_core import hub
+
+    m = hub.KNOWN[key]
+    return (f"{m.title}\n\nDownload about {m.size_text()} from {m.source}?\nLicence: {m.licence}\n"
+            f"It is stored in the Hugging Face cache and reused afterwards.")
+
+
+def model_spec(key: str, file_path: str | None = None) -> str:
+    """What the worker job's ``model`` field takes for a choice."""
+    if key == FILE_CHOICE:
+        if not file_path:
+            raise ValueError("choose a model file")
+        return file_path
+    return key
+
+
+def download_in_worker(key: str, progress: Callable[[str, int, int], None] | None = None,
+                       cancel: Callable[[], bool] | None = None, python: str | None = None,
+                       workdir: str | Path | None = None) -> Path:
+    """Download and verify a known model in the worker process; returns its local path. Raises the
+    runner's WorkerError (message says where to download by hand) or WorkerCancelled."""
+    folder = Path(tempfile.mkdtemp(prefix="iris-pull-", dir=workdir))
+    job = folder / "job.json"
+    job.write_text(json.dumps({"action": "pull", "model": key}))
+    result = run_worker(job, progress=progress, cancel=cancel, python=python)
+    return Path(result["path"])

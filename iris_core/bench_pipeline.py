@@ -1,0 +1,135 @@
+"""``iris-segment bench --pipeline``: one whole target through a model's own pipeline (for a MASS
+checkpoint the authors' one), timed per stage (load, prepare, encode, every window, back to the
+target grid), then each further target of a cohort with the embedding reused; peak memory (resident
+set, sampled with psutil: portable) over the run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from .errors import InputError
+
+FIXTURE = Path(__file__).resolve().parent.parent / "Testing" / "Data" / "compat" / "mass_pipeline"
+
+
+class PeakMemory:
+    """Highest resident set size of this process, sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def pipeline_benchmark(model: str, target: str | None = None, references: list[tuple[str, str]] | None = None,
+                       intensity: str = "auto", compile: bool = False, threads: int | None = None,
+                       further_targets: int = 1) -> dict:
+    """Seconds per stage of segmenting ``target`` from ``references`` end to end (default: the MASS
+    fixture's MR case), then of each of ``further_targets`` more targets (the same file again) with
+    the references' embedding reused; peak RSS in MB."""
+    import torch
+
+    from .api import load_references, resolve_classes, resolve_model
+    from .imaging import read_image
+    from .inference import Engine
+    from .strategies import encode_references, one_shot
+
+    if target is None:
+        if not (FIXTURE / "mr_target.nii.gz").is_file():
+            raise InputError(f"no --target given and the fixture {FIXTURE} is absent")
+        target = str(FIXTURE / "mr_target.nii.gz")
+        references = [(str(FIXTURE / "mr_reference.nii.gz"), str(FIXTURE / "mr_reference_labels.nii.gz"))]
+        intensity = "MR" if intensity == "auto" else intensity
+    if not references:
+        raise InputError("bench --pipeline needs --reference IMAGE LABELS with --target")
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        loaded = resolve_model(model)
+        t_load = time.perf_counter() - t0
+        engine = Engine(loaded, device="cpu", threads=threads, intensity=intensity, compile=compile)
+        window_times: list[float] = []
+        last = [time.perf_counter()]
+
+        def progress(stage: str, done: int, total: int) -> None:
+            now = time.perf_counter()
+            if stage.startswith("Segmenting") and done > 0:
+                window_times.append(now - last[0])
+            last[0] = now
+
+        engine.progress = progress
+        refs = load_references(references)
+        classes = resolve_classes(refs, None)
+        img = read_image(target, "target image")
+        t0 = time.perf_counter()
+        prep = engine.prepare(img, Path(target).name)
+        t_prep = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        emb = one_shot(encode_references(engine, refs, classes), classes)
+        t_enc = time.perf_counter() - t0
+        values = [c.value for c in classes]
+        t0 = last[0] = time.perf_counter()
+        probs = engine.predict(prep, emb)
+        t_seg = time.perf_counter() - t0
+        first_windows = list(window_times)
+        t0 = time.perf_counter()
+        engine.to_target(probs, prep, values, largest=loaded.preprocessing.largest_component)
+        t_back = time.perf_counter() - t0
+        first_total = time.perf_counter() - t_start
+        first_cpu = time.process_time() - cpu_start
+        further = []
+        for _ in range(further_targets):
+            t0 = last[0] = time.perf_counter()
+            p2 = engine.prepare(img, Path(target).name)
+            engine.to_target(engine.predict(p2, emb), p2, values, largest=loaded.preprocessing.largest_component)
+            further.append(time.perf_counter() - t0)
+    return {
+        "model": loaded.name, "pipeline": loaded.preprocessing.name, "target": str(target),
+        "classes": len(classes), "threads": torch.get_num_threads(), "compile": compile,
+        "model_grid": list(prep.array.shape), "windows": len(first_windows),
+        "seconds": {"load_model": t_load, "prepare_target": t_prep, "prepare_and_encode_references": t_enc,
+                    "windows_total": t_seg, "back_to_target_grid": t_back, "first_target_total": first_total},
+        "window_s": {"first": first_windows[0] if first_windows else None,
+                     "mean_rest": (sum(first_windows[1:]) / len(first_windows[1:])) if len(first_windows) > 1 else None},
+        "first_target_cpu_s": first_cpu,
+        "further_target_s": further,
+        "peak_rss_mb": mem.peak / 2**20,
+    }
+
+
+def format_pipeline(res: dict) -> str:
+    """Plain-text report of :func:`pipeline_benchmark`."""
+    s = res["seconds"]
+    lines = [f"{res['model']} ({res['pipeline']} pipeline), {res['classes']} classes, {res['threads']} threads"
+             f"{', compiled' if res['compile'] else ''}; model grid {res['model_grid']}, {res['windows']} windows",
+             "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k.replace('_', ' ')} | {v:.1f} |" for k, v in s.items()]
+    w = res["window_s"]
+    if w["first"] is not None:
+        lines.append(f"| first window (includes compiling when compiled) | {w['first']:.1f} |")
+    if w["mean_rest"] is not None:
+        lines.append(f"| each further window | {w['mean_rest']:.1f} |")
+    lines.append(f"| first target, CPU time of all threads | {res['first_target_cpu_s']:.1f} |")
+    for i, t in enumerate(res["further_target_s"]):
+        lines.append(f"| further target {i + 1} (embedding reused) | {t:.1f} |")
+    lines.append(f"\npeak resident memory {res['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)
