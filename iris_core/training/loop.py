@@ -172,7 +172,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
 
         meta, tensors = read_safetensors(Path(cfg.resume_point), "resume point")
         model.load_state_dict({k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")})
-        ema.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
+        ema_sd = {k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")}
+        ema.load_state_dict(ema_sd or model.state_dict())  # without EMA weights the average restarts here
         step, history = int(meta["step"]), json.loads(meta["history"])
         log.info("started from the resume point %s at step %d (fresh optimiser state)", cfg.resume_point, step)
     net = model
@@ -251,15 +252,16 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     return out_dir / "ema.safetensors"
 
 
-def write_resume_point(state_file: str | Path, out: str | Path) -> Path:
-    """A compact resume point from a run's ``state.pt``: model and EMA weights in float16 safetensors with
-    the step and history (no optimiser state), small enough to commit; ``resume_point`` in the config
-    continues from it."""
+def write_resume_point(state_file: str | Path, out: str | Path, with_ema: bool = True) -> Path:
+    """A compact resume point from a run's ``state.pt``: model (and EMA) weights in float16 safetensors
+    with the step and history (no optimiser state), small enough to commit; ``resume_point`` in the
+    config continues from it."""
     from ..checkpoint import write_safetensors
 
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     tensors = {f"model.{k}": v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
-    tensors |= {f"ema.{k}": v.half() if v.is_floating_point() else v for k, v in state["ema"].items()}
+    if with_ema:
+        tensors |= {f"ema.{k}": v.half() if v.is_floating_point() else v for k, v in state["ema"].items()}
     return write_safetensors(Path(out), tensors, {"step": str(int(state["step"])), "history": state["history"],
                                                   "config": state["config"]})
 
