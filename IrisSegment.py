@@ -147,6 +147,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         self._process = None
         self._knownKind = "iris"
+        self._pullKey = None  # the model being downloaded by self._process (None: a Segment run)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onPoll)
@@ -163,6 +164,10 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceComboBox.addItem(text, value)
         for text, value in MODALITIES:
             self.ui.modalityComboBox.addItem(text, value)
+        from IrisSegmentLib.models import model_choices
+
+        for choice in model_choices():  # the bundled default, "MASS base (download, about 480 MB)", a file
+            self.ui.modelComboBox.addItem(choice.label, choice.key)
         self.logic = IrisSegmentLogic()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -176,6 +181,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         u.strategyComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         u.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         u.tuneStepsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
+        u.modelComboBox.connect("currentIndexChanged(int)", self.onModelChoiceChanged)
         u.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
         u.libraryPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
         u.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
@@ -235,7 +241,15 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         u.strategyComboBox.setCurrentIndex(max(0, u.strategyComboBox.findData(node.GetParameter("Strategy"))))
         u.deviceComboBox.setCurrentIndex(max(0, u.deviceComboBox.findData(node.GetParameter("Device"))))
         u.tuneStepsSpinBox.value = int(node.GetParameter("TuneSteps"))  # set_defaults filled it
+        from IrisSegmentLib.models import FILE_CHOICE
+        from IrisSegmentLib.parameters import model_choice
+
+        u.modelComboBox.setCurrentIndex(max(0, u.modelComboBox.findData(model_choice(node))))
         u.modelPathLineEdit.currentPath = node.GetParameter("ModelPath")
+        isFile = model_choice(node) == FILE_CHOICE  # the file selector only for "Model file..."
+        u.modelPathLabel.setVisible(isFile)
+        u.modelPathLineEdit.setVisible(isFile)
+        u.modelComboBox.enabled = self._process is None
         u.libraryPathLineEdit.currentPath = node.GetParameter("LibraryPath")
         self._fillReferencesTable(json.loads(node.GetParameter("References") or "[]"))
         from IrisSegmentLib.parameters import can_segment
@@ -256,6 +270,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetParameter("Strategy", u.strategyComboBox.currentData)
         node.SetParameter("Device", u.deviceComboBox.currentData)
         node.SetParameter("TuneSteps", str(u.tuneStepsSpinBox.value))
+        node.SetParameter("ModelChoice", u.modelComboBox.currentData)
         node.SetParameter("ModelPath", u.modelPathLineEdit.currentPath)
         node.SetParameter("LibraryPath", u.libraryPathLineEdit.currentPath)
         node.SetParameter("References", json.dumps(self._referencesFromTable()))
@@ -268,11 +283,14 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelChanged(self, *args):
         """List what the chosen Hermes model or task library can segment by name."""
+        from IrisSegmentLib.models import FILE_CHOICE
         from IrisSegmentLib.vocabulary import ModelFileError, known_structures
 
-        # the file's header only (IrisSegmentLib.vocabulary): no weights loaded, no torch imported
+        # the file's header only (IrisSegmentLib.vocabulary): no weights loaded, no torch imported;
+        # the bundled default and MASS base are Iris models (nothing to read)
+        isFile = self.ui.modelComboBox.currentData == FILE_CHOICE
         try:
-            kind, names = known_structures(self.ui.modelPathLineEdit.currentPath or None,
+            kind, names = known_structures((self.ui.modelPathLineEdit.currentPath or None) if isFile else None,
                                            self.ui.libraryPathLineEdit.currentPath or None)
         except ModelFileError as exc:
             self.ui.stageLabel.text = str(exc)
@@ -286,6 +304,63 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item.setCheckState(qt.Qt.Unchecked)
             lst.addItem(item)
         self.ui.knownCollapsibleButton.collapsed = kind == "iris"
+
+    def onModelChoiceChanged(self, *args):
+        """A new model choice: store it, and for a model not downloaded yet offer the download."""
+        if getattr(self, "_updating", False) or self._parameterNode is None:
+            return
+        from IrisSegmentLib.models import needs_download
+
+        key, download = None, False
+        with slicer.util.tryWithErrorDisplay("Could not change the model."):
+            self.updateParameterNodeFromGUI()
+            self.onModelChanged()
+            key = self.ui.modelComboBox.currentData
+            download = needs_download(key)  # a file-existence check: no model is loaded here
+        if download:
+            self.onDownload(key)
+
+    def onDownload(self, key):
+        """Ask first, then download in the worker process (progress bar, Cancel), like a Segment run."""
+        from IrisSegmentLib.models import consent_text, start_download
+        from IrisSegmentLib.runner import python_executable
+
+        with slicer.util.tryWithErrorDisplay("Could not start the download."):  # no wait cursor: it asks first
+            if self._process is not None:
+                raise RuntimeError("another job is running: wait for it or press Cancel")
+            if not slicer.util.confirmOkCancelDisplay(consent_text(key), windowTitle="IrisSegment: download a model"):
+                self.ui.stageLabel.text = "Not downloaded; Segment with this model asks again."
+                return
+            if not ensureDependencies():  # the worker downloads with huggingface_hub
+                return
+            self.ui.logTextEdit.clear()
+            self._process = start_download(key, python=python_executable())
+            self._pullKey = key
+            self.ui.stageLabel.text = f"Downloading {key}..."
+            self.ui.progressBar.value = 0
+            self._setRunning(True)
+            self._timer.start()
+
+    def _finishDownload(self, proc):
+        key, self._pullKey = self._pullKey, None
+        success = False
+        try:
+            if proc.cancelled:
+                self.ui.stageLabel.text = f"Download of {key} cancelled; the next download resumes it."
+            elif proc.error is not None:
+                self._log(proc.error.details)
+                self.ui.stageLabel.text = "Download failed."
+                slicer.util.errorDisplay(f"Download failed: {proc.error}", detailedText=proc.error.details)
+            else:
+                from IrisSegmentLib.models import downloaded_path
+
+                with slicer.util.tryWithErrorDisplay("The download did not report its file."):
+                    path = downloaded_path(proc)
+                    self._log(f"{key}: {path} (licence {proc.result['sidecar'].get('licence', '')})")
+                    self.ui.stageLabel.text = f"Downloaded {key}; ready to Segment."
+                    success = True
+        finally:
+            self._setRunning(False, success)
 
     # -- references table ---------------------------------------------------------------------
     def _fillReferencesTable(self, rows):
@@ -349,6 +424,14 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- run ----------------------------------------------------------------------------------
     def onSegment(self):
+        from IrisSegmentLib.models import needs_download
+        from IrisSegmentLib.parameters import model_choice
+
+        with slicer.util.tryWithErrorDisplay("Could not check the model."):
+            key = model_choice(self._parameterNode)
+            if needs_download(key):  # never download without asking: offer it, then Segment again
+                self.onDownload(key)
+                return
         if not ensureDependencies():
             return
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
@@ -381,6 +464,9 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._timer.stop()
         self._process = None
+        if self._pullKey is not None:
+            self._finishDownload(proc)
+            return
         run, self._run = self._run, None
         success = False
         try:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .runner import run_worker
+from .runner import WorkerProcess, run_worker
 
 FILE_CHOICE = "file"
 
@@ -41,7 +41,12 @@ def needs_download(key: str) -> bool:
     from iris_core import hub
 
     m = hub.KNOWN.get(key)
-    return bool(m and m.repo_id and hub.cached_path(key) is None)
+    if not (m and m.repo_id):
+        return False
+    try:
+        return hub.cached_path(key) is None
+    except ImportError:  # huggingface_hub not installed yet: the download installs it first
+        return True
 
 
 def consent_text(key: str) -> str:
@@ -60,6 +65,27 @@ def model_spec(key: str, file_path: str | None = None) -> str:
             raise ValueError("choose a model file")
         return file_path
     return key
+
+
+def start_download(key: str, python: str | None = None, workdir: str | Path | None = None) -> WorkerProcess:
+    """Start downloading a known model in the worker process and return at once (the GUI polls the
+    returned ``WorkerProcess`` from a timer, as for a Segment run; ``cancel()`` kills it and a later
+    download resumes). Once done, ``downloaded_path`` gives the file."""
+    if key not in model_keys_to_download():
+        raise ValueError(f"{key!r} is not a model to download")
+    folder = Path(tempfile.mkdtemp(prefix="iris-pull-", dir=workdir))
+    job = folder / "job.json"
+    job.write_text(json.dumps({"action": "pull", "model": key}))
+    return WorkerProcess(job, python)
+
+
+def downloaded_path(proc: WorkerProcess) -> Path:
+    """The local file a finished, successful download job reports."""
+    return Path(proc.result["sidecar"]["path"])
+
+
+def model_keys_to_download() -> list[str]:
+    return [c.key for c in model_choices() if c.download_bytes is not None]
 
 
 def download_in_worker(key: str, progress: Callable[[str, int, int], None] | None = None,

@@ -1,6 +1,8 @@
 """The module's parameter node (a vtkMRMLScriptedModuleNode) <-> a SegmentRequest, without Qt.
 
-Parameters: ModelPath, LibraryPath, Structures, the run options Strategy, Device, TuneSteps and
+Parameters: ModelChoice (a ``models.model_choices`` key: 'default', 'mass-base' or 'file'; empty,
+as in scenes saved before the choice existed, means 'file' when ModelPath is set, else 'default'),
+ModelPath (the file, for 'file'), LibraryPath, Structures, the run options Strategy, Device, TuneSteps and
 HermesModality (``OPTION_PARAMETERS``: each maps to one ``SegmentOptions`` field, whose default it
 takes), and References (JSON rows of volume id, segmentation id, segment names as a list; a string is read
 as comma-separated, with double quotes around a name that holds a comma); node references Target,
@@ -16,12 +18,13 @@ import json
 from iris_core.options import SegmentOptions
 
 from .logic import ReferenceSpec, SegmentRequest
+from .models import FILE_CHOICE, model_spec
 from .scene import SceneError
 
 #: parameter name -> SegmentOptions field
 OPTION_PARAMETERS = {"Strategy": "strategy", "Device": "device", "TuneSteps": "tune_steps",
                      "HermesModality": "hermes_modality"}
-DEFAULTS = {"ModelPath": "", "LibraryPath": "", "References": "[]", "Structures": ""} | {
+DEFAULTS = {"ModelChoice": "", "ModelPath": "", "LibraryPath": "", "References": "[]", "Structures": ""} | {
     key: "" if (v := getattr(SegmentOptions(), name)) is None else str(v) for key, name in OPTION_PARAMETERS.items()}
 
 
@@ -57,6 +60,17 @@ def row_segment_names(row: dict) -> list[str]:
     return list(value) if isinstance(value, list) else parse_segment_names(value)
 
 
+def model_choice(node) -> str:
+    """The model choice key the node holds (see the module docstring for an empty ModelChoice)."""
+    return node.GetParameter("ModelChoice") or (FILE_CHOICE if node.GetParameter("ModelPath") else "default")
+
+
+def model_from_parameters(node) -> str:
+    """What the worker job's ``model`` field gets: 'default', a known model's name or the file path.
+    Raises ValueError for 'file' without a path."""
+    return model_spec(model_choice(node), node.GetParameter("ModelPath") or None)
+
+
 def options_from_parameters(node) -> SegmentOptions:
     """The run options the parameter node holds (an empty parameter keeps the default)."""
     default = SegmentOptions()
@@ -81,7 +95,7 @@ def request_from_parameters(scene, node) -> SegmentRequest:
             ids = [seg.GetSegmentation().GetSegmentIdBySegmentName(n) or n for n in names]
         refs.append(ReferenceSpec(vol, seg, ids))
     return SegmentRequest(
-        target=node.GetNodeReference("Target"), references=refs, model=node.GetParameter("ModelPath") or "default",
+        target=node.GetNodeReference("Target"), references=refs, model=model_from_parameters(node),
         library=node.GetParameter("LibraryPath") or None, structures=node.GetParameter("Structures") or None,
         options=options_from_parameters(node), output=node.GetNodeReference("Output"))
 

@@ -9,9 +9,11 @@ from test_hub import HubServer
 from IrisSegmentLib.models import (
     consent_text,
     download_in_worker,
+    downloaded_path,
     model_choices,
     model_spec,
     needs_download,
+    start_download,
 )
 from IrisSegmentLib.runner import WorkerCancelled, WorkerError
 
@@ -40,6 +42,56 @@ def test_download_fails_clearly_offline_and_cancels(tmp_path, monkeypatch):
         download_in_worker("mass-base", cancel=lambda: True, workdir=tmp_path)
 
 
+def test_start_download_returns_at_once_and_polls_like_a_segment_run(tmp_path, monkeypatch):
+    """The widget's path: start, poll from a timer (here a loop), Cancel or an error at the end."""
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("IRIS_SEGMENT_MODELS", str(tmp_path / "manual"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ValueError):
+        start_download("default", workdir=tmp_path)
+    proc = start_download("mass-base", workdir=tmp_path)
+    assert not proc.done  # returned before the worker ended: the GUI thread never waits
+    deadline = time.monotonic() + 120
+    while not proc.done and time.monotonic() < deadline:
+        proc.poll()
+        time.sleep(0.05)
+    assert proc.done and proc.error is not None and "by hand" in str(proc.error)
+    proc = start_download("mass-base", workdir=tmp_path)
+    proc.cancel()
+    while not proc.done:
+        proc.poll()
+        time.sleep(0.05)
+    assert proc.cancelled and proc.result is None and proc.error is None
+
+
+def test_model_choice_on_the_parameter_node(tmp_path, monkeypatch):
+    """ModelChoice on a real vtkMRMLScriptedModuleNode -> the worker job's model field."""
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    from IrisSegmentLib.parameters import model_choice, model_from_parameters, set_defaults
+    from IrisSegmentLib.standalone import init_scene
+
+    monkeypatch.setenv("IRIS_SEGMENT_MODELS", str(tmp_path / "manual"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    scene = init_scene()
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "IrisSegment")
+    set_defaults(node)
+    assert model_choice(node) == "default" and model_from_parameters(node) == "default"
+    node.SetParameter("ModelPath", "/m.pth")  # a scene saved before ModelChoice existed: the file
+    assert model_choice(node) == "file" and model_from_parameters(node) == "/m.pth"
+    node.SetParameter("ModelChoice", "mass-base")
+    set_defaults(node)  # keeps the user's choice
+    assert model_from_parameters(node) == "mass-base" and needs_download(model_choice(node))
+    (tmp_path / "manual").mkdir()
+    (tmp_path / "manual" / "mass_base.pth").write_bytes(b"x")  # a copy put there by hand
+    assert not needs_download(model_choice(node))
+    node.SetParameter("ModelChoice", "file")
+    node.SetParameter("ModelPath", "")
+    with pytest.raises(ValueError, match="model file"):
+        model_from_parameters(node)
+
+
 @pytest.mark.slow
 def test_download_in_the_worker_with_progress(tmp_path, monkeypatch, mass_rule_checkpoint):
     server = HubServer({"/StanfordAIMI/MASS/resolve/main/mass_base.pth": mass_rule_checkpoint})
@@ -49,8 +101,12 @@ def test_download_in_the_worker_with_progress(tmp_path, monkeypatch, mass_rule_c
     seen = []
     try:
         path = download_in_worker("mass-base", progress=lambda s, d, t: seen.append((s, d, t)), workdir=tmp_path)
+        proc = start_download("mass-base", workdir=tmp_path)  # the widget's path: cached now, verified again
+        while not proc.done:
+            proc.poll()
     finally:
         server.close()
+    assert proc.error is None and downloaded_path(proc) == path
     assert path.stat().st_size == mass_rule_checkpoint.stat().st_size and (tmp_path / "hf") in path.parents
     assert seen and seen[-1][1] == seen[-1][2] == path.stat().st_size
     assert all(s == "Downloading mass-base" for s, _, _ in seen)
