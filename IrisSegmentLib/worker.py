@@ -64,7 +64,12 @@ def run_job(job: dict) -> dict:
     def progress(stage: str, done: int, total: int) -> None:
         emit(PREFIX_PROGRESS, {"stage": stage, "done": done, "total": total})
 
-    inputs = job["inputs"]
+    inputs = job.get("inputs") or {}
+    if not inputs.get("target") or not inputs.get("output"):
+        from iris_core.errors import InputError
+
+        raise InputError("worker job: no target volume or output file in 'inputs' (the job file was written by "
+                         "another version of IrisSegment, or is damaged); run Segment again")
     classes = [ClassSpec(c["name"], int(c["value"])) for c in inputs["classes"]] if inputs.get("classes") else None
     result = segment(inputs["target"], references=[tuple(r) for r in inputs.get("references", [])] or None,
                      classes=classes, model=inputs.get("model") or "default", library=inputs.get("library"),

@@ -303,7 +303,7 @@ def test_d10_a_segment_name_with_a_comma_can_be_requested(world):
             sid = seg.GetSegmentation().GetSegmentIdBySegmentName("brain, whole")
             assert req.references[0].segment_ids == [sid]
         run = logic.prepare(req)
-        assert [c["name"] for c in json.loads(run.job_file.read_text())["classes"]] == ["brain, whole"]
+        assert [c["name"] for c in json.loads(run.job_file.read_text())["inputs"]["classes"]] == ["brain, whole"]
         logic.cleanup(run)
     finally:
         scene.RemoveNode(seg)
