@@ -287,7 +287,7 @@ class IrisNet(nn.Module):
         self.out = TokenClassifier(sum(cfg.token_dims), cfg.channels[0])
         if cfg.reference_prototype:  # logit += scale * (cosine(target features, prototype) - shift)
             self.prototype_scale = nn.Parameter(torch.tensor(10.0))
-            self.prototype_shift = nn.Parameter(torch.tensor(0.5))
+            self.prototype_shift = nn.Parameter(torch.tensor(0.0))  # a voxel closer to the foreground is foreground
 
     def encode_task(self, reference: torch.Tensor, masks: torch.Tensor) -> list[torch.Tensor]:
         """Task embedding of K binary masks on one reference: a list, deepest stage first, of
