@@ -178,7 +178,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
         log.info("started from the resume point %s at step %d (fresh optimiser state)", cfg.resume_point, step)
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        # find_unused_parameters: the prototype-head presets keep the (unused) token classifier's weights
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                        find_unused_parameters=True)
     rng = np.random.default_rng([cfg.seed, step, rank])
     val_set = validation_set(sources, table, cfg, min(cfg.crop_sizes)) if rank == 0 and cfg.val_episodes else []
     dice = DiceLoss(sigmoid=True)
