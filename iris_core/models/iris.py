@@ -171,8 +171,7 @@ class TaskEncoder(nn.Module):
             fg = masked_mean_of_upsampled(feat, masks)  # [B, K, C]
         else:
             up = F.interpolate(feat, size=masks.shape[-3:], mode="trilinear", align_corners=True)
-            m = masks.to(up.dtype)
-            fg = torch.einsum("bcxyz,bkxyz->bkc", up, m) / m.sum((2, 3, 4)).clamp(min=1)[..., None]
+            fg = _masked_mean(up, masks.to(up.dtype))
 
         ctx_masks = masks.float()
         if self.downsample > 1:

@@ -70,7 +70,7 @@ class TemplateSource:
             return self.brain.clone()
         key = list(self.label_sets)[int(rng.integers(len(self.label_sets)))]
         regions, values, _ = self.label_sets[key]
-        if r < self.P_BRAIN + self.P_SINGLE or len(values) < 3 or key in self.held and self.P_GROUP == 0:
+        if r < self.P_BRAIN + self.P_SINGLE or len(values) < 3:
             return regions == int(rng.choice(values))
         if r < self.P_BRAIN + self.P_SINGLE + self.P_GROUP or key != "aal":
             chosen = rng.choice(values, size=int(rng.integers(2, min(12, len(values)) + 1)), replace=False)

@@ -70,11 +70,9 @@ def synthesize_image(labels: torch.Tensor, rng: np.random.Generator) -> torch.Te
     img = img ** float(np.exp(rng.uniform(-0.4, 0.4)))
     if rng.random() < 0.3:  # thick slices: average then repeat along one axis
         axis, f = int(rng.integers(3)), int(rng.integers(2, 4))
-        size = labels.shape[axis]
         coarse = F.interpolate(img[None, None], size=[max(1, s // f) if a == axis else s
                                                      for a, s in enumerate(labels.shape)], mode="area")
         img = F.interpolate(coarse, size=tuple(labels.shape), mode="trilinear", align_corners=False)[0, 0]
-        del size
     img = img + torch.randn(labels.shape) * float(rng.uniform(0, 0.05))
     return (img - img.mean()) / (img.std() + 1e-6)
 
