@@ -222,10 +222,11 @@ class IrisSegmentLogic:
                                  "transform from the target while segmenting; the result was not imported")
             labels = sitk.ReadImage(str(run.output_file))
             infos = run.infos
-            if not infos:  # task library / known structures: names (and terminology) from the sidecar
+            if not infos:  # task library / known structures: names from the sidecar, terminology by name
+                from .terminology import terminology
+
                 palette = [(0.9, 0.3, 0.3), (0.3, 0.8, 0.3), (0.3, 0.4, 0.9), (0.9, 0.6, 0.2), (0.7, 0.3, 0.8)]
-                terms = [t.get("terminology", "") for t in sidecar.get("details", {}).get("tasks", [])]
-                infos = [SegmentInfo("", c["name"], palette[i % len(palette)], terms[i] if i < len(terms) else "",
+                infos = [SegmentInfo("", c["name"], palette[i % len(palette)], terminology(c["name"]),
                                      int(c["value"])) for i, c in enumerate(sidecar["classes"])]
             node = add_labels_as_segmentation(self.scene, labels, infos, req.target, req.output)
             node.SetAttribute("IrisSegment.Sidecar", json.dumps(sidecar))

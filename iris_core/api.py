@@ -127,15 +127,15 @@ class _Run:
 def segment_hermes(engine: Engine, loaded: LoadedModel, target_img: sitk.Image, target_name: str,
                     structures: str | None, modality: tuple[str, int]) -> _Run:
     """Hermes: the named structures of the model's vocabulary, no reference."""
-    from .hermes_vocab import resolve_structures, terminology
+    from .hermes_vocab import resolve_structures
 
     if not structures:
         raise InputError("a Hermes model needs --structures (names from its vocabulary)")
     tasks = resolve_structures(structures, hermes_vocabulary(loaded), modality[0])
     prep = engine.prepare(target_img, target_name)
     probs = engine.predict_tasks(prep, [t.index for t in tasks], modality[1])
-    details = {"tasks": [{"index": t.index, "dataset": t.dataset, "name": t.name, "terminology": terminology(t.name)}
-                         for t in tasks], "modality": modality[0]}
+    details = {"tasks": [{"index": t.index, "dataset": t.dataset, "name": t.name} for t in tasks],
+               "modality": modality[0]}
     return _Run(prep, probs, [ClassSpec(t.name, i + 1) for i, t in enumerate(tasks)], None, "hermes", details)
 
 

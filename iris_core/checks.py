@@ -52,9 +52,12 @@ def dice_matrix(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 
 def cosine_matrix(embedding: list[torch.Tensor]) -> np.ndarray:
-    """Cosine similarity of the K class embeddings, every stage's tokens flattened into one vector.
+    """Cosine similarity of the K class embeddings, every stage's tokens (memory samples left out)
+    flattened into one vector.
     ``embedding`` is the model's list of [1, K, T, C_s] tensors."""
-    flat = torch.cat([e[0].reshape(e.shape[1], -1).float() for e in embedding], dim=1)
+    from .embedding import is_memory
+
+    flat = torch.cat([e[0].reshape(e.shape[1], -1).float() for e in embedding if not is_memory(e[0])], dim=1)
     flat = F.normalize(flat, dim=1)
     return (flat @ flat.T).cpu().numpy().astype(np.float64)
 

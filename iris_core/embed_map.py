@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .datasets import Dataset
-from .embedding import TaskEmbedding, model_fingerprint
+from .embedding import TaskEmbedding, is_memory, model_fingerprint
 from .errors import InputError
 from .resample import labels_to_masks
 
@@ -47,7 +47,7 @@ def embed_dataset(ds: Dataset, out_dir: str | Path, model: str = "default", devi
             print(f"[{i + 1}/{len(cases)}] {case.name}: {len(keep)} classes")
     lib = TaskEmbedding.concat(parts)
     lib.save(out / "library.safetensors", model_fingerprint(loaded.model), {"dataset": ds.name})
-    vectors = np.concatenate([t[:, 0, :].numpy() for t in lib.tokens], axis=1)  # token 0 per stage: the head's input
+    vectors = np.concatenate([t[:, 0, :].numpy() for t in lib.tokens if not is_memory(t)], axis=1)  # token 0 per stage: the head's input
     xy = project_2d(vectors)
     for m_, (x, y) in zip(meta, xy):
         m_["x"], m_["y"] = float(x), float(y)

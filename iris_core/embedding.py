@@ -16,6 +16,31 @@ from .errors import CheckpointError, InputError
 
 LIBRARY_FORMAT = "iris-segment-library/1"
 
+#: A stage with at least this many tokens per class is a memory-readout sample (rows: key, mask value,
+#: log weight; see models.iris.sample_memory), not a set of task tokens (at most a few dozen).
+MEMORY_MIN_TOKENS = 256
+
+
+def is_memory(t: torch.Tensor) -> bool:
+    """Whether a stage tensor [K, T, C] is a memory sample rather than task tokens."""
+    return t.shape[1] >= MEMORY_MIN_TOKENS
+
+
+def merge_memories(rows: list[torch.Tensor]) -> torch.Tensor:
+    """One memory [M, C + 2] from the memories of several references (each [M, C + 2]): reference j
+    gives its rows j, j + n, j + 2n, ... (each stratum of its sample thinned evenly) and every row then
+    stands for n times as many voxels (log weight + log n)."""
+    n = len(rows)
+    if n == 1:
+        return rows[0]
+    size = rows[0].shape[0]
+    out = torch.empty_like(rows[0])
+    for j, r in enumerate(rows):
+        out[j::n] = r[j::n]
+    out[:, -1] = torch.where(out[:, -1] > -1e3, out[:, -1] + torch.log(torch.tensor(float(n))), out[:, -1])
+    assert out.shape[0] == size
+    return out
+
 
 def model_fingerprint(model: nn.Module) -> str:
     """Short hash identifying a network's architecture and weights (embeddings only fit their model)."""
@@ -57,8 +82,9 @@ class TaskEmbedding:
         return TaskEmbedding([t[idx] for t in self.tokens], list(names), [self.values[i] for i in idx])
 
     def vectors(self) -> torch.Tensor:
-        """One flat vector per class [K, sum(T*C)], for cosine similarity."""
-        return torch.cat([t.flatten(1) for t in self.tokens], dim=1)
+        """One flat vector per class [K, sum(T*C)] of the task tokens (memory samples left out), for
+        cosine similarity."""
+        return torch.cat([t.flatten(1) for t in self.tokens if not is_memory(t)], dim=1)
 
     @staticmethod
     def concat(parts: list[TaskEmbedding]) -> TaskEmbedding:
@@ -70,7 +96,8 @@ class TaskEmbedding:
 
     @staticmethod
     def average(parts: list[TaskEmbedding]) -> TaskEmbedding:
-        """Context ensemble: per class name, the mean of the embeddings of every part holding it."""
+        """Context ensemble: per class name, the mean of the embeddings of every part holding it
+        (memory samples: merged, :func:`merge_memories`)."""
         names: list[str] = []
         values: list[int] = []
         for p in parts:
@@ -83,7 +110,7 @@ class TaskEmbedding:
             per_class = []
             for n in names:
                 stack = [p.tokens[s][p.names.index(n)] for p in parts if n in p.names]
-                per_class.append(torch.stack(stack).mean(0))
+                per_class.append(merge_memories(stack) if is_memory(stack[0]) else torch.stack(stack).mean(0))
             tokens.append(torch.stack(per_class))
         return TaskEmbedding(tokens, names, values)
 

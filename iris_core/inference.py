@@ -19,7 +19,7 @@ from .errors import CancelledError, InputError
 from .options import SegmentOptions
 from .postprocess import keep_largest_component
 from .preprocess import PreparedImage, largest_component_array, prepare_image, reorient, volume_intensity_map
-from .resample import array_to_image, labels_to_masks, nearest_masks, resample_to
+from .resample import array_to_image, crop_padded, labels_to_masks, nearest_masks, resample_to
 from .sliding import sliding_window
 
 log = logging.getLogger(__name__)
@@ -172,12 +172,9 @@ class Engine:
         start = centre - win // 2
         return tuple(slice(int(s), int(s + w)) for s, w in zip(start, win))
 
-    def _crop(self, arr: np.ndarray, box: tuple[slice, ...], fill: float) -> np.ndarray:
-        out = np.full([s.stop - s.start for s in box], fill, dtype=arr.dtype)
-        src = tuple(slice(max(s.start, 0), min(s.stop, n)) for s, n in zip(box, arr.shape))
-        dst = tuple(slice(a.start - s.start, a.stop - s.start) for a, s in zip(src, box))
-        out[dst] = arr[src]
-        return out
+    @staticmethod
+    def _crop(arr: np.ndarray, box: tuple[slice, ...], fill: float) -> np.ndarray:
+        return crop_padded(arr, [s.start for s in box], [s.stop - s.start for s in box], fill)
 
     def reference_crop(self, prep: PreparedImage, masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Image [1,1,w,w,w] and masks [1,K,w,w,w] tensors of the window around the structures."""

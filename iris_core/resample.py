@@ -15,6 +15,21 @@ import numpy as np
 import SimpleITK as sitk
 
 
+def crop_padded(x, start, size, fill: float):
+    """The box of edge(s) ``size`` at voxel ``start`` (z, y, x) of the last three dims of ``x`` (a numpy
+    array or a torch tensor, any leading dims); the parts of the box outside ``x`` are ``fill``. The one
+    crop of the project: inference's reference windows and training's episode crops."""
+    start = [int(v) for v in start]
+    sizes = [int(size)] * 3 if np.isscalar(size) else [int(v) for v in size]
+    shape = tuple(x.shape[:-3]) + tuple(sizes)
+    out = np.full(shape, fill, dtype=x.dtype) if isinstance(x, np.ndarray) else x.new_full(shape, fill)
+    src = tuple(slice(max(a, 0), min(a + w, n)) for a, w, n in zip(start, sizes, x.shape[-3:]))
+    if all(s.stop > s.start for s in src):
+        dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, start))
+        out[(..., *dst)] = x[(..., *src)]
+    return out
+
+
 def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """Min and max physical corner (LPS mm) of the voxel-centre box of ``image``."""
     size = np.array(image.GetSize())

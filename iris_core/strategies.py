@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from .embedding import TaskEmbedding
+from .embedding import TaskEmbedding, is_memory
 from .errors import InputError
 from .inference import ClassSpec, Engine, Reference
 from .options import STRATEGIES, TUNE_LR, TUNE_STEPS
@@ -97,7 +97,7 @@ def retrieval(engine: Engine, target: PreparedImage, encoded: list[EncodedRefere
         img, m = engine.reference_crop(target, mask[None].astype(np.uint8))
         with torch.inference_mode():
             own = engine.model.encode_task(img, m)
-        own_vec = torch.cat([t[0, 0].float().cpu().flatten() for t in own])
+        own_vec = torch.cat([t[0, 0].float().cpu().flatten() for t in own if not is_memory(t[0])])
         sims = [float(F.cosine_similarity(own_vec, e.select([c.name]).vectors()[0], dim=0)) for _, e in candidates]
         best = int(np.argmax(sims))
         chosen[c.name] = candidates[best][0].name

@@ -99,13 +99,14 @@ def test_a_model_that_ignores_its_reference_fails():
 def test_real_network_with_a_constant_task_encoding_fails(tiny_model):
     """The real IrisNet with the task encoders' last layer set to a constant: every reference gives the
     same embedding, so every prediction is the same whatever it shows. (Without the reference prototype
-    of the newer presets, which would carry the mask past the task encoders.)"""
+    and memory readout of the newer presets, which carry the mask past the task encoders.)"""
     import dataclasses
 
     from iris_core.models.iris import IrisNet
 
     torch.manual_seed(0)
-    net = IrisNet(dataclasses.replace(tiny_model.model.config, head_token="query", reference_prototype=False))
+    net = IrisNet(dataclasses.replace(tiny_model.model.config, head_token="query", reference_prototype=False,
+                                     memory_tokens=0))
     with torch.no_grad():
         for enc in net.task_embedding:
             enc.norm_post.weight.zero_()

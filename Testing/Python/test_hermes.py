@@ -17,7 +17,7 @@ from conftest import ROOT, write_nnunet
 from iris_core.checkpoint import load_checkpoint
 from iris_core.cli import main
 from iris_core.errors import InputError
-from iris_core.hermes_vocab import hermes_r_vocabulary, resolve_modality, resolve_structures, terminology
+from iris_core.hermes_vocab import hermes_r_vocabulary, resolve_modality, resolve_structures
 
 
 def test_vocabulary_names_and_resolution():
@@ -29,8 +29,19 @@ def test_vocabulary_names_and_resolution():
     with pytest.raises(InputError, match="unknown structure 'livr'; valid names: .*liver"):
         resolve_structures("livr", vocab, "CT")
     assert resolve_modality("t2") == ("T2 MRI", 3)
+
+
+def test_slicer_terminology_of_vocabulary_names():
+    """The SNOMED codes live on the Slicer side (IrisSegmentLib.terminology), not in iris_core."""
+    from IrisSegmentLib.terminology import terminology
+
     assert "SCT^64033007^Kidney~SCT^7771000^Left" in terminology("left kidney")
     assert "Neoplasm" in terminology("kidney tumor") and terminology("grey matter") == ""
+    known = [t.name for t in hermes_r_vocabulary() if terminology(t.name)]
+    assert len(known) >= 50  # most Hermes-R structures get a Slicer terminology entry
+    import iris_core.hermes_vocab as vocab
+
+    assert not hasattr(vocab, "SCT") and not hasattr(vocab, "terminology")
 
 
 @pytest.fixture(scope="module")

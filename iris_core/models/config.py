@@ -29,6 +29,8 @@ class IrisConfig:
     context_downsample: int = 1
     head_token: str = "query"
     reference_prototype: bool = False
+    memory_tokens: int = 0
+    memory_dim: int = 64
 
     # ``head_token``: which task token of each stage the head turns into the class kernel. "query"
     # (token 0, a learnt query token: the published network) or "foreground" (the last token, the
@@ -42,6 +44,13 @@ class IrisConfig:
     # whole head: the prediction is then a function of the similarity to what the reference shows, so
     # a model cannot answer the same whatever the reference (departures from the published network, for
     # our small presets only; see the default model card).
+    # ``memory_tokens`` > 0 adds a memory readout (label propagation, as in space-time-memory video
+    # segmentation): the embedding carries, per class, ``memory_tokens`` reference voxels at half
+    # resolution, each a key (the encoder's multi-scale features, projected to ``memory_dim`` and
+    # normalised), the mask value there and an importance log-weight (the voxels are a stratified sample:
+    # inside, near and far from the mask). Every target voxel reads the mask out of the voxels whose keys
+    # match its own (softmax attention); the logit adds a learnt scale times (readout - 0.5). The mask
+    # enters the prediction linearly, so a model cannot answer the same whatever its reference.
 
     def __post_init__(self) -> None:
         if len(self.channels) != 5 or len(self.num_block) != 4:
@@ -50,6 +59,8 @@ class IrisConfig:
             raise ConfigError(f"head_token must be 'query', 'foreground' or 'prototype', got {self.head_token!r}")
         if self.head_token == "prototype" and not self.reference_prototype:
             raise ConfigError("head_token 'prototype' needs reference_prototype = True")
+        if self.memory_tokens and self.memory_tokens < 256:
+            raise ConfigError(f"memory_tokens must be 0 (no memory readout) or >= 256, got {self.memory_tokens}")
         if not 1 <= self.num_prior_stage <= 3:
             raise ConfigError("num_prior_stage must be 1, 2 or 3")
         for c in self.channels[5 - self.num_prior_stage :]:
@@ -113,17 +124,18 @@ PRESETS: dict[str, Preset] = {
         "iris",
         IrisConfig(channels=(8, 16, 32, 64, 128), num_block=(1, 1, 1, 1), query_tokens=4,
                    attn_blocks=1, task_prior_slots=1, pos_embed_size=64, context_downsample=2,
-                   head_token="prototype", reference_prototype=True),
+                   head_token="prototype", reference_prototype=True, memory_tokens=2048, memory_dim=32),
         spacing=(3.0, 3.0, 3.0),
         window=(64, 64, 64),
         description="CPU preset: 8..128 channels, one block per stage, coarse context path, 3 mm spacing, "
-                    "head: similarity to the reference's own multi-scale decoder features (prototype).",
+                    "head: memory readout of the reference mask at half resolution plus similarity to the reference's "
+                    "own multi-scale decoder features (prototype).",
     ),
     "iris-tiny": Preset(
         "iris",
         IrisConfig(channels=(4, 8, 32, 32, 32), num_block=(1, 1, 1, 1), query_tokens=2,
                    attn_blocks=1, task_prior_slots=1, pos_embed_size=32, context_downsample=2,
-                   head_token="prototype", reference_prototype=True),
+                   head_token="prototype", reference_prototype=True, memory_tokens=512, memory_dim=32),
         spacing=(4.0, 4.0, 4.0),
         window=(32, 32, 32),
         description="Test preset: runs in a fraction of a second on a CPU.",

@@ -9,6 +9,7 @@ of each stage into a per-class kernel over the full-resolution features.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -91,6 +92,65 @@ PROTOTYPE_SHELL = (1, 2, 3)
 def _masked_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """[B, C, D, H, W] features averaged under [B, K, D, H, W] weights -> [B, K, C]."""
     return torch.einsum("bcdhw,bkdhw->bkc", x, weights) / weights.sum((2, 3, 4)).clamp(min=1e-6)[..., None]
+
+
+# The memory readout's stratified sample of reference voxels (half resolution): shares of the memory for
+# voxels inside the mask and in a shell of MEMORY_NEAR voxels around it; the rest lie further away.
+MEMORY_SHARES = (0.5, 0.25)
+MEMORY_NEAR = 3
+_EMPTY_LOG_WEIGHT = -1e4  # padding rows of a memory larger than its reference: never attended
+
+
+def _memory_quotas(counts: list[int], size: int) -> list[int]:
+    """How many voxels of each stratum (inside, near, far) a memory of ``size`` rows takes: the shares
+    of MEMORY_SHARES (far: the rest), a short stratum's unused rows going to the others."""
+    want = [int(size * MEMORY_SHARES[0]), int(size * MEMORY_SHARES[1])]
+    want.append(size - sum(want))
+    take = [min(c, w) for c, w in zip(counts, want)]
+    spare = size - sum(take)
+    for i in (2, 1, 0):  # far first: the background is what most target voxels must match
+        extra = min(spare, counts[i] - take[i])
+        take[i] += extra
+        spare -= extra
+    return take
+
+
+def sample_memory(keys: torch.Tensor, masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Memory rows [B, K, size, C + 2] (key, mask value, log importance weight) from normalised keys
+    [B, C, d, h, w] and masks [B, K, d, h, w] (fractions in [0, 1], on the keys' grid). The voxels
+    are a stratified sample in a fixed pseudo-random order (the same reference always gives the same
+    memory); each row's weight is the number of voxels of its stratum it stands for, so that the
+    softmax over the sample estimates the softmax over every voxel. Unused rows weigh nothing."""
+    b, c = keys.shape[:2]
+    k = masks.shape[1]
+    flat_keys = keys.flatten(2).transpose(1, 2)  # [B, N, C]
+    flat_m = masks.flatten(2)  # [B, K, N]
+    n = flat_m.shape[-1]
+    fg = flat_m > 0
+    near = (F.max_pool3d(masks.float(), 2 * MEMORY_NEAR + 1, 1, MEMORY_NEAR).flatten(2) > 0) & ~fg
+    order = torch.rand(n, generator=torch.Generator().manual_seed(0)).to(keys.device)
+    rows = []
+    for bi in range(b):
+        per_class = []
+        for ki in range(k):
+            strata = (fg[bi, ki], near[bi, ki], ~(fg[bi, ki] | near[bi, ki]))
+            counts = [int(s.sum()) for s in strata]
+            idx, logw = [], []
+            for stratum, count, take in zip(strata, counts, _memory_quotas(counts, size)):
+                if take:
+                    members = torch.nonzero(stratum).squeeze(1)
+                    idx.append(members[torch.argsort(order[members])[:take]])
+                    logw.append(torch.full((take,), math.log(count / take), device=keys.device))
+            sel = torch.cat(idx)
+            row = torch.cat([flat_keys[bi, sel], flat_m[bi, ki, sel, None].to(keys.dtype),
+                             torch.cat(logw)[:, None].to(keys.dtype)], dim=1)
+            if len(sel) < size:
+                pad = keys.new_zeros(size - len(sel), c + 2)
+                pad[:, -1] = _EMPTY_LOG_WEIGHT
+                row = torch.cat([row, pad])
+            per_class.append(row)
+        rows.append(torch.stack(per_class))
+    return torch.stack(rows)
 
 
 class PositionalEncoding(nn.Module):
@@ -285,8 +345,16 @@ class IrisNet(nn.Module):
             )
         self.out = TokenClassifier(sum(cfg.token_dims), cfg.channels[0])
         if cfg.reference_prototype:  # logit += scale * (cosine(target features, prototype) - shift)
-            self.prototype_scale = nn.Parameter(torch.tensor(10.0))
+            # with a memory readout the prototype starts as a small correction of the readout
+            self.prototype_scale = nn.Parameter(torch.tensor(2.0 if cfg.memory_tokens else 10.0))
             self.prototype_shift = nn.Parameter(torch.tensor(0.0))  # a voxel closer to the foreground is foreground
+        if cfg.memory_tokens:  # logit += scale * (mask read out of the matching reference voxels - 0.5)
+            self.memory_key = nn.Conv3d(sum(cfg.channels[1:]), cfg.memory_dim, 1, bias=False)
+            # orthogonal rows: the projection roughly keeps the cosines of the untrained features, which
+            # already match a voxel to its counterpart (the readout works from the first step)
+            nn.init.orthogonal_(self.memory_key.weight.view(cfg.memory_dim, -1))
+            self.memory_temperature = nn.Parameter(torch.tensor(math.log(50.0)))  # log of the softmax inverse temperature
+            self.memory_scale = nn.Parameter(torch.tensor(20.0))
 
     def encode_task(self, reference: torch.Tensor, masks: torch.Tensor) -> list[torch.Tensor]:
         """Task embedding of K binary masks on one reference: a list, deepest stage first, of
@@ -310,7 +378,38 @@ class IrisNet(nn.Module):
                 shell = (F.max_pool3d(m, 2 * radius + 1, 1, radius) - m).clamp(min=0)
                 protos.append(torch.stack([_masked_mean(level, m), _masked_mean(level, shell)], dim=2))
             tokens.append(torch.cat(protos, dim=-1))
+        if self.config.memory_tokens:
+            keys = self.memory_keys(feats)
+            m = F.adaptive_avg_pool3d(masks.to(keys.dtype), keys.shape[2:])
+            tokens.append(sample_memory(keys, m, self.config.memory_tokens))
         return tokens
+
+    def memory_keys(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Normalised keys [B, memory_dim, D/2, H/2, W/2]: the encoder's features of the four coarser
+        stages, each normalised, brought to half resolution, concatenated and projected."""
+        size = feats[3].shape[2:]
+        parts = [F.normalize(f if f.shape[2:] == size else
+                             F.interpolate(f, size=size, mode="trilinear", align_corners=False), dim=1)
+                 for f in feats[:4]]
+        return F.normalize(self.memory_key(torch.cat(parts, 1)), dim=1)
+
+    def memory_readout(self, feats: Sequence[torch.Tensor], memory: torch.Tensor) -> torch.Tensor:
+        """Each class's mask read out at every target voxel [B, K, D/2, H/2, W/2] (in [0, 1]): softmax
+        attention of the voxel's key over the class's memory rows [B, K, M, C + 2]."""
+        q = self.memory_keys(feats)
+        b, c = q.shape[:2]
+        size = q.shape[2:]
+        memory = memory.to(q.dtype)
+        k = memory.shape[1]
+        # contiguous channels last: a transposed query also sends the attention down the unfused path
+        query = (q.flatten(2).transpose(1, 2).contiguous() * self.memory_temperature.exp())[:, None].expand(b, k, -1, -1)
+        keys, logw = memory[..., :c].contiguous(), memory[..., c + 1].contiguous()  # strided slices: unfused path
+        # the value (one number) padded to the key width: torch's fused CPU/GPU attention kernels need
+        # equal widths (with a width-1 value it falls back to an unfused path 5x slower)
+        values = F.pad(memory[..., c : c + 1], (0, c - 1))
+        out = F.scaled_dot_product_attention(query, keys.expand(b, -1, -1, -1), values.expand(b, -1, -1, -1),
+                                             attn_mask=logw[:, :, None, :].expand(b, -1, -1, -1), scale=1.0)
+        return out[..., 0].reshape(b, k, *size)
 
     def segment(self, target: torch.Tensor, embedding: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits [B, K, D, H, W] of the K classes of ``embedding`` on ``target`` [B, 1, D, H, W].
@@ -323,10 +422,15 @@ class IrisNet(nn.Module):
         b = max(feats[0].shape[0], embedding[0].shape[0])
         feats = [f.expand(b, *f.shape[1:]) if f.shape[0] == 1 else f for f in feats]
         tokens = [e.expand(b, -1, -1, -1) if e.shape[0] == 1 else e for e in embedding]
-        out, posterior = self.decoder(feats, tokens[: self.config.num_prior_stage])
+        n = self.config.num_prior_stage
+        out, posterior = self.decoder(feats, tokens[:n])
         logits = self.out(out, posterior) if self.config.head_token != "prototype" else 0
         if self.config.reference_prototype:
-            logits = logits + self.prototype_scale * (self.prototype_similarity(tokens[-1]) - self.prototype_shift)
+            logits = logits + self.prototype_scale * (self.prototype_similarity(tokens[n]) - self.prototype_shift)
+        if self.config.memory_tokens:
+            read = F.interpolate(self.memory_readout(feats, tokens[-1]), size=out.shape[2:], mode="trilinear",
+                                 align_corners=False)
+            logits = logits + self.memory_scale * (read - 0.5)
         return logits
 
     def prototype_similarity(self, proto: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,9 @@ class TrainConfig:
     # the query is the reference view itself: the collapse-detector test's setting, in which only the mask
     # can say which of several shapes is the task (a model that ignores its reference cannot learn it)
     same_view: bool = False
+    # at every save, the reference-sensitivity check (iris-segment check-model: ten Colin27 structures
+    # onto a moved copy) on the EMA model, logged, plotted and written to OUT/check.{json,md,png}
+    check_model: bool = True
     # a compact resume point (training.loop.write_resume_point) to start from when OUT/state.pt is absent
     resume_point: str = ""
     holdout: tuple[str, ...] = ("aal:1", "aal:2", "aal:37", "aal:38", "aal:77", "aal:78", "brodmann:17")

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..resample import crop_padded
 from .config import TrainConfig
 from .sources import NnunetSource
 
@@ -48,18 +49,6 @@ def random_intensity(image: torch.Tensor, rng: np.random.Generator) -> torch.Ten
     bias = torch.exp(F.interpolate(coarse, size=image.shape, mode="trilinear", align_corners=False)[0, 0])
     x = x * bias + torch.randn_like(x) * float(rng.uniform(0, 0.05))
     return (x - x.mean()) / (x.std() + 1e-6)
-
-
-def _crop(t: torch.Tensor, start: np.ndarray, size: int, fill: float) -> torch.Tensor:
-    """Crop the last three dims of ``t`` at ``start`` (may lie outside: padded with ``fill``)."""
-    shape = np.array(t.shape[-3:])
-    pad_lo = np.maximum(-start, 0)
-    pad_hi = np.maximum(start + size - shape, 0)
-    if pad_lo.any() or pad_hi.any():
-        pads = [int(p) for pair in zip(pad_hi[::-1], pad_lo[::-1]) for p in pair[::-1]]
-        t = F.pad(t, pads, value=fill)
-        start = start + pad_lo
-    return t[..., start[0]:start[0] + size, start[1]:start[1] + size, start[2]:start[2] + size]
 
 
 def make_episode(sources: list, cfg: TrainConfig, size: int, rng: np.random.Generator
@@ -119,7 +108,7 @@ def _crop_pair(img: torch.Tensor, masks: torch.Tensor, size: int, jitter: int, r
     zyx = np.argwhere(masks.any(0).numpy())
     centre = np.array(img.shape) // 2 if len(zyx) == 0 else (zyx.min(0) + zyx.max(0)) // 2
     start = centre - size // 2 + rng.integers(-jitter, jitter + 1, 3)
-    return [_crop(img[None], start, size, float(img.min())), _crop(masks.float(), start, size, 0.0)]
+    return [crop_padded(img[None], start, size, float(img.min())), crop_padded(masks.float(), start, size, 0.0)]
 
 
 HERMES_MODALITY = {"CT": 0, "PET": 1, "MR": 2}

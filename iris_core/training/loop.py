@@ -47,6 +47,11 @@ def plot_history(history: list[dict], path: Path) -> None:
         swap = [(h["step"], h["val_swap"]) for h in history if "val_swap" in h]
         if swap:
             ax2.plot(*zip(*swap), "s--", color="tab:red", label="Dice with other classes (swap)")
+        check = [(h["step"], h["check_own"], h["check_other"]) for h in history if "check_own" in h]
+        if check:
+            st, own, other = zip(*check)
+            ax2.plot(st, own, "^-", color="tab:purple", label="check-model: own truth")
+            ax2.plot(st, other, "v:", color="tab:purple", label="check-model: other truths")
         ax2.set_ylabel("validation Dice")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="upper right")
@@ -183,6 +188,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
                                                         find_unused_parameters=True)
     rng = np.random.default_rng([cfg.seed, step, rank])
     val_set = validation_set(sources, table, cfg, min(cfg.crop_sizes)) if rank == 0 and cfg.val_episodes else []
+    check_case = None
+    if rank == 0 and cfg.check_model and preset.arch == "iris":
+        from ..checks import standard_case
+
+        check_case = standard_case(Preprocessing(spacing=preset.spacing, window=preset.window))
     dice = DiceLoss(sigmoid=True)
     meta = {"name": f"{cfg.preset} step {{}}", "train_config": asdict(cfg)}
     names = table.names if table is not None else []
@@ -233,6 +243,16 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
                 log.info("step %d held-out validation Dice %.4f, with the other classes' truth %.4f (EMA, %d "
                          "fixed episodes)", step, history[-1]["val_dice"], history[-1].get("val_swap", float("nan")),
                          len(val_set))
+            if check_case is not None:
+                from ..checks import reference_sensitivity
+
+                report = reference_sensitivity(ema, *check_case, device=device)
+                history[-1].update({"check_own": report.own_dice, "check_other": report.other_dice,
+                                    "check_identified": report.identified, "check_passed": report.passed})
+                report.to_json(out_dir / "check.json")
+                (out_dir / "check.md").write_text(report.to_markdown(f"Reference sensitivity at step {step}") + "\n")
+                report.plot(out_dir / "check.png", f"EMA model, step {step}")
+                log.info("step %d check-model %s: %s", step, "PASSED" if report.passed else "FAILED", report.rule)
             tmp = state_path.with_suffix(".partial")
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                         "step": step, "history": json.dumps(history), "config": json.dumps(asdict(cfg))}, tmp)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import Preprocessing
 from ..preprocess import prepare_image
-from ..resample import resample_to
+from ..resample import crop_padded, resample_to
 from .config import TrainConfig
 
 TEMPLATE_LABELS = {"colin27": ("aal", "brodmann"), "icbm2009a": ("tissue",)}
@@ -117,9 +117,7 @@ class LabelSynthSource:
         fg = torch.nonzero(self.atlas)
         centre = fg.float().mean(0).numpy().astype(int) + rng.integers(-8, 9, 3)
         start = centre - size // 2
-        from .episodes import _crop
-
-        crop = _crop(self.atlas, start, size, 0)
+        crop = crop_padded(self.atlas, start, size, 0)
         return relabel_groups(crop, rng)
 
     def views(self, k: int, rng: np.random.Generator, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
