@@ -135,12 +135,12 @@ class Evaluator:
     def __init__(self, ds: Dataset, methods: list[Method], out_dir: str | Path, model: str = "default",
                  device: str = "auto", seed: int = 0, overlays: bool = True, progress: bool = True,
                  hermes_model: str | None = None, hermes_modality: str | None = None, fixed_reference: str | None = None,
-                 postprocess: str = "none"):
+                 postprocess: str | None = "none"):
         self.ds, self.methods, self.out = ds, methods, Path(out_dir)
         self.model_spec, self.device, self.seed = model, device, seed
         self.hermes_spec, self.hermes_modality, self.fixed = hermes_model, hermes_modality, fixed_reference
         self._hermes = None
-        self.postprocess = postprocess  # applied to Iris and Hermes predictions
+        self.postprocess = postprocess  # applied to Iris and Hermes predictions; None: the model's policy
         self.overlays, self.progress = overlays, progress
         self._engine = None
         self._cache: dict = {}
@@ -211,7 +211,11 @@ class Evaluator:
 
             pred = self.run_iris(method, target, refs) if method.kind == "iris" else self.run_hermes(target)
             values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(pred)) if v]
-            return postprocess(pred, values, self.postprocess)
+            how = self.postprocess
+            if how is None:  # the model's own policy (MASS: largest component), as segment does
+                policy = (self.engine() if method.kind == "iris" else self._hermes[0]).policy
+                how = "largest" if policy.largest_component else "none"
+            return postprocess(pred, values, how)
         rimg, rlab = self._read(refs[0])
         if method.kind == "identity":
             return resample_to(rlab, timg, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)

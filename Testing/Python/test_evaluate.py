@@ -49,6 +49,18 @@ def test_evaluate_writes_tables_plots_and_resumes(nnunet, tmp_path, tiny_model_f
     assert (out / "results.csv").read_text() == before  # resumed: nothing redone
 
 
+def test_evaluate_cli_default_postprocess_is_the_models_policy(nnunet, tmp_path, tiny_model_file):
+    """`iris-segment evaluate` without --postprocess: the model's own policy (was: 'unknown
+    post-processing None' after every Iris run)."""
+    from iris_core.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["evaluate", "--dataset", str(nnunet), "--method", "iris:one-shot", "--model",
+                 str(tiny_model_file), "--device", "cpu", "--out", str(out), "--no-overlays"]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 3 * 2 and {r["method"] for r in rows} == {"iris:one-shot"}
+
+
 def test_csv_pairs(nnunet, tmp_path, tiny_model_file):
     p = tmp_path / "pairs.csv"
     p.write_text("target_image,target_labels,reference_image,reference_labels\n"
