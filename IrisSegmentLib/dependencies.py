@@ -8,9 +8,9 @@ import re
 from pathlib import Path
 
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
-# import name of each requirement (distribution names differ from module names)
-IMPORT_NAMES = {"torch": "torch", "monai": "monai", "safetensors": "safetensors", "tqdm": "tqdm", "scipy": "scipy",
-                "huggingface_hub": "huggingface_hub", "psutil": "psutil"}
+# the import name of a requirement whose distribution name differs from it (none of ours today; e.g.
+# "scikit-image": "skimage"); every other requirement imports under its own name
+IMPORT_NAMES: dict[str, str] = {}
 # packages Slicer itself ships and uses: never installed or upgraded by this module
 SLICER_OWNED = {"numpy", "simpleitk", "vtk"}
 

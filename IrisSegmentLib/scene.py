@@ -9,7 +9,7 @@ applied (hardened) so what the user sees in the views is what the model gets.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -136,7 +136,6 @@ class SegmentInfo:
     color: tuple[float, float, float]
     terminology: str = ""
     value: int = 0
-    extra_tags: dict = field(default_factory=dict)
 
 
 def segment_infos(seg_node, segment_ids: list[str] | None = None) -> list[SegmentInfo]:

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, IrisError
+from .errors import IrisError
 
 log = logging.getLogger("iris_core")
 
@@ -162,16 +162,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .device import set_threads
-    from .models import PRESETS
-    from .options import check_field_types
     from .training import load_config, train
 
     set_threads(args.threads)
-    cfg = load_config(args.config, steps=args.steps, preset=args.preset, seed=args.seed)
-    check_field_types(cfg, f"training config {args.config or '(defaults)'}")
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"training config {args.config or '(defaults)'}: unknown preset {cfg.preset!r}; "
-                          f"known presets: {', '.join(PRESETS)}")
+    cfg = load_config(args.config, steps=args.steps, preset=args.preset, seed=args.seed)  # ConfigError if wrong
     path = train(cfg, args.out, export=args.export)
     print(f"trained {cfg.steps} steps; EMA model {path}" + (f", exported {args.export}" if args.export else ""))
     return 0

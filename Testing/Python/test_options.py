@@ -80,7 +80,11 @@ def test_help_does_not_import_torch():
 @pytest.mark.parametrize("toml, words", [('steps = "x"\n', "steps = 'x' is not a int"),
                                          ('preset = "nope"\n', "unknown preset 'nope'"),
                                          ("lr = [1, 2]\n", "lr = (1, 2) is not a float"),
-                                         ("foo = 1\n", "unknown keys ['foo']")])
+                                         ("foo = 1\n", "unknown keys ['foo']"),
+                                         ('optimizer = "sgd"\n', "unknown optimizer 'sgd'"),
+                                         ("crop_sizes = [48, 64]\ncrop_probs = [1.0]\n", "one probability per size"),
+                                         ("crop_sizes = [40]\ncrop_probs = [1.0]\n", "multiples of 16"),
+                                         ("batch = 0\n", "batch must be >= 1")])
 def test_train_config_errors_are_messages(capsys, tmp_path, toml, words):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[train]\n" + toml)

@@ -3,6 +3,7 @@ before the fix. Real nodes from the shipped sample pair, the real worker, small 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -325,39 +326,40 @@ def _real_worker(proc: WorkerProcess):
     return kids[0] if kids else None
 
 
-def test_item4_worker_killed_behind_a_launcher_is_reported_as_out_of_memory(world, tmp_path):
-    import psutil
-
+@contextlib.contextmanager
+def _worker_behind_launcher(world, tmp_path):
+    """A prepared run whose worker runs behind a launcher process (as Slicer's PythonSlicer does on
+    some platforms): yields the WorkerProcess and the real worker (a psutil.Process); cleans up."""
     scene, nodes, logic, model = world
     run = logic.prepare(request(nodes, model))
     try:
         proc = WorkerProcess(run.job_file, launcher(tmp_path))
         assert _wait(lambda: _real_worker(proc) is not None)
+        yield proc, _real_worker(proc)
+    finally:
+        logic.cleanup(run)
+
+
+def test_item4_worker_killed_behind_a_launcher_is_reported_as_out_of_memory(world, tmp_path):
+    import psutil
+
+    with _worker_behind_launcher(world, tmp_path) as (proc, real):
         time.sleep(1.0)
-        _real_worker(proc).kill()  # what the OOM killer does to the real Python
+        real.kill()  # what the OOM killer does to the real Python
         assert _wait(lambda: (proc.poll() or True) and proc.done)
         assert proc.proc.returncode == 1  # the launcher hides the signal
         assert proc.error is not None and "killed (most likely out of memory)" in str(proc.error)
         assert psutil.pid_exists(proc.proc.pid) is False or psutil.Process(proc.proc.pid).status() == "zombie"
-    finally:
-        logic.cleanup(run)
 
 
 def test_item2_cancel_kills_the_real_worker_behind_the_launcher(world, tmp_path):
     import psutil
 
-    scene, nodes, logic, model = world
-    run = logic.prepare(request(nodes, model))
-    try:
-        proc = WorkerProcess(run.job_file, launcher(tmp_path))
-        assert _wait(lambda: _real_worker(proc) is not None)
-        real = _real_worker(proc)
+    with _worker_behind_launcher(world, tmp_path) as (proc, real):
         proc.cancel()
         assert _wait(lambda: (proc.poll() or True) and proc.done, 30)
         assert proc.cancelled and proc.result is None and proc.error is None
         assert not real.is_running() or real.status() == psutil.STATUS_ZOMBIE
-    finally:
-        logic.cleanup(run)
 
 
 @pytest.mark.slow

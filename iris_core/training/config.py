@@ -43,6 +43,35 @@ class TrainConfig:
     resume_point: str = ""
     holdout: tuple[str, ...] = ("aal:1", "aal:2", "aal:37", "aal:38", "aal:77", "aal:78", "brodmann:17")
 
+    def __post_init__(self) -> None:
+        """User errors in a training config end in one clear ConfigError before any work starts."""
+        from ..errors import ConfigError
+        from ..models.config import PRESETS
+        from ..options import check_field_types
+
+        check_field_types(self, "training config")  # a string where a number belongs, first
+        problems = []
+        if self.preset not in PRESETS:
+            problems.append(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)})")
+        if self.optimizer not in ("adamw", "lamb"):
+            problems.append(f"unknown optimizer {self.optimizer!r} (use adamw or lamb)")
+        for name in ("steps", "batch", "max_classes", "save_every"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if len(self.crop_sizes) != len(self.crop_probs) or not self.crop_sizes:
+            problems.append(f"crop_sizes {list(self.crop_sizes)} and crop_probs {list(self.crop_probs)} need one "
+                            "probability per size")
+        elif abs(sum(self.crop_probs) - 1.0) > 1e-6 or min(self.crop_probs) < 0:
+            problems.append(f"crop_probs {list(self.crop_probs)} must be non-negative and sum to 1")
+        if any(int(c) % 16 or int(c) < 16 for c in self.crop_sizes):
+            problems.append(f"crop_sizes {list(self.crop_sizes)} must be multiples of 16")
+        if not (self.lr > 0 and 0 <= self.ema < 1 and self.warmup >= 0):
+            problems.append(f"lr must be > 0 (got {self.lr}), ema in [0, 1) (got {self.ema}), warmup >= 0")
+        if not self.sources and not self.datasets:
+            problems.append("no task sources: give sources and/or datasets")
+        if problems:
+            raise ConfigError("training config: " + "; ".join(problems))
+
 
 
 def load_config(path: str | Path | None, **overrides) -> TrainConfig:
@@ -61,5 +90,10 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
         from ..errors import InputError
 
         raise InputError(f"training config {path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    from ..errors import ConfigError
+
+    try:
+        return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    except ConfigError as exc:
+        raise ConfigError(f"{path or '(defaults)'}: {exc}") from None
 

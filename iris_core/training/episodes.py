@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..resample import crop_padded
 from .config import TrainConfig
 from .sources import NnunetSource
@@ -121,7 +122,7 @@ class TaskTable:
         self.entries = []
         for si, src in enumerate(sources):
             if not hasattr(src, "tasks"):
-                raise ValueError(f"task source {getattr(src, 'name', src)!r} has no named tasks; Hermes trains on "
+                raise ConfigError(f"task source {getattr(src, 'name', src)!r} has no named tasks; Hermes trains on "
                                  "labelled sources only (templates, nnU-Net datasets)")
             ds = getattr(src, "name", "template")
             modality = getattr(src, "modality", "MR")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 
 from ..checkpoint import Preprocessing, save_checkpoint
+from ..errors import ConfigError
 from ..models import PRESETS, build_model
 from .config import TrainConfig
 from .episodes import TaskTable, _hermes_batch, _iris_batch
@@ -160,7 +161,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     elif cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw or lamb")
+        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adamw or lamb")
     state_path = out_dir / "state.pt"
     step = 0
     history: list[dict] = []

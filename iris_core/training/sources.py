@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import Preprocessing
+from ..errors import ConfigError, InputError
 from ..preprocess import prepare_image
 from ..resample import crop_padded, resample_to
 from .config import TrainConfig
@@ -29,7 +30,7 @@ class TemplateSource:
         from .. import sampledata
 
         if name not in TEMPLATE_LABELS:
-            raise ValueError(f"unknown template source {name!r}; known: {sorted(TEMPLATE_LABELS)}")
+            raise ConfigError(f"unknown template source {name!r}; known: {sorted(TEMPLATE_LABELS)}")
         load = sampledata.TEMPLATES[name]
         brain = load("brain")
         self.name = name
@@ -161,7 +162,7 @@ class NnunetSource:
             self.cases.append((torch.from_numpy(prep.array), labels, float(prep.intensity.background)))
         self.values = sorted({int(v) for _, lab, _ in self.cases for v in torch.unique(lab).tolist() if v})
         if not self.values:
-            raise ValueError(f"{folder}: no labels")
+            raise InputError(f"{folder}: no labels")
 
     @property
     def tasks(self) -> list[tuple[str, int]]:
@@ -216,7 +217,7 @@ class ClusterSource:
                     self.components.append(torch.from_numpy(lab == i + 1))
         self.foreground = torch.from_numpy(fg)
         if not self.components:
-            raise ValueError(f"{path}: no usable intensity clusters")
+            raise InputError(f"{path}: no usable intensity clusters")
 
     def draw(self, k: int, rng: np.random.Generator):
         def sample(r):
@@ -273,8 +274,6 @@ class SyntheticSource:
 def _build_sources(cfg: TrainConfig, spacing) -> list:
     """The task sources a config names: templates, ``synthetic``, ``synth:random`` /
     ``synth:<template>`` (label-to-image), ``unlabelled:<file>``, plus nnU-Net datasets."""
-    from ..errors import InputError
-
     sources: list = []
     for s in cfg.sources:
         if s == "synthetic":
