@@ -267,6 +267,26 @@ def probability_paths(output: str | Path, classes: list[ClassSpec]) -> list[Path
     return [p.with_name(f"{stem}_prob_{n}{ext}") for n in names]
 
 
+def refuse_probability_map_collisions(output: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Before any work (the class names are not known yet): refuse when an input file could be one of
+    the probability maps of ``output`` (``<stem>_prob_<anything><ext>`` in the output's folder)."""
+    import fnmatch
+
+    from .imaging import _same_file
+
+    p = Path(output)
+    stem = sidecar_path(p).name[: -len(".json")]
+    ext = p.name[len(stem):] or ".nii.gz"
+    pattern = f"{stem}_prob_*{ext}"
+    for what, src in inputs.items():
+        if src is None:
+            continue
+        src = Path(src)
+        if fnmatch.fnmatchcase(src.name, pattern) and _same_file(src.parent, p.parent):
+            raise InputError(f"the input {what} {src} is named like a probability map of --output {p} "
+                             f"({pattern}): --save-probabilities could overwrite it; choose another output path")
+
+
 def write_result(result: SegmentationResult, output: str | Path) -> tuple[Path, Path]:
     """Write the label map, its probability maps (when computed) and its JSON sidecar (no partial
     files on failure)."""

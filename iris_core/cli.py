@@ -73,6 +73,7 @@ def segment_options(args: argparse.Namespace):
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from .api import parse_classes, resolve_model, segment, sidecar_path, write_result
+    from .api import refuse_probability_map_collisions
     from .imaging import refuse_overwriting_inputs
     from .viz import overlay_png
 
@@ -82,6 +83,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         inputs |= {f"reference image {k}": img, f"reference label map {k}": lab}
     refuse_overwriting_inputs({"--output": args.output, "its sidecar": sidecar_path(args.output),
                                "--preview": args.preview, "--save-library": args.save_library}, inputs)
+    if args.save_probabilities:  # the class names come later: refuse any input a probability map could hit
+        refuse_probability_map_collisions(args.output, inputs)
     options = segment_options(args)
     progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)

@@ -171,7 +171,8 @@ def _snapshot(paths):
 
 
 @pytest.mark.parametrize("clash", ["output is target", "output is reference labels", "sidecar is target",
-                                   "preview is reference image", "library output is target", "hard link"])
+                                   "preview is reference image", "library output is target", "hard link",
+                                   "probability map is reference labels"])
 def test_output_onto_an_input_is_refused_before_any_work(capsys, base, phantom_files, tmp_path, clash):
     """No output (label map, sidecar, preview, saved library) may land on a file the user gave as input,
     by the same path, another spelling of it, or a hard link to it; the inputs are left byte for byte."""
@@ -201,6 +202,12 @@ def test_output_onto_an_input_is_refused_before_any_work(capsys, base, phantom_f
         extra = ["--preview", ref]
     elif clash == "library output is target":
         extra = ["--save-library", tgt]
+    elif clash == "probability map is reference labels":  # in/seg_prob_<class>.nii.gz may be a class's map
+        moved = tmp_path / "in" / "seg_prob_1.nii.gz"
+        lab.rename(moved)
+        argv[argv.index(lab)] = lab = moved
+        output = tmp_path / "in" / "seg.nii.gz"
+        extra = ["--save-probabilities"]
     else:
         link = tmp_path / "link.nii.gz"
         os.link(tgt, link)
@@ -212,6 +219,7 @@ def test_output_onto_an_input_is_refused_before_any_work(capsys, base, phantom_f
     assert "input" in err and "choose another" in err, err
     assert _snapshot([tgt, ref, lab]) == before
     assert not (tmp_path / "seg.nii.gz").exists() and not (tmp_path / "seg.json").exists()
+    assert not (tmp_path / "in" / "seg.nii.gz").exists()
 
 
 def test_label_map_as_target_warns(capsys, caplog, base, phantom_files, tmp_path):
