@@ -72,8 +72,14 @@ def segment_options(args: argparse.Namespace):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .api import parse_classes, resolve_model, segment, sidecar_path, write_result
-    from .api import refuse_probability_map_collisions
+    from .api import (
+        parse_classes,
+        refuse_probability_map_collisions,
+        resolve_model,
+        segment,
+        sidecar_path,
+        write_result,
+    )
     from .imaging import refuse_overwriting_inputs
     from .viz import overlay_png
 
