@@ -214,6 +214,15 @@ def infer_architecture(sd: dict[str, torch.Tensor], path: Path) -> tuple[str, An
             reference_prototype="prototype_scale" in sd,
             head_token="prototype" if "prototype_scale" in sd else "query",
         )
+        if "memory_key.weight" in sd:  # our small presets' memory readout; its sample size is not a weight:
+            # the preset's with these channels and key width (else iris-small's)
+            from .models.config import PRESETS
+
+            dim = sd["memory_key.weight"].shape[0]
+            size = next((p.config.memory_tokens for p in PRESETS.values() if p.arch == "iris"
+                         and p.config.memory_dim == dim and p.config.channels == cfg.channels),
+                        PRESETS["iris-small"].config.memory_tokens)
+            cfg = replace(cfg, memory_tokens=size, memory_dim=dim)
         return "iris", cfg
     if "inc.conv1.weight" in sd and "prior_init_fuse_2.task_prior" in sd:
         base = sd["inc.conv1.weight"].shape[0]
