@@ -72,6 +72,17 @@ def _pth_kind(path: Path) -> str:
     return "iris" if IRIS_KEY in record else "unknown"
 
 
+def _library_names(meta: dict[str, str], path) -> list[str]:
+    """A task library's class names, read with the library format's own (torch-free) reader."""
+    from iris_core.errors import CheckpointError
+    from iris_core.library import LibraryInfo
+
+    try:
+        return LibraryInfo.from_metadata(meta, path).names
+    except CheckpointError as exc:
+        raise ModelFileError(str(exc)) from None
+
+
 def model_kind(model: str | None) -> tuple[str, dict[str, str]]:
     """(kind, safetensors metadata) of a model choice: 'iris', 'hermes', 'library' (a task library
     given as the model) or 'unknown' (decided by the worker when segmenting)."""
@@ -97,14 +108,10 @@ def known_structures(model: str | None = None, library: str | None = None) -> tu
     otherwise); an Iris model needs references and lists nothing. Raises ModelFileError naming
     the file when it cannot be read."""
     if library:
-        meta = safetensors_metadata(library)
-        try:
-            return "library", list(json.loads(meta.get("names", "[]")))
-        except ValueError:
-            raise ModelFileError(f"{library}: task library with unreadable class names") from None
+        return "library", _library_names(safetensors_metadata(library), library)
     kind, meta = model_kind(model)
     if kind == "library":
-        return kind, list(json.loads(meta.get("names", "[]")))
+        return kind, _library_names(meta, model)
     if kind != "hermes":
         return kind, []
     from iris_core.hermes_vocab import hermes_r_vocabulary, vocabulary_from_names

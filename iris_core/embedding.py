@@ -13,8 +13,7 @@ from torch import nn
 
 from .checkpoint import read_safetensors, write_safetensors
 from .errors import CheckpointError, InputError
-
-LIBRARY_FORMAT = "iris-segment-library/1"
+from .library import LibraryInfo
 
 #: A stage with at least this many tokens per class is a memory-readout sample (rows: key, mask value,
 #: log weight; see models.iris.sample_memory), not a set of task tokens (at most a few dozen).
@@ -117,8 +116,7 @@ class TaskEmbedding:
     def save(self, path: str | Path, fingerprint: str, info: dict | None = None) -> Path:
         """Write a task library (safetensors) usable later with no reference."""
         tensors = {f"stage{s}": t.contiguous() for s, t in enumerate(self.tokens)}
-        meta = {"format": LIBRARY_FORMAT, "names": json.dumps(self.names), "values": json.dumps(self.values),
-                "model": fingerprint, "info": json.dumps(info or {})}
+        meta = LibraryInfo(list(self.names), list(self.values), fingerprint, info or {}).to_metadata()
         return write_safetensors(Path(path), tensors, meta)
 
     @staticmethod
@@ -128,13 +126,11 @@ class TaskEmbedding:
         if not path.is_file():
             raise InputError(f"task library {path}: file not found")
         meta, tensors = read_safetensors(path, "task library")
-        if meta.get("format") != LIBRARY_FORMAT:
-            raise CheckpointError(f"task library {path}: not an iris-segment task library")
-        if fingerprint is not None and meta.get("model") != fingerprint:
+        lib = LibraryInfo.from_metadata(meta, path)
+        if fingerprint is not None and lib.model != fingerprint:
             raise CheckpointError(
-                f"task library {path}: made with another model (fingerprint {meta.get('model')}, "
+                f"task library {path}: made with another model (fingerprint {lib.model}, "
                 f"this model {fingerprint}); re-encode the references with this model"
             )
         n = len([k for k in tensors if k.startswith("stage")])
-        return TaskEmbedding([tensors[f"stage{s}"] for s in range(n)], json.loads(meta["names"]),
-                             json.loads(meta["values"]))
+        return TaskEmbedding([tensors[f"stage{s}"] for s in range(n)], lib.names, lib.values)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from conftest import ROOT
 from iris_core.cli import build_parser, main, segment_options
 from iris_core.errors import ConfigError, IrisError
 from iris_core.options import SegmentOptions
@@ -114,3 +115,19 @@ def test_outputs_share_one_permission_mode(capsys, tmp_path, phantom_files, tiny
     mask = os.umask(0)
     os.umask(mask)
     assert set(modes.values()) == {0o666 & ~mask}
+
+
+def test_slicer_reads_a_task_library_s_names_with_the_format_s_own_reader_without_torch(tmp_path):
+    """One reader of the library format (iris_core.library): TaskEmbedding.load and the Slicer GUI's
+    header-only vocabulary both use it; the GUI side never imports torch."""
+    import torch
+
+    from iris_core.embedding import TaskEmbedding
+
+    path = TaskEmbedding([torch.zeros(2, 3, 4)], ["liver", "left kidney"], [1, 2]).save(tmp_path / "l.safetensors",
+                                                                                        "abc")
+    assert TaskEmbedding.load(path, "abc").names == ["liver", "left kidney"]
+    code = ("import sys; from IrisSegmentLib.vocabulary import known_structures; "
+            f"print(known_structures(library={str(path)!r})); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split("\n")[:2] == ["('library', ['liver', 'left kidney'])", "False"], out.stdout + out.stderr
