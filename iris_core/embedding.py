@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +15,7 @@ from torch import nn
 from .checkpoint import read_safetensors, write_safetensors
 from .errors import CheckpointError, InputError
 from .library import LibraryInfo
-
-#: A stage with at least this many tokens per class is a memory-readout sample (rows: key, mask value,
-#: log weight; see models.iris.sample_memory), not a set of task tokens (at most a few dozen).
-MEMORY_MIN_TOKENS = 256
+from .models.config import MEMORY_MIN_TOKENS
 
 
 def is_memory(t: torch.Tensor) -> bool:
@@ -32,12 +30,10 @@ def merge_memories(rows: list[torch.Tensor]) -> torch.Tensor:
     n = len(rows)
     if n == 1:
         return rows[0]
-    size = rows[0].shape[0]
     out = torch.empty_like(rows[0])
     for j, r in enumerate(rows):
         out[j::n] = r[j::n]
-    out[:, -1] = torch.where(out[:, -1] > -1e3, out[:, -1] + torch.log(torch.tensor(float(n))), out[:, -1])
-    assert out.shape[0] == size
+    out[:, -1] += math.log(n)  # padding rows (log weight -1e4) stay unattended
     return out
 
 

@@ -7,6 +7,10 @@ from typing import Any
 
 from ..errors import ConfigError
 
+#: The least memory-readout sample size; a task-embedding stage with at least this many tokens per class
+#: is a memory sample (rows: key, mask value, log weight), not task tokens (at most a few dozen).
+MEMORY_MIN_TOKENS = 256
+
 
 @dataclass(frozen=True)
 class IrisConfig:
@@ -59,8 +63,9 @@ class IrisConfig:
             raise ConfigError(f"head_token must be 'query', 'foreground' or 'prototype', got {self.head_token!r}")
         if self.head_token == "prototype" and not self.reference_prototype:
             raise ConfigError("head_token 'prototype' needs reference_prototype = True")
-        if self.memory_tokens and self.memory_tokens < 256:
-            raise ConfigError(f"memory_tokens must be 0 (no memory readout) or >= 256, got {self.memory_tokens}")
+        if self.memory_tokens and self.memory_tokens < MEMORY_MIN_TOKENS:
+            raise ConfigError(f"memory_tokens must be 0 (no memory readout) or >= {MEMORY_MIN_TOKENS}, "
+                              f"got {self.memory_tokens}")
         if not 1 <= self.num_prior_stage <= 3:
             raise ConfigError("num_prior_stage must be 1, 2 or 3")
         for c in self.channels[5 - self.num_prior_stage :]:
