@@ -149,3 +149,41 @@ def test_compact_resume_point_continues_a_run(tmp_path):
     hist = json.loads(second["history"])
     assert second["step"] == 3 and [h["step"] for h in hist] == [1, 2, 3]
     assert hist[:2] == json.loads(first["history"])
+
+
+def test_training_at_another_spacing_exports_a_model_that_runs_at_it(tmp_path):
+    """``spacing`` in a training config overrides the preset's: the task sources are prepared on that
+    grid and the exported model carries it, so inference runs there too; nonsense is a ConfigError."""
+    from iris_core.errors import ConfigError
+    from iris_core.training import TrainConfig, train
+
+    cfg = TrainConfig(preset="iris-tiny", sources=("synthetic",), steps=1, batch=1, crop_sizes=(32,),
+                      crop_probs=(1.0,), warmup=1, save_every=1, val_episodes=0, check_model=False,
+                      spacing=(3, 3, 3))
+    assert cfg.grid()[0] == (3.0, 3.0, 3.0)
+    train(cfg, tmp_path / "run", export=tmp_path / "m.safetensors")
+    model = load_checkpoint(tmp_path / "m.safetensors")
+    assert model.preprocessing.spacing == (3.0, 3.0, 3.0)
+    assert model.info["train_config"]["spacing"] == [3, 3, 3]
+    assert TrainConfig(preset="iris-tiny").grid()[0] == (4.0, 4.0, 4.0)  # default: the preset's
+    for bad in ((2.0, 2.0), (2.0, 0.0, 2.0)):
+        with pytest.raises(ConfigError, match="spacing"):
+            TrainConfig(preset="iris-tiny", spacing=bad)
+
+
+def test_the_learning_rate_schedule_restarts_for_a_continued_run():
+    """A continued run (lr_restart_at) gets a fresh warm-up and cosine decay over its new steps instead
+    of the ~0 learning rate at the end of the first run's schedule; without it, one schedule."""
+    from iris_core.errors import ConfigError
+    from iris_core.training import TrainConfig
+    from iris_core.training.loop import _lr
+
+    first = TrainConfig(preset="iris-tiny", steps=1500, lr=1e-3, warmup=100)
+    assert _lr(0, first) == pytest.approx(1e-5) and _lr(99, first) == pytest.approx(1e-3)
+    assert _lr(1499, first) < 1e-8 + 1e-3 * 1e-5
+    more = TrainConfig(preset="iris-tiny", steps=1650, lr=1e-3, warmup=20, lr_restart_at=1500)
+    assert _lr(1499, more) < 1e-6  # the first schedule, ended where it restarts
+    assert _lr(1500, more) == pytest.approx(1e-3 / 20) and _lr(1519, more) == pytest.approx(1e-3)
+    assert _lr(1585, more) == pytest.approx(0.5e-3, rel=0.05) and _lr(1649, more) < 1e-5
+    with pytest.raises(ConfigError, match="lr_restart_at"):
+        TrainConfig(preset="iris-tiny", steps=100, lr_restart_at=100)

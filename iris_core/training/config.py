@@ -41,6 +41,12 @@ class TrainConfig:
     check_model: bool = True
     # a compact resume point (training.loop.write_resume_point) to start from when OUT/state.pt is absent
     resume_point: str = ""
+    # voxel spacing in mm the model is trained (and then runs) at; empty: the preset's own (3 mm for
+    # iris-small). The exported model stores it, so inference follows it (issue 10 item 5: 2 mm vs 3 mm)
+    spacing: tuple[float, ...] = ()
+    # continuing a finished run (whose cosine schedule ended at lr ~0): from this step on, warm-up and
+    # cosine decay start again over the remaining steps; 0: one schedule over the whole run
+    lr_restart_at: int = 0
     holdout: tuple[str, ...] = ("aal:1", "aal:2", "aal:37", "aal:38", "aal:77", "aal:78", "brodmann:17")
 
     def __post_init__(self) -> None:
@@ -67,10 +73,23 @@ class TrainConfig:
             problems.append(f"crop_sizes {list(self.crop_sizes)} must be multiples of 16")
         if not (self.lr > 0 and 0 <= self.ema < 1 and self.warmup >= 0):
             problems.append(f"lr must be > 0 (got {self.lr}), ema in [0, 1) (got {self.ema}), warmup >= 0")
+        if self.spacing and (len(self.spacing) != 3 or min(float(v) for v in self.spacing) <= 0):
+            problems.append(f"spacing {list(self.spacing)} must be three positive numbers in mm (or [] for the "
+                            "preset's)")
+        if not 0 <= self.lr_restart_at < self.steps:
+            problems.append(f"lr_restart_at must be in [0, steps), got {self.lr_restart_at} with steps {self.steps}")
         if not self.sources and not self.datasets:
             problems.append("no task sources: give sources and/or datasets")
         if problems:
             raise ConfigError("training config: " + "; ".join(problems))
+
+    def grid(self) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
+        """(spacing, window) the model trains and runs at: the preset's unless ``spacing`` is given."""
+        from ..models.config import PRESETS
+
+        preset = PRESETS[self.preset]
+        spacing = tuple(float(v) for v in self.spacing) if self.spacing else preset.spacing
+        return spacing, preset.window
 
 
 

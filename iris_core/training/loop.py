@@ -105,9 +105,17 @@ def validation_scores(model, episodes: list, device, arch: str) -> dict[str, flo
 
 
 def _lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to 0 at ``cfg.steps``; with ``lr_restart_at`` the schedule
+    before that step ends there and a second one (warm-up included) spans the remaining steps."""
+    total = cfg.steps
+    if cfg.lr_restart_at:
+        if step >= cfg.lr_restart_at:
+            step, total = step - cfg.lr_restart_at, cfg.steps - cfg.lr_restart_at
+        else:
+            total = cfg.lr_restart_at
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    t = (step - cfg.warmup) / max(total - cfg.warmup, 1)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
@@ -133,7 +141,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     preset = PRESETS[cfg.preset]
     torch.manual_seed(cfg.seed)
-    sources = _build_sources(cfg, preset.spacing)
+    spacing, window = cfg.grid()
+    sources = _build_sources(cfg, spacing)
     table = TaskTable(sources) if preset.arch == "hermes" else None
     config = preset.config
     if table is not None:
@@ -193,7 +202,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     if rank == 0 and cfg.check_model and preset.arch == "iris":
         from ..checks import standard_case
 
-        check_case = standard_case(Preprocessing(spacing=preset.spacing, window=preset.window))
+        check_case = standard_case(Preprocessing(spacing=spacing, window=window))
     dice = DiceLoss(sigmoid=True)
     meta = {"name": f"{cfg.preset} step {{}}", "train_config": asdict(cfg)}
     names = table.names if table is not None else []
@@ -259,13 +268,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
                         "step": step, "history": json.dumps(history), "config": json.dumps(asdict(cfg))}, tmp)
             tmp.replace(state_path)
             plot_history(history, out_dir / "curve.png")
-            save_checkpoint(out_dir / "ema.safetensors", ema, Preprocessing(spacing=preset.spacing,
-                            window=preset.window), names, meta | {"name": meta["name"].format(step), "steps": step,
+            save_checkpoint(out_dir / "ema.safetensors", ema, Preprocessing(spacing=spacing,
+                            window=window), names, meta | {"name": meta["name"].format(step), "steps": step,
                                                                   "task_modalities": task_modalities})
     if rank == 0:
         log.info("trained %d steps in %.0f s", step, time.perf_counter() - t_run)
         if export:
-            save_checkpoint(export, ema, Preprocessing(spacing=preset.spacing, window=preset.window), names,
+            save_checkpoint(export, ema, Preprocessing(spacing=spacing, window=window), names,
                             meta | {"name": f"{cfg.preset} (step {step})", "steps": step,
                                     "task_modalities": task_modalities}, half=True)
     if world > 1:
