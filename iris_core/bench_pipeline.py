@@ -42,10 +42,12 @@ class PeakMemory:
 
 def pipeline_benchmark(model: str, target: str | None = None, references: list[tuple[str, str]] | None = None,
                        intensity: str = "auto", compile: bool = False, threads: int | None = None,
-                       further_targets: int = 1) -> dict:
+                       further_targets: int = 1, compare: str | None = None) -> dict:
     """Seconds per stage of segmenting ``target`` from ``references`` end to end (default: the MASS
     fixture's MR case), then of each of ``further_targets`` more targets (the same file again) with
-    the references' embedding reused; peak RSS in MB."""
+    the references' embedding reused; peak RSS in MB. ``compare``: a label map on the target grid
+    (default with the fixture: the authors' own output) whose agreement with the first target's labels
+    is reported, so that a speed figure always comes with the labels it produced."""
     import torch
 
     from .api import load_references, resolve_classes, resolve_model
@@ -57,6 +59,7 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
         if not (FIXTURE / "mr_target.nii.gz").is_file():
             raise InputError(f"no --target given and the fixture {FIXTURE} is absent")
         target = str(FIXTURE / "mr_target.nii.gz")
+        compare = compare or str(FIXTURE / "mr_authors_seg.nii.gz")
         references = [(str(FIXTURE / "mr_reference.nii.gz"), str(FIXTURE / "mr_reference_labels.nii.gz"))]
         intensity = "MR" if intensity == "auto" else intensity
     if not references:
@@ -92,7 +95,7 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
         t_seg = time.perf_counter() - t0
         first_windows = list(window_times)
         t0 = time.perf_counter()
-        engine.to_target(probs, prep, values, largest=loaded.preprocessing.largest_component)
+        labels = engine.to_target(probs, prep, values, largest=loaded.preprocessing.largest_component)
         t_back = time.perf_counter() - t0
         first_total = time.perf_counter() - t_start
         first_cpu = time.process_time() - cpu_start
@@ -102,6 +105,17 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
             p2 = engine.prepare(img, Path(target).name)
             engine.to_target(engine.predict(p2, emb), p2, values, largest=loaded.preprocessing.largest_component)
             further.append(time.perf_counter() - t0)
+    agreement = None
+    if compare:
+        import numpy as np
+        import SimpleITK as sitk
+
+        other = read_image(compare, "label map to compare with")
+        ours = sitk.GetArrayViewFromImage(labels)
+        theirs = sitk.GetArrayViewFromImage(other)
+        if ours.shape != theirs.shape:
+            raise InputError(f"{compare}: {theirs.shape[::-1]} voxels, the target has {ours.shape[::-1]}")
+        agreement = {"file": str(compare), "same_label_share": float(np.mean(ours == theirs))}
     return {
         "model": loaded.name, "pipeline": loaded.preprocessing.name, "target": str(target),
         "classes": len(classes), "threads": torch.get_num_threads(), "compile": compile,
@@ -113,6 +127,7 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
         "first_target_cpu_s": first_cpu,
         "further_target_s": further,
         "peak_rss_mb": mem.peak / 2**20,
+        "agreement": agreement,
     }
 
 
@@ -132,4 +147,7 @@ def format_pipeline(res: dict) -> str:
     for i, t in enumerate(res["further_target_s"]):
         lines.append(f"| further target {i + 1} (embedding reused) | {t:.1f} |")
     lines.append(f"\npeak resident memory {res['peak_rss_mb']:.0f} MB")
+    if res.get("agreement"):
+        a = res["agreement"]
+        lines.append(f"same label as {Path(a['file']).name} in {100 * a['same_label_share']:.4f} % of the target voxels")
     return "\n".join(lines)

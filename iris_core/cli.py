@@ -188,7 +188,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         res = pipeline_benchmark(args.model[0] if args.model else "default", target=args.target,
                                  references=[tuple(r) for r in args.reference or []], intensity=args.intensity,
-                                 compile=args.compile, threads=args.threads, further_targets=args.further_targets)
+                                 compile=args.compile, threads=args.threads, further_targets=args.further_targets,
+                                 compare=args.compare)
         print(format_pipeline(res))
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2, default=str))
@@ -378,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pipeline: a reference image and its label map")
     b.add_argument("--intensity", default="auto", help="with --pipeline: the intensity policy")
     b.add_argument("--further-targets", type=int, default=1, help="with --pipeline: further targets to time")
+    b.add_argument("--compare", metavar="LABELS",
+                   help="with --pipeline: a label map on the target grid to report agreement with (default data: "
+                        "the authors' own output)")
     b.add_argument("--compile", action="store_true",
                    help="also time the torch.compile'd network per window (ratio and max abs difference)")
     b.set_defaults(func=cmd_bench)

@@ -35,3 +35,35 @@ def test_compiled_network_matches_eager():
     assert "error" not in res, res
     assert res["compiled_max_abs_difference"] < 1e-3 and res["compiled_speedup"] > 0
     assert "torch.compile" in format_table([res])
+
+
+def test_pipeline_benchmark_on_the_fixture_case_reports_stages_memory_and_agreement(tiny_model_file, tmp_path,
+                                                                                      capsys):
+    """``bench --pipeline`` through the CLI on its default data (the MASS fixture's MR case): every stage
+    timed, one further target, peak memory, and the agreement of its labels with the authors' output on
+    the same grid; a label map of another grid is refused naming the file."""
+    import json
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from iris_core.bench_pipeline import FIXTURE
+    from iris_core.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--pipeline", "--model", str(tiny_model_file), "--threads", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    s = res["seconds"]
+    assert res["windows"] >= 1 and len(res["further_target_s"]) == 1 and res["peak_rss_mb"] > 50
+    assert all(s[k] > 0 for k in ("prepare_target", "prepare_and_encode_references", "windows_total"))
+    assert s["first_target_total"] >= s["windows_total"] + s["prepare_and_encode_references"]
+    # the tiny untrained model is not the authors': agreement is measured, not assumed (background
+    # dominates the case, so a tiny share of disagreement is still expected)
+    authors = sitk.GetArrayFromImage(sitk.ReadImage(str(FIXTURE / "mr_authors_seg.nii.gz")))
+    share = res["agreement"]["same_label_share"]
+    assert 0.0 < share < 1.0 and res["agreement"]["file"].endswith("mr_authors_seg.nii.gz")
+    assert share >= float(np.mean(authors == 0)) - 0.5
+    capsys.readouterr()
+    assert main(["bench", "--pipeline", "--model", str(tiny_model_file), "--compare",
+                 str(FIXTURE / "ct_authors_seg.nii.gz"), "--further-targets", "0"]) != 0
+    assert "ct_authors_seg.nii.gz" in capsys.readouterr().err
