@@ -115,38 +115,47 @@ def plot(rows: list[dict], models: list[dict], path: Path) -> None:
     for ax, ds in zip(axes, ("cross-atlas", "macaque")):
         sel = [r for r in rows if r["dataset"] == ds]
         vol = np.array([r["volume_ml"] for r in sel])
+        spacings = sorted({m["spacing"][0] for m in models}, reverse=True)
+        for j, sp in enumerate(spacings):  # one ceiling per spacing, drawn once
+            ax.scatter(vol, [r[f"ceiling {sp:g}mm"] for r in sel], marker="_", s=300, linewidths=2,
+                       color=("0.6", "0.0", "0.3")[j % 3], label=f"ceiling at {sp:g} mm")
         for i, m in enumerate(models):
-            c = colors[i % len(colors)]
-            key = f"{m['spacing'][0]:g}mm"
-            ax.scatter(vol, [r[f"ceiling {key}"] for r in sel], marker="_", s=200, color=c,
-                       label=f"ceiling at {key}")
-            ax.scatter(vol, [m["dice"].get(f"{ds}:{r['class']}", np.nan) for r in sel], marker="o", color=c,
-                       label=f"{m['name']} ({m['model_name']})")
-        for r, v in zip(sel, vol):
-            ax.annotate(r["class_name"][:18], (v, 0.02), rotation=90, fontsize=6, va="bottom", ha="center",
-                        color="0.4")
+            ax.scatter(vol, [m["dice"].get(f"{ds}:{r['class']}", np.nan) for r in sel], marker="o",
+                       color=colors[i % len(colors)], alpha=0.85,
+                       label=f"{m['name']} ({m['model_name']}, {m['spacing'][0]:g} mm)")
+        for k, (r, v) in enumerate(zip(sel, vol)):  # staggered: neighbours of similar volume do not overlap
+            ax.annotate(r["class_name"][:18], (v, 0.02 + 0.12 * (k % 3)), rotation=90,
+                        fontsize=6, va="bottom", ha="center", color="0.4")
         ax.set_xscale("log")
         ax.set_xlabel("structure volume (ml, log)")
         ax.set_title(ds)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Dice")
-    axes[1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(labels))
     fig.suptitle("Model spacing: one-shot Dice (dots) and the resolution ceiling (bars) per structure")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", action="append", default=[], metavar="NAME=FILE", required=True)
+    ap.add_argument("--model", action="append", default=[], metavar="NAME=FILE")
     ap.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
                     help="training run folder of a model (its state.pt gives the cost per step)")
     ap.add_argument("--out", default="Resources/Models/eval/resolution")
+    ap.add_argument("--replot", action="store_true", help="redraw OUT/resolution.png from OUT/resolution.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        data = json.loads((Path(args.out) / "resolution.json").read_text())
+        plot(data["structures"], data["models"], Path(args.out) / "resolution.png")
+        return 0
     from iris_core.datasets import cross_atlas_pairs, macaque_pairs
 
+    if not args.model:
+        ap.error("give at least one --model NAME=FILE (or --replot)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models, runs = _pairs(args.model, "model"), _pairs(args.run, "run")
