@@ -64,6 +64,7 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
         intensity = "MR" if intensity == "auto" else intensity
     if not references:
         raise InputError("bench --pipeline needs --reference IMAGE LABELS with --target")
+    other = read_image(compare, "label map to compare with") if compare else None  # outside the timings
     t_start, cpu_start = time.perf_counter(), time.process_time()
     with PeakMemory() as mem:
         t0 = time.perf_counter()
@@ -83,6 +84,8 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
         refs = load_references(references)
         classes = resolve_classes(refs, None)
         img = read_image(target, "target image")
+        if other is not None and other.GetSize() != img.GetSize():  # checked before minutes of work
+            raise InputError(f"{compare}: {other.GetSize()} voxels, the target has {img.GetSize()}")
         t0 = time.perf_counter()
         prep = engine.prepare(img, Path(target).name)
         t_prep = time.perf_counter() - t0
@@ -106,16 +109,12 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
             engine.to_target(engine.predict(p2, emb), p2, values, largest=loaded.preprocessing.largest_component)
             further.append(time.perf_counter() - t0)
     agreement = None
-    if compare:
+    if other is not None:
         import numpy as np
         import SimpleITK as sitk
 
-        other = read_image(compare, "label map to compare with")
-        ours = sitk.GetArrayViewFromImage(labels)
-        theirs = sitk.GetArrayViewFromImage(other)
-        if ours.shape != theirs.shape:
-            raise InputError(f"{compare}: {theirs.shape[::-1]} voxels, the target has {ours.shape[::-1]}")
-        agreement = {"file": str(compare), "same_label_share": float(np.mean(ours == theirs))}
+        same = np.mean(sitk.GetArrayViewFromImage(labels) == sitk.GetArrayViewFromImage(other))
+        agreement = {"file": str(compare), "same_label_share": float(same)}
     return {
         "model": loaded.name, "pipeline": loaded.preprocessing.name, "target": str(target),
         "classes": len(classes), "threads": torch.get_num_threads(), "compile": compile,

@@ -142,6 +142,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     preset = PRESETS[cfg.preset]
     torch.manual_seed(cfg.seed)
     spacing, window = cfg.grid()
+    policy = Preprocessing(spacing=spacing, window=window)  # what the saved and exported models carry
     sources = _build_sources(cfg, spacing)
     table = TaskTable(sources) if preset.arch == "hermes" else None
     config = preset.config
@@ -202,7 +203,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     if rank == 0 and cfg.check_model and preset.arch == "iris":
         from ..checks import standard_case
 
-        check_case = standard_case(Preprocessing(spacing=spacing, window=window))
+        check_case = standard_case(policy)
     dice = DiceLoss(sigmoid=True)
     meta = {"name": f"{cfg.preset} step {{}}", "train_config": asdict(cfg)}
     names = table.names if table is not None else []
@@ -268,13 +269,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
                         "step": step, "history": json.dumps(history), "config": json.dumps(asdict(cfg))}, tmp)
             tmp.replace(state_path)
             plot_history(history, out_dir / "curve.png")
-            save_checkpoint(out_dir / "ema.safetensors", ema, Preprocessing(spacing=spacing,
-                            window=window), names, meta | {"name": meta["name"].format(step), "steps": step,
-                                                                  "task_modalities": task_modalities})
+            save_checkpoint(out_dir / "ema.safetensors", ema, policy, names,
+                            meta | {"name": meta["name"].format(step), "steps": step, "task_modalities": task_modalities})
     if rank == 0:
         log.info("trained %d steps in %.0f s", step, time.perf_counter() - t_run)
         if export:
-            save_checkpoint(export, ema, Preprocessing(spacing=spacing, window=window), names,
+            save_checkpoint(export, ema, policy, names,
                             meta | {"name": f"{cfg.preset} (step {step})", "steps": step,
                                     "task_modalities": task_modalities}, half=True)
     if world > 1:
