@@ -69,12 +69,11 @@ def _windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> in
 
 def compile_segment(model):
     """``model.segment`` compiled by inductor with frozen weights (constant folding, prepacked
-    convolutions); same outputs within float rounding."""
+    convolutions); same outputs within float rounding. Used on GPUs; on a CPU the engine uses the
+    ahead-of-time compiled, disk-cached form (:mod:`.aot`), whose compile is paid once per machine."""
     import os
     from pathlib import Path
 
-    # a persistent cache (not /tmp): the compiled kernels and graphs are reused by later processes,
-    # so the compile cost is paid once per machine and model, not once per run
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "iris-segment" / "inductor"))
     import torch._inductor.config as inductor_config
 
@@ -121,12 +120,24 @@ class Engine:
         self.cancel = cancel or (lambda: False)
         self.skip_empty = skip_empty and self.policy.skip_empty
         self.skipped_windows = 0
-        # torch.compile (inductor, frozen weights): minutes to compile once per process and window
-        # size, then several times faster per window on a CPU; worth it for cohorts, not one target
-        self._segment = None
+        # --compile: on a CPU the network compiled ahead of time and cached on disk (about a minute
+        # per method and input size, once per machine; later runs load it in a second), on a GPU
+        # torch.compile (once per process); the uncompiled model otherwise
+        self._segment = self._encode_task = None
         if loaded.arch == "iris":
-            self._segment = compile_segment(self.model) if options.compile else self.model.segment
+            self._segment, self._encode_task = self.model.segment, self.model.encode_task
+            if options.compile and self.device.type == "cpu":
+                from .aot import CompiledMethod
+
+                self._segment = CompiledMethod(self.model, "segment", list_arg=True, progress=self._report)
+                if not self.model.config.memory_tokens:  # the memory sample is data-dependent: not exportable
+                    self._encode_task = CompiledMethod(self.model, "encode_task", progress=self._report)
+            elif options.compile:
+                self._segment = compile_segment(self.model)
         self.timer = Timer()
+
+    def _report(self, stage: str, done: int, total: int) -> None:
+        self.progress(stage, done, total)  # late-bound: callers may replace ``progress`` after init
 
     def _auto_batch(self) -> int:
         """Windows per forward pass from free memory: several on a GPU (throughput), one on a CPU
@@ -233,7 +244,7 @@ class Engine:
             crop = self.label_crop if per_label else self.reference_crop
             img, m = crop(prep, masks[group])
             with autocast(self.device, self.amp):
-                tokens = self.model.encode_task(img, m)
+                tokens = self._encode_task(img, m)
             parts.append(TaskEmbedding([t[0].float().cpu() for t in tokens],
                                        [classes[i].name for i in group], [classes[i].value for i in group]))
         emb = TaskEmbedding.concat(parts).select([c.name for c in classes])

@@ -47,21 +47,35 @@ def pixel_unshuffle_3d(x: torch.Tensor, s: int) -> torch.Tensor:
     )
 
 
-@lru_cache(maxsize=64)
 def _linear_interp_matrix(n_out: int, n_in: int) -> torch.Tensor:
-    """Matrix A [n_out, n_in] of 1-D linear interpolation with ``align_corners=True``."""
-    a = torch.zeros(n_out, n_in, dtype=torch.float64)
+    """Matrix A [n_out, n_in] of 1-D linear interpolation with ``align_corners=True`` (cached, except
+    while torch.export/compile traces: a traced call would leave a fake tensor in the cache)."""
+    if torch.compiler.is_compiling():
+        return _build_linear_interp_matrix(n_out, n_in)
+    return _cached_linear_interp_matrix(n_out, n_in)
+
+
+def _build_linear_interp_matrix(n_out: int, n_in: int) -> torch.Tensor:
+    # built in numpy: under torch.export the matrix is then one constant, not a chain of in-place index
+    # writes on a fresh buffer inside the compiled graph (those read stale memory in AOTInductor's
+    # frozen CPU code: the embedding changed from call to call)
+    import numpy as np
+
+    a = np.zeros((n_out, n_in), dtype=np.float64)
     if n_in == 1 or n_out == 1:
         a[:, 0] = 1.0
-        return a
-    pos = torch.arange(n_out, dtype=torch.float64) * (n_in - 1) / (n_out - 1)
-    lo = pos.floor().long().clamp(max=n_in - 1)
-    hi = (lo + 1).clamp(max=n_in - 1)
+        return torch.from_numpy(a)
+    pos = np.arange(n_out, dtype=np.float64) * (n_in - 1) / (n_out - 1)
+    lo = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
     frac = pos - lo
-    rows = torch.arange(n_out)
+    rows = np.arange(n_out)
     a[rows, lo] += 1 - frac
     a[rows, hi] += frac
-    return a
+    return torch.from_numpy(a)
+
+
+_cached_linear_interp_matrix = lru_cache(maxsize=64)(_build_linear_interp_matrix)
 
 
 def masked_mean_of_upsampled(feat: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -161,8 +175,12 @@ class PositionalEncoding(nn.Module):
         self.embedding = nn.Parameter(torch.randn(1, channels, size, size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sliced(x)
+
+    def sliced(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoding for ``x``'s size."""
         d, h, w = x.shape[2:]
-        return x + self.embedding[:, :, :d, :h, :w]
+        return self.embedding[:, :, :d, :h, :w]
 
 
 class TaskQueryBlock(nn.Module):
@@ -239,7 +257,12 @@ class TaskEncoder(nn.Module):
         ctx = pixel_shuffle_3d(self.expand(feat), self.scale)  # [B, 1, D', H', W']
         ctx = ctx.unsqueeze(1).expand(-1, k, -1, -1, -1, -1).reshape(b * k, 1, *ctx.shape[2:])
         merged = torch.cat([ctx, ctx_masks.reshape(b * k, 1, *ctx_masks.shape[2:]).to(ctx.dtype)], dim=1)
-        merged = pixel_unshuffle_3d(self.pos_embed(self.merge(merged)), self.scale)
+        # unshuffle(merge + pos) written as unshuffle(merge) + unshuffle(pos) (the same numbers): a
+        # convolution followed directly by the add of a weight is fused by inductor's frozen CPU code
+        # into an in-place add that overwrites the weight, so a compiled encoder drifted after its
+        # first call
+        merged = (pixel_unshuffle_3d(self.merge(merged), self.scale)
+                  + pixel_unshuffle_3d(self.pos_embed.sliced(merged), self.scale))
         residual = feat.unsqueeze(1).expand(-1, k, -1, -1, -1, -1).reshape(b * k, *feat.shape[1:])
         merged = self.squeeze(merged) + residual
         merged = merged.flatten(2).transpose(1, 2)  # [B*K, N, C]

@@ -1,0 +1,102 @@
+"""``--compile`` on a CPU: the network is compiled ahead of time once, cached on disk under a key of its
+weights, method and input shapes, loaded (not rebuilt) by a later process, and gives the labels the
+uncompiled network gives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from iris_core.aot import CompiledMethod
+from iris_core.cli import main as cli
+from iris_core.models.config import IrisConfig
+from iris_core.models.iris import IrisNet
+
+
+def _mass_like(seed: int = 0) -> IrisNet:
+    """The MASS architecture in miniature (no memory bank: both segment and encode_task export)."""
+    torch.manual_seed(seed)
+    cfg = IrisConfig(channels=(4, 8, 32, 32, 32), num_block=(1, 1, 1, 1), query_tokens=2, attn_blocks=1,
+                     pos_embed_size=32)
+    return IrisNet(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def mass_like_file(tmp_path_factory):
+    """Saved in the authors' training format: it gets the MASS pipeline (window 32 here)."""
+    path = tmp_path_factory.mktemp("mass_like") / "mass_like.pth"
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in _mass_like().state_dict().items()},
+                "config": {"evaluation": {"window_size": [32, 32, 32], "overlap": 0.5}}}, path)
+    return path
+
+
+def _segment_args(phantom_files, model, out) -> list[str]:
+    return ["segment", "--target", str(phantom_files["tgt"]), "--reference", str(phantom_files["ref"]),
+            str(phantom_files["ref_lab"]), "--model", str(model), "--device", "cpu", "--threads", "2", "--quiet",
+            "--output", str(out)]
+
+
+@pytest.mark.slow
+def test_compile_builds_once_per_machine_and_gives_the_uncompiled_labels(tmp_path, monkeypatch, phantom_files,
+                                                                         mass_like_file):
+    cache = tmp_path / "compiled"
+    monkeypatch.setenv("IRIS_SEGMENT_COMPILED", str(cache))
+    assert cli(_segment_args(phantom_files, mass_like_file, tmp_path / "eager.nii.gz")) == 0
+    assert cli([*_segment_args(phantom_files, mass_like_file, tmp_path / "compiled.nii.gz"), "--compile"]) == 0
+    packages = sorted(cache.glob("*.pt2"))
+    assert [p.name.split("-")[0] for p in packages] == ["encode_task", "segment"], packages
+    eager = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "eager.nii.gz")))
+    compiled = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "compiled.nii.gz")))
+    assert eager.any() and (eager == compiled).mean() >= 0.999
+
+    # a later process loads the packages: nothing is compiled again, the result is the same
+    stamps = {p: p.stat().st_mtime_ns for p in packages}
+    code = ("import sys; from iris_core.cli import main; "
+            f"sys.exit(main({[*_segment_args(phantom_files, mass_like_file, tmp_path / 'again.nii.gz'), '--compile']!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          env={**os.environ, "IRIS_SEGMENT_COMPILED": str(cache)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(cache.glob("*.pt2")) == packages and {p: p.stat().st_mtime_ns for p in packages} == stamps
+    assert not list(cache.glob("*.partial.pt2"))
+    again = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "again.nii.gz")))
+    assert np.array_equal(again, compiled)
+
+
+def test_a_package_is_keyed_by_the_weights_method_and_shapes(tmp_path):
+    """A package built for other weights, another method or other input shapes is never loaded."""
+    x = torch.zeros(1, 1, 32, 32, 32)
+    tokens = [torch.zeros(1, 2, 3, 32)] * 3
+    a = CompiledMethod(_mass_like(0), "segment", list_arg=True, directory=tmp_path)
+    same = CompiledMethod(_mass_like(0), "segment", list_arg=True, directory=tmp_path)
+    other = CompiledMethod(_mass_like(1), "segment", list_arg=True, directory=tmp_path)
+    assert a.path((x, *tokens)) == same.path((x, *tokens))
+    assert a.path((x, *tokens)) != other.path((x, *tokens))
+    assert a.path((x, *tokens)) != a.path((torch.zeros(1, 1, 64, 64, 64), *tokens))
+    assert a.path((x, *tokens)) != a.path((x, *[t[:, :1] for t in tokens]))
+    enc = CompiledMethod(_mass_like(0), "encode_task", directory=tmp_path)
+    assert enc.path((x, x)).name.startswith("encode_task-") and a.path((x, *tokens)).parent == tmp_path
+
+
+def test_a_network_that_cannot_be_exported_runs_uncompiled_and_says_why(tmp_path, caplog, tiny_model):
+    """The bundled model's memory sample is data-dependent: forcing its encode_task through export
+    falls back to the model's own method (same embedding) with a warning naming the cause, and the
+    model still works uncompiled afterwards (export leaves no traced state behind)."""
+    model = tiny_model.model.eval()
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, 1, 32, 32, 32, generator=g)
+    masks = (torch.rand(1, 2, 32, 32, 32, generator=g) > 0.8).float()
+    enc = CompiledMethod(model, "encode_task", directory=tmp_path)
+    with torch.inference_mode():
+        expect = model.encode_task(ref, masks)
+        with caplog.at_level("WARNING", logger="iris_core.aot"):
+            got = enc(ref, masks)
+        again = model.encode_task(ref, masks)
+    assert enc.fallback and "encode_task could not be compiled" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(expect, got)) and all(torch.equal(a, b) for a, b in zip(expect, again))
+    assert not list(tmp_path.glob("*.pt2"))

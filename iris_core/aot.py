@@ -1,0 +1,186 @@
+"""``--compile`` on a CPU: the network ahead-of-time compiled (AOTInductor) and cached on disk, so the
+compile is paid once per machine, model and input shape, and every later process loads the compiled
+library in about a second.
+
+Why not plain ``torch.compile``: its fastest CPU form freezes the weights (constant folding, oneDNN
+weight prepacking, fused convolutions), and inductor does not cache frozen graphs across processes
+(``fxgraph_cache_bypass``): every process paid 40-55 s of code generation again for the MASS network.
+An AOTInductor package (``torch.export`` + inductor with freezing) is a shared library holding the
+frozen weights, built once and loaded by later processes.
+
+Security: a package is native code. This module loads packages only from its own cache directory, and
+only under the name it computes from a hash of the weights, the method, the input shapes, torch's
+version and the CPU; it writes them there itself (atomically). Never put a package from elsewhere in
+that directory: treat it like the interpreter's own files. ``IRIS_SEGMENT_COMPILED`` moves it (default
+``~/.cache/iris-segment/compiled``).
+
+A network that cannot be exported or compiled (no C++ compiler, an unsupported operation) runs
+uncompiled, with a warning that says why; results are the same either way (float rounding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the package's contents change meaning
+ProgressFn = Callable[[str, int, int], None]
+
+
+def cache_dir() -> Path:
+    """Where compiled packages live: ``IRIS_SEGMENT_COMPILED`` or ``~/.cache/iris-segment/compiled``."""
+    return Path(os.environ.get("IRIS_SEGMENT_COMPILED") or Path.home() / ".cache" / "iris-segment" / "compiled")
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (name, dtype, shape, bytes): a package built for other
+    weights is never loaded. About a second for MASS-base's 480 MB, once per process."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def code_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the source files of the network's package (``iris_core/models``): a package compiled
+    from older network code is never loaded after an update."""
+    import inspect
+
+    h = hashlib.sha256()
+    folder = Path(inspect.getsourcefile(type(model))).parent
+    for f in sorted(folder.glob("*.py")):
+        h.update(f.name.encode() + b"|" + f.read_bytes())
+    return h.hexdigest()
+
+
+class _Method(nn.Module):
+    """``model.<method>`` with flat tensor arguments (``torch.export`` takes a module)."""
+
+    def __init__(self, model: nn.Module, method: str, list_arg: bool):
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.list_arg = list_arg
+
+    def forward(self, x: torch.Tensor, *rest: torch.Tensor):
+        fn = getattr(self.model, self.method)
+        return fn(x, list(rest)) if self.list_arg else fn(x, *rest)
+
+
+class CompiledMethod:
+    """A callable standing in for ``model.<method>(x, arg)`` (``arg`` a tensor, or a list of tensors
+    with ``list_arg``): on a call with new shapes it loads the cached package for them, or builds it
+    (export, inductor with frozen weights) and caches it; an export or compile failure falls back
+    to the model's own method for good, with a warning."""
+
+    def __init__(self, model: nn.Module, method: str, list_arg: bool = False, directory: Path | None = None,
+                 progress: ProgressFn | None = None):
+        self.model = model
+        self.method = method
+        self.list_arg = list_arg
+        self.directory = Path(directory) if directory else cache_dir()
+        self.progress = progress
+        self._fingerprint: str | None = None
+        self._runners: dict[tuple, Callable] = {}
+        self.fallback: str | None = None  # why it runs uncompiled
+        self.built: list[Path] = []  # packages this object compiled (the rest were loaded)
+        self.loaded: list[Path] = []
+
+    def _flat(self, x: torch.Tensor, arg) -> tuple[torch.Tensor, ...]:
+        return (x, *arg) if self.list_arg else (x, arg)
+
+    def key(self, args: Sequence[torch.Tensor]) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        what = {
+            "format": FORMAT, "torch": torch.__version__, "python": sys.version_info[:2], "os": sys.platform,
+            "machine": platform.machine(), "cpu": torch.backends.cpu.get_cpu_capability(),
+            "model": type(self.model).__name__, "method": self.method, "weights": self._fingerprint,
+            "code": code_fingerprint(self.model),
+            "args": [(tuple(a.shape), str(a.dtype), a.device.type) for a in args],
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def path(self, args: Sequence[torch.Tensor]) -> Path:
+        return self.directory / f"{self.method}-{self.key(args)}.pt2"
+
+    def __call__(self, x: torch.Tensor, arg):
+        if self.fallback is not None:
+            return getattr(self.model, self.method)(x, arg)
+        args = tuple(a.contiguous() for a in self._flat(x, arg))
+        sig = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        runner = self._runners.get(sig)
+        if runner is None:
+            try:
+                runner = self._runners[sig] = self._load_or_build(args)
+            except Exception as exc:  # noqa: BLE001 - any export/compile failure: run uncompiled, say why
+                self.fallback = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                log.warning("--compile: %s could not be compiled (%s); running it uncompiled", self.method,
+                            self.fallback)
+                return getattr(self.model, self.method)(x, arg)
+        return runner(*args)
+
+    def _load_or_build(self, args: tuple[torch.Tensor, ...]) -> Callable:
+        path = self.path(args)
+        if path.is_file():
+            try:
+                runner = torch._inductor.aoti_load_package(str(path))
+                self.loaded.append(path)
+                return runner
+            except Exception as exc:  # noqa: BLE001 - a truncated or stale package: build it again
+                log.warning("compiled package %s could not be loaded (%s); compiling it again", path, exc)
+        self._build(args, path)
+        runner = torch._inductor.aoti_load_package(str(path))
+        return runner
+
+    def _build(self, args: tuple[torch.Tensor, ...], path: Path) -> None:
+        import torch._inductor.config as inductor_config
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # inductor's own build files (kernels, objects) go beside the packages, not into /tmp
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path.parent / "inductor"))
+        self._remove_stale_partials(path.parent)
+        if self.progress:
+            self.progress(f"Compiling the network ({self.method}; once per machine and input size)", 0, 1)
+        log.info("compiling %s for %s into %s", self.method, [tuple(a.shape) for a in args], path)
+        t0 = time.perf_counter()
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
+        try:
+            # freezing is applied only with gradients off (inductor's inference compiler)
+            # export wants ordinary tensors: the engine calls under inference mode
+            with torch.inference_mode(False), torch.no_grad(), inductor_config.patch(freezing=True):
+                plain = tuple(a.clone() for a in args)
+                exported = torch.export.export(_Method(self.model, self.method, self.list_arg), plain)
+                torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
+            os.replace(partial, path)  # atomic: another process never sees half a package
+        finally:
+            partial.unlink(missing_ok=True)
+        self.built.append(path)
+        log.info("compiled %s in %.0f s", self.method, time.perf_counter() - t0)
+        if self.progress:
+            self.progress(f"Compiling the network ({self.method})", 1, 1)
+
+    @staticmethod
+    def _remove_stale_partials(directory: Path, age_s: float = 86400.0) -> None:
+        """Half-written packages of a process that was killed more than a day ago."""
+        now = time.time()
+        for p in directory.glob("*.partial.pt2"):
+            try:
+                if now - p.stat().st_mtime > age_s:
+                    p.unlink()
+            except OSError:
+                pass
