@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -162,7 +163,11 @@ class CompiledMethod:
         try:
             # freezing is applied only with gradients off (inductor's inference compiler)
             # export wants ordinary tensors: the engine calls under inference mode
-            with torch.inference_mode(False), torch.no_grad(), inductor_config.patch(freezing=True):
+            # torch's own export/compile warnings (attributes set during tracing, deprecations) mean
+            # nothing to a user: silenced for the build only
+            with torch.inference_mode(False), torch.no_grad(), inductor_config.patch(freezing=True), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 plain = tuple(a.clone() for a in args)
                 exported = torch.export.export(_Method(self.model, self.method, self.list_arg), plain)
                 torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))

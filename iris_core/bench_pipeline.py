@@ -93,8 +93,10 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
         last = [time.perf_counter()]
 
         def progress(stage: str, done: int, total: int) -> None:
+            if not stage.startswith("Segmenting"):  # e.g. compiling: counted in the window it delays
+                return
             now = time.perf_counter()
-            if stage.startswith("Segmenting") and done > 0:
+            if done > 0:
                 window_times.append(now - last[0])
             last[0] = now
 

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from iris_core.aot import CompiledMethod
+from iris_core.checkpoint import load_checkpoint
 from iris_core.cli import main as cli
 from iris_core.models.config import IrisConfig
 from iris_core.models.iris import IrisNet
@@ -42,10 +43,16 @@ def _segment_args(phantom_files, model, out) -> list[str]:
             "--output", str(out)]
 
 
+@pytest.fixture(scope="module")
+def compiled_cache(tmp_path_factory):
+    """One cache for this module: the packages the CLI builds are the ones the other tests load."""
+    return tmp_path_factory.mktemp("compiled")
+
+
 @pytest.mark.slow
 def test_compile_builds_once_per_machine_and_gives_the_uncompiled_labels(tmp_path, monkeypatch, phantom_files,
-                                                                         mass_like_file):
-    cache = tmp_path / "compiled"
+                                                                         mass_like_file, compiled_cache):
+    cache = compiled_cache
     monkeypatch.setenv("IRIS_SEGMENT_COMPILED", str(cache))
     assert cli(_segment_args(phantom_files, mass_like_file, tmp_path / "eager.nii.gz")) == 0
     assert cli([*_segment_args(phantom_files, mass_like_file, tmp_path / "compiled.nii.gz"), "--compile"]) == 0
@@ -66,6 +73,29 @@ def test_compile_builds_once_per_machine_and_gives_the_uncompiled_labels(tmp_pat
     assert not list(cache.glob("*.partial.pt2"))
     again = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "again.nii.gz")))
     assert np.array_equal(again, compiled)
+
+
+@pytest.mark.slow
+def test_compiled_calls_do_not_drift(mass_like_file, compiled_cache):
+    """Call after call, with other inputs in between, the compiled encoder and decoder give what the
+    model gives (an inductor fusion once wrote into a weight on the first call: every later
+    embedding was off by up to 0.1). Same shapes as the CLI run above: its packages are loaded."""
+    model = load_checkpoint(mass_like_file).model.eval()
+    enc = CompiledMethod(model, "encode_task", directory=compiled_cache)
+    seg = CompiledMethod(model, "segment", list_arg=True, directory=compiled_cache)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(1, 1, 32, 32, 32, generator=g) * s + s for s in (1.0, 3.0)]
+    masks = [(torch.rand(1, 1, 32, 32, 32, generator=g) > t).float() for t in (0.8, 0.3)]
+    with torch.inference_mode():
+        expect = [model.encode_task(i, m) for i, m in zip(images, masks)]
+        for n in (0, 0, 1, 0, 1):
+            got = enc(images[n], masks[n])
+            assert max(float((a - b).abs().max()) for a, b in zip(got, expect[n])) < 1e-4
+        tokens = [torch.cat([a, b], dim=1) for a, b in zip(*expect)]  # two classes
+        logits = [model.segment(i, tokens) for i in images]
+        for n in (0, 1, 0):
+            assert float((seg(images[n], tokens) - logits[n]).abs().max()) < 1e-4 * max(1.0, float(logits[n].abs().max()))
+    assert enc.fallback is None and seg.fallback is None
 
 
 def test_a_package_is_keyed_by_the_weights_method_and_shapes(tmp_path):
