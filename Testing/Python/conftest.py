@@ -18,6 +18,19 @@ COMPAT = ROOT / "Testing" / "Data" / "compat"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_networks_in_a_temporary_cache(tmp_path_factory):
+    """Networks compiled by the tests (``--compile``) go to a session folder, never the user's cache;
+    subprocesses inherit it."""
+    old = os.environ.get("IRIS_SEGMENT_COMPILED")
+    os.environ["IRIS_SEGMENT_COMPILED"] = str(tmp_path_factory.mktemp("compiled_networks"))
+    yield
+    if old is None:
+        os.environ.pop("IRIS_SEGMENT_COMPILED", None)
+    else:
+        os.environ["IRIS_SEGMENT_COMPILED"] = old
+
+
 def oblique_direction(deg: float = 20.0) -> list[float]:
     a = np.deg2rad(deg)
     rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
