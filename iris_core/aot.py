@@ -14,25 +14,35 @@ version and the CPU; it writes them there itself (atomically). Never put a packa
 that directory: treat it like the interpreter's own files. ``IRIS_SEGMENT_COMPILED`` moves it (default
 ``~/.cache/iris-segment/compiled``).
 
+Disk: a package is about as large as the weights (MASS-base: 300-340 MB per method). Inductor's build
+files (as large again) live in a temporary folder removed after the build. The cache keeps at most
+``IRIS_SEGMENT_COMPILED_MAX_MB`` (default 4096) of packages: after each build the least recently used
+ones (a load touches its package) are removed.
+
 A network that cannot be exported or compiled (no C++ compiler, an unsupported operation) runs
 uncompiled, with a warning that says why; results are the same either way (float rounding).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +110,7 @@ class CompiledMethod:
         self.fallback: str | None = None  # why it runs uncompiled
         self.built: list[Path] = []  # packages this object compiled (the rest were loaded)
         self.loaded: list[Path] = []
+        self.budget = cache_budget_bytes()  # a bad IRIS_SEGMENT_COMPILED_MAX_MB fails here, before any work
 
     def _flat(self, x: torch.Tensor, arg) -> tuple[torch.Tensor, ...]:
         return (x, *arg) if self.list_arg else (x, arg)
@@ -141,19 +152,19 @@ class CompiledMethod:
             try:
                 runner = torch._inductor.aoti_load_package(str(path))
                 self.loaded.append(path)
+                _touch(path)  # most recently used: the last to be pruned
                 return runner
             except Exception as exc:  # noqa: BLE001 - a truncated or stale package: build it again
                 log.warning("compiled package %s could not be loaded (%s); compiling it again", path, exc)
         self._build(args, path)
         runner = torch._inductor.aoti_load_package(str(path))
+        prune_cache(path.parent, keep=path, budget=self.budget)
         return runner
 
     def _build(self, args: tuple[torch.Tensor, ...], path: Path) -> None:
         import torch._inductor.config as inductor_config
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        # inductor's own build files (kernels, objects) go beside the packages, not into /tmp
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path.parent / "inductor"))
         self._remove_stale_partials(path.parent)
         if self.progress:
             self.progress(f"Compiling the network ({self.method}; once per machine and input size)", 0, 1)
@@ -165,8 +176,11 @@ class CompiledMethod:
             # export wants ordinary tensors: the engine calls under inference mode
             # torch's own export/compile warnings (attributes set during tracing, deprecations) mean
             # nothing to a user: silenced for the build only
+            # inductor's own build files (generated C++, objects, a copy of the weights: about as large
+            # as the package) go to a temporary folder beside the packages, removed after the build;
+            # the package holds all a later process needs
             with torch.inference_mode(False), torch.no_grad(), inductor_config.patch(freezing=True), \
-                    warnings.catch_warnings():
+                    warnings.catch_warnings(), _build_files_in(path.parent):
                 warnings.simplefilter("ignore")
                 plain = tuple(a.clone() for a in args)
                 exported = torch.export.export(_Method(self.model, self.method, self.list_arg), plain)
@@ -181,11 +195,92 @@ class CompiledMethod:
 
     @staticmethod
     def _remove_stale_partials(directory: Path, age_s: float = 86400.0) -> None:
-        """Half-written packages of a process that was killed more than a day ago."""
+        """Half-written packages and build folders of a process that was killed more than a day ago."""
         now = time.time()
-        for p in directory.glob("*.partial.pt2"):
+        for p in [*directory.glob("*.partial.pt2"), *directory.glob(f"{BUILD_PREFIX}*")]:
             try:
                 if now - p.stat().st_mtime > age_s:
-                    p.unlink()
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
             except OSError:
                 pass
+
+
+BUILD_PREFIX = "build-"
+
+
+@contextlib.contextmanager
+def _build_files_in(directory: Path) -> Iterator[None]:
+    """Inductor's cache folder pointed at a new temporary folder in ``directory`` for the duration,
+    then removed (inductor's own ``fresh_cache``, which also clears its in-memory caches; where this
+    torch lacks it, a folder of ours with the same effect on disk)."""
+    from torch._inductor import utils as inductor_utils
+
+    fresh = getattr(inductor_utils, "fresh_cache", None) or getattr(inductor_utils, "fresh_inductor_cache", None)
+    build = Path(tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=directory))
+    try:
+        if fresh is not None:
+            with fresh(dir=str(build)):
+                yield
+        else:
+            previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(build)
+            try:
+                yield
+            finally:
+                if previous is None:
+                    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+                else:
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+    finally:
+        shutil.rmtree(build, ignore_errors=True)  # Windows: a file still open stays until the next prune
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache still works; it is just not reordered
+        pass
+
+
+def cache_budget_bytes() -> int:
+    """Most bytes of packages the cache keeps: ``IRIS_SEGMENT_COMPILED_MAX_MB`` (default 4096, about six
+    MASS-base models; 0: no limit)."""
+    raw = os.environ.get("IRIS_SEGMENT_COMPILED_MAX_MB", "4096")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ConfigError(f"IRIS_SEGMENT_COMPILED_MAX_MB={raw!r} is not a number of megabytes") from None
+    return int(mb * 2**20) if mb > 0 else 0
+
+
+def prune_cache(directory: Path, keep: Path | None = None, budget: int | None = None) -> list[Path]:
+    """Remove the least recently used packages (file times: a load touches its package) until the
+    packages in ``directory`` total at most ``budget`` bytes; ``keep`` (the package just built or
+    loaded) is never removed. Returns what was removed."""
+    budget = cache_budget_bytes() if budget is None else budget
+    if budget <= 0:
+        return []
+    packages = []
+    for p in directory.glob("*.pt2"):
+        if p.name.endswith(".partial.pt2"):
+            continue
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        packages.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in packages)
+    removed = []
+    for _, size, p in sorted(packages, key=lambda t: t[0]):  # oldest first
+        if total <= budget:
+            break
+        if keep is not None and p == keep:
+            continue
+        try:
+            p.unlink()
+        except OSError:  # in use (Windows) or read-only: left for a later prune
+            continue
+        total -= size
+        removed.append(p)
+        log.info("removed the least recently used compiled package %s (cache over %d MB)", p.name, budget >> 20)
+    return removed

@@ -7,15 +7,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from iris_core.aot import CompiledMethod
+from iris_core.aot import CompiledMethod, prune_cache
 from iris_core.checkpoint import load_checkpoint
 from iris_core.cli import main as cli
+from iris_core.errors import ConfigError
 from iris_core.models.config import IrisConfig
 from iris_core.models.iris import IrisNet
 
@@ -62,14 +64,23 @@ def test_compile_builds_once_per_machine_and_gives_the_uncompiled_labels(tmp_pat
     compiled = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "compiled.nii.gz")))
     assert eager.any() and (eager == compiled).mean() >= 0.999
 
-    # a later process loads the packages: nothing is compiled again, the result is the same
-    stamps = {p: p.stat().st_mtime_ns for p in packages}
+    # inductor's build files (generated code, objects, a copy of the weights) are gone with the build:
+    # the cache holds the two packages and nothing else
+    assert sorted(cache.iterdir()) == packages
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ or cache not in Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parents
+
+    # a later process loads the packages: nothing is compiled again (same files: a rebuild replaces
+    # them), the result is the same, and each load marks its package as recently used
+    stamps = {p: (p.stat().st_ino, p.stat().st_size) for p in packages}
+    for p in packages:
+        os.utime(p, (1_000_000_000, 1_000_000_000))
     code = ("import sys; from iris_core.cli import main; "
             f"sys.exit(main({[*_segment_args(phantom_files, mass_like_file, tmp_path / 'again.nii.gz'), '--compile']!r}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                           env={**os.environ, "IRIS_SEGMENT_COMPILED": str(cache)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(cache.glob("*.pt2")) == packages and {p: p.stat().st_mtime_ns for p in packages} == stamps
+    assert sorted(cache.glob("*.pt2")) == packages and {p: (p.stat().st_ino, p.stat().st_size) for p in packages} == stamps
+    assert all(p.stat().st_mtime > 1_000_000_000 + 86400 for p in packages)
     assert not list(cache.glob("*.partial.pt2"))
     again = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "again.nii.gz")))
     assert np.array_equal(again, compiled)
@@ -130,3 +141,27 @@ def test_a_network_that_cannot_be_exported_runs_uncompiled_and_says_why(tmp_path
     assert enc.fallback and "encode_task could not be compiled" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(expect, got)) and all(torch.equal(a, b) for a, b in zip(expect, again))
     assert not list(tmp_path.glob("*.pt2"))
+
+
+def test_the_cache_keeps_its_budget_removing_the_least_recently_used(tmp_path, monkeypatch):
+    """Over budget, the oldest packages go first; the one just built or loaded never; partial files and
+    other files are not packages and are left alone; a bad budget names the variable."""
+    sizes = {"a": 400, "b": 300, "c": 200, "d": 100}
+    for age, (name, size) in enumerate(sizes.items()):  # a: least recently used
+        p = tmp_path / f"segment-{name}.pt2"
+        p.write_bytes(b"x" * size)
+        os.utime(p, (1_000_000 + age, 1_000_000 + age))
+    (tmp_path / "segment-e.123.partial.pt2").write_bytes(b"x" * 1000)
+    (tmp_path / "notes.txt").write_text("kept")
+    keep = tmp_path / "segment-a.pt2"
+    removed = prune_cache(tmp_path, keep=keep, budget=650)
+    # 1000 bytes of packages: a (oldest) is kept, b goes (700 left), then c (500 <= 650); d stays
+    assert [p.name for p in removed] == ["segment-b.pt2", "segment-c.pt2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "segment-a.pt2", "segment-d.pt2",
+                                                          "segment-e.123.partial.pt2"]
+    assert prune_cache(tmp_path, budget=10_000) == [] and prune_cache(tmp_path, budget=0) == []
+    monkeypatch.setenv("IRIS_SEGMENT_COMPILED_MAX_MB", "lots")
+    with pytest.raises(ConfigError, match="IRIS_SEGMENT_COMPILED_MAX_MB"):
+        CompiledMethod(_mass_like(0), "segment", list_arg=True, directory=tmp_path)
+    monkeypatch.setenv("IRIS_SEGMENT_COMPILED_MAX_MB", "0.0004")  # 419 bytes < 500: a, the oldest, goes
+    assert [p.name for p in prune_cache(tmp_path)] == ["segment-a.pt2"]
