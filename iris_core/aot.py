@@ -211,28 +211,18 @@ BUILD_PREFIX = "build-"
 @contextlib.contextmanager
 def _build_files_in(directory: Path) -> Iterator[None]:
     """Inductor's cache folder pointed at a new temporary folder in ``directory`` for the duration,
-    then removed (inductor's own ``fresh_cache``, which also clears its in-memory caches; where this
-    torch lacks it, a folder of ours with the same effect on disk)."""
+    then removed: inductor's own ``fresh_cache`` (``fresh_inductor_cache``, its older name; a torch with
+    neither cannot package a network either, and the caller runs uncompiled), which also clears its
+    in-memory caches. Our ``build-`` folder around it lets a later build remove what a killed one left."""
     from torch._inductor import utils as inductor_utils
 
-    fresh = getattr(inductor_utils, "fresh_cache", None) or getattr(inductor_utils, "fresh_inductor_cache", None)
+    fresh = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
     build = Path(tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=directory))
     try:
-        if fresh is not None:
-            with fresh(dir=str(build)):
-                yield
-        else:
-            previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(build)
-            try:
-                yield
-            finally:
-                if previous is None:
-                    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-                else:
-                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+        with fresh(dir=str(build)):
+            yield
     finally:
-        shutil.rmtree(build, ignore_errors=True)  # Windows: a file still open stays until the next prune
+        shutil.rmtree(build, ignore_errors=True)  # Windows: a file still open stays until the next build
 
 
 def _touch(path: Path) -> None:
@@ -274,7 +264,7 @@ def prune_cache(directory: Path, keep: Path | None = None, budget: int | None = 
     for _, size, p in sorted(packages, key=lambda t: t[0]):  # oldest first
         if total <= budget:
             break
-        if keep is not None and p == keep:
+        if p == keep:
             continue
         try:
             p.unlink()
