@@ -81,28 +81,39 @@ def code_fingerprint(model: nn.Module) -> str:
 class _Method(nn.Module):
     """``model.<method>`` with flat tensor arguments (``torch.export`` takes a module)."""
 
-    def __init__(self, model: nn.Module, method: str, list_arg: bool):
+    def __init__(self, model: nn.Module, method: str, list_arg: bool, bfloat16: bool = False):
         super().__init__()
         self.model = model
         self.method = method
         self.list_arg = list_arg
+        self.bfloat16 = bfloat16
 
     def forward(self, x: torch.Tensor, *rest: torch.Tensor):
         fn = getattr(self.model, self.method)
-        return fn(x, list(rest)) if self.list_arg else fn(x, *rest)
+        if not self.bfloat16:
+            return fn(x, list(rest)) if self.list_arg else fn(x, *rest)
+        from .precision import cpu_bf16_autocast
+
+        with cpu_bf16_autocast():  # exported as an autocast region: bfloat16 kernels in the package
+            out = fn(x, list(rest)) if self.list_arg else fn(x, *rest)
+        return out.float() if isinstance(out, torch.Tensor) else [o.float() for o in out]
 
 
 class CompiledMethod:
     """A callable standing in for ``model.<method>(x, arg)`` (``arg`` a tensor, or a list of tensors
     with ``list_arg``): on a call with new shapes it loads the cached package for them, or builds it
     (export, inductor with frozen weights) and caches it; an export or compile failure falls back
-    to the model's own method for good, with a warning."""
+    to the model's own method for good, with a warning. ``precision="bfloat16"``: the method under
+    CPU bfloat16 autocast (float32 outputs), a package of its own."""
 
     def __init__(self, model: nn.Module, method: str, list_arg: bool = False, directory: Path | None = None,
-                 progress: ProgressFn | None = None):
+                 progress: ProgressFn | None = None, precision: str = "float32"):
+        if precision not in ("float32", "bfloat16"):
+            raise ConfigError(f"compiled precision {precision!r}: float32 or bfloat16")
         self.model = model
         self.method = method
         self.list_arg = list_arg
+        self.precision = precision
         self.directory = Path(directory) if directory else cache_dir()
         self.progress = progress
         self._fingerprint: str | None = None
@@ -125,15 +136,28 @@ class CompiledMethod:
             "code": code_fingerprint(self.model),
             "args": [(tuple(a.shape), str(a.dtype), a.device.type) for a in args],
         }
+        if self.precision != "float32":  # float32 keys as before: existing caches stay valid
+            what["precision"] = self.precision
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def path(self, args: Sequence[torch.Tensor]) -> Path:
-        return self.directory / f"{self.method}-{self.key(args)}.pt2"
+        tag = "" if self.precision == "float32" else f"{self.precision}-"
+        return self.directory / f"{self.method}-{tag}{self.key(args)}.pt2"
 
-    def __call__(self, x: torch.Tensor, arg):
+    def _uncompiled(self, x: torch.Tensor, arg):
+        fn = getattr(self.model, self.method)
+        if self.precision == "float32":
+            return fn(x, arg)
+        from .precision import cpu_bf16_autocast
+
+        with cpu_bf16_autocast():
+            out = fn(x, arg)
+        return out.float() if isinstance(out, torch.Tensor) else [o.float() for o in out]
+
+    def _runner(self, args: tuple[torch.Tensor, ...]) -> Callable | None:
+        """The compiled runner for these shapes (loaded or built on first use); None: run uncompiled."""
         if self.fallback is not None:
-            return getattr(self.model, self.method)(x, arg)
-        args = tuple(a.contiguous() for a in self._flat(x, arg))
+            return None
         sig = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
         runner = self._runners.get(sig)
         if runner is None:
@@ -143,8 +167,18 @@ class CompiledMethod:
                 self.fallback = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 log.warning("--compile: %s could not be compiled (%s); running it uncompiled", self.method,
                             self.fallback)
-                return getattr(self.model, self.method)(x, arg)
-        return runner(*args)
+                return None
+        return runner
+
+    def ready(self, x: torch.Tensor, arg) -> None:
+        """Load or build the package for these shapes now, without running it (timing a call after
+        this measures the network, not the compile)."""
+        self._runner(tuple(a.contiguous() for a in self._flat(x, arg)))
+
+    def __call__(self, x: torch.Tensor, arg):
+        args = tuple(a.contiguous() for a in self._flat(x, arg))
+        runner = self._runner(args)
+        return self._uncompiled(x, arg) if runner is None else runner(*args)
 
     def _load_or_build(self, args: tuple[torch.Tensor, ...]) -> Callable:
         path = self.path(args)
@@ -183,7 +217,8 @@ class CompiledMethod:
                     warnings.catch_warnings(), _build_files_in(path.parent):
                 warnings.simplefilter("ignore")
                 plain = tuple(a.clone() for a in args)
-                exported = torch.export.export(_Method(self.model, self.method, self.list_arg), plain)
+                module = _Method(self.model, self.method, self.list_arg, bfloat16=self.precision == "bfloat16")
+                exported = torch.export.export(module, plain)
                 torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
             os.replace(partial, path)  # atomic: another process never sees half a package
         finally:

@@ -239,6 +239,7 @@ def segment(
         "overlap": engine.overlap,
         "postprocess": postprocess,
         "options": options.to_dict(),
+        "precision": engine.precision_report(),
         "timings_s": {k: round(v, 3) for k, v in engine.timer.seconds.items()}
         | {"total": round(time.perf_counter() - t_start, 3)},
         "details": details,

@@ -60,7 +60,7 @@ def window_gflop(loaded, window: tuple[int, ...], tokens: list) -> float | None:
 
 def pipeline_benchmark(model: str, target: str | None = None, references: list[tuple[str, str]] | None = None,
                        intensity: str = "auto", compile: bool = False, threads: int | None = None,
-                       further_targets: int = 1, compare: str | None = None) -> dict:
+                       further_targets: int = 1, compare: str | None = None, precision: str = "float32") -> dict:
     """Seconds per stage of segmenting ``target`` from ``references`` end to end (default: the MASS
     fixture's MR case), then of each of ``further_targets`` more targets (the same file again) with
     the references' embedding reused; peak RSS in MB. ``compare``: a label map on the target grid
@@ -88,7 +88,8 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
         t0 = time.perf_counter()
         loaded = resolve_model(model)
         t_load = time.perf_counter() - t0
-        engine = Engine(loaded, device="cpu", threads=threads, intensity=intensity, compile=compile)
+        engine = Engine(loaded, device="cpu", threads=threads, intensity=intensity, compile=compile,
+                        precision=precision)
         window_times: list[float] = []
         last = [time.perf_counter()]
 
@@ -129,7 +130,7 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
             engine.to_target(engine.predict(p2, emb), p2, values, largest=loaded.preprocessing.largest_component)
             further.append(time.perf_counter() - t0)
     packages = {"built": [], "loaded": []}  # --compile on a CPU: which compiled networks were built or loaded
-    for fn in (engine._encode_task, engine._segment):
+    for fn in (engine._encode_task, engine._segment, engine._segment_bf16):
         for kind in packages:
             packages[kind] += [p.name for p in getattr(fn, kind, [])]
     gflop = window_gflop(loaded, engine.window, emb.batched("cpu")) if loaded.arch == "iris" else None
@@ -152,6 +153,7 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
         "further_target_s": further,
         "peak_rss_mb": mem.peak / 2**20,
         "compiled_packages": packages,
+        "precision": engine.precision_report(),
         "window_gflop": gflop,
         "agreement": agreement,
     }
@@ -179,6 +181,11 @@ def format_pipeline(res: dict) -> str:
     pk = res.get("compiled_packages") or {}
     if pk.get("built") or pk.get("loaded"):
         lines.append(f"compiled networks: {len(pk['built'])} compiled in this run, {len(pk['loaded'])} loaded from the cache")
+    prec = res.get("precision") or {}
+    if prec.get("precision", "float32") != "float32" or prec.get("check") or prec.get("tasks"):
+        from .precision import describe
+
+        lines.append("windows in " + describe(prec))
     if res.get("agreement"):
         a = res["agreement"]
         lines.append(f"same label as {Path(a['file']).name} in {100 * a['same_label_share']:.4f} % of the target voxels")

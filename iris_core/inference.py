@@ -18,6 +18,7 @@ from .embedding import TaskEmbedding
 from .errors import CancelledError, InputError
 from .options import SegmentOptions
 from .postprocess import keep_largest_component
+from .precision import PrecisionChooser, cpu_bf16_autocast
 from .preprocess import PreparedImage, largest_component_array, prepare_image, reorient, volume_intensity_map
 from .resample import array_to_image, crop_padded, labels_to_masks, nearest_masks, resample_to
 from .sliding import sliding_window
@@ -134,6 +135,11 @@ class Engine:
                     self._encode_task = CompiledMethod(self.model, "encode_task", progress=self._report)
             elif options.compile:
                 self._segment = compile_segment(self.model)
+        # --precision: on a CPU, bfloat16 windows (forced, or 'auto': per task where a check on its first
+        # window shows the labels kept and a speed-up); GPUs keep their autocast (``amp``)
+        self.precision = options.precision if self.device.type == "cpu" else "float32"
+        self._segment_bf16 = None  # built on first use: a CPU without native bfloat16 never needs it
+        self._choosers: dict[object, tuple[object, PrecisionChooser]] = {}
         self.timer = Timer()
 
     def _report(self, stage: str, done: int, total: int) -> None:
@@ -267,6 +273,46 @@ class Engine:
         """Volume-sized arrays (input, K probabilities, blending weights) plus the windows in flight."""
         return int(np.prod(shape)) * 4 * (2 * k + 3) + self._window_bytes() * self.sw_batch
 
+    # -- precision -------------------------------------------------------------------------
+    def _bf16_segment(self):
+        if self._segment_bf16 is None:
+            from .aot import CompiledMethod
+
+            if isinstance(self._segment, CompiledMethod):  # --compile on a CPU: a bfloat16 package of its own
+                self._segment_bf16 = CompiledMethod(self.model, "segment", list_arg=True, progress=self._report,
+                                                    precision="bfloat16")
+            else:
+                def segment_bf16(x, tokens):
+                    with cpu_bf16_autocast():
+                        return self.model.segment(x, tokens).float()
+
+                self._segment_bf16 = segment_bf16
+        return self._segment_bf16
+
+    def _chooser(self, key: object, owner: object, float32, bfloat16) -> PrecisionChooser:
+        """The task's precision chooser (one per task and class chunk: an 'auto' decision made on the
+        first target's first window holds for every further target of the task)."""
+        entry = self._choosers.get(key)
+        if entry is None or entry[0] is not owner:
+            entry = self._choosers[key] = (owner, PrecisionChooser(self.precision, float32, bfloat16,
+                                                                   self.policy.threshold))
+        chooser = entry[1]
+        chooser.float32, chooser.bfloat16 = float32, bfloat16  # this call's tokens, the task's decision
+        return chooser
+
+    def precision_report(self) -> dict:
+        """The precision the windows ran in, and for 'auto' the check behind it (per task)."""
+        reports = [c.report() for _, c in self._choosers.values()]
+        if not reports:
+            return {"precision": self.precision}
+        return reports[0] if len(reports) == 1 else {"precision": self.precision, "tasks": reports}
+
+    def _iris_logits(self, emb: TaskEmbedding, start: int, tokens: list[torch.Tensor]):
+        float32 = _Bound(self._segment, tokens)
+        if self.precision == "float32":
+            return float32
+        return self._chooser(("iris", id(emb), start), emb, float32, _Bound(self._bf16_segment(), tokens))
+
     def predict(self, prep: PreparedImage, emb: TaskEmbedding, tokens: list[torch.Tensor] | None = None
                 ) -> np.ndarray:
         """Per-class probabilities [K, z, y, x] of an Iris embedding on the target's model grid."""
@@ -275,12 +321,12 @@ class Engine:
         k = len(emb)
         step = self.max_classes_per_forward or k
         if step >= k:
-            return self._sliding(prep, k, lambda x: self._segment(x, tokens))
+            return self._sliding(prep, k, self._iris_logits(emb, 0, tokens))
         # fewer classes per forward pass: less memory per window, one pass over the windows per chunk
         parts = []
         for a in range(0, k, step):
             chunk = [t[:, a : a + step] for t in tokens]
-            parts.append(self._sliding(prep, chunk[0].shape[1], lambda x, c=chunk: self._segment(x, c)))
+            parts.append(self._sliding(prep, chunk[0].shape[1], self._iris_logits(emb, a, chunk)))
         return np.concatenate(parts)
 
     def predict_tasks(self, prep: PreparedImage, task_idx: list[int], modality_idx: int) -> np.ndarray:
@@ -292,6 +338,13 @@ class Engine:
         def fn(x: torch.Tensor) -> torch.Tensor:
             return self.model(x, t.expand(x.shape[0], -1), m.expand(x.shape[0], -1))[0]
 
+        def fn_bf16(x: torch.Tensor) -> torch.Tensor:
+            with cpu_bf16_autocast():
+                return fn(x).float()
+
+        if self.precision != "float32":
+            key = ("hermes", tuple(task_idx), modality_idx)
+            return self._sliding(prep, len(task_idx), self._chooser(key, self.model, fn, fn_bf16))
         return self._sliding(prep, len(task_idx), fn)
 
     def _sliding(self, prep: PreparedImage, k: int, logits_fn) -> np.ndarray:
@@ -403,6 +456,22 @@ class Engine:
         for p in probs:
             out.append(array_to_image(self._probability_on_target(p, prep), prep.source))
         return out
+
+
+class _Bound:
+    """``method(x, tokens)`` as a function of the window alone; ``ready`` passes a compiled method's
+    load-or-build through (the precision check times the network, not its compile)."""
+
+    def __init__(self, method, tokens: list[torch.Tensor]):
+        self.method, self.tokens = method, tokens
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method(x, self.tokens)
+
+    def ready(self, x: torch.Tensor) -> None:
+        ready = getattr(self.method, "ready", None)
+        if ready is not None:
+            ready(x.to(self.tokens[0].device) if self.tokens else x, self.tokens)
 
 
 def _label_dtype(values: list[int]) -> type:

@@ -16,6 +16,8 @@ STRATEGIES = ("one-shot", "ensemble", "retrieval", "tuning")
 #: intensity policy of the preprocessing: how voxel values are clipped and normalised
 INTENSITY_POLICIES = ("auto", "CT", "MR", "PET")
 POSTPROCESSING = ("none", "largest")
+#: arithmetic of the windows on a CPU (see precision.py): auto uses bfloat16 only where checked safe and faster
+PRECISIONS = ("float32", "bfloat16", "auto")
 
 # In-context tuning defaults. The embedding tokens are layer-normalised (elements of order 1):
 # Adam at 1e-2 moves each element by at most ~0.01 per step, so 20 steps can reshape the
@@ -46,6 +48,7 @@ class SegmentOptions:
     postprocess: str | None = None  # "none" or "largest"; None: the model's policy's (MASS: largest)
     save_probabilities: bool = False  # also one float32 probability map per class on the target grid
     max_classes_per_forward: int = 0  # classes per forward pass (chunks: less memory); 0: all at once
+    precision: str = "float32"  # on a CPU: float32, bfloat16, or auto (bfloat16 where checked safe; precision.py)
 
     def __post_init__(self) -> None:
         check_field_types(self, "segment options")
@@ -58,6 +61,8 @@ class SegmentOptions:
             raise ConfigError(f"unknown post-processing {self.postprocess!r}; use one of {', '.join(POSTPROCESSING)}")
         if self.overlap is not None and not 0 <= self.overlap < 1:
             raise ConfigError(f"overlap {self.overlap} must be in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if self.max_classes_per_forward < 0:
             raise ConfigError(f"max classes per forward {self.max_classes_per_forward} must be >= 0 "
                               "(0: all at once)")

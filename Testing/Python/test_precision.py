@@ -1,0 +1,191 @@
+"""--precision: bfloat16 windows only where a check shows the labels kept (iris_core/precision.py).
+
+The check must tell a network whose labels survive bfloat16 from one whose do not: the trained
+default model against the same architecture untrained, on a window of real data. The rest runs the
+real tiny network through the engine, the API and the CLI; on a CPU without native bfloat16 'auto'
+must not even try it (oneDNN's emulation is tens of times slower)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from iris_core.aot import CompiledMethod
+from iris_core.cli import main
+from iris_core.errors import ConfigError
+from iris_core.inference import ClassSpec, Engine, Reference
+from iris_core.options import SegmentOptions
+from iris_core.precision import (
+    MIN_AGREEMENT,
+    PrecisionCheck,
+    PrecisionChooser,
+    compare,
+    cpu_bf16_autocast,
+    describe,
+    native_bf16,
+    window_labels,
+)
+
+
+def _bf16(fn):
+    def run(x):
+        with cpu_bf16_autocast():
+            return fn(x).float()
+
+    return run
+
+
+def _task_window(loaded, case):
+    """The first window of the demo target (moved MNI152) and the model's segment of the Colin27 lobes."""
+    ref, tgt = case.reference, case.target
+    classes = [ClassSpec(n, v) for v, n in sorted(ref.label_names.items())]
+    engine = Engine(loaded, device="cpu", threads=2)
+    prep = engine.prepare(tgt.image, "target")
+    tokens = engine.encode(Reference(ref.image, ref.labels, "colin27"), classes).batched("cpu")
+    w = engine.window
+    x = torch.from_numpy(prep.array)[None, None][:, :, : w[0], : w[1], : w[2]].contiguous()
+    return x, lambda t: loaded.model.segment(t, tokens)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from iris_core.demo import demo_case
+
+    return demo_case(0)
+
+
+def test_the_check_keeps_bfloat16_for_the_trained_model_and_refuses_it_untrained(demo):
+    """Real data, one window: the trained default model's labels survive bfloat16 (the check passes on
+    labels; speed is left out, min_speedup=0, since this CPU may emulate bfloat16), the same
+    architecture untrained (near-ties everywhere) changes labels and is refused, saying why."""
+    from iris_core.api import resolve_model
+    from iris_core.checkpoint import preset_model
+
+    results = {}
+    for name, loaded in (("trained", resolve_model("default")), ("untrained", preset_model("iris-small"))):
+        x, fn = _task_window(loaded, demo)
+        chooser = PrecisionChooser("auto", fn, _bf16(fn), threshold=0.5, min_speedup=0, native=True)
+        with torch.inference_mode():
+            out = chooser(x)
+            assert torch.equal(out, fn(x))  # the check window keeps its float32 result
+        results[name] = chooser.check
+    trained, untrained = results["trained"], results["untrained"]
+    assert trained.chosen == "bfloat16", trained.summary()
+    assert trained.agreement >= MIN_AGREEMENT and 0 < trained.mean_difference < 1e-3
+    assert untrained.chosen == "float32" and any("same label" in r for r in untrained.reasons), untrained.summary()
+    assert untrained.agreement < trained.agreement
+
+
+def test_a_decision_holds_for_later_windows(tiny_model):
+    """After the check, every window runs in the chosen precision only; a candidate that changes labels
+    or is not faster is refused with the reason."""
+    net = tiny_model.model.eval()
+    ref, masks = torch.randn(1, 1, 32, 32, 32), (torch.rand(1, 2, 32, 32, 32) > 0.7).float()
+    with torch.inference_mode():
+        tokens = net.encode_task(ref, masks)
+        fn = lambda t: net.segment(t, tokens)  # noqa: E731
+        calls = {"float32": 0, "candidate": 0}
+
+        def counted(name, f):
+            def run(t):
+                calls[name] += 1
+                return f(t)
+            return run
+
+        x = torch.randn(1, 1, 32, 32, 32)
+        same = PrecisionChooser("auto", counted("float32", fn), counted("candidate", fn), 0.5, min_speedup=0,
+                                native=True)
+        same(x)
+        assert same.chosen == "bfloat16" and calls == {"float32": 1, "candidate": 1}
+        same(x), same(x)
+        assert calls == {"float32": 1, "candidate": 3}
+
+        flipped = PrecisionChooser("auto", fn, lambda t: -fn(t), 0.5, min_speedup=0, native=True)
+        assert torch.equal(flipped(x), fn(x)) and flipped.chosen == "float32"
+        assert any("same label" in r for r in flipped.check.reasons)
+        slow = PrecisionChooser("auto", fn, fn, 0.5, min_speedup=1e9, native=True)
+        slow(x)
+        assert slow.chosen == "float32" and slow.check.reasons == [
+            f"bfloat16 {slow.check.speedup:.2f}x as fast as float32 (needs 1e+09x)"]
+        without = PrecisionChooser("auto", fn, counted("candidate", fn), 0.5, native=False)
+        before = dict(calls)
+        without(x)
+        assert without.chosen == "float32" and calls == before  # no native bfloat16: never tried
+        assert "no native bfloat16" in describe(without.report())
+
+
+def test_compare_counts_labels_as_the_policy_decides_them():
+    p = torch.tensor([[0.2, 0.6, 0.7, 0.55], [0.4, 0.65, 0.1, 0.45]]).reshape(1, 2, 4, 1, 1)
+    assert window_labels(p, 0.5).flatten().tolist() == [0, 2, 1, 1]
+    logit = torch.logit(p)
+    other = logit.clone()
+    other[0, 1, 1] = torch.logit(torch.tensor(0.59))  # class 1 now wins voxel 1; the others unchanged
+    c = compare(logit, other, 0.5)
+    assert c.agreement == pytest.approx(0.75) and c.labelled_agreement == pytest.approx(2 / 3)  # of 3 labelled
+    assert c.max_difference == pytest.approx(0.06, abs=1e-4)
+
+
+def test_engine_precisions_on_a_real_network(phantom_files, tiny_model):
+    """float32 is the reference; bfloat16 really runs in bfloat16 (different, close probabilities);
+    'auto' without native bfloat16 gives exactly float32, with it a checked decision."""
+    import SimpleITK as sitk
+
+    ref = Reference(sitk.ReadImage(str(phantom_files["ref"])), sitk.ReadImage(str(phantom_files["ref_lab"])), "ref")
+    target = sitk.ReadImage(str(phantom_files["tgt"]))
+    classes = [ClassSpec("ball", 1), ClassSpec("box", 2)]
+    probs, reports = {}, {}
+    for precision in ("float32", "bfloat16", "auto"):
+        engine = Engine(tiny_model, device="cpu", threads=2, precision=precision)
+        prep = engine.prepare(target, "tgt")
+        emb = engine.encode(ref, classes)
+        probs[precision] = engine.predict(prep, emb)
+        engine.predict(prep, emb)  # a further target: the same decision, no second check
+        reports[precision] = engine.precision_report()
+    diff = np.abs(probs["bfloat16"] - probs["float32"])
+    assert 0 < diff.max() < 0.1 and reports["bfloat16"]["precision"] == "bfloat16"
+    assert reports["float32"] == {"precision": "float32"}
+    auto = reports["auto"]
+    if native_bf16():
+        assert auto["check"]["seconds_bfloat16"] > 0 and auto["precision"] in ("float32", "bfloat16")
+    else:
+        assert auto["precision"] == "float32" and "no native bfloat16" in auto["check"]["reasons"][0]
+        assert np.array_equal(probs["auto"], probs["float32"])
+
+
+def test_cli_precision(capsys, phantom_files, tiny_model_file, tmp_path):
+    base = ["segment", "--model", tiny_model_file, "--device", "cpu", "--quiet", "--reference",
+            phantom_files["ref"], phantom_files["ref_lab"], "--target", phantom_files["tgt"]]
+    code = main([str(a) for a in [*base, "--output", tmp_path / "a.nii.gz", "--precision", "auto"]])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "precision: " in out.out
+    side = json.loads((tmp_path / "a.json").read_text())
+    assert side["options"]["precision"] == "auto" and side["precision"]["precision"] in ("float32", "bfloat16")
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in [*base, "--output", tmp_path / "b.nii.gz", "--precision", "half"]])
+    assert exc.value.code == 2 and "invalid choice: 'half'" in capsys.readouterr().err
+    assert not (tmp_path / "b.nii.gz").exists()
+    with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
+        SegmentOptions(precision="fp16")
+
+
+def test_a_bfloat16_package_has_its_own_name_and_float32_names_are_unchanged(tmp_path, tiny_model):
+    x = torch.zeros(1, 1, 32, 32, 32)
+    tokens = [torch.zeros(1, 2, 3, 32)] * 3
+    f32 = CompiledMethod(tiny_model.model, "segment", list_arg=True, directory=tmp_path)
+    b16 = CompiledMethod(tiny_model.model, "segment", list_arg=True, directory=tmp_path, precision="bfloat16")
+    assert b16.path((x, *tokens)).name.startswith("segment-bfloat16-")
+    assert f32.path((x, *tokens)).name.startswith("segment-") and f32.path((x, *tokens)) != b16.path((x, *tokens))
+    with pytest.raises(ConfigError, match="float32 or bfloat16"):
+        CompiledMethod(tiny_model.model, "segment", precision="float16")
+
+
+def test_check_summary_reads_as_a_sentence():
+    c = PrecisionCheck(agreement=0.9995, labelled_agreement=0.995, mean_difference=2e-4, seconds_float32=17.0,
+                       seconds_bfloat16=8.0)
+    assert c.decide() == "bfloat16" and c.summary().startswith("bfloat16 (check on the first window: same label "
+                                                               "in 99.950 % of voxels")
+    assert PrecisionCheck.from_dict(c.to_dict()) == c
