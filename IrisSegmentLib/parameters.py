@@ -3,7 +3,7 @@
 Parameters: ModelChoice (a ``models.model_choices`` key: 'default', 'mass-base' or 'file'; empty,
 as in scenes saved before the choice existed, means 'file' when ModelPath is set, else 'default'),
 ModelPath (the file, for 'file'), LibraryPath, Structures, the run options Strategy, Device, TuneSteps,
-HermesModality, Intensity, Postprocess and MaxClassesPerForward (``OPTION_PARAMETERS``: each maps to
+HermesModality, Intensity, Postprocess, MaxClassesPerForward and Precision (``OPTION_PARAMETERS``: each maps to
 one ``SegmentOptions`` field, whose default it takes; probability maps are a file output of the CLI and
 API, not of the scene), and References (JSON rows of volume id, segmentation id, segment names as a list; a string is read
 as comma-separated, with double quotes around a name that holds a comma); node references Target,
@@ -25,7 +25,7 @@ from .scene import SceneError
 #: parameter name -> SegmentOptions field
 OPTION_PARAMETERS = {"Strategy": "strategy", "Device": "device", "TuneSteps": "tune_steps",
                      "HermesModality": "hermes_modality", "Intensity": "intensity", "Postprocess": "postprocess",
-                     "MaxClassesPerForward": "max_classes_per_forward"}
+                     "MaxClassesPerForward": "max_classes_per_forward", "Precision": "precision"}
 DEFAULTS = {"ModelChoice": "", "ModelPath": "", "LibraryPath": "", "References": "[]", "Structures": ""} | {
     key: "" if (v := getattr(SegmentOptions(), name)) is None else str(v) for key, name in OPTION_PARAMETERS.items()}
 

@@ -120,13 +120,14 @@ def test_parameter_node_round_trip(world):
     node.SetParameter("TuneSteps", "7")
     node.SetParameter("MaxClassesPerForward", "1")  # the MASS memory option (issue 11)
     node.SetParameter("Postprocess", "largest")
+    node.SetParameter("Precision", "auto")  # bfloat16 where checked safe (CPU)
     set_defaults(node)  # keeps the user's choices
     assert can_segment(node)
     req = request_from_parameters(scene, node)
     assert req.target is nodes["target"] and req.model == model
     # the rest: the one set of defaults
     assert req.options == SegmentOptions(strategy="tuning", tune_steps=7, max_classes_per_forward=1,
-                                         postprocess="largest")
+                                         postprocess="largest", precision="auto")
     # the worker job holds exactly these options
     run = logic.prepare(req)
     try:
