@@ -90,13 +90,11 @@ class _Method(nn.Module):
 
     def forward(self, x: torch.Tensor, *rest: torch.Tensor):
         fn = getattr(self.model, self.method)
-        if not self.bfloat16:
-            return fn(x, list(rest)) if self.list_arg else fn(x, *rest)
-        from .precision import cpu_bf16_autocast
+        if self.bfloat16:  # exported as an autocast region: bfloat16 kernels in the package
+            from .precision import in_bfloat16
 
-        with cpu_bf16_autocast():  # exported as an autocast region: bfloat16 kernels in the package
-            out = fn(x, list(rest)) if self.list_arg else fn(x, *rest)
-        return out.float() if isinstance(out, torch.Tensor) else [o.float() for o in out]
+            fn = in_bfloat16(fn)
+        return fn(x, list(rest)) if self.list_arg else fn(x, *rest)
 
 
 class CompiledMethod:
@@ -146,13 +144,11 @@ class CompiledMethod:
 
     def _uncompiled(self, x: torch.Tensor, arg):
         fn = getattr(self.model, self.method)
-        if self.precision == "float32":
-            return fn(x, arg)
-        from .precision import cpu_bf16_autocast
+        if self.precision == "bfloat16":
+            from .precision import in_bfloat16
 
-        with cpu_bf16_autocast():
-            out = fn(x, arg)
-        return out.float() if isinstance(out, torch.Tensor) else [o.float() for o in out]
+            fn = in_bfloat16(fn)
+        return fn(x, arg)
 
     def _runner(self, args: tuple[torch.Tensor, ...]) -> Callable | None:
         """The compiled runner for these shapes (loaded or built on first use); None: run uncompiled."""

@@ -18,7 +18,7 @@ from .embedding import TaskEmbedding
 from .errors import CancelledError, InputError
 from .options import SegmentOptions
 from .postprocess import keep_largest_component
-from .precision import PrecisionChooser, cpu_bf16_autocast
+from .precision import PrecisionChooser, in_bfloat16
 from .preprocess import PreparedImage, largest_component_array, prepare_image, reorient, volume_intensity_map
 from .resample import array_to_image, crop_padded, labels_to_masks, nearest_masks, resample_to
 from .sliding import sliding_window
@@ -282,11 +282,7 @@ class Engine:
                 self._segment_bf16 = CompiledMethod(self.model, "segment", list_arg=True, progress=self._report,
                                                     precision="bfloat16")
             else:
-                def segment_bf16(x, tokens):
-                    with cpu_bf16_autocast():
-                        return self.model.segment(x, tokens).float()
-
-                self._segment_bf16 = segment_bf16
+                self._segment_bf16 = in_bfloat16(self.model.segment)
         return self._segment_bf16
 
     def _chooser(self, key: object, owner: object, float32, bfloat16) -> PrecisionChooser:
@@ -338,13 +334,9 @@ class Engine:
         def fn(x: torch.Tensor) -> torch.Tensor:
             return self.model(x, t.expand(x.shape[0], -1), m.expand(x.shape[0], -1))[0]
 
-        def fn_bf16(x: torch.Tensor) -> torch.Tensor:
-            with cpu_bf16_autocast():
-                return fn(x).float()
-
         if self.precision != "float32":
             key = ("hermes", tuple(task_idx), modality_idx)
-            return self._sliding(prep, len(task_idx), self._chooser(key, self.model, fn, fn_bf16))
+            return self._sliding(prep, len(task_idx), self._chooser(key, self.model, fn, in_bfloat16(fn)))
         return self._sliding(prep, len(task_idx), fn)
 
     def _sliding(self, prep: PreparedImage, k: int, logits_fn) -> np.ndarray:
@@ -471,7 +463,7 @@ class _Bound:
     def ready(self, x: torch.Tensor) -> None:
         ready = getattr(self.method, "ready", None)
         if ready is not None:
-            ready(x.to(self.tokens[0].device) if self.tokens else x, self.tokens)
+            ready(x, self.tokens)
 
 
 def _label_dtype(values: list[int]) -> type:

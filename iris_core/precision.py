@@ -56,6 +56,17 @@ def cpu_bf16_autocast() -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+def in_bfloat16(fn: Callable) -> Callable:
+    """``fn`` run under :func:`cpu_bf16_autocast`, its outputs (a tensor or a list of them) back in float32."""
+
+    def run(*args):
+        with cpu_bf16_autocast():
+            out = fn(*args)
+        return out.float() if isinstance(out, torch.Tensor) else [o.float() for o in out]
+
+    return run
+
+
 def window_labels(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """Labels 1..K of probabilities [B, K, ...]: the most probable class at or above ``threshold``
     (ties to the first), 0 where none is."""

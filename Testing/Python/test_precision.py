@@ -23,19 +23,11 @@ from iris_core.precision import (
     PrecisionCheck,
     PrecisionChooser,
     compare,
-    cpu_bf16_autocast,
     describe,
+    in_bfloat16,
     native_bf16,
     window_labels,
 )
-
-
-def _bf16(fn):
-    def run(x):
-        with cpu_bf16_autocast():
-            return fn(x).float()
-
-    return run
 
 
 def _task_window(loaded, case):
@@ -67,7 +59,7 @@ def test_the_check_keeps_bfloat16_for_the_trained_model_and_refuses_it_untrained
     results = {}
     for name, loaded in (("trained", resolve_model("default")), ("untrained", preset_model("iris-small"))):
         x, fn = _task_window(loaded, demo)
-        chooser = PrecisionChooser("auto", fn, _bf16(fn), threshold=0.5, min_speedup=0, native=True)
+        chooser = PrecisionChooser("auto", fn, in_bfloat16(fn), threshold=0.5, min_speedup=0, native=True)
         with torch.inference_mode():
             out = chooser(x)
             assert torch.equal(out, fn(x))  # the check window keeps its float32 result
