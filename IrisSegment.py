@@ -25,6 +25,7 @@ from slicer.util import VTKObservationMixin
 STRATEGIES = [("One-shot", "one-shot"), ("Context ensemble", "ensemble"), ("Object-level retrieval", "retrieval"),
               ("In-context tuning", "tuning")]
 DEVICES = [("Auto (CUDA when present)", "auto"), ("CPU", "cpu"), ("CUDA", "cuda")]
+PRECISIONS = [("Float32", "float32"), ("Auto (bfloat16 where checked safe)", "auto"), ("Bfloat16 (unchecked)", "bfloat16")]
 MODALITIES = [("CT", "CT"), ("MR T1", "T1"), ("MR T2", "T2"), ("PET", "PET"), ("cine MR", "cine")]
 
 
@@ -162,6 +163,8 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.strategyComboBox.addItem(text, value)
         for text, value in DEVICES:
             self.ui.deviceComboBox.addItem(text, value)
+        for text, value in PRECISIONS:
+            self.ui.precisionComboBox.addItem(text, value)
         for text, value in MODALITIES:
             self.ui.modalityComboBox.addItem(text, value)
         from IrisSegmentLib.models import model_choices
@@ -180,6 +183,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         u.outputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         u.strategyComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         u.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        u.precisionComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         u.tuneStepsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
         u.modelComboBox.connect("currentIndexChanged(int)", self.onModelChoiceChanged)
         u.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
@@ -240,6 +244,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         u.outputSelector.setCurrentNode(node.GetNodeReference("Output"))
         u.strategyComboBox.setCurrentIndex(max(0, u.strategyComboBox.findData(node.GetParameter("Strategy"))))
         u.deviceComboBox.setCurrentIndex(max(0, u.deviceComboBox.findData(node.GetParameter("Device"))))
+        u.precisionComboBox.setCurrentIndex(max(0, u.precisionComboBox.findData(node.GetParameter("Precision"))))
         u.tuneStepsSpinBox.value = int(node.GetParameter("TuneSteps"))  # set_defaults filled it
         from IrisSegmentLib.models import FILE_CHOICE
         from IrisSegmentLib.parameters import model_choice
@@ -269,6 +274,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetNodeReferenceID("Output", u.outputSelector.currentNodeID)
         node.SetParameter("Strategy", u.strategyComboBox.currentData)
         node.SetParameter("Device", u.deviceComboBox.currentData)
+        node.SetParameter("Precision", u.precisionComboBox.currentData)
         node.SetParameter("TuneSteps", str(u.tuneStepsSpinBox.value))
         node.SetParameter("ModelChoice", u.modelComboBox.currentData)
         node.SetParameter("ModelPath", u.modelPathLineEdit.currentPath)
@@ -483,6 +489,10 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 with slicer.util.tryWithErrorDisplay("The result could not be imported."):
                     node = self.logic.core.finish(run, proc.result["sidecar"])
                     secs = proc.result["sidecar"].get("timings_s", {}).get("total", 0.0)
+                    from IrisSegmentLib.logic import result_summary
+
+                    for line in result_summary(proc.result["sidecar"]):
+                        self._log(line)
                     self.ui.stageLabel.text = f"Done in {secs:.1f} s: {node.GetName()}"
                     # the Output selector stays as the user set it: the next run makes a new node
                     from IrisSegmentLib.parameters import record_result

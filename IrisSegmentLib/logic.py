@@ -293,6 +293,19 @@ class IrisSegmentLogic:
         return table
 
 
+def result_summary(sidecar: dict) -> list[str]:
+    """What the Log shows after a run (from the worker's sidecar): the time, model and device, and the
+    precision the windows ran in when it was not the default (``--precision auto``'s check and why)."""
+    model = (sidecar.get("model") or {}).get("name", "?")
+    n = len(sidecar.get("classes", []))
+    lines = [f"segmented {n} class{'' if n == 1 else 'es'} with {model} on {sidecar.get('device', '?')} in "
+             f"{sidecar.get('timings_s', {}).get('total', 0.0):.1f} s"]
+    prec = sidecar.get("precision") or {}
+    if (sidecar.get("options") or {}).get("precision", "float32") != "float32" and prec.get("summary"):
+        lines.append("precision: " + prec["summary"])
+    return lines
+
+
 def fill_table(table_node, rows: list[dict]) -> None:
     """Write metric rows into a vtkMRMLTableNode (one column per metric)."""
     import vtk

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     emit(PREFIX_START, {"pid": os.getpid()})
     try:
+        from iris_core.device import retain_freed_memory
+
+        retain_freed_memory()  # the worker is a process of its own: reuse freed memory window after window
         job = json.loads(Path(argv[0]).read_text())
         sidecar = run_job(job)
     except Exception as exc:  # every failure is reported on the protocol, then a non-zero exit

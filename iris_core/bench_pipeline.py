@@ -183,9 +183,7 @@ def format_pipeline(res: dict) -> str:
         lines.append(f"compiled networks: {len(pk['built'])} compiled in this run, {len(pk['loaded'])} loaded from the cache")
     prec = res.get("precision") or {}
     if prec.get("precision", "float32") != "float32" or prec.get("check") or prec.get("tasks"):
-        from .precision import describe
-
-        lines.append("windows in " + describe(prec))
+        lines.append("windows in " + prec["summary"])
     if res.get("agreement"):
         a = res["agreement"]
         lines.append(f"same label as {Path(a['file']).name} in {100 * a['same_label_share']:.4f} % of the target voxels")

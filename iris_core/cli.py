@@ -114,9 +114,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                     title=f"{Path(args.target).name}: {args.strategy}, {loaded.name}", names=names)
     t = result.sidecar["timings_s"]
     if args.precision != "float32":
-        from .precision import describe
-
-        print("precision: " + describe(result.sidecar["precision"]))
+        print("precision: " + result.sidecar["precision"]["summary"])
     print(f"wrote {out} ({len(result.classes)} classes, {t['total']:.1f} s on {result.sidecar['device']}) and {side}")
     return 0
 
@@ -422,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
+    from .device import retain_freed_memory
+
+    retain_freed_memory()  # a process of our own: reuse freed memory (glibc), window after window
     try:
         return args.func(args)
     except IrisError as exc:

@@ -298,10 +298,14 @@ class Engine:
 
     def precision_report(self) -> dict:
         """The precision the windows ran in, and for 'auto' the check behind it (per task)."""
+        from .precision import describe
+
         reports = [c.report() for _, c in self._choosers.values()]
         if not reports:
-            return {"precision": self.precision}
-        return reports[0] if len(reports) == 1 else {"precision": self.precision, "tasks": reports}
+            report = {"precision": self.precision}
+        else:
+            report = reports[0] if len(reports) == 1 else {"precision": self.precision, "tasks": reports}
+        return report | {"summary": describe(report)}  # one line for the CLI and Slicer's Log
 
     def _iris_logits(self, emb: TaskEmbedding, start: int, tokens: list[torch.Tensor]):
         float32 = _Bound(self._segment, tokens)

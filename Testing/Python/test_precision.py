@@ -138,7 +138,7 @@ def test_engine_precisions_on_a_real_network(phantom_files, tiny_model):
         reports[precision] = engine.precision_report()
     diff = np.abs(probs["bfloat16"] - probs["float32"])
     assert 0 < diff.max() < 0.1 and reports["bfloat16"]["precision"] == "bfloat16"
-    assert reports["float32"] == {"precision": "float32"}
+    assert reports["float32"] == {"precision": "float32", "summary": "float32"}
     auto = reports["auto"]
     if native_bf16():
         assert auto["check"]["seconds_bfloat16"] > 0 and auto["precision"] in ("float32", "bfloat16")
@@ -156,6 +156,13 @@ def test_cli_precision(capsys, phantom_files, tiny_model_file, tmp_path):
     assert "precision: " in out.out
     side = json.loads((tmp_path / "a.json").read_text())
     assert side["options"]["precision"] == "auto" and side["precision"]["precision"] in ("float32", "bfloat16")
+    assert "precision: " + side["precision"]["summary"] in out.out
+    # Slicer's Log shows the same line (from the worker's sidecar)
+    from IrisSegmentLib.logic import result_summary
+
+    lines = result_summary(side)
+    assert lines[0].startswith("segmented 2 classes with ") and lines[1] == "precision: " + side["precision"]["summary"]
+    assert len(result_summary(side | {"options": side["options"] | {"precision": "float32"}})) == 1
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in [*base, "--output", tmp_path / "b.nii.gz", "--precision", "half"]])
     assert exc.value.code == 2 and "invalid choice: 'half'" in capsys.readouterr().err

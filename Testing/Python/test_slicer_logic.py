@@ -51,6 +51,12 @@ def test_segment_compare_save_reload(world, tmp_path):
     assert any(s.startswith("Segmenting") for s in seen)
     testing.check_result(result, nodes["target"], nodes["reference_seg"])
     assert scene.GetNumberOfNodes() > before
+    import json
+
+    from IrisSegmentLib.logic import result_summary
+
+    log = result_summary(json.loads(result.GetAttribute("IrisSegment.Sidecar")))
+    assert len(log) == 1 and log[0].startswith("segmented 1 class with ") and " on cpu in " in log[0]  # float32
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "comparison")
     rows = logic.compare(result, nodes["manual"], nodes["target"], table)
     assert rows[0]["segment"] == "brain" and 0.0 <= rows[0]["dice"] <= 1.0

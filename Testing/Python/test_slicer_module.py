@@ -76,6 +76,29 @@ def test_every_widget_name_the_module_uses_is_in_the_ui():
     assert not used - names, f"used by IrisSegment.py but absent from the .ui: {sorted(used - names)}"
 
 
+def test_every_choice_the_widget_offers_is_an_option_the_engine_accepts():
+    """The combo boxes' (label, value) lists in IrisSegment.py (read from its source: it imports slicer)
+    against SegmentOptions' own validation, so a renamed option cannot leave a dead menu entry."""
+    from iris_core.device import DEVICES
+    from iris_core.errors import ConfigError
+    from iris_core.hermes_vocab import HERMES_MODALITIES, resolve_modality
+    from iris_core.options import PRECISIONS, SegmentOptions
+
+    lists = {}
+    for node in ast.parse((ROOT / "IrisSegment.py").read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper():
+            lists[node.targets[0].id] = [value for _, value in ast.literal_eval(node.value)]
+    assert lists["PRECISIONS"][0] == SegmentOptions().precision, "the first entry is the default"
+    assert sorted(lists["PRECISIONS"]) == sorted(PRECISIONS)
+    for key, field in (("STRATEGIES", "strategy"), ("PRECISIONS", "precision")):
+        for value in lists[key]:
+            assert getattr(SegmentOptions.from_dict({field: value}), field) == value
+    assert set(lists["DEVICES"]) <= set(DEVICES)
+    assert {resolve_modality(m)[0] for m in lists["MODALITIES"]} == set(HERMES_MODALITIES)
+    with pytest.raises(ConfigError, match="precision"):
+        SegmentOptions.from_dict({"precision": "float16"})
+
+
 def test_sample_data_registration_passes_lists():
     """SampleDataSource.__init__ calls len() on uris/fileNames/nodeNames (SampleData.py, Slicer 5.6+)."""
     src = (ROOT / "IrisSegment.py").read_text()
