@@ -61,9 +61,11 @@ def overlay_png(image: sitk.Image, labels: sitk.Image, path: str | Path, truth: 
                for i, v in enumerate(values)]
     if tru_arr is not None:
         handles.append(Patch(facecolor="none", edgecolor="black", linestyle="--", label="ground truth"))
+    ncol = max(1, min(len(handles), 6))
+    rows = -(-len(handles) // ncol)  # legend rows: the planes start above them
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-    return _save(fig, path, title, rect=(0, 0.07, 1, 0.95), dpi=90)
+        fig.legend(handles=handles, loc="lower center", ncol=ncol, frameon=False)
+    return _save(fig, path, title, rect=(0, 0.02 + 0.055 * rows, 1, 0.95), dpi=90)
 
 
 def _save(fig, path: str | Path, title: str, rect: tuple[float, float, float, float], dpi: int,
