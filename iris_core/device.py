@@ -86,15 +86,16 @@ def retain_freed_memory() -> bool:
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)):
         return False
+    if hasattr(libc, "mallinfo2"):  # glibc >= 2.33
+        libc.mallinfo2.restype = _MallInfo2
     _glibc = libc
     return True
 
 
 def retained_free_bytes() -> int:
     """Memory this process freed and keeps for reuse (0 unless ``retain_freed_memory`` applied)."""
-    if _glibc is None or not hasattr(_glibc, "mallinfo2"):  # mallinfo2: glibc >= 2.33
+    if _glibc is None or not hasattr(_glibc, "mallinfo2"):
         return 0
-    _glibc.mallinfo2.restype = _MallInfo2
     return int(_glibc.mallinfo2().fordblks)
 
 

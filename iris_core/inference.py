@@ -18,7 +18,7 @@ from .embedding import TaskEmbedding
 from .errors import CancelledError, InputError
 from .options import SegmentOptions
 from .postprocess import keep_largest_component
-from .precision import PrecisionChooser, in_bfloat16
+from .precision import PrecisionChooser, describe, in_bfloat16
 from .preprocess import PreparedImage, largest_component_array, prepare_image, reorient, volume_intensity_map
 from .resample import array_to_image, crop_padded, labels_to_masks, nearest_masks, resample_to
 from .sliding import sliding_window
@@ -298,8 +298,6 @@ class Engine:
 
     def precision_report(self) -> dict:
         """The precision the windows ran in, and for 'auto' the check behind it (per task)."""
-        from .precision import describe
-
         reports = [c.report() for _, c in self._choosers.values()]
         if not reports:
             report = {"precision": self.precision}
