@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -59,6 +60,50 @@ def test_foreground_token_at_feature_resolution_equals_upsampling():
     direct = torch.einsum("bcxyz,bkxyz->bkc", up, masks) / masks.sum((2, 3, 4))[..., None]
     assert torch.allclose(masked_mean_of_upsampled(feat, masks), direct, atol=1e-5)
     assert torch.allclose(_linear_interp_matrix(7, 3).sum(1), torch.ones(7, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("low,high", [((4, 5, 6), (8, 10, 12)), ((1, 3, 7), (2, 6, 13)), ((5, 5, 5), (5, 9, 1))])
+def test_separable_upsampling_and_its_instance_norm_equal_torch(low, high):
+    # the decoder's upsampling (a GEMM along W, row gathers along H, D) and the instance norm of the
+    # upsampled map computed at the low resolution: the same numbers as F.interpolate + instance_norm,
+    # including sizes 1 and odd ratios; a constant channel stays finite
+    from iris_core.models.blocks import normalise_for_upsampling, upsample_trilinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, *low) * 3 + 2
+    x[0, 1] = 5.0
+    up = torch.nn.functional.interpolate(x, size=high, mode="trilinear", align_corners=True)
+    assert torch.allclose(upsample_trilinear(x, high), up, atol=1e-5)
+    normed = torch.nn.functional.instance_norm(up, eps=1e-4)
+    ours = upsample_trilinear(normalise_for_upsampling(x, high, 1e-4), high)
+    assert torch.isfinite(ours).all()
+    # the constant channel normalises to 0 up to float32 rounding of its mean times 1/sqrt(eps) = 100
+    assert float(ours[0, 1].abs().max()) < 1e-4 and float(normed[0, 1].abs().max()) < 1e-4
+    ours[0, 1] = normed[0, 1] = 0
+    assert torch.allclose(ours, normed, atol=2e-5)
+
+
+def test_up_block_equals_norm_of_concatenation_forward_and_backward():
+    # UpBlock normalises the skip and the upsampled halves apart; the published function is conv blocks on
+    # cat([skip, interpolate(x)]): same output and same gradients (with activation checkpointing)
+    from iris_core.models.blocks import UpBlock
+
+    torch.manual_seed(0)
+    block = UpBlock(16, 8, 2).train()
+    block.checkpointing = True
+    x = (torch.randn(1, 16, 4, 5, 6) * 2 + 1).requires_grad_()
+    skip = torch.randn(1, 8, 8, 10, 12, requires_grad=True)
+
+    def published(x, skip):
+        up = torch.nn.functional.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=True)
+        return block.conv(torch.cat([skip, up], 1))
+
+    ours, theirs = block(x, skip), published(x, skip)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    g_ours = torch.autograd.grad(ours.square().sum(), (x, skip))
+    g_theirs = torch.autograd.grad(theirs.square().sum(), (x, skip))
+    for a, b in zip(g_ours, g_theirs):
+        assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()))
 
 
 def test_largest_component_postprocessing():

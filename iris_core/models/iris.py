@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ from .blocks import (
     ResUNetEncoder,
     TokenClassifier,
     UpBlock,
+    _linear_interp_matrix,
     ffn,
 )
 from .config import IrisConfig
@@ -45,37 +45,6 @@ def pixel_unshuffle_3d(x: torch.Tensor, s: int) -> torch.Tensor:
         .permute(0, 1, 3, 5, 7, 2, 4, 6)
         .reshape(b, c * s**3, d // s, h // s, w // s)
     )
-
-
-def _linear_interp_matrix(n_out: int, n_in: int) -> torch.Tensor:
-    """Matrix A [n_out, n_in] of 1-D linear interpolation with ``align_corners=True`` (cached, except
-    while torch.export/compile traces: a traced call would leave a fake tensor in the cache)."""
-    if torch.compiler.is_compiling():
-        return _build_linear_interp_matrix(n_out, n_in)
-    return _cached_linear_interp_matrix(n_out, n_in)
-
-
-def _build_linear_interp_matrix(n_out: int, n_in: int) -> torch.Tensor:
-    # built in numpy: under torch.export the matrix is then one constant, not a chain of in-place index
-    # writes on a fresh buffer inside the compiled graph (those read stale memory in AOTInductor's
-    # frozen CPU code: the embedding changed from call to call)
-    import numpy as np
-
-    a = np.zeros((n_out, n_in), dtype=np.float64)
-    if n_in == 1 or n_out == 1:
-        a[:, 0] = 1.0
-        return torch.from_numpy(a)
-    pos = np.arange(n_out, dtype=np.float64) * (n_in - 1) / (n_out - 1)
-    lo = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = pos - lo
-    rows = np.arange(n_out)
-    a[rows, lo] += 1 - frac
-    a[rows, hi] += frac
-    return torch.from_numpy(a)
-
-
-_cached_linear_interp_matrix = lru_cache(maxsize=64)(_build_linear_interp_matrix)
 
 
 def masked_mean_of_upsampled(feat: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
