@@ -106,6 +106,29 @@ def test_up_block_equals_norm_of_concatenation_forward_and_backward():
         assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()))
 
 
+def test_up_block_under_bfloat16_autocast_is_as_accurate_as_the_published_form():
+    # under CPU bf16 autocast (--precision bfloat16/auto) the published form upsampled and normalised in
+    # float32; ours must too (its statistics are matmuls, which autocast would round to bf16: 1.8x the
+    # error, caught here)
+    from iris_core.models.blocks import UpBlock
+    from iris_core.precision import cpu_bf16_autocast
+
+    torch.manual_seed(0)
+    block = UpBlock(16, 8, 2).eval()
+    x = torch.randn(1, 16, 4, 5, 6) * 2 + 3
+    skip = torch.randn(1, 8, 8, 10, 12)
+
+    def published(x, skip):
+        up = torch.nn.functional.interpolate(x.float(), size=skip.shape[2:], mode="trilinear", align_corners=True)
+        return block.conv(torch.cat([skip, up.to(x.dtype)], 1))
+
+    with torch.no_grad():
+        exact = published(x, skip)
+        with cpu_bf16_autocast():
+            ours, theirs = block(x, skip).float(), published(x, skip).float()
+    assert float((ours - exact).abs().mean()) <= 1.2 * float((theirs - exact).abs().mean())
+
+
 def test_largest_component_postprocessing():
     from iris_core.postprocess import postprocess
 

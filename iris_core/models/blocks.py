@@ -194,11 +194,14 @@ class UpBlock(nn.Module):
         # the same parameter-free instance norm + ReLU of the concatenation, which is per channel, so
         # each half is normalised on its own; the upsampled half at x's resolution
         # (normalise_for_upsampling), then interpolated and rectified in one pass. Upsampling runs in
-        # float32 (trilinear interpolation lacks bfloat16 kernels on some builds).
+        # float32 (as the published F.interpolate did: it lacks bfloat16 kernels on some builds).
         first = self.conv[0]
         eps = first.conv1.norm.eps
         size = skip.shape[2:]
-        up = F.relu(upsample_trilinear(normalise_for_upsampling(x.float(), size, eps), size)).to(skip.dtype)
+        # float32 whatever autocast says: its matmuls would otherwise round the statistics to bf16/fp16,
+        # where instance norm itself is on autocast's float32 list
+        with torch.autocast(x.device.type, enabled=False):
+            up = F.relu(upsample_trilinear(normalise_for_upsampling(x.float(), size, eps), size)).to(skip.dtype)
         a = torch.cat([F.relu(F.instance_norm(skip, eps=eps)), up], dim=1)
         y = first.forward_activated(a)
         for block in self.conv[1:]:
