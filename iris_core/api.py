@@ -75,10 +75,19 @@ def load_references(pairs: list[tuple[str, str]]) -> list[Reference]:
     refs = []
     for img_path, lab_path in pairs:
         img = read_image(img_path, "reference image")
-        if looks_like_labels(img) and not looks_like_labels(read_image(lab_path, "label map")):
-            raise InputError(f"reference ({img_path}, {lab_path}): the first file holds few integer values "
-                             "(a label map) and the second a continuous image; give --reference IMAGE LABELS "
-                             "in that order")
+        if looks_like_labels(img):
+            lab = read_image(lab_path, "label map")
+            if not looks_like_labels(lab):
+                raise InputError(f"reference ({img_path}, {lab_path}): the first file holds few integer values "
+                                 "(a label map) and the second a continuous image; give --reference IMAGE LABELS "
+                                 "in that order")
+            if lab.GetSize() == img.GetSize() and np.array_equal(sitk.GetArrayViewFromImage(img),
+                                                                 sitk.GetArrayViewFromImage(lab)):
+                raise InputError(f"reference ({img_path}, {lab_path}): the image and the label map hold the same "
+                                 "voxels; the first must be the reference's intensity image (CT, MR, PET), the "
+                                 "second its label map")
+            log.warning("reference image %s holds only integer values of a few kinds, like a label map; "
+                        "it should be the intensity image (CT, MR, PET) the label map was drawn on", img_path)
         refs.append(Reference(img, read_labels(lab_path, img, f"reference image {img_path}"), Path(img_path).name))
     return refs
 

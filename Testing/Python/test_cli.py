@@ -89,6 +89,8 @@ def bad_cases(tmp_path, files):
                            "vanishes at the model spacing"),
         "reference swapped": (["--target", files["tgt"], "--reference", files["ref_lab"], files["ref"]],
                               r"ref_lab.nii.gz, .*ref.nii.gz\): the first file holds few integer values"),
+        "labels as image": (["--target", files["tgt"], "--reference", files["ref_lab"], files["ref_lab"]],
+                            r"ref_lab.nii.gz, .*ref_lab.nii.gz\): the image and the label map hold the same voxels"),
         "class absent": (["--target", files["tgt"], "--classes", "liver=9"], r"\['liver=9'\] are absent"),
         "bad classes": (["--target", files["tgt"], "--classes", "a=b"], "not a label value"),
         "too large": (["--target", _huge(tmp_path)], "needs about .* GiB but only"),
