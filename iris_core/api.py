@@ -86,8 +86,6 @@ def load_references(pairs: list[tuple[str, str]]) -> list[Reference]:
                 raise InputError(f"reference ({img_path}, {lab_path}): the image and the label map hold the same "
                                  "voxels; the first must be the reference's intensity image (CT, MR, PET), the "
                                  "second its label map")
-            log.warning("reference image %s holds only integer values of a few kinds, like a label map; "
-                        "it should be the intensity image (CT, MR, PET) the label map was drawn on", img_path)
         refs.append(Reference(img, read_labels(lab_path, img, f"reference image {img_path}"), Path(img_path).name))
     return refs
 
