@@ -88,7 +88,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
               "model file": args.model if Path(args.model).is_file() else None}
     for k, (img, lab) in enumerate(args.reference or [], 1):
         inputs |= {f"reference image {k}": img, f"reference label map {k}": lab}
-    refuse_overwriting_inputs({"--output": args.output, "its sidecar": sidecar_path(args.output),
+    refuse_overwriting_inputs({"--output": args.output, "the sidecar of --output": sidecar_path(args.output),
                                "--preview": args.preview, "--save-library": args.save_library}, inputs)
     if args.save_probabilities:  # the class names come later: refuse any input a probability map could hit
         refuse_probability_map_collisions(args.output, inputs)

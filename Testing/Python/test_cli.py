@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -122,7 +123,8 @@ def _huge(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing target", "unreadable", "2-D", "4-D", "multi-component", "NaN",
                                   "NaN NIfTI", "inf NIfTI reference",
-                                  "labels off grid", "empty reference", "reference swapped", "class vanishes", "class absent",
+                                  "labels off grid", "empty reference", "reference swapped", "labels as image", "class vanishes",
+                                  "class absent",
                                   "bad classes", "too large", "no CUDA", "bad model"])
 def test_bad_input_has_specific_error_and_writes_nothing(capsys, base, phantom_files, tmp_path, case):
     extra, pattern = bad_cases(tmp_path, phantom_files)[case]
@@ -141,6 +143,30 @@ def test_bad_input_has_specific_error_and_writes_nothing(capsys, base, phantom_f
 
     assert re.search(pattern, err), err
     assert not out.exists() and not (tmp_path / "out" / "seg.json").exists()
+
+
+def test_outputs_never_land_on_inputs(capsys, base, phantom_files, tmp_path):
+    """An output that is an input (another spelling of its path, a hard link to it) is refused before any
+    work, naming both, and the input keeps its bytes."""
+    import hashlib
+    import os
+
+    tgt = tmp_path / "tgt.nii.gz"
+    tgt.write_bytes(phantom_files["tgt"].read_bytes())
+    (tmp_path / "sub").mkdir()
+    os.link(phantom_files["ref_lab"], tmp_path / "lab_link.nii.gz")
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tgt, phantom_files["ref_lab"])}
+    cases = [
+        (["--output", tmp_path / "sub" / ".." / "tgt.nii.gz"], r"--output .*tgt.nii.gz is the input target image"),
+        (["--output", tmp_path / "seg.nii.gz", "--preview", tmp_path / "lab_link.nii.gz"],
+         r"--preview .*lab_link.nii.gz is the input reference label map 1 .*ref_lab.nii.gz"),
+        (["--output", tmp_path / "a.nii.gz", "--save-library", tmp_path / "a.json"], "the sidecar of --output and --save-library are both .*a.json"),
+    ]
+    for extra, pattern in cases:
+        code, _, err = run(capsys, *base, "--target", tgt, *extra)
+        assert code != 0 and err.startswith("error: ") and re.search(pattern, err), (extra, err)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in digest} == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lab_link.nii.gz", "sub", "tgt.nii.gz"]
 
 
 @pytest.mark.slow
