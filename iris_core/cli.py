@@ -48,7 +48,9 @@ def _window(text: str | None):
     try:
         parts = [int(p) for p in text.replace("x", ",").split(",")]
     except ValueError:
-        raise IrisError(f"--window {text!r}: give one size (128) or three (128,128,96)") from None
+        parts = []
+    if len(parts) not in (1, 3):
+        raise IrisError(f"--window {text!r}: give one size (128) or three (128,128,96)")
     return tuple(parts * 3 if len(parts) == 1 else parts)
 
 
@@ -283,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a model file that needs full unpickling (it can run code: trusted files only)")
     s.add_argument("--device", default=default.device, help="auto, cpu, cuda, cuda:N or mps")
-    s.add_argument("--threads", type=int, default=default.threads, help="CPU threads")
+    s.add_argument("--threads", type=int, default=default.threads, help="CPU threads (default: torch's, one per core)")
     s.add_argument("--window", help="sliding-window size, e.g. 128 or 128,128,96 (default: the model's)")
     s.add_argument("--overlap", type=float, default=default.overlap,
                    help="sliding-window overlap (default: the model's, 0.5 for ours)")

@@ -63,6 +63,10 @@ class SegmentOptions:
             raise ConfigError(f"overlap {self.overlap} must be in [0, 1)")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads {self.threads} must be >= 1 (leave it unset for the default)")
+        if self.sw_batch < 0:
+            raise ConfigError(f"windows per forward pass {self.sw_batch} must be >= 0 (0: from free memory)")
         if self.max_classes_per_forward < 0:
             raise ConfigError(f"max classes per forward {self.max_classes_per_forward} must be >= 0 "
                               "(0: all at once)")
