@@ -108,6 +108,12 @@ def load_csv(path: str | Path) -> Dataset:
             pairs.append((t, ref))
         else:
             raise InputError(f"{path}: row {i + 2} lacks the columns image,labels or target_*/reference_*")
+    # every file checked before the first case runs, not found missing after an hour of the cohort
+    missing = [f for c in cases.values() for f in (c.image, c.labels) if not Path(f).is_file()]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InputError(f"{path}: {len(missing)} listed files not found (relative paths are read from "
+                         f"{base}): {', '.join(missing[:5])}{more}")
     return Dataset(path.stem, list(cases.values()), {}, "auto", pairs)
 
 

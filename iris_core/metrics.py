@@ -4,6 +4,7 @@ made explicit: both empty -> Dice 1 and distances 0; one empty -> Dice 0 and dis
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -28,8 +29,10 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float,
     yp = torch.from_numpy(p)[None, None]
     yt = torch.from_numpy(t)[None, None]
     sp = [float(s) for s in spacing]
-    hd = float(compute_hausdorff_distance(yp, yt, percentile=95, spacing=sp)[0, 0])
-    asd = float(compute_average_surface_distance(yp, yt, symmetric=True, spacing=sp)[0, 0])
+    with warnings.catch_warnings():  # MONAI >= 1.5 warns about an argument it passes to itself
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        hd = float(compute_hausdorff_distance(yp, yt, percentile=95, spacing=sp)[0, 0])
+        asd = float(compute_average_surface_distance(yp, yt, symmetric=True, spacing=sp)[0, 0])
     return hd, asd
 
 

@@ -75,6 +75,20 @@ def test_csv_pairs(nnunet, tmp_path, tiny_model_file):
     assert ball["ants:Affine"] > ball["identity"]  # registration corrects the size difference
 
 
+def test_csv_with_missing_files_is_refused_before_any_case_runs(nnunet, tmp_path):
+    """A cohort CSV naming files that do not exist fails at once, listing them (relative paths read from
+    the CSV's folder), not after the cases before the missing one have run."""
+    (tmp_path / "imgs").mkdir()
+    p = tmp_path / "cohort.csv"
+    p.write_text("case,image,labels\n"
+                 f"a,{nnunet}/imagesTr/ph_000_0000.nii.gz,{nnunet}/labelsTr/ph_000.nii.gz\n"
+                 f"b,{nnunet}/imagesTr/ph_001_0000.nii.gz,{nnunet}/labelsTr/ph_001.nii.gz\n"
+                 "c,imgs/c.nii.gz,labels/c.nii.gz\n")
+    with pytest.raises(InputError, match=rf"cohort.csv: 2 listed files not found \(relative paths are read from "
+                                         rf"{tmp_path}\): {tmp_path}/imgs/c.nii.gz, {tmp_path}/labels/c.nii.gz$"):
+        load_csv(p)
+
+
 def test_bad_specs():
     with pytest.raises(InputError, match="unknown strategy"):
         parse_method("iris:magic")

@@ -9,6 +9,9 @@ import pytest
 
 from iris_core.metrics import dice_score, segment_metrics
 
+# a cohort's evaluation log carries no FutureWarning per case from MONAI's own internal calls
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
+
 
 def cube(shape, lo, hi):
     m = np.zeros(shape, bool)
