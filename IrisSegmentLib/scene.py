@@ -175,6 +175,9 @@ def segment_masks(seg_node, segment_ids: list[str] | None, volume_node) -> tuple
     import slicer.util
 
     infos = segment_infos(seg_node, segment_ids)
+    if not infos:
+        raise SceneError(f"segmentation '{seg_node.GetName()}' has no segments; draw the structures in the "
+                         "Segment Editor or choose another segmentation")
     dup = duplicate_names(infos)
     if dup:
         raise SceneError(f"segmentation '{seg_node.GetName()}' has several segments named "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -95,6 +97,18 @@ def test_bad_requests_are_refused_before_running(world):
     with pytest.raises(SceneError, match="no segment 'nope'"):
         logic.prepare(SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], nodes["reference_seg"],
                                                                      ["nope"])], model=model))
+    # refused here, in the scene's words, not by the worker after it started
+    with pytest.raises(SceneError, match="model file .*missing.safetensors not found; choose another file"):
+        logic.prepare(SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], nodes["reference_seg"])],
+                                     model=str(Path(model).parent / "missing.safetensors")))
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Empty segmentation")
+    try:
+        with_empty = testing.node_ids(scene)
+        with pytest.raises(SceneError, match="segmentation 'Empty segmentation' has no segments; draw the structures"):
+            logic.prepare(SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], empty)], model=model))
+        assert testing.node_ids(scene) == with_empty
+    finally:
+        scene.RemoveNode(empty)
     assert testing.node_ids(scene) == before
 
 
