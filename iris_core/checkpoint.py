@@ -262,9 +262,11 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> Non
     model.load_state_dict(sd, strict=True)
 
 
-def _unsafe_global(exc: Exception) -> str:
+def _unsafe_global(exc: Exception) -> str | None:
+    """The class or function a pickle asked for that weights-only loading refused; None when the
+    refusal was something else (a byte no pickle holds: not a checkpoint at all)."""
     m = re.search(r"(?:Unsupported global|GLOBAL)[: ]+(?:GLOBAL )?([\w.]+)", str(exc))
-    return m.group(1) if m else str(exc).splitlines()[0]
+    return m.group(1) if m else None
 
 
 def _torch_load(path: Path, allow_unsafe: bool) -> Any:
@@ -272,6 +274,10 @@ def _torch_load(path: Path, allow_unsafe: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         name = _unsafe_global(exc)
+        if name is None:  # e.g. a text file: 'Unsupported operand 35'; never advise running it
+            detail = re.search(r"Unsupported operand \d+", str(exc))
+            raise CheckpointError(f"{path}: not a model file (neither safetensors nor a PyTorch checkpoint"
+                                  f"{': ' + detail.group(0).strip() if detail else ''})") from None
         if not allow_unsafe:
             raise CheckpointError(
                 f"{path}: refused: the file needs '{name}', which loading weights must never run. "

@@ -55,8 +55,14 @@ def test_truncated_and_garbage_files(tmp_path, tiny_model_file):
         load_checkpoint(cut)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint at all" * 10)
-    with pytest.raises(CheckpointError, match="junk.pth"):
+    with pytest.raises(CheckpointError, match="junk.pth: not a model file") as err:
         load_checkpoint(junk)
+    assert "trust" not in str(err.value)  # never advise unsafe loading for a file that is no pickle at all
+    text = tmp_path / "notes.pth"  # a text file under a checkpoint's name
+    text.write_text("# my model\nweights: see the lab wiki\n")
+    with pytest.raises(CheckpointError, match=r"notes.pth: not a model file \(neither safetensors nor a PyTorch "
+                                              r"checkpoint: Unsupported operand 35\)$"):
+        load_checkpoint(text, allow_unsafe=True)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "absent.pth")
 
