@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("segment", help="segment a target from reference volumes with labels")
-    s.add_argument("--target", required=True, help="target image (NIfTI, NRRD, MHA, DICOM folder, ...)")
+    s.add_argument("--target", required=True, help="target image (NIfTI, NRRD, MHA, a DICOM series folder or one file of the series, ...)")
     s.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                    help="a reference image and its label map; repeat for several references")
     s.add_argument("--classes", help="label values '1,3' or named 'liver=1,spleen=2' (default: every label)")

@@ -15,19 +15,59 @@ from .errors import InputError
 GEOMETRY_TOLERANCE = 1e-3  # relative tolerance (spacing, direction) / mm (origin) for "same grid"
 
 
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: 'DICM' after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _series_description(files: list[str]) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+        desc = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+    except RuntimeError:
+        desc = ""
+    return f"{len(files)} files" + (f", '{desc}'" if desc else "")
+
+
+def _dicom_series_files(path: Path, what: str) -> list[str]:
+    """The files of the DICOM series to read: a folder's only series, or the whole series one given
+    file belongs to. A folder of several series is refused with the list (no silent first pick: a
+    localizer read instead of the T1 would be segmented without a word)."""
+    folder = path if path.is_dir() else path.parent
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{what} {path}: folder holds no DICOM series")
+    files = {uid: list(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in series}
+    if path.is_file():
+        for names in files.values():
+            if any(os.path.samefile(n, path) for n in names if Path(n).name == path.name):
+                return names
+        raise InputError(f"{what} {path}: not part of a DICOM series in {folder}")
+    if len(series) > 1:
+        listing = "; ".join(f"{uid} ({_series_description(names)}, e.g. {Path(names[0]).name})"
+                            for uid, names in files.items())
+        raise InputError(f"{what} {path}: folder holds {len(series)} DICOM series: {listing}. Pass one file of "
+                         "the series you want (its whole series is read) or a folder holding that series only")
+    return files[series[0]]
+
+
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
-    """Read a 3-D scalar image: a file SimpleITK reads or a DICOM series folder."""
+    """Read a 3-D scalar image: a file SimpleITK reads, a DICOM series folder, or one file of a DICOM
+    series (the whole series is read)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} {path}: file not found")
     try:
-        if path.is_dir():
+        if path.is_dir() or _is_dicom_file(path):
             reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise InputError(f"{what} {path}: folder holds no DICOM series")
-            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
-            reader.SetFileNames(files)
+            reader.SetFileNames(_dicom_series_files(path, what))
             image = reader.Execute()
         else:
             image = sitk.ReadImage(str(path))

@@ -13,20 +13,22 @@ from iris_core.errors import InputError, ResourceError
 from iris_core.imaging import read_image, read_labels, write_image_atomic
 
 
-def write_dicom_series(image: sitk.Image, folder) -> None:
-    folder.mkdir()
+def write_dicom_series(image: sitk.Image, folder, series: str = "2", description: str = "", prefix: str = "") -> None:
+    folder.mkdir(exist_ok=True)
     img = sitk.Cast(image, sitk.sitkInt16)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for z in range(img.GetDepth()):
         sl = img[:, :, z]
         sl.SetMetaData("0020|000d", "1.2.826.0.1.3680043.2.1125.1")
-        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.2")
+        sl.SetMetaData("0020|000e", f"1.2.826.0.1.3680043.2.1125.{series}")
+        if description:
+            sl.SetMetaData("0008|103e", description)
         sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, z)))))
         sl.SetMetaData("0020|0013", str(z))
         sl.SetMetaData("0028|0030", "\\".join(map(str, img.GetSpacing()[:2])))
         sl.SetMetaData("0018|0050", str(img.GetSpacing()[2]))
-        writer.SetFileName(str(folder / f"{z:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}{z:03d}.dcm"))
         writer.Execute(sl)
 
 
@@ -40,6 +42,23 @@ def test_dicom_series_folder(tmp_path):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(InputError, match="no DICOM series"):
         read_image(tmp_path / "emptydir")
+
+
+def test_dicom_folder_of_several_series_is_refused_and_one_file_picks_its_series(tmp_path):
+    """A study folder holding a localizer and a T1 is not read as whichever series comes first: the
+    error lists both; one file of the wanted series reads that whole series."""
+    t1, _ = phantom(size=(32, 30, 12), spacing=(1.0, 1.0, 2.5), seed=1)
+    loc, _ = phantom(size=(20, 20, 3), spacing=(2.0, 2.0, 5.0), seed=2)
+    study = tmp_path / "study"
+    write_dicom_series(t1, study, series="2", description="T1 MPRAGE", prefix="t1_")
+    write_dicom_series(loc, study, series="3", description="localizer", prefix="loc_")
+    with pytest.raises(InputError, match=r"study: folder holds 2 DICOM series: .*\(12 files, 'T1 MPRAGE', e\.g\. "
+                                         r"t1_\d+\.dcm\); .*\(3 files, 'localizer', .*Pass one file of the series"):
+        read_image(study, "target image")
+    back = read_image(study / "t1_005.dcm", "target image")
+    assert back.GetSize() == t1.GetSize()
+    assert np.allclose(sitk.GetArrayFromImage(back), np.round(sitk.GetArrayFromImage(t1)), atol=1)
+    assert read_image(study / "loc_000.dcm").GetSize() == loc.GetSize()
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nrrd", ".mha"])
