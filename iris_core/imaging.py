@@ -66,9 +66,13 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         raise InputError(f"{what} {path}: file not found")
     try:
         if path.is_dir() or _is_dicom_file(path):
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(_dicom_series_files(path, what))
-            image = reader.Execute()
+            files = _dicom_series_files(path, what)
+            if len(files) == 1:  # one file holds the volume (enhanced multi-frame DICOM)
+                image = sitk.ReadImage(files[0])
+            else:
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames(files)
+                image = reader.Execute()
         else:
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
