@@ -228,9 +228,22 @@ def publish(tmp: Path, path: Path) -> Path:
     return path
 
 
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")  # one file holding a 3-D volume and its geometry
+
+
+def check_volume_output(path: str | Path, what: str = "output") -> None:
+    """Refuse, before any work, an output name whose format cannot hold a 3-D volume with its
+    geometry (a PNG, no extension) or that ITK would write as two files (.mhd/.nhdr + raw)."""
+    name = Path(path).name.lower()
+    if not name.endswith(VOLUME_EXTENSIONS):
+        raise InputError(f"{what} {path}: write a 3-D volume as {', '.join(VOLUME_EXTENSIONS)} "
+                         "(e.g. seg.nii.gz or seg.seg.nrrd)")
+
+
 def write_image_atomic(image: sitk.Image, path: str | Path) -> Path:
     """Write ``image`` to ``path`` through a temporary file in the same folder, so a failure
     leaves no partial file."""
+    check_volume_output(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix

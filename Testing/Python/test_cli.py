@@ -149,8 +149,9 @@ def test_bad_input_has_specific_error_and_writes_nothing(capsys, base, phantom_f
 
 
 def test_outputs_never_land_on_inputs(capsys, base, phantom_files, tmp_path):
-    """An output that is an input (another spelling of its path, a hard link to it) is refused before any
-    work, naming both, and the input keeps its bytes."""
+    """An output that is an input (another spelling of its path, a hard link to it), or in a format that
+    cannot hold a 3-D volume (PNG, no extension: ITK failed after the work), is refused before any work,
+    and the inputs keep their bytes."""
     import hashlib
     import os
 
@@ -160,6 +161,8 @@ def test_outputs_never_land_on_inputs(capsys, base, phantom_files, tmp_path):
     os.link(phantom_files["ref_lab"], tmp_path / "lab_link.nii.gz")
     digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tgt, phantom_files["ref_lab"])}
     cases = [
+        (["--output", tmp_path / "seg.png"], r"--output .*seg.png: write a 3-D volume as .nii.gz, .nii, .nrrd, .mha"),
+        (["--output", tmp_path / "seg"], r"--output .*seg: write a 3-D volume as"),
         (["--output", tmp_path / "sub" / ".." / "tgt.nii.gz"], r"--output .*tgt.nii.gz is the input target image"),
         (["--output", tmp_path / "seg.nii.gz", "--preview", tmp_path / "lab_link.nii.gz"],
          r"--preview .*lab_link.nii.gz is the input reference label map 1 .*ref_lab.nii.gz"),
