@@ -84,15 +84,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
         write_result,
     )
     from .imaging import check_volume_output, refuse_overwriting_inputs
-    from .viz import overlay_png
+    from .viz import check_picture_output, overlay_png
 
     inputs = {"target image": args.target, "task library": args.library,
               "model file": args.model if Path(args.model).is_file() else None}
     for k, (img, lab) in enumerate(args.reference or [], 1):
         inputs |= {f"reference image {k}": img, f"reference label map {k}": lab}
-    check_volume_output(args.output, "--output")
     refuse_overwriting_inputs({"--output": args.output, "the sidecar of --output": sidecar_path(args.output),
                                "--preview": args.preview, "--save-library": args.save_library}, inputs)
+    check_volume_output(args.output, "--output")
+    if args.preview:
+        check_picture_output(args.preview, "--preview")
     if args.save_probabilities:  # the class names come later: refuse any input a probability map could hit
         refuse_probability_map_collisions(args.output, inputs)
     options = segment_options(args)

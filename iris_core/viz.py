@@ -7,14 +7,27 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import InputError
+
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
            "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3"]
+
+
+PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".svg", ".pdf", ".tif", ".tiff", ".webp")  # matplotlib writes them
+
+
+def check_picture_output(path: str | Path, what: str = "picture") -> None:
+    """Refuse, before any work, a picture name matplotlib cannot write as named (it appends .png to a
+    name without extension and fails on an unknown one)."""
+    if not Path(path).name.lower().endswith(PICTURE_EXTENSIONS):
+        raise InputError(f"{what} {path}: name the picture with one of {', '.join(PICTURE_EXTENSIONS)}")
 
 
 def overlay_png(image: sitk.Image, labels: sitk.Image, path: str | Path, truth: sitk.Image | None = None,
                 title: str = "", names: dict[int, str] | None = None) -> Path:
     """Save axial, coronal and sagittal planes through the labels' centre: filled prediction
     contours per class, and ground truth as dashed white contours when given."""
+    check_picture_output(path)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -163,6 +163,9 @@ def test_outputs_never_land_on_inputs(capsys, base, phantom_files, tmp_path):
     cases = [
         (["--output", tmp_path / "seg.png"], r"--output .*seg.png: write a 3-D volume as .nii.gz, .nii, .nrrd, .mha"),
         (["--output", tmp_path / "seg"], r"--output .*seg: write a 3-D volume as"),
+        (["--output", tmp_path / "seg.nii.gz", "--preview", tmp_path / "p.xyz"],
+         r"--preview .*p.xyz: name the picture with one of .png, .jpg"),
+        (["--output", tmp_path / "seg.nii.gz", "--preview", tmp_path / "p"], r"--preview .*p: name the picture"),
         (["--output", tmp_path / "sub" / ".." / "tgt.nii.gz"], r"--output .*tgt.nii.gz is the input target image"),
         (["--output", tmp_path / "seg.nii.gz", "--preview", tmp_path / "lab_link.nii.gz"],
          r"--preview .*lab_link.nii.gz is the input reference label map 1 .*ref_lab.nii.gz"),
