@@ -264,13 +264,22 @@ def sidecar_path(output: str | Path) -> Path:
     return p.with_name(name + ".json")
 
 
+def _probability_stem_ext(output: Path) -> tuple[str, str]:
+    """``seg.nii.gz`` -> (``seg``, ``.nii.gz``); ``seg.seg.nrrd`` -> (``seg``, ``.nrrd``): a probability is a
+    scalar volume, which Slicer would read as segments under ``.seg.nrrd``."""
+    stem = sidecar_path(output).name[: -len(".json")]
+    ext = output.name[len(stem):] or ".nii.gz"
+    return stem, ".nrrd" if ext == ".seg.nrrd" else ext
+
+
 def probability_paths(output: str | Path, classes: list[ClassSpec]) -> list[Path]:
     """``seg.nii.gz`` and class 'left caudate' -> ``seg_prob_left_caudate.nii.gz`` (one per class)."""
     p = Path(output)
-    stem = sidecar_path(p).name[: -len(".json")]
-    ext = p.name[len(stem):] or ".nii.gz"
+    stem, ext = _probability_stem_ext(p)
     names = [re.sub(r"[^A-Za-z0-9._-]+", "_", c.name).strip("_") or f"label_{c.value}" for c in classes]
-    if len(set(names)) != len(names):  # names that differ only in characters a file name cannot hold
+    # names that differ only in characters a file name cannot hold, or only in case (one file on the
+    # case-insensitive file systems of Windows and macOS)
+    if len({n.casefold() for n in names}) != len(names):
         names = [f"{n}_{c.value}" for n, c in zip(names, classes)]
     return [p.with_name(f"{stem}_prob_{n}{ext}") for n in names]
 
@@ -283,14 +292,14 @@ def refuse_probability_map_collisions(output: str | Path, inputs: dict[str, str 
     from .imaging import _same_file
 
     p = Path(output)
-    stem = sidecar_path(p).name[: -len(".json")]
-    ext = p.name[len(stem):] or ".nii.gz"
+    stem, ext = _probability_stem_ext(p)
     pattern = f"{stem}_prob_*{ext}"
     for what, src in inputs.items():
         if src is None:
             continue
         src = Path(src)
-        if fnmatch.fnmatchcase(src.name, pattern) and _same_file(src.parent, p.parent):
+        # case-folded: one file on Windows and macOS
+        if fnmatch.fnmatchcase(src.name.casefold(), pattern.casefold()) and _same_file(src.parent, p.parent):
             raise InputError(f"the input {what} {src} is named like a probability map of --output {p} "
                              f"({pattern}): --save-probabilities could overwrite it; choose another output path")
 

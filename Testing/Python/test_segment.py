@@ -109,3 +109,17 @@ def test_progress_and_cancel(phantom_files, tiny_model):
         segment(phantom_files["tgt"], [(phantom_files["ref"], phantom_files["ref_lab"])], model=tiny_model,
                 device="cpu", cancel=lambda: True)
 
+
+
+def test_probability_map_names_stay_distinct_on_any_file_system():
+    """One file per class even where names differ only in characters a file name cannot hold or only in
+    case (Windows and macOS file systems ignore case)."""
+    from iris_core.api import probability_paths
+    from iris_core.inference import ClassSpec
+
+    plain = probability_paths("out/seg.nii.gz", [ClassSpec("left caudate", 1), ClassSpec("liver", 2)])
+    assert [p.name for p in plain] == ["seg_prob_left_caudate.nii.gz", "seg_prob_liver.nii.gz"]
+    for a, b in [("a/b", "a b"), ("Liver", "liver")]:
+        paths = probability_paths("out/seg.seg.nrrd", [ClassSpec(a, 1), ClassSpec(b, 2)])
+        assert len({p.name.casefold() for p in paths}) == 2, paths
+        assert all(p.name.endswith(".nrrd") and not p.name.endswith(".seg.nrrd") for p in paths)  # scalar maps
