@@ -183,3 +183,34 @@ def test_worker_killed_like_out_of_memory_is_reported(world, tmp_path):
     finally:
         logic.cleanup(run)
     assert not run.workdir.exists()
+
+
+def test_cli_seg_nrrd_opens_in_slicer_as_named_segments(phantom_files, tiny_model_file, tmp_path, capsys):
+    """`iris-segment segment --output x.seg.nrrd` writes the header fields Slicer's segmentation reader
+    takes names, colours and label values from: read back with vtkMRMLSegmentationStorageNode (not as
+    Segment_1, Segment_2...), each segment holding exactly the voxels of its label."""
+    import SimpleITK as sitk
+
+    from iris_core.cli import main
+
+    out = tmp_path / "result.seg.nrrd"
+    code = main(["segment", "--model", str(tiny_model_file), "--device", "cpu", "--quiet",
+                 "--reference", str(phantom_files["ref"]), str(phantom_files["ref_lab"]),
+                 "--target", str(phantom_files["tgt"]), "--classes", "ball=1,box=2", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    scene = init_scene()
+    target = testing.load_volume(phantom_files["tgt"], "target")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "read back")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(out))
+    assert storage.ReadData(node)
+    seg = node.GetSegmentation()
+    got = {}
+    for i in range(seg.GetNumberOfSegments()):
+        s = seg.GetNthSegment(i)
+        arr = slicer.util.arrayFromSegmentBinaryLabelmap(node, seg.GetNthSegmentID(i), target)
+        got[s.GetName()] = (s.GetLabelValue(), int(np.count_nonzero(arr)))
+        assert s.GetColor() != (0.0, 0.0, 0.0)
+    assert got == {"ball": (1, int((labels == 1).sum())), "box": (2, int((labels == 2).sum()))}
+    assert got["ball"][1] > 0
