@@ -27,6 +27,18 @@ RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 DEFAULT_MODEL = RESOURCES / "Models" / "iris-default.safetensors"
 
 
+def check_model_spec(spec: str | None) -> None:
+    """Refuse at once a model that is neither the bundled one, a preset, a known name nor an existing
+    file (without loading anything)."""
+    if spec in (None, "", "default") or spec.startswith("preset:") or Path(spec).is_file():
+        return
+    from . import hub
+
+    if spec not in hub.KNOWN:
+        raise InputError(f"model {spec}: no such file, and not a known model ({', '.join(hub.KNOWN)}) or "
+                         "preset:NAME")
+
+
 def resolve_model(spec: str | None, allow_unsafe: bool = False, device: str = "cpu") -> LoadedModel:
     """Load a model from a file path, 'default' (the bundled model), a known model's name such as
     'mass-base' (downloaded by ``iris-segment models pull``) or 'preset:NAME' (untrained)."""

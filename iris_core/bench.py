@@ -5,6 +5,7 @@ so peak memory is its own."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -69,7 +70,9 @@ def run_benchmark(models: list[str], window: int = 128, classes: tuple[int, ...]
                 f"print(json.dumps(_measure({spec!r}, {window}, {list(classes)!r}, {repeats}, {threads!r}, {compile!r})))")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
         if proc.returncode:
-            results.append({"model": spec, "error": proc.stderr.strip().splitlines()[-1:]})
+            last = (proc.stderr.strip().splitlines() or ["the measuring process failed"])[-1]
+            # 'iris_core.errors.CheckpointError: m.pth: ...' -> the message the user can act on
+            results.append({"model": spec, "error": re.sub(r"^[\w.]*(Error|Exception): ", "", last)})
         else:
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return results

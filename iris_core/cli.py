@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import IrisError
+from .errors import InputError, IrisError
 
 log = logging.getLogger("iris_core")
 
@@ -189,6 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .api import check_model_spec
     from .bench import format_pair, format_table, pair_benchmark, run_benchmark
 
     if args.pipeline:
@@ -209,12 +210,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2, default=str))
         return 0
+    for spec in args.model:  # before a process per model starts
+        check_model_spec(spec)
     results = run_benchmark(args.model, window=args.window, classes=tuple(args.classes), repeats=args.repeats,
                             threads=args.threads, compile=args.compile)
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 def cmd_check_model(args: argparse.Namespace) -> int:
@@ -222,6 +225,9 @@ def cmd_check_model(args: argparse.Namespace) -> int:
     from .api import resolve_model
     from .checks import standard_check
 
+    if args.model and args.model_option and args.model != args.model_option:
+        raise InputError(f"check-model: two models given ({args.model}, --model {args.model_option}); give one")
+    args.model = args.model or args.model_option or "default"
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
     report = standard_check(loaded, device=args.device, out_dir=args.output)
     print(report.to_markdown(f"Reference sensitivity of {loaded.name}"))
@@ -403,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("check-model", help="does the model follow its reference? (exit code 1 when it does not)")
-    c.add_argument("model", help="model file, 'default' (bundled) or preset:NAME")
+    c.add_argument("model", nargs="?", help="model file, 'default' (bundled), a known name or preset:NAME "
+                   "(or --model, as in the other commands; default: the bundled model)")
+    c.add_argument("--model", dest="model_option", metavar="MODEL", help=argparse.SUPPRESS)
     c.add_argument("--output", help="folder for check.json, check.md and check.png")
     c.add_argument("--device", default="cpu")
     c.add_argument("--trust-checkpoint", action="store_true",

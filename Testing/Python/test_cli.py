@@ -267,3 +267,24 @@ def test_label_map_as_target_warns(capsys, caplog, base, phantom_files, tmp_path
     caplog.clear()
     code, _, err = run(capsys, *base, "--target", phantom_files["tgt"], "--output", out.with_name("b.nii.gz"))
     assert code == 0 and "like a label map" not in caplog.text
+
+
+def test_other_commands_name_bad_input(capsys, tmp_path):
+    """bench, train and check-model: a missing model or config is one 'error:' line and a non-zero exit,
+    before any work (no run folder made); a model that fails inside bench's measuring process is
+    reported by its message, not its exception class, and the exit code says so."""
+    code, _, err = run(capsys, "bench", "--model", tmp_path / "nope.safetensors")
+    assert code != 0 and re.fullmatch(r"error: model .*nope.safetensors: no such file, and not a known model "
+                                      r"\(default, mass-base\) or preset:NAME\n", err), err
+    junk = _bytes(tmp_path / "junk.pth")
+    code, out, _ = run(capsys, "bench", "--model", junk, "--window", "16", "--repeats", "1")
+    assert code == 1 and re.search(r"\| .*junk.pth \| error: .*junk.pth: not a model file", out), out
+    assert "CheckpointError" not in out
+    (tmp_path / "bad.toml").write_text("steps = [\n")
+    for cfg, pattern in [(tmp_path / "none.toml", "none.toml: file not found"),
+                         (tmp_path / "bad.toml", "bad.toml: not readable TOML")]:
+        code, _, err = run(capsys, "train", "--out", tmp_path / "run", "--config", cfg)
+        assert code != 0 and err.startswith("error: training config") and pattern in err, err
+    assert not (tmp_path / "run").exists()
+    code, _, err = run(capsys, "check-model", tmp_path / "a.safetensors", "--model", tmp_path / "b.safetensors")
+    assert code != 0 and "two models given" in err, err

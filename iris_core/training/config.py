@@ -99,8 +99,15 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
 
     data: dict = {}
     if path is not None:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
+        from ..errors import InputError
+
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise InputError(f"training config {path}: file not found") from None
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"training config {path}: not readable TOML ({exc})") from None
         data = raw.get("train", raw)
     data.update({k: v for k, v in overrides.items() if v is not None})
     known = set(TrainConfig.__dataclass_fields__)
