@@ -205,6 +205,9 @@ def segment(
     options = SegmentOptions.from_dict(option_overrides, options)
     loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
     hermes_modality = None
+    if structures is not None and loaded.arch != "hermes":  # before asking for a Hermes modality
+        raise InputError(f"{loaded.source} is an {loaded.arch} model; --structures needs a Hermes model "
+                         "(an Iris model segments from references: use --reference or --library)")
     if loaded.arch == "hermes" or structures:
         from .hermes_vocab import intensity_for, resolve_modality
 

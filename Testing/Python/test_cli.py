@@ -95,6 +95,10 @@ def bad_cases(tmp_path, files):
         "window of two edges": (["--target", files["tgt"], "--window", "8,8"], r"--window '8,8': give one size"),
         "no threads": (["--target", files["tgt"], "--threads", "0"], "threads 0 must be >= 1"),
         "negative sw-batch": (["--target", files["tgt"], "--sw-batch", "-1"], "windows per forward pass -1 must be >= 0"),
+        "structures with an Iris model": (["--target", files["tgt"], "--structures", "liver"],
+                                          r"is an iris model; --structures needs a Hermes model"),
+        "Hermes without modality": (["--target", files["tgt"], "--model", "preset:hermes-tiny", "--structures",
+                                     "liver"], "a Hermes model needs the target's modality: --hermes-modality"),
         "class absent": (["--target", files["tgt"], "--classes", "liver=9"], r"\['liver=9'\] are absent"),
         "bad classes": (["--target", files["tgt"], "--classes", "a=b"], "not a label value"),
         "too large": (["--target", _huge(tmp_path)], "needs about .* GiB but only"),
@@ -127,7 +131,8 @@ def _huge(tmp_path):
 @pytest.mark.parametrize("case", ["missing target", "unreadable", "2-D", "4-D", "multi-component", "NaN",
                                   "NaN NIfTI", "inf NIfTI reference",
                                   "labels off grid", "empty reference", "reference swapped", "labels as image", "class vanishes",
-                                  "window of two edges", "no threads", "negative sw-batch", "class absent",
+                                  "window of two edges", "no threads", "negative sw-batch", "structures with an Iris model",
+                                  "Hermes without modality", "class absent",
                                   "bad classes", "too large", "no CUDA", "bad model"])
 def test_bad_input_has_specific_error_and_writes_nothing(capsys, base, phantom_files, tmp_path, case):
     extra, pattern = bad_cases(tmp_path, phantom_files)[case]
