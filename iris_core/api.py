@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from .checkpoint import LoadedModel, load_checkpoint, preset_model
 from .embedding import TaskEmbedding, model_fingerprint
 from .errors import InputError
-from .imaging import looks_like_labels, publish, read_image, read_labels, write_image_atomic
+from .imaging import looks_like_labels, publish, read_image, read_labels, write_image_partial
 from .inference import ClassSpec, Engine, ProgressFn, Reference
 from .options import SegmentOptions
 from .strategies import encode_references, run_strategy
@@ -344,19 +344,28 @@ def with_slicer_segment_metadata(labels: sitk.Image, classes: list[ClassSpec]) -
 
 
 def write_result(result: SegmentationResult, output: str | Path) -> tuple[Path, Path]:
-    """Write the label map, its probability maps (when computed) and its JSON sidecar (no partial
-    files on failure)."""
-    if result.probabilities is not None:
-        paths = probability_paths(output, result.classes)
-        for img, path in zip(result.probabilities, paths):
-            write_image_atomic(img, path)
-        result.sidecar["probability_maps"] = {c.name: p.name for c, p in zip(result.classes, paths)}
-    labels = result.labels
-    if str(output).lower().endswith(".seg.nrrd"):  # opens in 3D Slicer as named, coloured segments
-        labels = with_slicer_segment_metadata(labels, result.classes)
-    out = write_image_atomic(labels, output)
-    side = sidecar_path(output)
-    tmp = side.with_name(side.name + ".partial")
-    tmp.write_text(json.dumps(result.sidecar, indent=2))
-    publish(tmp, side)
-    return out, side
+    """Write the label map, its probability maps (when computed) and its JSON sidecar: every file is
+    written to a temporary first and all are moved into place only once all are written, so a
+    failure or an interrupt (disk full, Ctrl-C) leaves none of them, not some maps without the labels."""
+    output = Path(output)
+    staged: list[tuple[Path, Path]] = []  # (temporary, destination)
+    try:
+        if result.probabilities is not None:
+            paths = probability_paths(output, result.classes)
+            for img, path in zip(result.probabilities, paths):
+                staged.append((write_image_partial(img, path), path))
+            result.sidecar["probability_maps"] = {c.name: p.name for c, p in zip(result.classes, paths)}
+        labels = result.labels
+        if str(output).lower().endswith(".seg.nrrd"):  # opens in 3D Slicer as named, coloured segments
+            labels = with_slicer_segment_metadata(labels, result.classes)
+        staged.append((write_image_partial(labels, output), output))
+        side = sidecar_path(output)
+        tmp = side.with_name("." + side.name + ".partial")
+        staged.append((tmp, side))
+        tmp.write_text(json.dumps(result.sidecar, indent=2))
+        for tmp, dest in staged:
+            publish(tmp, dest)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return output, side

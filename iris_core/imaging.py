@@ -240,9 +240,9 @@ def check_volume_output(path: str | Path, what: str = "output") -> None:
                          "(e.g. seg.nii.gz or seg.seg.nrrd)")
 
 
-def write_image_atomic(image: sitk.Image, path: str | Path) -> Path:
-    """Write ``image`` to ``path`` through a temporary file in the same folder, so a failure
-    leaves no partial file."""
+def write_image_partial(image: sitk.Image, path: str | Path) -> Path:
+    """Write ``image`` to a hidden temporary file beside ``path`` (``publish`` moves it into place);
+    nothing is left behind if writing fails."""
     check_volume_output(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,8 +250,18 @@ def write_image_atomic(image: sitk.Image, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.partial{suffix}")
     try:
         sitk.WriteImage(image, str(tmp), useCompression=True)
-        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_image_atomic(image: sitk.Image, path: str | Path) -> Path:
+    """Write ``image`` to ``path`` through a temporary file in the same folder, so a failure
+    leaves no partial file."""
+    tmp = write_image_partial(image, path)
+    try:
+        publish(tmp, Path(path))
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        tmp.unlink(missing_ok=True)
+    return Path(path)

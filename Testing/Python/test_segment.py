@@ -149,3 +149,21 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     first = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "seg.nii.gz")))
     again = sitk.GetArrayFromImage(scope["later"].labels)
     assert first.sum() > 0 and np.mean(first == again) > 0.99
+
+
+def test_a_failed_write_leaves_no_output_at_all(tmp_path, phantom_files, tiny_model):
+    """A result is published only whole: when the last file (the sidecar) cannot be written, the
+    probability maps and the label map already written are not left behind, nor any temporary. The
+    failure is real: a folder stands where the sidecar's temporary file must go."""
+    res = segment(phantom_files["tgt"], [(phantom_files["ref"], phantom_files["ref_lab"])], model=tiny_model,
+                  device="cpu", save_probabilities=True)
+    assert res.probabilities is not None
+    blocker = tmp_path / ".seg.json.partial"
+    blocker.mkdir()
+    with pytest.raises(OSError):
+        write_result(res, tmp_path / "seg.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [blocker.name]
+    blocker.rmdir()
+    out, side = write_result(res, tmp_path / "seg.nii.gz")  # the same result, once the folder is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["seg.nii.gz", "seg.json", "seg_prob_label_1.nii.gz", "seg_prob_label_2.nii.gz"])
