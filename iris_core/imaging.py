@@ -246,8 +246,8 @@ def write_image_partial(image: sitk.Image, path: str | Path) -> Path:
     check_volume_output(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.partial{suffix}")
+    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.partial{suffix.lower()}")  # ITK's NIfTI writer wants .nii.gz, not .NII.GZ
     try:
         sitk.WriteImage(image, str(tmp), useCompression=True)
     except BaseException:
