@@ -61,7 +61,7 @@ def test_dicom_folder_of_several_series_is_refused_and_one_file_picks_its_series
     assert read_image(study / "loc_000.dcm").GetSize() == loc.GetSize()
 
 
-@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd", ".mha"])
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd", ".mha", ".NII.GZ", ".Nrrd"])  # capitals: Windows users
 def test_formats_round_trip_atomically(tmp_path, ext):
     img, lab = phantom()
     p = write_image_atomic(lab, tmp_path / f"lab{ext}")
