@@ -69,6 +69,17 @@ def run_demo(out: str | Path, model: str = "default", device: str = "auto", seed
     from .viz import class_grid_png, overlay_png
 
     out = Path(out)
+    if registration:  # a misspelt baseline is an error now, not a warning after the segmentation
+        method = parse_method(registration)
+        if method.kind not in ("ants", "elastix"):
+            raise InputError(f"--registration {registration!r}: use ants:SyN, ants:Affine (or another ANTs "
+                             "transform), elastix or none")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out}: a file, not a folder; the demo writes several files into a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--output {out}: cannot create the folder ({exc.strerror or exc})") from None
     case = demo_case(seed)
     ref, tgt = case.reference, case.target
     files = {"colin27_t1.nii.gz": ref.image, "colin27_lobes.nii.gz": ref.labels,

@@ -45,6 +45,13 @@ class Method:
         return self.kind + (f":{self.option}" if self.option else "")
 
 
+# antspyx's registration(type_of_transform=...) names (as ants.registration's source tests them), checked
+# before any work
+ANTS_TRANSFORMS = ("Translation", "Rigid", "Similarity", "QuickRigid", "DenseRigid", "BOLDRigid", "Affine",
+                   "AffineFast", "BOLDAffine", "TRSAA", "SyN", "SyNRA", "SyNOnly", "SyNCC", "SyNabp", "SyNBold",
+                   "SyNBoldAff", "SyNAggro", "SyNLessAggro", "Elastic", "ElasticSyN", "TVMSQ", "TVMSQC")
+
+
 def parse_method(text: str) -> Method:
     parts = text.split(":")
     kind = parts[0]
@@ -60,7 +67,11 @@ def parse_method(text: str) -> Method:
                              f"iris:ensemble:{k} or iris:retrieval:{k}")
         return Method("iris", strategy, k)
     if kind == "ants":
-        return Method("ants", parts[1] if len(parts) > 1 else "SyN")
+        transform = parts[1] if len(parts) > 1 else "SyN"
+        if transform not in ANTS_TRANSFORMS and not transform.startswith("antsRegistrationSyN"):
+            raise InputError(f"method {text!r}: unknown ANTs transform {transform!r}; use one of "
+                             f"{', '.join(ANTS_TRANSFORMS)} (antspyx's type_of_transform)")
+        return Method("ants", transform)
     if kind in ("elastix", "identity", "hermes"):
         return Method(kind)
     raise InputError(f"method {text!r}: use iris:STRATEGY[:K], hermes, ants[:SyN|Affine], elastix or identity")

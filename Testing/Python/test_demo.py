@@ -50,3 +50,23 @@ def test_demo_with_the_bundled_model_segments_what_the_reference_shows(capsys, t
     iris = methods["iris one-shot"]
     assert iris["mean_dice"] > 0.6 and min(iris["dice"].values()) > 0.4, iris
     assert iris["mean_dice"] > methods["identity resampling"]["mean_dice"] + 0.3
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--registration", "ants:Syn"], r"unknown ANTs transform 'Syn'; use one of .*SyN"),
+    (["--registration", "identity"], r"--registration 'identity': use ants:SyN, ants:Affine"),
+    (["--registration", "bogus"], r"method 'bogus': use"),
+    (["--output", "{tmp}/a_file"], r"--output .*a_file: a file, not a folder"),
+])
+def test_demo_refuses_bad_options_before_any_work(capsys, tmp_path, argv, pattern):
+    """A misspelt registration was only a warning after the whole segmentation ('baseline skipped'),
+    and 'identity' ran elastix; a file as --output was a FileExistsError traceback."""
+    import re
+
+    (tmp_path / "a_file").write_text("keep me")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = tmp_path / "demo_out"
+    code = main(["demo", "--output", str(out), *argv])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("error: ") and re.search(pattern, err), err
+    assert not out.exists() and (tmp_path / "a_file").read_text() == "keep me"

@@ -96,6 +96,9 @@ def test_bad_specs():
         parse_method("iris:one-shot:3")  # used to run the ensemble while labelled one-shot
     with pytest.raises(InputError, match="use iris:STRATEGY"):
         parse_method("nnunet")
+    with pytest.raises(InputError, match="unknown ANTs transform 'syn'"):  # caught before a cohort runs
+        parse_method("ants:syn")
+    assert parse_method("ants:Affine").option == "Affine" and parse_method("ants").option == "SyN"
     with pytest.raises(InputError, match="not 'templates'"):
         load_dataset("/nonexistent/x.txt")
 
