@@ -204,6 +204,8 @@ def load_dataset(spec: str) -> Dataset:
     if p.is_dir():
         return load_nnunet(p)
     if p.suffix.lower() == ".csv":
+        if not p.is_file():
+            raise InputError(f"dataset {spec}: CSV file not found")
         return load_csv(p)
     raise InputError(f"dataset {spec!r}: not 'templates', 'atlases', 'macaque', 'cross-atlas', a CSV file or an "
                      "nnU-Net folder")

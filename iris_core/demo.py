@@ -65,7 +65,7 @@ def run_demo(out: str | Path, model: str = "default", device: str = "auto", seed
     ``out``; returns the summary (Dice per class and method, seconds)."""
     from .api import resolve_model, segment, write_result
     from .evaluate import parse_method, register_labels
-    from .imaging import write_image_atomic
+    from .imaging import output_folder, write_image_atomic
     from .viz import class_grid_png, overlay_png
 
     out = Path(out)
@@ -74,12 +74,7 @@ def run_demo(out: str | Path, model: str = "default", device: str = "auto", seed
         if method.kind not in ("ants", "elastix"):
             raise InputError(f"--registration {registration!r}: use ants:SyN, ants:Affine (or another ANTs "
                              "transform), elastix or none")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--output {out}: a file, not a folder; the demo writes several files into a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--output {out}: cannot create the folder ({exc.strerror or exc})") from None
+    output_folder(out, "--output")
     case = demo_case(seed)
     ref, tgt = case.reference, case.target
     files = {"colin27_t1.nii.gz": ref.image, "colin27_lobes.nii.gz": ref.labels,

@@ -20,10 +20,10 @@ def embed_dataset(ds: Dataset, out_dir: str | Path, model: str = "default", devi
                   max_cases: int | None = None, progress: bool = False) -> dict:
     """Encode every class of every case; write library.safetensors, embeddings.json and map.png."""
     from .api import resolve_model
+    from .imaging import output_folder
     from .inference import ClassSpec, Engine, Reference
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir)
     loaded = resolve_model(model)
     eng = Engine(loaded, device=device, intensity=ds.modality)
     parts, meta = [], []

@@ -254,7 +254,9 @@ class Evaluator:
 
     def run(self, rank: int = 0, world: int = 1) -> Path:
         """Evaluate this rank's share of targets; returns its CSV."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        from .imaging import output_folder
+
+        output_folder(self.out)
         csv_path = self.out / ("results.csv" if world == 1 else f"results.rank{rank}.csv")
         done = self._done(csv_path)
         targets = [t for t, _ in self.ds.pairs] if self.ds.pairs else [c.name for c in self.ds.cases]

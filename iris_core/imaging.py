@@ -218,6 +218,19 @@ def refuse_overwriting_inputs(outputs: dict[str, str | Path | None], inputs: dic
                 raise InputError(f"{what} and {other_what} are both {out}; choose another output path")
 
 
+def output_folder(path: str | Path, what: str = "--out") -> Path:
+    """Create (if needed) the folder a command writes into; a file in its place or a folder that cannot
+    be made is one clear error, not a FileExistsError traceback."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {path}: a file, not a folder; this command writes several files into a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{what} {path}: cannot create the folder ({exc.strerror or exc})") from None
+    return path
+
+
 def publish(tmp: Path, path: Path) -> Path:
     """Move a finished temporary file onto ``path`` with the permissions of any new file (the umask's;
     some writers create theirs 0600), so every output of a run is equally readable."""

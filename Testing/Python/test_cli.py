@@ -293,3 +293,14 @@ def test_other_commands_name_bad_input(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
     code, _, err = run(capsys, "check-model", tmp_path / "a.safetensors", "--model", tmp_path / "b.safetensors")
     assert code != 0 and "two models given" in err, err
+    # a file where a command's output folder goes: one error line, the file untouched
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me")
+    for argv in (["evaluate", "--dataset", "templates", "--method", "identity", "--out", afile],
+                 ["embed", "--dataset", "atlases", "--out", afile],
+                 ["train", "--preset", "iris-tiny", "--steps", "1", "--out", afile]):
+        code, _, err = run(capsys, *argv)
+        assert code != 0 and re.fullmatch(r"error: --out .*notes.txt: a file, not a folder; .*\n", err), (argv, err)
+    assert afile.read_text() == "keep me"
+    code, _, err = run(capsys, "evaluate", "--dataset", tmp_path / "cohort.csv", "--out", tmp_path / "ev")
+    assert code != 0 and "cohort.csv: CSV file not found" in err and not (tmp_path / "ev").exists(), err

@@ -137,8 +137,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     """Train (or resume) in ``out_dir``; export the EMA model to ``export`` at the end. Under torchrun
     every rank draws its own episodes (seeded by rank), gradients are averaged by DDP, rank 0 saves."""
     rank, world = _distributed()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from ..imaging import output_folder
+
+    out_dir = output_folder(out_dir)
     preset = PRESETS[cfg.preset]
     torch.manual_seed(cfg.seed)
     spacing, window = cfg.grid()
