@@ -108,12 +108,10 @@ class IrisSegmentLogic:
         if not req.references and not req.library and not req.structures:
             raise SceneError("add at least one reference (volume + segmentation), choose a task library, or "
                              "pick known structures of a Hermes model")
-        model = req.model or "default"
-        if not (model.startswith("preset:") or Path(model).is_file()):
-            from iris_core import hub
+        from iris_core import hub
 
-            if model not in hub.KNOWN:
-                raise SceneError(f"model file {model} not found; choose another file or the bundled default")
+        if not hub.names_a_model(req.model):
+            raise SceneError(f"model file {req.model} not found; choose another file or the bundled default")
         if req.output is not None:
             for i, ref in enumerate(req.references):
                 if ref.segmentation is req.output:

@@ -30,11 +30,9 @@ DEFAULT_MODEL = RESOURCES / "Models" / "iris-default.safetensors"
 def check_model_spec(spec: str | None) -> None:
     """Refuse at once a model that is neither the bundled one, a preset, a known name nor an existing
     file (without loading anything)."""
-    if spec in (None, "", "default") or spec.startswith("preset:") or Path(spec).is_file():
-        return
     from . import hub
 
-    if spec not in hub.KNOWN:
+    if not hub.names_a_model(spec):
         raise InputError(f"model {spec}: no such file, and not a known model ({', '.join(hub.KNOWN)}) or "
                          "preset:NAME")
 

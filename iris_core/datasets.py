@@ -87,6 +87,8 @@ def load_csv(path: str | Path) -> Dataset:
     """Columns ``case,image,labels[,group]`` (references drawn from other cases), or
     ``target_image,target_labels,reference_image,reference_labels`` (explicit pairs)."""
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"dataset {path}: CSV file not found")
     rows = list(csv.DictReader(path.open()))
     if not rows:
         raise InputError(f"{path}: no rows")
@@ -204,8 +206,6 @@ def load_dataset(spec: str) -> Dataset:
     if p.is_dir():
         return load_nnunet(p)
     if p.suffix.lower() == ".csv":
-        if not p.is_file():
-            raise InputError(f"dataset {spec}: CSV file not found")
         return load_csv(p)
     raise InputError(f"dataset {spec!r}: not 'templates', 'atlases', 'macaque', 'cross-atlas', a CSV file or an "
                      "nnU-Net folder")

@@ -102,6 +102,13 @@ def cached_path(name: str, known: dict[str, KnownModel] | None = None, cache_dir
     return Path(hit) if isinstance(hit, str) and Path(hit).is_file() else None
 
 
+def names_a_model(spec: str | None) -> bool:
+    """Whether ``spec`` can name a model without loading anything: the bundled one ('default' or empty),
+    ``preset:NAME``, a known name (downloaded or not) or an existing file."""
+    return (spec in (None, "", "default") or spec.startswith("preset:") or spec in KNOWN
+            or Path(spec).is_file())
+
+
 def resolve(name: str, known: dict[str, KnownModel] | None = None) -> Path:
     """The local file of a known model; a clear error saying how to get it when it is absent."""
     m = _entry(name, known)
