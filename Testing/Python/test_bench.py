@@ -57,6 +57,22 @@ def test_pipeline_benchmark_on_the_fixture_case_reports_stages_memory_and_agreem
     assert res["windows"] >= 1 and len(res["further_target_s"]) == 1 and res["peak_rss_mb"] > 50
     assert all(s[k] > 0 for k in ("prepare_target", "prepare_and_encode_references", "windows_total"))
     assert s["first_target_total"] >= s["windows_total"] + s["prepare_and_encode_references"]
+    # the work per window, counted on the meta device, is what the same count on the CPU network gives
+    # (it silently became None once when a decoder block entered autocast on the meta device)
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from iris_core.api import resolve_model
+
+    net = resolve_model(str(tiny_model_file)).model.eval()
+    with torch.no_grad():
+        window = torch.randn(1, 1, *res["window"])
+        tokens = net.encode_task(window, (torch.rand(1, res["classes"], *res["window"]) > 0.5).float())
+        # attention by its reference (math) kernel: the CPU's fused one has no formula in the counter
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            net.segment(window, tokens)
+    assert res["window_gflop"] == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-9)
     # the tiny untrained model is not the authors': agreement is measured, not assumed (background
     # dominates the case, so a tiny share of disagreement is still expected)
     authors = sitk.GetArrayFromImage(sitk.ReadImage(str(FIXTURE / "mr_authors_seg.nii.gz")))

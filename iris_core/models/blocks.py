@@ -6,6 +6,7 @@ Module and attribute names follow the published checkpoints' state_dict layout
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -200,7 +201,9 @@ class UpBlock(nn.Module):
         size = skip.shape[2:]
         # float32 whatever autocast says: its matmuls would otherwise round the statistics to bf16/fp16,
         # where instance norm itself is on autocast's float32 list
-        with torch.autocast(x.device.type, enabled=False):
+        # (only where autocast exists: the meta device, on which the benchmark counts FLOPs, has none)
+        with (torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type)
+              else contextlib.nullcontext()):
             up = F.relu(upsample_trilinear(normalise_for_upsampling(x.float(), size, eps), size)).to(skip.dtype)
         a = torch.cat([F.relu(F.instance_norm(skip, eps=eps)), up], dim=1)
         y = first.forward_activated(a)
