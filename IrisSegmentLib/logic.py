@@ -298,12 +298,16 @@ class IrisSegmentLogic:
 
 
 def result_summary(sidecar: dict) -> list[str]:
-    """What the Log shows after a run (from the worker's sidecar): the time, model and device, and the
-    precision the windows ran in when it was not the default (``--precision auto``'s check and why)."""
+    """What the Log shows after a run (from the worker's sidecar): the time, model and device, the classes
+    of which no voxel was found, and the precision the windows ran in when it was not the default
+    (``--precision auto``'s check and why)."""
     model = (sidecar.get("model") or {}).get("name", "?")
     n = len(sidecar.get("classes", []))
     lines = [f"segmented {n} class{'' if n == 1 else 'es'} with {model} on {sidecar.get('device', '?')} in "
              f"{sidecar.get('timings_s', {}).get('total', 0.0):.1f} s"]
+    missing = [c.get("name", "?") for c in sidecar.get("classes", []) if c.get("voxels") == 0]
+    if missing:
+        lines.append(f"not found in the target (no voxel): {', '.join(missing)}")
     prec = sidecar.get("precision") or {}
     if (sidecar.get("options") or {}).get("precision", "float32") != "float32" and prec.get("summary"):
         lines.append("precision: " + prec["summary"])

@@ -247,9 +247,11 @@ def segment(
         postprocess = "largest" if policy.largest_component else "none"
     labels = engine.to_target(run.probabilities, prep, values, largest=postprocess == "largest")
     prob_maps = engine.probability_maps(run.probabilities, prep) if options.save_probabilities else None
+    found = class_volumes(labels, classes)
+    warn_classes_not_found(found, target_img, target_name, engine)
     sidecar = {
         "target": target_name,
-        "classes": [{"name": c.name, "value": c.value} for c in classes],
+        "classes": found,
         "strategy": strategy,
         "model": {"name": loaded.name, "source": loaded.source, "arch": loaded.arch},
         "device": str(engine.device),
@@ -265,6 +267,35 @@ def segment(
         "details": details,
     }
     return SegmentationResult(labels, classes, emb, sidecar, prob_maps)
+
+
+def class_volumes(labels: sitk.Image, classes: list[ClassSpec]) -> list[dict]:
+    """Each class's name, label value, voxel count and volume (mL) in a label map on the target grid."""
+    arr = sitk.GetArrayViewFromImage(labels)
+    values, counts = np.unique(arr, return_counts=True)
+    count = dict(zip(values.tolist(), counts.tolist()))
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    return [{"name": c.name, "value": c.value, "voxels": int(count.get(c.value, 0)),
+             "volume_ml": round(count.get(c.value, 0) * voxel_ml, 3)} for c in classes]
+
+
+def warn_classes_not_found(found: list[dict], target: sitk.Image, target_name: str, engine: Engine) -> None:
+    """A warning naming the classes of which no voxel was found (the run itself succeeded: a structure can
+    be absent from a target); when the target is thin along an axis (under a quarter of the model's
+    window there, e.g. a slab of a few slices), say so: the 3-D model sees little context in it."""
+    missing = [c["name"] for c in found if c["voxels"] == 0]
+    if not missing:
+        return
+    hint = ""
+    extent = np.array(target.GetSize()) * np.array(target.GetSpacing())
+    window_mm = float(min(engine.window) * min(engine.policy.spacing))
+    if extent.min() < window_mm / 4:
+        axis = int(extent.argmin())
+        hint = (f"; the target is {extent[axis]:.0f} mm ({target.GetSize()[axis]} voxels) thick along its axis "
+                f"{axis}, under a quarter of the model's {window_mm:.0f} mm window: a 3-D model sees "
+                "little context in so thin a volume")
+    log.warning("%d of %d classes not found in %s (no voxel): %s%s", len(missing), len(found), target_name,
+                ", ".join(missing), hint)
 
 
 def sidecar_path(output: str | Path) -> Path:

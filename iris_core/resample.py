@@ -79,7 +79,12 @@ def smooth_for_downsampling(image: sitk.Image, spacing: tuple[float, float, floa
     sigma = np.sqrt(np.clip((dst_axis / src) ** 2 - 1.0, 0, None)) * src / 2.0
     if np.all(sigma < 1e-3):
         return image
-    return sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), [float(s) for s in np.maximum(sigma, 1e-3)])
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    if min(image.GetSize()) < 4:
+        # the recursive filter needs four voxels along every axis (a 3-slice slab, a small crop): the
+        # sampled kernel has no such limit (zero-flux borders), at the cost of time on large sigmas
+        return sitk.DiscreteGaussian(image, [float(s) ** 2 for s in sigma], 32, 0.01, True)
+    return sitk.SmoothingRecursiveGaussian(image, [float(s) for s in np.maximum(sigma, 1e-3)])
 
 
 def labels_to_masks(labels: sitk.Image, grid: sitk.Image, values: list[int]) -> np.ndarray:

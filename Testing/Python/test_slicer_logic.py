@@ -57,11 +57,17 @@ def test_segment_compare_save_reload(world, tmp_path):
 
     from IrisSegmentLib.logic import result_summary
 
-    log = result_summary(json.loads(result.GetAttribute("IrisSegment.Sidecar")))
+    side = json.loads(result.GetAttribute("IrisSegment.Sidecar"))
+    log = result_summary(side)
     assert len(log) == 1 and log[0].startswith("segmented 1 class with ") and " on cpu in " in log[0]  # float32
+    # a class with no voxel is named in the Log
+    none_found = side | {"classes": [side["classes"][0] | {"voxels": 0, "volume_ml": 0.0}]}
+    assert result_summary(none_found)[1] == "not found in the target (no voxel): brain"
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "comparison")
     rows = logic.compare(result, nodes["manual"], nodes["target"], table)
     assert rows[0]["segment"] == "brain" and 0.0 <= rows[0]["dice"] <= 1.0
+    # the worker's count of the class is the volume of the segment that landed in the scene
+    assert side["classes"][0]["volume_ml"] == pytest.approx(rows[0]["volume_pred_ml"], rel=1e-4)
     assert rows[0]["volume_true_ml"] > 1000  # an adult brain mask
     assert table.GetTable().GetNumberOfRows() == 1 and table.GetTable().GetColumnByName("hd95_mm") is not None
     back = testing.save_and_reload(scene, result, tmp_path / "result.seg.nrrd")
