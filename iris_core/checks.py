@@ -371,6 +371,6 @@ def standard_check(model="default", device: str = "cpu", out_dir: str | Path | N
         out = Path(out_dir)
         title = title or f"Reference sensitivity of {loaded.name} (Colin27, {len(names)} structures)"
         report.to_json(out / "check.json")
-        (out / "check.md").write_text(report.to_markdown(title) + "\n")
+        (out / "check.md").write_text(report.to_markdown(title) + "\n", encoding="utf-8")
         report.plot(out / "check.png", loaded.name)
     return report

@@ -163,7 +163,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              hermes_model=args.hermes_model, hermes_modality=args.hermes_modality,
                              fixed_reference=args.reference_case, postprocess=args.postprocess)
     if summary.is_file():
-        print(summary.read_text())
+        print(summary.read_text(encoding="utf-8"))
     return 0
 
 

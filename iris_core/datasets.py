@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def load_nnunet(folder: str | Path) -> Dataset:
     meta_path = folder / "dataset.json"
     if not meta_path.is_file():
         raise InputError(f"{folder}: no dataset.json (expected the nnU-Net / MSD layout)")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     labels = meta.get("labels", {})
     # nnU-Net v2: {"background": 0, "liver": 1}; MSD: {"0": "background", "1": "liver"}
     if labels and all(str(k).isdigit() for k in labels):
@@ -85,31 +86,52 @@ def load_nnunet(folder: str | Path) -> Dataset:
 
 def load_csv(path: str | Path) -> Dataset:
     """Columns ``case,image,labels[,group]`` (references drawn from other cases), or
-    ``target_image,target_labels,reference_image,reference_labels`` (explicit pairs)."""
+    ``target_image,target_labels,reference_image,reference_labels`` (explicit pairs). Relative paths are
+    read from the CSV's folder; a spreadsheet's UTF-8 byte-order mark and spaces around cells are ignored.
+    In the pairs form a case is an image file (named by the shortest end of its path that tells it from
+    the others: ``s1/image.nii.gz``, ``s2/image.nii.gz``)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"dataset {path}: CSV file not found")
-    rows = list(csv.DictReader(path.open()))
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in csv.DictReader(f)]
     if not rows:
         raise InputError(f"{path}: no rows")
     base = path.parent
-    cases: dict[str, Case] = {}
-    pairs = []
-
-    def add(name, img, lab, group=""):
-        if name not in cases:
-            cases[name] = Case(name, str(base / img), str(base / lab), group)
-        return name
-
     for i, r in enumerate(rows):
-        if {"image", "labels"} <= set(r):
-            add(r.get("case") or f"case{i}", r["image"], r["labels"], r.get("group", ""))
-        elif {"target_image", "target_labels", "reference_image", "reference_labels"} <= set(r):
-            t = add(Path(r["target_image"]).name, r["target_image"], r["target_labels"])
-            ref = add(Path(r["reference_image"]).name, r["reference_image"], r["reference_labels"])
-            pairs.append((t, ref))
-        else:
-            raise InputError(f"{path}: row {i + 2} lacks the columns image,labels or target_*/reference_*")
+        empty = [k for k in ("image", "labels", "target_image", "target_labels", "reference_image",
+                             "reference_labels") if k in r and not r[k]]
+        if empty:
+            raise InputError(f"{path}: row {i + 2} has no {' and no '.join(empty)}")
+    cases: dict[str, Case] = {}
+    rows_of: dict[str, int] = {}
+    pairs = []
+    if all({"image", "labels"} <= set(r) for r in rows):
+        for i, r in enumerate(rows):
+            name = r.get("case") or f"case{i}"
+            if name in cases:
+                raise InputError(f"{path}: case {name!r} is listed twice (rows {rows_of[name]} and {i + 2})")
+            cases[name], rows_of[name] = Case(name, str(base / r["image"]), str(base / r["labels"]),
+                                              r.get("group", "")), i + 2
+    elif all({"target_image", "target_labels", "reference_image", "reference_labels"} <= set(r) for r in rows):
+        files: dict[Path, tuple[str, int]] = {}  # image -> (labels, row)
+        for i, r in enumerate(rows):
+            for img, lab in ((r["target_image"], r["target_labels"]), (r["reference_image"], r["reference_labels"])):
+                key = Path(os.path.normpath(base / img))
+                if key in files and files[key][0] != os.path.normpath(base / lab):
+                    raise InputError(f"{path}: image {img} is given two label maps (rows {files[key][1]} and "
+                                     f"{i + 2})")
+                files.setdefault(key, (os.path.normpath(base / lab), i + 2))
+        names = _distinct_names(list(files))
+        for key, (lab, _) in files.items():
+            cases[names[key]] = Case(names[key], str(key), lab)
+        pairs = [(names[Path(os.path.normpath(base / r["target_image"]))],
+                  names[Path(os.path.normpath(base / r["reference_image"]))]) for r in rows]
+    else:
+        bad = next(i for i, r in enumerate(rows) if not ({"image", "labels"} <= set(r) or
+                                                        {"target_image", "reference_image"} <= set(r)))
+        raise InputError(f"{path}: row {bad + 2} lacks the columns image,labels or "
+                         "target_image,target_labels,reference_image,reference_labels")
     # every file checked before the first case runs, not found missing after an hour of the cohort
     missing = [f for c in cases.values() for f in (c.image, c.labels) if not Path(f).is_file()]
     if missing:
@@ -117,6 +139,18 @@ def load_csv(path: str | Path) -> Dataset:
         raise InputError(f"{path}: {len(missing)} listed files not found (relative paths are read from "
                          f"{base}): {', '.join(missing[:5])}{more}")
     return Dataset(path.stem, list(cases.values()), {}, "auto", pairs)
+
+
+def _distinct_names(paths: list[Path]) -> dict[Path, str]:
+    """Each path's shortest ending (file name, then with its folders) that no other path shares."""
+    names = {}
+    for p in paths:
+        for n in range(1, len(p.parts) + 1):
+            tail = Path(*p.parts[-n:]).as_posix()
+            if not any(q != p and Path(*q.parts[-n:]).as_posix() == tail for q in paths):
+                break
+        names[p] = tail
+    return names
 
 
 def template_pairs(labels: str = "brain", seeds: tuple[int, ...] = (0,),

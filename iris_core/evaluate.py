@@ -12,6 +12,7 @@ import csv
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -235,7 +236,7 @@ class Evaluator:
     def _done(self, path: Path) -> set[tuple[str, str, str]]:
         if not path.is_file():
             return set()
-        with path.open() as f:
+        with path.open(encoding="utf-8", newline="") as f:
             return {(r["case"], r["method"], r["references"]) for r in csv.DictReader(f)}
 
     def units(self, targets: list[str]) -> list[tuple[str, Method, list[str]]]:
@@ -269,7 +270,7 @@ class Evaluator:
             from tqdm import tqdm
 
             bar = tqdm(total=len(todo), desc="evaluate", unit="run")
-        with csv_path.open("a", newline="") as f:
+        with csv_path.open("a", encoding="utf-8", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             if new_file:
                 writer.writeheader()
@@ -291,7 +292,8 @@ class Evaluator:
                 if self.overlays:
                     from .viz import overlay_png
 
-                    stem = f"{target}__{'+'.join(refs)}__{method.name.replace(':', '_')}"
+                    # a file name on every system: case names from a CSV may hold folders ('s1/image.nii.gz')
+                    stem = re.sub(r"[^A-Za-z0-9._+-]+", "_", f"{target}__{'+'.join(refs)}__{method.name}")
                     overlay_png(self._read(target)[0], pred, self.out / "overlays" / f"{stem}.png",
                                 truth=truth, title=f"{target}: {method.name} (ref {'+'.join(refs)})",
                                 names=self.ds.label_names)
@@ -305,7 +307,7 @@ class Evaluator:
 def read_rows(paths: list[Path]) -> list[dict]:
     rows = []
     for p in paths:
-        with p.open() as f:
+        with p.open(encoding="utf-8", newline="") as f:
             rows += list(csv.DictReader(f))
     return rows
 
@@ -342,7 +344,7 @@ def summarize(rows: list[dict], out_dir: Path, title: str = "") -> Path:
         for r in sorted(rows, key=lambda r: (r["case"], r["references"], r["class_name"], r["method"])):
             lines.append(f"| {r['case']} | {r['references']} | {r['class_name']} | {r['method']} | "
                          f"{float(r['dice']):.4f} | {float(r['hd95_mm']):.2f} | {float(r['seconds']):.1f} |")
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     fig, axes = plt.subplots(1, len(classes), figsize=(max(4, 2 + 1.3 * len(methods)) * len(classes), 4),
                              squeeze=False)
     for ax, c in zip(axes[0], classes):
@@ -386,7 +388,7 @@ def run_evaluation(dataset: Dataset, methods: list[str], out_dir: str | Path, mo
         paths = [out / "results.csv"]
     rows = read_rows(paths)
     if world > 1:
-        with (out / "results.csv").open("w", newline="") as f:
+        with (out / "results.csv").open("w", encoding="utf-8", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS)
             w.writeheader()
             w.writerows(rows)

@@ -75,6 +75,54 @@ def test_csv_pairs(nnunet, tmp_path, tiny_model_file):
     assert ball["ants:Affine"] > ball["identity"]  # registration corrects the size difference
 
 
+def test_csv_as_a_spreadsheet_writes_it_same_named_files_in_case_folders(nnunet, tmp_path, capsys):
+    """A pairs CSV saved by a spreadsheet (UTF-8 byte-order mark, spaces after commas) whose images share
+    one file name in per-case folders (s1/image.nii.gz, s2/image.nii.gz): every target used to become the
+    first row's file, which was then also its own reference (cases were keyed by file name), and the
+    byte-order mark hid the 'case' column. Now each file is its own case, named by its folder, and the
+    overlays are files, not a path into a folder that does not exist."""
+    import shutil
+
+    from iris_core.cli import main
+
+    for i, s in enumerate(("s1", "s2", "s3")):
+        (tmp_path / s).mkdir()
+        shutil.copy(nnunet / "imagesTr" / f"ph_00{i}_0000.nii.gz", tmp_path / s / "image.nii.gz")
+        shutil.copy(nnunet / "labelsTr" / f"ph_00{i}.nii.gz", tmp_path / s / "labels.nii.gz")
+    p = tmp_path / "pairs.csv"
+    p.write_text("target_image, target_labels, reference_image, reference_labels\n"
+                 "s1/image.nii.gz, s1/labels.nii.gz, s3/image.nii.gz, s3/labels.nii.gz\n"
+                 "s2/image.nii.gz, s2/labels.nii.gz, s3/image.nii.gz, s3/labels.nii.gz\n", encoding="utf-8-sig")
+    ds = load_csv(p)
+    assert ds.pairs == [("s1/image.nii.gz", "s3/image.nii.gz"), ("s2/image.nii.gz", "s3/image.nii.gz")]
+    assert ds.case("s2/image.nii.gz").image == str(tmp_path / "s2" / "image.nii.gz")
+    out = tmp_path / "e"
+    assert main(["evaluate", "--dataset", str(p), "--method", "identity", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open(encoding="utf-8")))
+    assert [(r["case"], r["references"]) for r in rows if r["class"] == "1"] == [
+        ("s1/image.nii.gz", "s3/image.nii.gz"), ("s2/image.nii.gz", "s3/image.nii.gz")]
+    # two different targets, two different scores (the same file twice would give one)
+    assert len({r["dice"] for r in rows if r["class"] == "1"}) == 2
+    assert sorted(f.name for f in (out / "overlays").iterdir()) == [
+        "s1_image.nii.gz__s3_image.nii.gz__identity.png", "s2_image.nii.gz__s3_image.nii.gz__identity.png"]
+    # a BOM-prefixed case CSV keeps its case names; duplicates and empty cells are named
+    q = tmp_path / "cases.csv"
+    q.write_text("case,image,labels\nA,s1/image.nii.gz,s1/labels.nii.gz\nB,s2/image.nii.gz,s2/labels.nii.gz\n",
+                 encoding="utf-8-sig")
+    assert [c.name for c in load_csv(q).cases] == ["A", "B"]
+    q.write_text("case,image,labels\nA,s1/image.nii.gz,s1/labels.nii.gz\nA,s2/image.nii.gz,s2/labels.nii.gz\n")
+    with pytest.raises(InputError, match=r"cases.csv: case 'A' is listed twice \(rows 2 and 3\)"):
+        load_csv(q)
+    q.write_text("case,image,labels\nA,s1/image.nii.gz,s1/labels.nii.gz\nB,,\n")
+    with pytest.raises(InputError, match=r"cases.csv: row 3 has no image and no labels"):
+        load_csv(q)
+    q.write_text("target_image,target_labels,reference_image,reference_labels\n"
+                 "s1/image.nii.gz,s1/labels.nii.gz,s3/image.nii.gz,s3/labels.nii.gz\n"
+                 "s3/image.nii.gz,s2/labels.nii.gz,s1/image.nii.gz,s1/labels.nii.gz\n")
+    with pytest.raises(InputError, match=r"image s3/image.nii.gz is given two label maps \(rows 2 and 3\)"):
+        load_csv(q)
+
+
 def test_csv_with_missing_files_is_refused_before_any_case_runs(nnunet, tmp_path):
     """A cohort CSV naming files that do not exist fails at once, listing them (relative paths read from
     the CSV's folder), not after the cases before the missing one have run."""

@@ -262,7 +262,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
                 history[-1].update({"check_own": report.own_dice, "check_other": report.other_dice,
                                     "check_identified": report.identified, "check_passed": report.passed})
                 report.to_json(out_dir / "check.json")
-                (out_dir / "check.md").write_text(report.to_markdown(f"Reference sensitivity at step {step}") + "\n")
+                (out_dir / "check.md").write_text(report.to_markdown(f"Reference sensitivity at step {step}") + "\n",
+                                                   encoding="utf-8")
                 report.plot(out_dir / "check.png", f"EMA model, step {step}")
                 log.info("step %d check-model %s: %s", step, "PASSED" if report.passed else "FAILED", report.rule)
             tmp = state_path.with_suffix(".partial")
