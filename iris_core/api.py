@@ -16,7 +16,14 @@ import SimpleITK as sitk
 from .checkpoint import LoadedModel, load_checkpoint, preset_model
 from .embedding import TaskEmbedding, model_fingerprint
 from .errors import InputError
-from .imaging import looks_like_labels, publish, read_image, read_labels, write_image_partial
+from .imaging import (
+    looks_like_labels,
+    publish,
+    read_image,
+    read_labels,
+    slicer_segment_names,
+    write_image_partial,
+)
 from .inference import ClassSpec, Engine, ProgressFn, Reference
 from .options import SegmentOptions
 from .strategies import encode_references, run_strategy
@@ -96,7 +103,8 @@ def load_references(pairs: list[tuple[str, str]]) -> list[Reference]:
                 raise InputError(f"reference ({img_path}, {lab_path}): the image and the label map hold the same "
                                  "voxels; the first must be the reference's intensity image (CT, MR, PET), the "
                                  "second its label map")
-        refs.append(Reference(img, read_labels(lab_path, img, f"reference image {img_path}"), Path(img_path).name))
+        refs.append(Reference(img, read_labels(lab_path, img, f"reference image {img_path}"), Path(img_path).name,
+                              slicer_segment_names(lab_path)))
     return refs
 
 
@@ -113,7 +121,8 @@ def hermes_vocabulary(loaded: LoadedModel):
 
 
 def resolve_classes(refs: list[Reference], classes: list[ClassSpec] | None) -> list[ClassSpec]:
-    """Requested classes, checked against the references; all non-zero labels when none requested."""
+    """Requested classes, checked against the references; all non-zero labels when none requested, named
+    after the segments of a Slicer ``.seg.nrrd`` reference, else ``label_<value>``."""
     present: set[int] = set()
     for r in refs:
         present |= {int(v) for v in np.unique(sitk.GetArrayViewFromImage(r.labels))}
@@ -121,7 +130,11 @@ def resolve_classes(refs: list[Reference], classes: list[ClassSpec] | None) -> l
     if classes is None:
         if not present:
             raise InputError("the reference label maps are empty (no non-zero label)")
-        return [ClassSpec(f"label_{v}", v) for v in sorted(present)]
+        names: dict[int, str] = {}
+        for r in refs:  # a Slicer segmentation file's segment names, the first reference's first
+            for v, n in r.label_names.items():
+                names.setdefault(v, n)
+        return [ClassSpec(names.get(v, f"label_{v}"), v) for v in sorted(present)]
     absent = [f"{c.name}={c.value}" for c in classes if c.value not in present]
     if absent:
         raise InputError(f"requested classes {absent} are absent from every reference label map "

@@ -4,6 +4,7 @@ and writing results without leaving partial files."""
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 GEOMETRY_TOLERANCE = 1e-3  # relative tolerance (spacing, direction) / mm (origin) for "same grid"
 
@@ -78,6 +81,11 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
         raise InputError(f"{what} {path}: unreadable ({msg})") from None
+    if image.GetNumberOfComponentsPerPixel() > 1 and path.name.lower().endswith(".seg.nrrd"):
+        raise InputError(f"{what} {path}: a 3D Slicer segmentation stored in {image.GetNumberOfComponentsPerPixel()} "
+                         "layers (its segments overlap); a label map holds one label per voxel: export the "
+                         "segments you need without overlaps (Segmentations module, Export to label map), or "
+                         "segment from Slicer, which takes overlapping segments")
     if path.name.lower().endswith((".nii", ".nii.gz")):
         bad = nifti_nonfinite_voxels(path)
         if bad:
@@ -171,15 +179,66 @@ def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     return bool(sp and org and dr)
 
 
+def slicer_segment_names(path: str | Path) -> dict[int, str]:
+    """Label value -> segment name from a 3D Slicer ``.seg.nrrd`` header (``Segment<i>_Name`` and
+    ``Segment<i>_LabelValue``, as vtkMRMLSegmentationStorageNode writes them; a file without label values
+    numbers its segments from 1); {} for any other file."""
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd") or not path.is_file():
+        return {}
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return {}
+    keys = set(reader.GetMetaDataKeys())
+    names = {}
+    i = 0
+    while f"Segment{i}_Name" in keys:
+        value = reader.GetMetaData(f"Segment{i}_LabelValue") if f"Segment{i}_LabelValue" in keys else str(i + 1)
+        try:
+            names.setdefault(int(value), reader.GetMetaData(f"Segment{i}_Name").strip() or f"label_{value}")
+        except ValueError:
+            pass
+        i += 1
+    return names
+
+
+def _offset_subgrid(labels: sitk.Image, image: sitk.Image) -> np.ndarray | None:
+    """The index of ``labels``' first voxel in ``image``'s grid when both share spacing and direction and
+    their voxels coincide (a label map cropped to its labels, or padded: the origin moved by whole
+    voxels), else None."""
+    if not (np.allclose(labels.GetSpacing(), image.GetSpacing(), rtol=GEOMETRY_TOLERANCE)
+            and np.allclose(labels.GetDirection(), image.GetDirection(), atol=GEOMETRY_TOLERANCE)):
+        return None
+    index = np.array(image.TransformPhysicalPointToContinuousIndex(labels.GetOrigin()))
+    if not np.allclose(index, np.round(index), atol=1e-3):
+        return None
+    return np.round(index).astype(int)
+
+
 def read_labels(path: str | Path, image: sitk.Image, image_name: str) -> sitk.Image:
-    """Read a label map that must lie on ``image``'s grid; returned as an integer image."""
+    """Read a label map that must lie on ``image``'s grid, or on a part of it (same spacing and direction,
+    voxels coinciding: a map cropped to its labels is padded with 0, one reaching past the image is cut,
+    with a warning when labels are cut); returned as an integer image."""
     labels = read_image(path, "label map")
+    if not same_grid(labels, image) and _offset_subgrid(labels, image) is not None:
+        index = _offset_subgrid(labels, image)
+        placed = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, labels.GetPixelID())
+        kept, had = (int(np.count_nonzero(sitk.GetArrayViewFromImage(x))) for x in (placed, labels))
+        if kept < had:
+            log.warning("label map %s: %d of its %d labelled voxels lie outside %s and are left out", path,
+                        had - kept, had, image_name)
+        log.info("label map %s: on a part of the grid of %s (first voxel at index %s), placed on it", path,
+                 image_name, tuple(int(i) for i in index))
+        labels = placed
     if not same_grid(labels, image):
         raise InputError(
             f"label map {path}: not on the grid of {image_name} "
             f"(size {labels.GetSize()} vs {image.GetSize()}, spacing {_fmt(labels.GetSpacing())} vs "
             f"{_fmt(image.GetSpacing())}, origin {_fmt(labels.GetOrigin())} vs {_fmt(image.GetOrigin())}); "
-            "resample it onto the image first"
+            "resample it onto the image first (a map on part of the grid, same spacing and direction, is taken)"
         )
     arr = sitk.GetArrayViewFromImage(labels)
     if np.issubdtype(arr.dtype, np.floating):

@@ -40,6 +40,7 @@ class Reference:
     image: sitk.Image
     labels: sitk.Image
     name: str
+    label_names: dict[int, str] = field(default_factory=dict)  # from the file (a Slicer .seg.nrrd's segments)
 
 
 @dataclass

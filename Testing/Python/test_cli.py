@@ -244,6 +244,71 @@ def test_thin_target_segments_and_names_what_it_did_not_find(capsys, caplog, tmp
     assert "9 mm (3 voxels) thick" in warning
 
 
+def test_reference_labels_from_slicer_named_cropped_or_layered(capsys, caplog, phantom_files, tiny_model_file,
+                                                                tmp_path):
+    """A reference label map saved by 3D Slicer: a .seg.nrrd gives the classes its segments' names; a map
+    cropped to its labels (Slicer's 'crop to minimum extent', other tools) or padded past the image lies on
+    part of the image's grid and gives the same result as the full map (it was refused); a .seg.nrrd
+    whose segments overlap (several layers) is refused saying so (it said 'RGB/vector')."""
+    from iris_core.api import with_slicer_segment_metadata
+    from iris_core.inference import ClassSpec
+
+    lab = sitk.ReadImage(str(phantom_files["ref_lab"]))
+    segs = tmp_path / "ref.seg.nrrd"  # the header fields Slicer's storage node reads and writes
+    sitk.WriteImage(with_slicer_segment_metadata(lab, [ClassSpec("ball", 1), ClassSpec("box", 2)]), str(segs))
+    nz = np.argwhere(sitk.GetArrayViewFromImage(lab) > 0)
+    lo, hi = nz.min(0)[::-1], nz.max(0)[::-1] + 1  # x, y, z
+    cropped = tmp_path / "cropped.nii.gz"
+    sitk.WriteImage(sitk.RegionOfInterest(lab, [int(h - low) for low, h in zip(lo, hi)], [int(v) for v in lo]),
+                    str(cropped))
+    padded = tmp_path / "padded.nii.gz"
+    sitk.WriteImage(sitk.ConstantPad(lab, [3, 0, 2], [0, 4, 1], 0), str(padded))
+    outs = {}
+    for name, labels in [("full", phantom_files["ref_lab"]), ("segs", segs), ("cropped", cropped),
+                         ("padded", padded)]:
+        outs[name] = tmp_path / f"{name}_out.nii.gz"
+        code, _, err = run(capsys, "segment", "--model", tiny_model_file, "--device", "cpu", "--quiet",
+                           "--target", phantom_files["tgt"], "--reference", phantom_files["ref"], labels,
+                           "--output", outs[name])
+        assert code == 0, (name, err)
+    names = {n: [c["name"] for c in json.loads(outs[n].with_name(f"{n}_out.json").read_text())["classes"]]
+             for n in outs}
+    assert names == {"full": ["label_1", "label_2"], "segs": ["ball", "box"], "cropped": ["label_1", "label_2"],
+                     "padded": ["label_1", "label_2"]}
+    full = sitk.GetArrayFromImage(sitk.ReadImage(str(outs["full"])))
+    for n in ("segs", "cropped", "padded"):
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(outs[n]))), full), n
+    # a map reaching past its image with labels out there: those are cut, with a warning
+    shifted = sitk.Image(lab)
+    shifted.SetOrigin(lab.TransformIndexToPhysicalPoint([-int(lo[0]) - 2, 0, 0]))  # 2 labelled columns out
+    sitk.WriteImage(shifted, str(tmp_path / "shifted.nii.gz"))
+    caplog.clear()
+    code, _, err = run(capsys, "segment", "--model", tiny_model_file, "--device", "cpu", "--quiet", "--target",
+                       phantom_files["tgt"], "--reference", phantom_files["ref"], tmp_path / "shifted.nii.gz",
+                       "--output", tmp_path / "shifted_out.nii.gz")
+    assert code == 0, err
+    lost = int(np.count_nonzero(sitk.GetArrayViewFromImage(lab)[:, :, lo[0]:lo[0] + 2]))
+    assert lost > 0 and f"{lost} of its {len(nz)} labelled voxels lie outside" in caplog.text
+    # half a voxel off is not the same voxels: refused as before
+    half = sitk.Image(lab)
+    half.SetOrigin(lab.TransformContinuousIndexToPhysicalPoint([0.5, 0, 0]))
+    sitk.WriteImage(half, str(tmp_path / "half.nii.gz"))
+    code, _, err = run(capsys, "segment", "--model", tiny_model_file, "--device", "cpu", "--quiet", "--target",
+                       phantom_files["tgt"], "--reference", phantom_files["ref"], tmp_path / "half.nii.gz",
+                       "--output", tmp_path / "half_out.nii.gz")
+    assert code != 0 and "not on the grid of" in err and not (tmp_path / "half_out.nii.gz").exists()
+    # overlapping segments: Slicer stores one layer per overlap group (a 4-D, multi-component .seg.nrrd)
+    arr = sitk.GetArrayFromImage(lab)
+    layered = sitk.GetImageFromArray(np.stack([arr == 1, arr > 0], axis=-1).astype(np.uint8), isVector=True)
+    layered.CopyInformation(lab)
+    sitk.WriteImage(layered, str(tmp_path / "layers.seg.nrrd"))
+    code, _, err = run(capsys, "segment", "--model", tiny_model_file, "--device", "cpu", "--quiet", "--target",
+                       phantom_files["tgt"], "--reference", phantom_files["ref"], tmp_path / "layers.seg.nrrd",
+                       "--output", tmp_path / "layers_out.nii.gz")
+    assert code != 0 and "stored in 2 layers (its segments overlap)" in err
+    assert not (tmp_path / "layers_out.nii.gz").exists()
+
+
 def _snapshot(paths):
     return {p: p.read_bytes() for p in paths}
 
