@@ -284,8 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True, help="target image (NIfTI, NRRD, MHA, a DICOM series folder or one file of the series, ...)")
     s.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                    help="a reference image and its label map; repeat for several references")
-    s.add_argument("--classes", help="label values '1,3' or named 'liver=1,spleen=2' (default: every label)")
-    s.add_argument("--strategy", choices=STRATEGIES, default=default.strategy)
+    s.add_argument("--classes", help="label values '1,3' or named 'liver=1,spleen=2' (default: every label, named "
+                   "after a Slicer .seg.nrrd reference's segments, else label_N)")
+    s.add_argument("--strategy", choices=STRATEGIES, default=default.strategy,
+                   help="one-shot: each class from the first reference holding it; ensemble: the references' "
+                        "embeddings averaged; retrieval: per class the reference most like the target; tuning: "
+                        "the embedding optimised on the references (default: %(default)s)")
     s.add_argument("--library", help="segment from a saved task library instead of references")
     s.add_argument("--structures", help="Hermes models: named structures, e.g. liver,spleen or amos_ct/liver")
     s.add_argument("--save-library", help="save the task embedding used to this file (a task library)")
@@ -313,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hermes-modality", default=default.hermes_modality,
                    help="Hermes models: the target's modality prior, CT, PET, T1, T2 or cine")
     s.add_argument("--modality", help=argparse.SUPPRESS)  # deprecated: the two above
-    s.add_argument("--tune-steps", type=int, default=default.tune_steps)
-    s.add_argument("--tune-lr", type=float, default=default.tune_lr)
+    s.add_argument("--tune-steps", type=int, default=default.tune_steps,
+                   help="--strategy tuning: optimisation steps (default: %(default)s)")
+    s.add_argument("--tune-lr", type=float, default=default.tune_lr,
+                   help="--strategy tuning: Adam learning rate (default: %(default)s)")
     s.add_argument("--output", required=True, help="output label map on the target's grid")
     s.add_argument("--preview", help="also write a PNG with three planes of the result")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
