@@ -21,6 +21,8 @@ from .imaging import (
     publish,
     read_image,
     read_labels,
+    read_layered_segmentation,
+    slicer_layer_count,
     slicer_segment_names,
     write_image_partial,
 )
@@ -103,6 +105,10 @@ def load_references(pairs: list[tuple[str, str]]) -> list[Reference]:
                 raise InputError(f"reference ({img_path}, {lab_path}): the image and the label map hold the same "
                                  "voxels; the first must be the reference's intensity image (CT, MR, PET), the "
                                  "second its label map")
+        if slicer_layer_count(lab_path) > 1:  # overlapping segments: one reference per layer, same image
+            maps, names = read_layered_segmentation(lab_path, img, f"reference image {img_path}")
+            refs += [Reference(img, m, f"{Path(img_path).name} (layer {k})", names) for k, m in enumerate(maps)]
+            continue
         refs.append(Reference(img, read_labels(lab_path, img, f"reference image {img_path}"), Path(img_path).name,
                               slicer_segment_names(lab_path)))
     return refs

@@ -83,9 +83,9 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         raise InputError(f"{what} {path}: unreadable ({msg})") from None
     if image.GetNumberOfComponentsPerPixel() > 1 and path.name.lower().endswith(".seg.nrrd"):
         raise InputError(f"{what} {path}: a 3D Slicer segmentation stored in {image.GetNumberOfComponentsPerPixel()} "
-                         "layers (its segments overlap); a label map holds one label per voxel: export the "
-                         "segments you need without overlaps (Segmentations module, Export to label map), or "
-                         "segment from Slicer, which takes overlapping segments")
+                         "layers (its segments overlap); a label map holds one label per voxel here (a "
+                         "reference's label map may have layers): export the segments you need without "
+                         "overlaps (Segmentations module, Export to label map)")
     if path.name.lower().endswith((".nii", ".nii.gz")):
         bad = nifti_nonfinite_voxels(path)
         if bad:
@@ -179,29 +179,87 @@ def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     return bool(sp and org and dr)
 
 
-def slicer_segment_names(path: str | Path) -> dict[int, str]:
-    """Label value -> segment name from a 3D Slicer ``.seg.nrrd`` header (``Segment<i>_Name`` and
-    ``Segment<i>_LabelValue``, as vtkMRMLSegmentationStorageNode writes them; a file without label values
-    numbers its segments from 1); {} for any other file."""
+def slicer_segments(path: str | Path) -> list[tuple[int, int, str]]:
+    """(layer, label value, name) of each segment in a 3D Slicer ``.seg.nrrd`` header, in the file's order
+    (``Segment<i>_Layer``, ``_LabelValue``, ``_Name``, as vtkMRMLSegmentationStorageNode writes them; a file
+    without label values numbers its segments from 1); [] for any other file."""
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd") or not path.is_file():
-        return {}
+        return []
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        return {}
+        return []
     keys = set(reader.GetMetaDataKeys())
-    names = {}
+
+    def field(i: int, name: str, default: str) -> str:
+        return reader.GetMetaData(f"Segment{i}_{name}").strip() if f"Segment{i}_{name}" in keys else default
+
+    out = []
     i = 0
-    while f"Segment{i}_Name" in keys:
-        value = reader.GetMetaData(f"Segment{i}_LabelValue") if f"Segment{i}_LabelValue" in keys else str(i + 1)
+    while f"Segment{i}_Name" in keys or f"Segment{i}_ID" in keys:
         try:
-            names.setdefault(int(value), reader.GetMetaData(f"Segment{i}_Name").strip() or f"label_{value}")
+            out.append((int(field(i, "Layer", "0")), int(field(i, "LabelValue", str(i + 1))),
+                        field(i, "Name", "") or field(i, "ID", f"segment_{i + 1}")))
         except ValueError:
             pass
         i += 1
+    return out
+
+
+def slicer_layer_count(path: str | Path) -> int:
+    """Number of layers of a ``.seg.nrrd`` (its components per voxel: one per group of overlapping
+    segments); 1 for a 3-D one or any other file."""
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd") or not path.is_file():
+        return 1
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return 1
+    return max(1, reader.GetNumberOfComponents())
+
+
+def read_layered_segmentation(path: str | Path, image: sitk.Image,
+                              image_name: str) -> tuple[list[sitk.Image], dict[int, str]]:
+    """A 3D Slicer ``.seg.nrrd`` whose segments overlap (one layer per group of segments that do not) as one
+    label map per layer on ``image``'s grid. The layers reuse label values, so segment i of the header
+    becomes class i + 1 in every layer; returns the label maps and {class value: segment name}."""
+    path = Path(path)
+    segments = slicer_segments(path)
+    try:
+        stack = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise InputError(f"label map {path}: unreadable ({msg})") from None
+    layers = stack.GetNumberOfComponentsPerPixel()
+    if not segments:
+        raise InputError(f"label map {path}: {layers} layers but no segment fields (Segment<i>_Layer, "
+                         "_LabelValue) in its header to tell which label of which layer is which segment")
+    maps, names = [], {}
+    for k in range(layers):
+        layer = sitk.VectorIndexSelectionCast(stack, k)
+        arr = sitk.GetArrayViewFromImage(layer)
+        out = np.zeros(arr.shape, dtype=np.int32)
+        for i, (seg_layer, value, name) in enumerate(segments):
+            if seg_layer == k:
+                out[arr == value] = i + 1
+                names[i + 1] = name
+        remapped = sitk.GetImageFromArray(out)
+        remapped.CopyInformation(layer)
+        maps.append(labels_on_grid(remapped, f"{path} (layer {k})", image, image_name))
+    return maps, names
+
+
+def slicer_segment_names(path: str | Path) -> dict[int, str]:
+    """Label value -> segment name from a one-layer 3D Slicer ``.seg.nrrd`` header; {} for any other file."""
+    names: dict[int, str] = {}
+    for _, value, name in slicer_segments(path):
+        names.setdefault(value, name or f"label_{value}")
     return names
 
 
@@ -222,7 +280,11 @@ def read_labels(path: str | Path, image: sitk.Image, image_name: str) -> sitk.Im
     """Read a label map that must lie on ``image``'s grid, or on a part of it (same spacing and direction,
     voxels coinciding: a map cropped to its labels is padded with 0, one reaching past the image is cut,
     with a warning when labels are cut); returned as an integer image."""
-    labels = read_image(path, "label map")
+    return labels_on_grid(read_image(path, "label map"), path, image, image_name)
+
+
+def labels_on_grid(labels: sitk.Image, path: str | Path, image: sitk.Image, image_name: str) -> sitk.Image:
+    """``labels`` (read from ``path``) checked against and placed on ``image``'s grid, as :func:`read_labels`."""
     if not same_grid(labels, image) and _offset_subgrid(labels, image) is not None:
         index = _offset_subgrid(labels, image)
         placed = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, labels.GetPixelID())

@@ -249,7 +249,7 @@ def test_reference_labels_from_slicer_named_cropped_or_layered(capsys, caplog, p
     """A reference label map saved by 3D Slicer: a .seg.nrrd gives the classes its segments' names; a map
     cropped to its labels (Slicer's 'crop to minimum extent', other tools) or padded past the image lies on
     part of the image's grid and gives the same result as the full map (it was refused); a .seg.nrrd
-    whose segments overlap (several layers) is refused saying so (it said 'RGB/vector')."""
+    whose segments overlap (several layers) is one reference per layer (it was refused as 'RGB/vector')."""
     from iris_core.api import with_slicer_segment_metadata
     from iris_core.inference import ClassSpec
 
@@ -297,16 +297,59 @@ def test_reference_labels_from_slicer_named_cropped_or_layered(capsys, caplog, p
                        phantom_files["tgt"], "--reference", phantom_files["ref"], tmp_path / "half.nii.gz",
                        "--output", tmp_path / "half_out.nii.gz")
     assert code != 0 and "not on the grid of" in err and not (tmp_path / "half_out.nii.gz").exists()
-    # overlapping segments: Slicer stores one layer per overlap group (a 4-D, multi-component .seg.nrrd)
+    # overlapping segments: Slicer stores one layer per group of segments that do not overlap (a 4-D
+    # .seg.nrrd, 'kinds: list domain domain domain', values reused across layers); each layer becomes
+    # a reference on the same image, the segments classes 1..N in the header's order
     arr = sitk.GetArrayFromImage(lab)
-    layered = sitk.GetImageFromArray(np.stack([arr == 1, arr > 0], axis=-1).astype(np.uint8), isVector=True)
-    layered.CopyInformation(lab)
-    sitk.WriteImage(layered, str(tmp_path / "layers.seg.nrrd"))
+    shell = (sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.Cast(lab == 1, sitk.sitkUInt8), [2, 2, 1])) > 0)
+    layers = np.stack([np.where(arr == 1, 1, np.where(arr == 2, 2, 0)), shell.astype(np.uint8)]).astype(np.uint8)
+    write_layered_seg_nrrd(tmp_path / "layers.seg.nrrd", layers, lab,
+                           [("ball", 0, 1), ("shell", 1, 1), ("box", 0, 2)])
     code, _, err = run(capsys, "segment", "--model", tiny_model_file, "--device", "cpu", "--quiet", "--target",
                        phantom_files["tgt"], "--reference", phantom_files["ref"], tmp_path / "layers.seg.nrrd",
                        "--output", tmp_path / "layers_out.nii.gz")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "layers_out.json").read_text())
+    assert [(c["name"], c["value"]) for c in meta["classes"]] == [("ball", 1), ("shell", 2), ("box", 3)]
+    # the same as giving the two layers as two references by hand
+    for k, values in enumerate([{1: 1, 2: 3}, {1: 2}]):
+        m = np.zeros(arr.shape, np.uint8)
+        for v, new in values.items():
+            m[layers[k] == v] = new
+        img = sitk.GetImageFromArray(m)
+        img.CopyInformation(lab)
+        sitk.WriteImage(img, str(tmp_path / f"layer{k}.nii.gz"))
+    code, _, err = run(capsys, "segment", "--model", tiny_model_file, "--device", "cpu", "--quiet", "--target",
+                       phantom_files["tgt"], "--reference", phantom_files["ref"], tmp_path / "layer0.nii.gz",
+                       "--reference", phantom_files["ref"], tmp_path / "layer1.nii.gz",
+                       "--output", tmp_path / "by_hand.nii.gz")
+    assert code == 0, err
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "layers_out.nii.gz"))),
+                          sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "by_hand.nii.gz"))))
+    # where one label per voxel is needed (a target, a cohort's truth) layers are refused, saying so
+    code, _, err = run(capsys, "segment", "--model", tiny_model_file, "--device", "cpu", "--quiet", "--target",
+                       tmp_path / "layers.seg.nrrd", "--reference", phantom_files["ref"], phantom_files["ref_lab"],
+                       "--output", tmp_path / "never.nii.gz")
     assert code != 0 and "stored in 2 layers (its segments overlap)" in err
-    assert not (tmp_path / "layers_out.nii.gz").exists()
+
+
+def write_layered_seg_nrrd(path, layers: np.ndarray, like: sitk.Image, segments: list[tuple[str, int, int]]):
+    """A .seg.nrrd as 3D Slicer writes one whose segments overlap (vtkMRMLSegmentationStorageNode: a 4-D
+    NRRD, the layer axis first with kind 'list' and direction 'none', Segment<i>_Layer / _LabelValue).
+    ``layers`` is [L, z, y, x]; ``like`` gives the grid (identity direction); segments are (name, layer, value)."""
+    import gzip
+
+    sx, sy, sz = like.GetSpacing()
+    ox, oy, oz = like.GetOrigin()
+    header = ["NRRD0004", "type: unsigned char", "dimension: 4", "space: left-posterior-superior",
+              "sizes: {} {} {} {}".format(layers.shape[0], *like.GetSize()),
+              f"space directions: none ({sx},0,0) (0,{sy},0) (0,0,{sz})", "kinds: list domain domain domain",
+              "encoding: gzip", f"space origin: ({ox},{oy},{oz})"]
+    for i, (name, layer, value) in enumerate(segments):
+        header += [f"Segment{i}_ID:=Segment_{i + 1}", f"Segment{i}_Name:={name}", f"Segment{i}_Layer:={layer}",
+                   f"Segment{i}_LabelValue:={value}"]
+    data = np.ascontiguousarray(np.moveaxis(layers, 0, -1)).tobytes()  # the layer axis fastest
+    path.write_bytes(("\n".join(header) + "\n\n").encode() + gzip.compress(data))
 
 
 def _snapshot(paths):
