@@ -176,8 +176,14 @@ def segment_hermes(engine: Engine, loaded: LoadedModel, target_img: sitk.Image, 
 
 
 def _segment_library(engine: Engine, loaded: LoadedModel, target_img: sitk.Image, target_name: str,
-                     library: str | Path, classes: list[ClassSpec] | None) -> _Run:
-    """Iris from a saved task library (all its classes, or the requested names), no reference."""
+                     library: str | Path | TaskEmbedding, classes: list[ClassSpec] | None) -> _Run:
+    """Iris from a saved task library (all its classes, or the requested names), no reference; or from a
+    task embedding in memory (one computed for an earlier target of the same model)."""
+    if isinstance(library, TaskEmbedding):
+        emb = library
+        prep = engine.prepare(target_img, target_name)
+        return _Run(prep, engine.predict(prep, emb), [ClassSpec(n, v) for n, v in zip(emb.names, emb.values)], emb,
+                    "library", {"embedding": "computed for an earlier target, reused"})
     emb = TaskEmbedding.load(library, model_fingerprint(loaded.model))
     if classes:
         emb = emb.select([c.name for c in classes])
@@ -202,7 +208,7 @@ def segment(
     references: list[tuple[str, str]] | list[Reference] | None = None,
     classes: list[ClassSpec] | None = None,
     model: LoadedModel | str | None = None,
-    library: str | Path | None = None,
+    library: str | Path | TaskEmbedding | None = None,
     structures: str | None = None,
     options: SegmentOptions | None = None,
     progress: ProgressFn | None = None,

@@ -74,6 +74,40 @@ def segment_options(args: argparse.Namespace):
         precision=args.precision)
 
 
+def _volume_stem(path: str) -> str:
+    """``case01.nii.gz`` -> ``case01``; a DICOM folder -> its name."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def segment_jobs(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
+    """(target, output, preview) per target: one target writes where --output/--preview say; several write
+    ``<stem>_seg.nii.gz`` (and ``<stem>_seg.png``) into the folders --output (and --preview) name."""
+    from .imaging import VOLUME_EXTENSIONS
+    from .viz import PICTURE_EXTENSIONS
+
+    if len(args.target) == 1:
+        return [(args.target[0], args.output, args.preview)]
+    if args.output.lower().endswith(VOLUME_EXTENSIONS):
+        raise IrisError(f"--output {args.output}: with {len(args.target)} targets --output is a folder (each "
+                        "target's label map is written into it as <target>_seg.nii.gz)")
+    if args.preview and args.preview.lower().endswith(PICTURE_EXTENSIONS):
+        raise IrisError(f"--preview {args.preview}: with {len(args.target)} targets --preview is a folder (one "
+                        "<target>_seg.png per target)")
+    stems: dict[str, str] = {}
+    for t in args.target:
+        stem = _volume_stem(t)
+        if stem.casefold() in stems:
+            raise IrisError(f"targets {stems[stem.casefold()]} and {t} would both be written as {stem}_seg.nii.gz; "
+                            "give targets with distinct names")
+        stems[stem.casefold()] = t
+    return [(t, str(Path(args.output) / f"{_volume_stem(t)}_seg.nii.gz"),
+             str(Path(args.preview) / f"{_volume_stem(t)}_seg.png") if args.preview else None) for t in args.target]
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from .api import (
         parse_classes,
@@ -83,44 +117,63 @@ def cmd_segment(args: argparse.Namespace) -> int:
         sidecar_path,
         write_result,
     )
-    from .imaging import check_volume_output, refuse_overwriting_inputs
+    from .imaging import check_volume_output, output_folder, refuse_overwriting_inputs
     from .viz import check_picture_output, overlay_png
 
-    inputs = {"target image": args.target, "task library": args.library,
-              "model file": args.model if Path(args.model).is_file() else None}
+    jobs = segment_jobs(args)
+    inputs = {"task library": args.library, "model file": args.model if Path(args.model).is_file() else None}
+    inputs |= {(f"target image {i}" if len(jobs) > 1 else "target image"): t for i, (t, _, _) in enumerate(jobs, 1)}
     for k, (img, lab) in enumerate(args.reference or [], 1):
         inputs |= {f"reference image {k}": img, f"reference label map {k}": lab}
-    refuse_overwriting_inputs({"--output": args.output, "the sidecar of --output": sidecar_path(args.output),
-                               "--preview": args.preview, "--save-library": args.save_library}, inputs)
-    check_volume_output(args.output, "--output")
-    if args.preview:
-        check_picture_output(args.preview, "--preview")
-    if args.save_probabilities:  # the class names come later: refuse any input a probability map could hit
-        refuse_probability_map_collisions(args.output, inputs)
+    for _, output, preview in jobs:
+        refuse_overwriting_inputs({"--output": output, "the sidecar of --output": sidecar_path(output),
+                                   "--preview": preview, "--save-library": args.save_library}, inputs)
+        check_volume_output(output, "--output")
+        if preview:
+            check_picture_output(preview, "--preview")
+        if args.save_probabilities:  # the class names come later: refuse any input a probability map could hit
+            refuse_probability_map_collisions(output, inputs)
+    if len(jobs) > 1:
+        output_folder(args.output, "--output")
+        if args.preview:
+            output_folder(args.preview, "--preview")
     options = segment_options(args)
-    progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
-    try:
-        result = segment(args.target, references=[tuple(r) for r in args.reference or []],
-                         classes=parse_classes(args.classes, names_only=bool(args.library)), model=loaded,
-                         library=args.library, structures=args.structures, options=options, progress=progress)
-    finally:
-        progress.close()
-    out, side = write_result(result, args.output)
-    if args.save_library and result.embedding is not None:
-        from .embedding import model_fingerprint
+    classes = parse_classes(args.classes, names_only=bool(args.library))
+    # the task is encoded once: later targets reuse the first one's embedding (retrieval picks references
+    # per target, so it encodes again; Hermes has no embedding)
+    reuse = None
+    for i, (target, output, preview) in enumerate(jobs, 1):
+        if len(jobs) > 1:
+            log.info("target %d of %d: %s", i, len(jobs), target)
+        progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
+        try:
+            if reuse is not None:
+                result = segment(target, model=loaded, library=reuse, options=options, progress=progress)
+            else:
+                result = segment(target, references=[tuple(r) for r in args.reference or []], classes=classes,
+                                 model=loaded, library=args.library, structures=args.structures, options=options,
+                                 progress=progress)
+        finally:
+            progress.close()
+        out, side = write_result(result, output)
+        if result.embedding is not None and args.strategy != "retrieval" and not args.structures:
+            reuse = result.embedding
+        if i == 1 and args.save_library and result.embedding is not None:
+            from .embedding import model_fingerprint
 
-        result.embedding.save(args.save_library, model_fingerprint(loaded.model), {"model": loaded.name})
-    if args.preview:
-        from .imaging import read_image
+            result.embedding.save(args.save_library, model_fingerprint(loaded.model), {"model": loaded.name})
+        if preview:
+            from .imaging import read_image
 
-        names = {c.value: c.name for c in result.classes}
-        overlay_png(read_image(args.target, "target image"), result.labels, args.preview,
-                    title=f"{Path(args.target).name}: {args.strategy}, {loaded.name}", names=names)
-    t = result.sidecar["timings_s"]
-    if args.precision != "float32":
-        print("precision: " + result.sidecar["precision"]["summary"])
-    print(f"wrote {out} ({len(result.classes)} classes, {t['total']:.1f} s on {result.sidecar['device']}) and {side}")
+            names = {c.value: c.name for c in result.classes}
+            overlay_png(read_image(target, "target image"), result.labels, preview,
+                        title=f"{Path(target).name}: {args.strategy}, {loaded.name}", names=names)
+        t = result.sidecar["timings_s"]
+        if args.precision != "float32":
+            print("precision: " + result.sidecar["precision"]["summary"])
+        print(f"wrote {out} ({len(result.classes)} classes, {t['total']:.1f} s on {result.sidecar['device']}) and "
+              f"{side}")
     return 0
 
 
@@ -281,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("segment", help="segment a target from reference volumes with labels")
-    s.add_argument("--target", required=True, help="target image (NIfTI, NRRD, MHA, a DICOM series folder or one file of the series, ...)")
+    s.add_argument("--target", required=True, nargs="+",
+                   help="target image (NIfTI, NRRD, MHA, a DICOM series folder or one file of the series, ...); "
+                        "several: the task is encoded once and --output (and --preview) are folders")
     s.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                    help="a reference image and its label map; repeat for several references")
     s.add_argument("--classes", help="label values '1,3' or named 'liver=1,spleen=2' (default: every label, named "

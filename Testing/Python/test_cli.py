@@ -333,6 +333,41 @@ def test_reference_labels_from_slicer_named_cropped_or_layered(capsys, caplog, p
     assert code != 0 and "stored in 2 layers (its segments overlap)" in err
 
 
+def test_several_targets_one_task(capsys, caplog, base, phantom_files, tmp_path):
+    """`segment --target A B`: the task is encoded once and reused (the second target's sidecar says so), each
+    target's label map, sidecar and preview land in the --output / --preview folders, and the second result
+    is voxel for voxel what segmenting it alone gives. Folders are required and names must not collide;
+    both are refused before any work."""
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO, logger="iris_core")
+    (tmp_path / "b").mkdir()
+    second = tmp_path / "b" / "second.nii.gz"
+    shutil.copy(phantom_files["ref"], second)  # another target: the reference image itself
+    code, out, err = run(capsys, *base, "--target", phantom_files["tgt"], second, "--output", tmp_path / "segs",
+                         "--preview", tmp_path / "pics", "--save-library", tmp_path / "task.safetensors")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "segs").iterdir()) == ["second_seg.json", "second_seg.nii.gz",
+                                                                     "tgt_seg.json", "tgt_seg.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["second_seg.png", "tgt_seg.png"]
+    assert out.count("wrote ") == 2 and (tmp_path / "task.safetensors").is_file()
+    assert caplog.text.count("Encoding reference") == 1 and "target 2 of 2" in caplog.text
+    side = json.loads((tmp_path / "segs" / "second_seg.json").read_text())
+    assert side["details"] == {"embedding": "computed for an earlier target, reused"}
+    code, _, err = run(capsys, *base, "--target", second, "--output", tmp_path / "alone.nii.gz")
+    assert code == 0, err
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "segs" / "second_seg.nii.gz"))),
+                          sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "alone.nii.gz"))))
+    code, _, err = run(capsys, *base, "--target", phantom_files["tgt"], second, "--output", tmp_path / "x.nii.gz")
+    assert code != 0 and "with 2 targets --output is a folder" in err and not (tmp_path / "x.nii.gz").exists()
+    (tmp_path / "c").mkdir()
+    shutil.copy(second, tmp_path / "c" / "second.nii.gz")
+    code, _, err = run(capsys, *base, "--target", second, tmp_path / "c" / "second.nii.gz", "--output",
+                       tmp_path / "clash")
+    assert code != 0 and "would both be written as second_seg.nii.gz" in err and not (tmp_path / "clash").exists()
+
+
 def write_layered_seg_nrrd(path, layers: np.ndarray, like: sitk.Image, segments: list[tuple[str, int, int]]):
     """A .seg.nrrd as 3D Slicer writes one whose segments overlap (vtkMRMLSegmentationStorageNode: a 4-D
     NRRD, the layer axis first with kind 'list' and direction 'none', Segment<i>_Layer / _LabelValue).
