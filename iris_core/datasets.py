@@ -114,19 +114,21 @@ def load_csv(path: str | Path) -> Dataset:
             cases[name], rows_of[name] = Case(name, str(base / r["image"]), str(base / r["labels"]),
                                               r.get("group", "")), i + 2
     elif all({"target_image", "target_labels", "reference_image", "reference_labels"} <= set(r) for r in rows):
-        files: dict[Path, tuple[str, int]] = {}  # image -> (labels, row)
+        def at(cell: str) -> Path:  # one spelling per file, relative to the CSV's folder
+            return Path(os.path.normpath(base / cell))
+
+        files: dict[Path, tuple[Path, int]] = {}  # image -> (labels, row)
         for i, r in enumerate(rows):
             for img, lab in ((r["target_image"], r["target_labels"]), (r["reference_image"], r["reference_labels"])):
-                key = Path(os.path.normpath(base / img))
-                if key in files and files[key][0] != os.path.normpath(base / lab):
+                key, lab_path = at(img), at(lab)
+                if key in files and files[key][0] != lab_path:
                     raise InputError(f"{path}: image {img} is given two label maps (rows {files[key][1]} and "
                                      f"{i + 2})")
-                files.setdefault(key, (os.path.normpath(base / lab), i + 2))
+                files.setdefault(key, (lab_path, i + 2))
         names = _distinct_names(list(files))
-        for key, (lab, _) in files.items():
-            cases[names[key]] = Case(names[key], str(key), lab)
-        pairs = [(names[Path(os.path.normpath(base / r["target_image"]))],
-                  names[Path(os.path.normpath(base / r["reference_image"]))]) for r in rows]
+        for key, (lab_path, _) in files.items():
+            cases[names[key]] = Case(names[key], str(key), str(lab_path))
+        pairs = [(names[at(r["target_image"])], names[at(r["reference_image"])]) for r in rows]
     else:
         bad = next(i for i, r in enumerate(rows) if not ({"image", "labels"} <= set(r) or
                                                         {"target_image", "reference_image"} <= set(r)))

@@ -61,6 +61,12 @@ def _dicom_series_files(path: Path, what: str) -> list[str]:
     return files[series[0]]
 
 
+def _unreadable(what: str, path: str | Path, exc: RuntimeError) -> InputError:
+    """The error for a file ITK cannot read: its last message line (the reason), not the whole trace."""
+    msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+    return InputError(f"{what} {path}: unreadable ({msg})")
+
+
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     """Read a 3-D scalar image: a file SimpleITK reads, a DICOM series folder, or one file of a DICOM
     series (the whole series is read)."""
@@ -79,8 +85,7 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         else:
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-        raise InputError(f"{what} {path}: unreadable ({msg})") from None
+        raise _unreadable(what, path, exc) from None
     if image.GetNumberOfComponentsPerPixel() > 1 and path.name.lower().endswith(".seg.nrrd"):
         raise InputError(f"{what} {path}: a 3D Slicer segmentation stored in {image.GetNumberOfComponentsPerPixel()} "
                          "layers (its segments overlap); a label map holds one label per voxel here (a "
@@ -179,18 +184,27 @@ def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     return bool(sp and org and dr)
 
 
-def slicer_segments(path: str | Path) -> list[tuple[int, int, str]]:
-    """(layer, label value, name) of each segment in a 3D Slicer ``.seg.nrrd`` header, in the file's order
-    (``Segment<i>_Layer``, ``_LabelValue``, ``_Name``, as vtkMRMLSegmentationStorageNode writes them; a file
-    without label values numbers its segments from 1); [] for any other file."""
+def _seg_nrrd_header(path: str | Path) -> sitk.ImageFileReader | None:
+    """A reader holding the header of a ``.seg.nrrd`` file (no voxels read); None for any other file or
+    one ITK cannot read."""
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd") or not path.is_file():
-        return []
+        return None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
+        return None
+    return reader
+
+
+def slicer_segments(path: str | Path) -> list[tuple[int, int, str]]:
+    """(layer, label value, name) of each segment in a 3D Slicer ``.seg.nrrd`` header, in the file's order
+    (``Segment<i>_Layer``, ``_LabelValue``, ``_Name``, as vtkMRMLSegmentationStorageNode writes them; a file
+    without label values numbers its segments from 1); [] for any other file."""
+    reader = _seg_nrrd_header(path)
+    if reader is None:
         return []
     keys = set(reader.GetMetaDataKeys())
 
@@ -212,16 +226,8 @@ def slicer_segments(path: str | Path) -> list[tuple[int, int, str]]:
 def slicer_layer_count(path: str | Path) -> int:
     """Number of layers of a ``.seg.nrrd`` (its components per voxel: one per group of overlapping
     segments); 1 for a 3-D one or any other file."""
-    path = Path(path)
-    if not path.name.lower().endswith(".seg.nrrd") or not path.is_file():
-        return 1
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return 1
-    return max(1, reader.GetNumberOfComponents())
+    reader = _seg_nrrd_header(path)
+    return 1 if reader is None else max(1, reader.GetNumberOfComponents())
 
 
 def read_layered_segmentation(path: str | Path, image: sitk.Image,
@@ -234,8 +240,7 @@ def read_layered_segmentation(path: str | Path, image: sitk.Image,
     try:
         stack = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-        raise InputError(f"label map {path}: unreadable ({msg})") from None
+        raise _unreadable("label map", path, exc) from None
     layers = stack.GetNumberOfComponentsPerPixel()
     if not segments:
         raise InputError(f"label map {path}: {layers} layers but no segment fields (Segment<i>_Layer, "
@@ -285,8 +290,8 @@ def read_labels(path: str | Path, image: sitk.Image, image_name: str) -> sitk.Im
 
 def labels_on_grid(labels: sitk.Image, path: str | Path, image: sitk.Image, image_name: str) -> sitk.Image:
     """``labels`` (read from ``path``) checked against and placed on ``image``'s grid, as :func:`read_labels`."""
-    if not same_grid(labels, image) and _offset_subgrid(labels, image) is not None:
-        index = _offset_subgrid(labels, image)
+    index = None if same_grid(labels, image) else _offset_subgrid(labels, image)
+    if index is not None:
         placed = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, labels.GetPixelID())
         kept, had = (int(np.count_nonzero(sitk.GetArrayViewFromImage(x))) for x in (placed, labels))
         if kept < had:
