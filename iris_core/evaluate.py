@@ -111,7 +111,11 @@ def register_labels(method: Method, target: sitk.Image, ref: sitk.Image, ref_lab
             # ANTs samples its metric at random: pass a fixed --random-seed (without the package's
             # "deterministic" mode, which would also force one thread and reseed numpy globally)
             ants.config.set_ants_deterministic(on=False, seed_value=0)
-            reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=method.option or "SyN")
+            # outprefix inside our temporary folder: by default antspyx writes its transforms (a SyN warp
+            # field is tens of MB) to tempfile.mktemp() names in the system temp folder and never deletes
+            # them (ants/registration/registration.py: `if outprefix == "": outprefix = mktemp()`)
+            reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=method.option or "SyN",
+                                    outprefix=os.path.join(d, "ants_"))
             warped = ants.apply_transforms(fixed=fixed, moving=ants.image_read(paths["labels"]),
                                            transformlist=reg["fwdtransforms"], interpolator="genericLabel")
             out_path = os.path.join(d, "warped.nii.gz")

@@ -212,3 +212,26 @@ def test_evaluation_and_api_share_the_strategy_dispatch(nnunet, tiny_model_file,
                   [(nnunet / "imagesTr" / f"{r}_0000.nii.gz", nnunet / "labelsTr" / f"{r}.nii.gz") for r in refs],
                   model=str(tiny_model_file), strategy=strategy, device="cpu", intensity="MR")
     assert np.array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(api.labels))
+
+
+def test_registration_leaves_no_files_in_the_temp_folder(nnunet, tmp_path, monkeypatch):
+    """antspyx wrote every registration's transforms (a SyN warp field: tens of MB) under mktemp() names in
+    the system temp folder and never removed them: 439 MB had piled up in /tmp from the demo's baseline.
+    The transforms now go to the run's own temporary folder, removed with it."""
+    import tempfile
+
+    import SimpleITK as sitk
+
+    from iris_core.evaluate import register_labels
+
+    temp = tmp_path / "system_temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    img = sitk.ReadImage(str(nnunet / "imagesTr" / "ph_000_0000.nii.gz"))
+    ref = sitk.ReadImage(str(nnunet / "imagesTr" / "ph_002_0000.nii.gz"))
+    labels = sitk.ReadImage(str(nnunet / "labelsTr" / "ph_002.nii.gz"))
+    out = register_labels(parse_method("ants:SyN"), img, ref, labels)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(nnunet / "labelsTr" / "ph_000.nii.gz")))
+    warped = sitk.GetArrayFromImage(out)
+    assert out.GetSize() == img.GetSize() and ((warped == 1) & (truth == 1)).sum() > 0  # it registered
+    assert sorted(p.name for p in temp.iterdir()) == []
