@@ -182,6 +182,7 @@ def test_torchrun_sharded_evaluation(nnunet, tmp_path):
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                           "--log-dir", str(tmp_path / "torchrun_logs"),  # else torchelastic_* in the temp folder
                            "-m", "iris_core.cli", "evaluate", "--dataset", str(nnunet), "--method", "identity",
                            "--out", str(tmp_path / "e"), "--no-overlays", "--device", "cpu"],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -108,6 +108,7 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
                    "crop_sizes = [32]\ncrop_probs = [1.0]\nwarmup = 1\nsave_every = 2\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                           "--log-dir", str(tmp_path / "torchrun_logs"),  # else torchelastic_* in the temp folder
                            "-m", "iris_core.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "run"),
                            "--steps", "2"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
