@@ -110,14 +110,16 @@ def segment_jobs(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from .api import (
+        load_references,
         parse_classes,
         refuse_probability_map_collisions,
+        resolve_classes,
         resolve_model,
         segment,
         sidecar_path,
         write_result,
     )
-    from .imaging import check_volume_output, output_folder, refuse_overwriting_inputs
+    from .imaging import check_volume_output, output_folder, probe_image, refuse_overwriting_inputs
     from .viz import check_picture_output, overlay_png
 
     jobs = segment_jobs(args)
@@ -133,16 +135,24 @@ def cmd_segment(args: argparse.Namespace) -> int:
             check_picture_output(preview, "--preview")
         if args.save_probabilities:  # the class names come later: refuse any input a probability map could hit
             refuse_probability_map_collisions(output, inputs)
-    if len(jobs) > 1:
-        output_folder(args.output, "--output")
+    if len(jobs) > 1:  # made when the first target is written: a run that fails before leaves none
+        output_folder(args.output, "--output", create=False)
         if args.preview:
-            output_folder(args.preview, "--preview")
+            output_folder(args.preview, "--preview", create=False)
+    for k, (target, _, _) in enumerate(jobs, 1):  # an unreadable target is found now, not after hours of others
+        probe_image(target, f"target image {k}" if len(jobs) > 1 else "target image")
     options = segment_options(args)
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
     classes = parse_classes(args.classes, names_only=bool(args.library))
+    references = [tuple(r) for r in args.reference or []]
+    if references and len(jobs) > 1 and loaded.arch != "hermes" and not args.structures and not args.library:
+        # read and checked once, before any target: a wrong reference fails now, not once per target
+        references = load_references(references)
+        classes = resolve_classes(references, classes)
     # the task is encoded once: later targets reuse the first one's embedding (retrieval picks references
-    # per target, so it encodes again; Hermes has no embedding)
-    reuse = None
+    # per target, so it encodes again; Hermes has no embedding; a library is read again, it is small)
+    reuse, saved = None, False
+    failed: list[tuple[str, IrisError]] = []
     for i, (target, output, preview) in enumerate(jobs, 1):
         if len(jobs) > 1:
             log.info("target %d of %d: %s", i, len(jobs), target)
@@ -151,22 +161,33 @@ def cmd_segment(args: argparse.Namespace) -> int:
             if reuse is not None:
                 result = segment(target, model=loaded, library=reuse, options=options, progress=progress)
             else:
-                result = segment(target, references=[tuple(r) for r in args.reference or []], classes=classes,
-                                 model=loaded, library=args.library, structures=args.structures, options=options,
-                                 progress=progress)
+                result = segment(target, references=references, classes=classes, model=loaded, library=args.library,
+                                 structures=args.structures, options=options, progress=progress)
+        except IrisError as exc:
+            if len(jobs) == 1:
+                raise
+            # several targets: one that cannot be segmented is reported, the others are still done
+            print(f"error: target {i} of {len(jobs)}: {exc}", file=sys.stderr)
+            failed.append((target, exc))
+            continue
         finally:
             progress.close()
+        if len(jobs) > 1:
+            output_folder(args.output, "--output")
         out, side = write_result(result, output)
-        if result.embedding is not None and args.strategy != "retrieval" and not args.structures:
-            reuse = result.embedding
-        if i == 1 and args.save_library and result.embedding is not None:
+        if args.save_library and not saved and result.embedding is not None:  # the first target's task
             from .embedding import model_fingerprint
 
             result.embedding.save(args.save_library, model_fingerprint(loaded.model), {"model": loaded.name})
+            saved = True
+        if reuse is None and args.strategy != "retrieval" and not args.structures and not args.library:
+            reuse = result.embedding
         if preview:
             from .imaging import read_image
 
             names = {c.value: c.name for c in result.classes}
+            if len(jobs) > 1:
+                output_folder(args.preview, "--preview")
             overlay_png(read_image(target, "target image"), result.labels, preview,
                         title=f"{Path(target).name}: {args.strategy}, {loaded.name}", names=names)
         t = result.sidecar["timings_s"]
@@ -174,6 +195,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print("precision: " + result.sidecar["precision"]["summary"])
         print(f"wrote {out} ({len(result.classes)} classes, {t['total']:.1f} s on {result.sidecar['device']}) and "
               f"{side}")
+    if failed:
+        print(f"error: {len(failed)} of {len(jobs)} targets not segmented (nothing written for them): "
+              + ", ".join(t for t, _ in failed), file=sys.stderr)
+        return failed[0][1].exit_code
     return 0
 
 

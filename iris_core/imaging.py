@@ -131,22 +131,47 @@ def nifti_nonfinite_voxels(path: Path) -> int:
     return int(np.count_nonzero(~np.isfinite(data)))
 
 
+def _check_shape(components: int, size: tuple[int, ...], name: str) -> None:
+    """Refuse what the model cannot take: several components, not 3-D (a 4-D file of one volume is
+    3-D), a single slice."""
+    if components != 1:
+        raise InputError(f"{name}: has {components} components per voxel (RGB/vector); a scalar image is needed")
+    if len(size) == 4 and size[3] == 1:
+        size = size[:3]
+    if len(size) != 3:
+        raise InputError(f"{name}: is {len(size)}-D (size {tuple(size)}); a 3-D volume is needed")
+    if min(size) < 2:
+        raise InputError(f"{name}: size {tuple(size)} is a single slice; a 3-D volume is needed")
+
+
 def check_volume(image: sitk.Image, name: str) -> sitk.Image:
     """Refuse what the model cannot take: not 3-D, several components, empty."""
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(
-            f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB/vector); "
-            "a scalar image is needed"
-        )
-    dim = image.GetDimension()
-    if dim == 4 and image.GetSize()[3] == 1:
+    _check_shape(image.GetNumberOfComponentsPerPixel(), image.GetSize(), name)
+    if image.GetDimension() == 4:
         image = image[:, :, :, 0]
-        dim = 3
-    if dim != 3:
-        raise InputError(f"{name}: is {dim}-D (size {image.GetSize()}); a 3-D volume is needed")
-    if min(image.GetSize()) < 2:
-        raise InputError(f"{name}: size {image.GetSize()} is a single slice; a 3-D volume is needed")
     return image
+
+
+def probe_image(path: str | Path, what: str = "image") -> None:
+    """What ``read_image`` refuses, found from the file's header alone (a DICOM series: its file list):
+    missing, unreadable, not a 3-D scalar volume. For checking many inputs before hours of work."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} {path}: file not found")
+    if path.is_dir() or _is_dicom_file(path):
+        files = _dicom_series_files(path, what)
+        if len(files) > 1:
+            return  # a series of slices: read_image stacks it into a volume
+        path = Path(files[0])
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _unreadable(what, path, exc) from None
+    if reader.GetNumberOfComponents() > 1 and path.name.lower().endswith(".seg.nrrd"):
+        return  # read_image explains a layered segmentation
+    _check_shape(reader.GetNumberOfComponents(), reader.GetSize(), f"{what} {path}")
 
 
 def check_finite(image: sitk.Image, name: str) -> np.ndarray:
@@ -344,12 +369,15 @@ def refuse_overwriting_inputs(outputs: dict[str, str | Path | None], inputs: dic
                 raise InputError(f"{what} and {other_what} are both {out}; choose another output path")
 
 
-def output_folder(path: str | Path, what: str = "--out") -> Path:
+def output_folder(path: str | Path, what: str = "--out", create: bool = True) -> Path:
     """Create (if needed) the folder a command writes into; a file in its place or a folder that cannot
-    be made is one clear error, not a FileExistsError traceback."""
+    be made is one clear error, not a FileExistsError traceback. ``create=False`` only checks, for a
+    command that makes the folder when it has something to write (a failed run leaves no empty one)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{what} {path}: a file, not a folder; this command writes several files into a folder")
+    if not create:
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

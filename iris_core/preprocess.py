@@ -41,7 +41,7 @@ class IntensityMap:
         return (self.lo - self.mean) / self.std
 
 
-def intensity_map(arr: np.ndarray, modality: str, policy: Preprocessing) -> IntensityMap:
+def intensity_map(arr: np.ndarray, modality: str, policy: Preprocessing, name: str = "image") -> IntensityMap:
     """Clip window and z-score statistics: CT clipped to the policy's HU window, MR/PET to
     percentiles; mean and std of the clipped voxels."""
     if modality not in INTENSITY_POLICIES:
@@ -57,7 +57,9 @@ def intensity_map(arr: np.ndarray, modality: str, policy: Preprocessing) -> Inte
     else:
         lo, hi = np.percentile(sample, policy.mr_percentiles)
     if hi <= lo:
-        raise InputError("image is constant (no intensity range to normalise)")
+        what = (f"the policy's CT window [{lo:g}, {hi:g}] HU is empty" if modality == "CT" else
+                f"its {policy.mr_percentiles[0]:g} and {policy.mr_percentiles[1]:g} percentiles both {lo:g}")
+        raise InputError(f"{name}: no intensity range to normalise ({what}: a constant or nearly empty image)")
     clipped = np.clip(sample, lo, hi)
     std = float(clipped.std()) or 1.0
     return IntensityMap(float(lo), float(hi), float(clipped.mean()), std, modality)
@@ -87,7 +89,7 @@ def prepare_image(image: sitk.Image, name: str, policy: Preprocessing, modality:
     check_memory(int(np.prod(size.astype(np.float64))) * 9 + int(np.prod(image.GetSize())) * 8,
                  torch.device("cpu"), f"preparing {name} at {policy.spacing} mm")
     arr = check_finite(image, name)
-    imap = intensity_map(arr, modality, policy)
+    imap = intensity_map(arr, modality, policy, name)
     grid = model_grid(image, policy.spacing, multiple)
     img = sitk.Cast(image, sitk.sitkFloat32)
     img = smooth_for_downsampling(img, policy.spacing)

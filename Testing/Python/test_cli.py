@@ -368,6 +368,36 @@ def test_several_targets_one_task(capsys, caplog, base, phantom_files, tmp_path)
     assert code != 0 and "would both be written as second_seg.nii.gz" in err and not (tmp_path / "clash").exists()
 
 
+def test_several_targets_one_failing_the_others_done(capsys, base, phantom_files, tmp_path):
+    """A target that cannot be segmented (here constant: no intensity range) is reported by name and
+    skipped; the targets after it are still segmented, the exit status says a target failed, and the task
+    library is saved from the first target that succeeded. A target that cannot be read is refused before
+    any work, with no --output folder left behind."""
+    import shutil
+
+    blank = tmp_path / "blank.nii.gz"
+    img = sitk.ReadImage(str(phantom_files["tgt"]))
+    sitk.WriteImage(sitk.Image(img.GetSize(), sitk.sitkFloat32) + 7.0, str(blank))
+    second = tmp_path / "second.nii.gz"
+    shutil.copy(phantom_files["ref"], second)
+    code, out, err = run(capsys, *base, "--target", blank, phantom_files["tgt"], second, "--output", tmp_path / "segs",
+                         "--save-library", tmp_path / "task.safetensors")
+    assert code != 0
+    assert "target 1 of 3: blank.nii.gz: no intensity range to normalise" in err
+    assert "1 of 3 targets not segmented (nothing written for them): " + str(blank) in err
+    assert sorted(p.name for p in (tmp_path / "segs").iterdir()) == ["second_seg.json", "second_seg.nii.gz",
+                                                                     "tgt_seg.json", "tgt_seg.nii.gz"]
+    assert out.count("wrote ") == 2 and (tmp_path / "task.safetensors").is_file()
+    side = json.loads((tmp_path / "segs" / "second_seg.json").read_text())
+    assert side["details"] == {"embedding": "computed for an earlier target, reused"}
+
+    unreadable = tmp_path / "notes.nii.gz"
+    unreadable.write_text("not an image")
+    code, out, err = run(capsys, *base, "--target", phantom_files["tgt"], unreadable, "--output", tmp_path / "none")
+    assert code != 0 and f"target image 2 {unreadable}: unreadable" in err and "wrote" not in out
+    assert not (tmp_path / "none").exists()
+
+
 def write_layered_seg_nrrd(path, layers: np.ndarray, like: sitk.Image, segments: list[tuple[str, int, int]]):
     """A .seg.nrrd as 3D Slicer writes one whose segments overlap (vtkMRMLSegmentationStorageNode: a 4-D
     NRRD, the layer axis first with kind 'list' and direction 'none', Segment<i>_Layer / _LabelValue).
