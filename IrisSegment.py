@@ -464,8 +464,8 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.stageLabel.text = e.data["stage"]
                 self.ui.progressBar.maximum = max(1, e.data["total"])
                 self.ui.progressBar.value = min(e.data["done"], self.ui.progressBar.maximum)
-            elif e.kind == "log":
-                self._log(e.data["line"])
+            elif e.kind == "log":  # the work files named as their nodes (a download has no run)
+                self._log(self._run.in_scene_words(e.data["line"]) if self._run is not None else e.data["line"])
         if not proc.done:  # the outcome is known only once all output is read (no dropped DONE line)
             return
         self._timer.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -74,12 +75,21 @@ class PreparedRun:
     # work file -> the node it came from, as messages name it ("target volume 'CT'")
     sources: dict[str, str] = field(default_factory=dict)
 
-    def explain(self, error: WorkerError) -> WorkerError:
-        """The worker's error with temporary file names replaced by the nodes they came from."""
-        msg, details = str(error), error.details
+    def in_scene_words(self, text: str) -> str:
+        """``text`` (a worker's message or log line) with the work files named as the nodes they came
+        from: whole paths, and the bare file names iris_core's messages use ("target.nrrd: ...",
+        "Encoding reference ref0.nrrd")."""
+        role = r"(?:(?:target|reference) image |label map )?"  # iris_core's word for it: the node says more
         for path, what in sorted(self.sources.items(), key=lambda kv: -len(kv[0])):
-            msg, details = msg.replace(path, what), details.replace(path, what)
-        return WorkerError(msg, details)
+            text = re.sub(role + re.escape(path), lambda _, what=what: what, text)
+        for path, what in self.sources.items():
+            bare = re.compile(role + r"(?<![\w./\\-])" + re.escape(Path(path).name) + r"(?![\w.])")
+            text = bare.sub(lambda _, what=what: what, text)
+        return text
+
+    def explain(self, error: WorkerError) -> WorkerError:
+        """The worker's error in the scene's words (``in_scene_words``)."""
+        return WorkerError(self.in_scene_words(str(error)), self.in_scene_words(error.details))
 
 
 scene_unchanged = nodes_removed_after  # reading arrays must not change the user's scene
@@ -247,7 +257,8 @@ class IrisSegmentLogic:
         WorkerCancelled, leaving the scene as it was."""
         run = self.prepare(req)
         try:
-            sidecar = run_worker(run.job_file, progress=progress, cancel=cancel, python=self.python, log=log_line)
+            sidecar = run_worker(run.job_file, progress=progress, cancel=cancel, python=self.python,
+                                 log=(lambda line: log_line(run.in_scene_words(line))) if log_line else None)
         except WorkerCancelled:
             self.cleanup(run)
             raise

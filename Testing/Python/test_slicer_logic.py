@@ -93,6 +93,34 @@ def test_worker_failure_is_a_clear_message_and_scene_unchanged(world, tmp_path):
     assert testing.node_ids(scene) == before
 
 
+def test_worker_error_about_a_volume_names_its_node(world, tmp_path):
+    """A target volume the model cannot use (constant: no intensity range) fails in the worker, whose
+    message names its work file ('target.nrrd: ...'); the user reads the node's name instead."""
+    import SimpleITK as sitk
+
+    scene, nodes, logic, model = world
+    like = sitk.ReadImage(str(nodes["paths"]["target"]))
+    blank = sitk.Image(like.GetSize(), sitk.sitkInt16) + 40
+    blank.CopyInformation(like)
+    sitk.WriteImage(blank, str(tmp_path / "blank.nrrd"))
+    node = testing.load_volume(tmp_path / "blank.nrrd", "Blank scan")
+    try:
+        before = testing.node_ids(scene)
+        req = SegmentRequest(node, [ReferenceSpec(nodes["reference"], nodes["reference_seg"])], model=model,
+                             options=SegmentOptions(device="cpu"))
+        lines: list[str] = []
+        with pytest.raises(WorkerError) as err:
+            logic.segment(req, log_line=lines.append)
+        assert "target volume 'Blank scan': no intensity range to normalise" in str(err.value)
+        assert "target.nrrd" not in str(err.value) + err.value.details
+        # the Log's lines too (the worker forwards warnings)
+        assert any(line.startswith("target volume 'Blank scan' holds few integer values") for line in lines), lines
+        assert not any(".nrrd" in line for line in lines)
+        assert testing.node_ids(scene) == before
+    finally:
+        scene.RemoveNode(node)
+
+
 def test_bad_requests_are_refused_before_running(world):
     scene, nodes, logic, model = world
     before = testing.node_ids(scene)
