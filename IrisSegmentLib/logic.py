@@ -243,7 +243,8 @@ class IrisSegmentLogic:
                 infos = [SegmentInfo("", c["name"], palette[i % len(palette)], terminology(c["name"]),
                                      int(c["value"])) for i, c in enumerate(sidecar["classes"])]
             node = add_labels_as_segmentation(self.scene, labels, infos, req.target, req.output)
-            node.SetAttribute("IrisSegment.Sidecar", json.dumps(sidecar))
+            # the target by its node's name: the worker knew only the work file (target.nrrd, deleted now)
+            node.SetAttribute("IrisSegment.Sidecar", json.dumps(dict(sidecar, target=req.target.GetName())))
             return node
         finally:
             self.cleanup(run)

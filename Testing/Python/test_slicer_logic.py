@@ -58,6 +58,7 @@ def test_segment_compare_save_reload(world, tmp_path):
     from IrisSegmentLib.logic import result_summary
 
     side = json.loads(result.GetAttribute("IrisSegment.Sidecar"))
+    assert side["target"] == nodes["target"].GetName()  # not the deleted work file
     log = result_summary(side)
     assert len(log) == 1 and log[0].startswith("segmented 1 class with ") and " on cpu in " in log[0]  # float32
     # a class with no voxel is named in the Log
