@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -81,6 +82,12 @@ def _volume_stem(path: str) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+# defaults of options that may be given several times (action="extend": --method a --method b runs both;
+# with a default list argparse would extend the default itself)
+EVALUATE_METHODS = ["iris:one-shot", "identity"]
+BENCH_MODELS = ["preset:mass-base", "preset:iris-small"]
 
 
 def segment_jobs(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
@@ -233,15 +240,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .datasets import load_dataset
-    from .evaluate import run_evaluation
+    from .evaluate import read_rows, run_evaluation
 
     ds = load_dataset(args.dataset)
-    summary = run_evaluation(ds, args.method, args.out, model=args.model, device=args.device, seed=args.seed,
+    summary = run_evaluation(ds, args.method or EVALUATE_METHODS, args.out, model=args.model, device=args.device, seed=args.seed,
                              overlays=not args.no_overlays, progress=sys.stderr.isatty(),
                              hermes_model=args.hermes_model, hermes_modality=args.hermes_modality,
                              fixed_reference=args.reference_case, postprocess=args.postprocess)
     if summary.is_file():
         print(summary.read_text(encoding="utf-8"))
+    failures = Path(args.out) / "failures.csv"
+    if int(os.environ.get("RANK", 0)) == 0 and failures.is_file():
+        n = len(read_rows([failures]))
+        print(f"error: {n} run{'s' if n != 1 else ''} failed (listed in {failures} and the summary); the others "
+              "are in results.csv. A later run with the same --out retries them", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -288,9 +301,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2, default=str))
         return 0
+    args.model = args.model or BENCH_MODELS
     for spec in args.model:  # before a process per model starts
         check_model_spec(spec)
-    results = run_benchmark(args.model, window=args.window, classes=tuple(args.classes), repeats=args.repeats,
+    results = run_benchmark(args.model, window=args.window, classes=tuple(args.classes or (1, 15)), repeats=args.repeats,
                             threads=args.threads, compile=args.compile)
     print(format_table(results))
     if args.json:
@@ -359,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("segment", help="segment a target from reference volumes with labels")
-    s.add_argument("--target", required=True, nargs="+",
+    s.add_argument("--target", required=True, nargs="+", action="extend",
                    help="target image (NIfTI, NRRD, MHA, a DICOM series folder or one file of the series, ...); "
                         "several: the task is encoded once and --output (and --preview) are folders")
     s.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
@@ -433,9 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", required=True,
                    help="'templates' (real template pairs), an nnU-Net/MSD folder, or a CSV (case,image,labels "
                         "or target_image,target_labels,reference_image,reference_labels)")
-    e.add_argument("--method", nargs="+", default=["iris:one-shot", "identity"],
+    e.add_argument("--method", nargs="+", action="extend",
                    help="iris:one-shot | iris:ensemble:K | iris:retrieval:K | iris:tuning | hermes | ants:SyN | "
-                        "ants:Affine | elastix | identity")
+                        "ants:Affine | elastix | identity (several, or --method repeated; default: "
+                        + " ".join(EVALUATE_METHODS) + ")")
     e.add_argument("--out", required=True, help="folder: results.csv, summary.md, boxplot.png, overlays/")
     e.add_argument("--model", default="default")
     e.add_argument("--device", default="auto")
@@ -467,10 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="time encoding and per-window segmentation, peak memory")
-    b.add_argument("--model", nargs="+", default=["preset:mass-base", "preset:iris-small"],
-                   help="model files, 'default' or preset:NAME")
+    b.add_argument("--model", nargs="+", action="extend",
+                   help="model files, 'default' or preset:NAME (default: " + " ".join(BENCH_MODELS) + "; "
+                        "--pipeline and --pair: 'default')")
     b.add_argument("--window", type=int, default=128)
-    b.add_argument("--classes", type=int, nargs="+", default=[1, 15])
+    b.add_argument("--classes", type=int, nargs="+", action="extend", help="class counts (default: 1 15)")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int)
     b.add_argument("--json", help="also write the figures as JSON")

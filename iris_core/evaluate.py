@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .datasets import Dataset
-from .errors import InputError
+from .errors import InputError, IrisError
 from .inference import ClassSpec
 from .metrics import segment_metrics
 from .resample import resample_to
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 FIELDS = ["case", "method", "class", "class_name", "references", "dice", "hd95_mm", "assd_mm", "volume_pred_ml",
           "volume_true_ml", "seconds"]
+FAILURE_FIELDS = ["case", "method", "references", "error"]
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,7 @@ class Evaluator:
         todo = [(t, m, refs) for t, m, refs in self.units(targets)
                 if (t, m.name, "+".join(refs) or "-") not in done]
         new_file = not csv_path.is_file()
+        failures: list[dict] = []
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -280,7 +282,19 @@ class Evaluator:
                 writer.writeheader()
             for target, method, refs in todo:
                 t0 = time.perf_counter()
-                pred = self.predict(method, target, refs)
+                try:
+                    pred = self.predict(method, target, refs)
+                except (IrisError, RuntimeError) as exc:  # RuntimeError: ITK's and ANTs' failures
+                    # one case a method cannot do is reported, not the end of the cohort (and is tried again
+                    # by the next run, which resumes the rest)
+                    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                    log.warning("%s on %s (references %s) failed: %s", method.name, target, "+".join(refs) or "-",
+                                reason)
+                    failures.append({"case": target, "method": method.name, "references": "+".join(refs) or "-",
+                                     "error": reason})
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 secs = time.perf_counter() - t0
                 truth = self._read(target)[1]
                 p, t = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(truth)
@@ -305,7 +319,19 @@ class Evaluator:
                     bar.update(1)
         if bar is not None:
             bar.close()
+        fail_path = self.out / ("failures.csv" if world == 1 else f"failures.rank{rank}.csv")
+        if failures:
+            write_csv(fail_path, FAILURE_FIELDS, failures)
+        else:  # a previous run's failures were retried and succeeded
+            fail_path.unlink(missing_ok=True)
         return csv_path
+
+
+def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
@@ -316,8 +342,8 @@ def read_rows(paths: list[Path]) -> list[dict]:
     return rows
 
 
-def summarize(rows: list[dict], out_dir: Path, title: str = "") -> Path:
-    """summary.md (mean / median / std per class and method) and boxplot.png."""
+def summarize(rows: list[dict], out_dir: Path, title: str = "", failures: list[dict] | None = None) -> Path:
+    """summary.md (mean / median / std per class and method, and the runs that failed) and boxplot.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,7 +374,14 @@ def summarize(rows: list[dict], out_dir: Path, title: str = "") -> Path:
         for r in sorted(rows, key=lambda r: (r["case"], r["references"], r["class_name"], r["method"])):
             lines.append(f"| {r['case']} | {r['references']} | {r['class_name']} | {r['method']} | "
                          f"{float(r['dice']):.4f} | {float(r['hd95_mm']):.2f} | {float(r['seconds']):.1f} |")
+    if failures:
+        lines += ["", f"## Failed runs ({len(failures)}, not in the figures above; failures.csv)", "",
+                  "| target | references | method | error |", "|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['references']} | {r['method']} | {r['error']} |" for r in failures]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if not classes:  # every run failed: no figure
+        (out_dir / "boxplot.png").unlink(missing_ok=True)
+        return out_dir / "summary.md"
     fig, axes = plt.subplots(1, len(classes), figsize=(max(4, 2 + 1.3 * len(methods)) * len(classes), 4),
                              squeeze=False)
     for ax, c in zip(axes[0], classes):
@@ -388,14 +421,17 @@ def run_evaluation(dataset: Dataset, methods: list[str], out_dir: str | Path, mo
         if rank != 0:
             return out / "summary.md"
         paths = sorted(out.glob("results.rank*.csv"))
+        fail_paths = sorted(out.glob("failures.rank*.csv"))
     else:
         paths = [out / "results.csv"]
-    rows = read_rows(paths)
+        fail_paths = [p for p in [out / "failures.csv"] if p.is_file()]
+    rows, failures = read_rows(paths), read_rows(fail_paths)
     if world > 1:
-        with (out / "results.csv").open("w", encoding="utf-8", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-    return summarize(rows, out, dataset.name)
+        write_csv(out / "results.csv", FIELDS, rows)
+        if failures:
+            write_csv(out / "failures.csv", FAILURE_FIELDS, failures)
+        else:
+            (out / "failures.csv").unlink(missing_ok=True)
+    return summarize(rows, out, dataset.name, failures)
 
 

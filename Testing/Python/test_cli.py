@@ -380,8 +380,9 @@ def test_several_targets_one_failing_the_others_done(capsys, base, phantom_files
     sitk.WriteImage(sitk.Image(img.GetSize(), sitk.sitkFloat32) + 7.0, str(blank))
     second = tmp_path / "second.nii.gz"
     shutil.copy(phantom_files["ref"], second)
-    code, out, err = run(capsys, *base, "--target", blank, phantom_files["tgt"], second, "--output", tmp_path / "segs",
-                         "--save-library", tmp_path / "task.safetensors")
+    # --target repeated adds targets (it replaced the earlier ones: argparse's default for nargs="+")
+    code, out, err = run(capsys, *base, "--target", blank, phantom_files["tgt"], "--target", second, "--output",
+                         tmp_path / "segs", "--save-library", tmp_path / "task.safetensors")
     assert code != 0
     assert "target 1 of 3: blank.nii.gz: no intensity range to normalise" in err
     assert "1 of 3 targets not segmented (nothing written for them): " + str(blank) in err

@@ -61,6 +61,44 @@ def test_evaluate_cli_default_postprocess_is_the_models_policy(nnunet, tmp_path,
     assert len(rows) == 3 * 2 and {r["method"] for r in rows} == {"iris:one-shot"}
 
 
+def test_a_failing_case_is_reported_and_the_cohort_finished(tmp_path, tiny_model_file, capsys):
+    """A case Iris cannot segment (a constant image) no longer ends the evaluation: the other runs are
+    done, the failed ones are listed in failures.csv and the summary with their error, the exit status is
+    1, and a later run with the same --out retries only them (here, the case mended, they succeed)."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    from iris_core.cli import main
+
+    data = write_nnunet(tmp_path / "Dataset002_Bad", "Bad", "ph", 3, 10, 2.0)
+    image = data / "imagesTr" / "ph_001_0000.nii.gz"
+    shutil.copy(image, tmp_path / "good.nii.gz")
+    img = sitk.ReadImage(str(image))
+    blank = sitk.Image(img.GetSize(), sitk.sitkFloat32) + 3.0
+    blank.CopyInformation(img)
+    sitk.WriteImage(blank, str(image))
+    out = tmp_path / "e"
+    args = ["evaluate", "--dataset", str(data), "--method", "iris:one-shot", "--method", "identity", "--model",
+            str(tiny_model_file), "--device", "cpu", "--out", str(out), "--no-overlays"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    failures = list(csv.DictReader((out / "failures.csv").open(encoding="utf-8")))
+    assert failures and {f["method"] for f in failures} == {"iris:one-shot"}
+    assert all("no intensity range" in f["error"] for f in failures)
+    assert "ph_001" in {f["case"] for f in failures} | {f["references"] for f in failures}
+    assert f"{len(failures)} run{'s' if len(failures) > 1 else ''} failed" in err
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["case"] for r in rows if r["method"] == "identity"} == {"ph_000", "ph_001", "ph_002"}
+    assert len({r["case"] for r in rows if r["method"] == "iris:one-shot"}) == 3 - len(failures)
+    assert "## Failed runs" in (out / "summary.md").read_text()
+    shutil.copy(tmp_path / "good.nii.gz", image)  # mended: the next run retries the failed runs only
+    assert main(args) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 3 * 2 * 2 and not (out / "failures.csv").exists()
+    assert "## Failed runs" not in (out / "summary.md").read_text()
+
+
 def test_csv_pairs(nnunet, tmp_path, tiny_model_file):
     p = tmp_path / "pairs.csv"
     p.write_text("target_image,target_labels,reference_image,reference_labels\n"
