@@ -24,6 +24,7 @@ from .imaging import (
     read_layered_segmentation,
     slicer_layer_count,
     slicer_segment_names,
+    split_volume_name,
     write_image_partial,
 )
 from .inference import ClassSpec, Engine, ProgressFn, Reference
@@ -324,21 +325,17 @@ def warn_classes_not_found(found: list[dict], target: sitk.Image, target_name: s
 
 
 def sidecar_path(output: str | Path) -> Path:
-    """``seg.nii.gz`` -> ``seg.json``."""
+    """``seg.nii.gz`` -> ``seg.json`` (``SEG.NII.GZ`` -> ``SEG.json``)."""
     p = Path(output)
-    name = p.name
-    for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd"):
-        if name.endswith(ext):
-            return p.with_name(name[: -len(ext)] + ".json")
-    return p.with_name(name + ".json")
+    return p.with_name(split_volume_name(p.name)[0] + ".json")
 
 
 def _probability_stem_ext(output: Path) -> tuple[str, str]:
     """``seg.nii.gz`` -> (``seg``, ``.nii.gz``); ``seg.seg.nrrd`` -> (``seg``, ``.nrrd``): a probability is a
     scalar volume, which Slicer would read as segments under ``.seg.nrrd``."""
-    stem = sidecar_path(output).name[: -len(".json")]
-    ext = output.name[len(stem):] or ".nii.gz"
-    return stem, ".nrrd" if ext == ".seg.nrrd" else ext
+    stem, ext = split_volume_name(output.name)
+    ext = ext or ".nii.gz"
+    return stem, ext[-len(".nrrd"):] if ext.lower() == ".seg.nrrd" else ext
 
 
 def probability_paths(output: str | Path, classes: list[ClassSpec]) -> list[Path]:

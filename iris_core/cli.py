@@ -77,11 +77,9 @@ def segment_options(args: argparse.Namespace):
 
 def _volume_stem(path: str) -> str:
     """``case01.nii.gz`` -> ``case01``; a DICOM folder -> its name."""
-    name = Path(path).name
-    for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+    from .imaging import split_volume_name
+
+    return split_volume_name(Path(path).name)[0]
 
 
 # defaults of options that may be given several times (action="extend": --method a --method b runs both;

@@ -396,6 +396,17 @@ def publish(tmp: Path, path: Path) -> Path:
 
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")  # one file holding a 3-D volume and its geometry
+# what split_volume_name takes off a file name, longest first (".seg.nrrd" before ".nrrd")
+_NAME_EXTENSIONS = (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd", ".dcm")
+
+
+def split_volume_name(name: str) -> tuple[str, str]:
+    """``case01.nii.gz`` -> (``case01``, ``.nii.gz``); any case (``CASE01.NII.GZ``: Windows users); a
+    name with no image extension (a DICOM folder) -> (name, '')."""
+    for ext in _NAME_EXTENSIONS:
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], name[-len(ext):]
+    return name, ""
 
 
 def check_volume_output(path: str | Path, what: str = "output") -> None:

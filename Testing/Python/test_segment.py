@@ -125,6 +125,22 @@ def test_probability_map_names_stay_distinct_on_any_file_system():
         assert all(p.name.endswith(".nrrd") and not p.name.endswith(".seg.nrrd") for p in paths)  # scalar maps
 
 
+def test_output_names_ignore_the_extensions_case():
+    """A label map written as SEG.NII.GZ (as Windows users type it) gets the sidecar SEG.json and the
+    probability maps SEG_prob_<class>.NII.GZ, as seg.nii.gz gets seg.json (it got SEG.NII.GZ.json); the
+    several-targets folder names the result of CASE01.NII.GZ CASE01_seg.nii.gz through the same rule."""
+    from iris_core.api import probability_paths, sidecar_path
+    from iris_core.cli import _volume_stem
+    from iris_core.inference import ClassSpec
+
+    for out, side in [("o/seg.nii.gz", "seg.json"), ("o/SEG.NII.GZ", "SEG.json"), ("o/x.Seg.Nrrd", "x.json"),
+                      ("o/y.MHA", "y.json"), ("o/plain", "plain.json")]:
+        assert sidecar_path(out).name == side
+    assert [p.name for p in probability_paths("SEG.NII.GZ", [ClassSpec("liver", 1)])] == ["SEG_prob_liver.NII.GZ"]
+    assert [p.name for p in probability_paths("x.SEG.NRRD", [ClassSpec("liver", 1)])] == ["x_prob_liver.NRRD"]
+    assert _volume_stem("scans/CASE01.NII.GZ") == "CASE01" and _volume_stem("dicom/series1") == "series1"
+
+
 def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     """The README's Python block, unchanged, on real files: a Colin27 reference and a moved ICBM target
     (brain masks) under the names the block uses; it writes the label map, sidecar and task library,
