@@ -409,7 +409,9 @@ def run_evaluation(dataset: Dataset, methods: list[str], out_dir: str | Path, mo
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     out = Path(out_dir)
-    ev = Evaluator(dataset, [parse_method(m) for m in methods], out, model, device, seed, overlays, progress,
+    # a method named twice ('--method ants --method ants:SyN') runs once
+    parsed = list(dict.fromkeys(parse_method(m) for m in methods))
+    ev = Evaluator(dataset, parsed, out, model, device, seed, overlays, progress,
                    hermes_model, hermes_modality, fixed_reference, postprocess)
     ev.run(rank, world)
     if world > 1:

@@ -79,8 +79,9 @@ def test_a_failing_case_is_reported_and_the_cohort_finished(tmp_path, tiny_model
     blank.CopyInformation(img)
     sitk.WriteImage(blank, str(image))
     out = tmp_path / "e"
-    args = ["evaluate", "--dataset", str(data), "--method", "iris:one-shot", "--method", "identity", "--model",
-            str(tiny_model_file), "--device", "cpu", "--out", str(out), "--no-overlays"]
+    # --method repeated adds up; a method named twice runs once
+    args = ["evaluate", "--dataset", str(data), "--method", "iris:one-shot", "--method", "identity", "iris",
+            "--model", str(tiny_model_file), "--device", "cpu", "--out", str(out), "--no-overlays"]
     assert main(args) == 1
     err = capsys.readouterr().err
     failures = list(csv.DictReader((out / "failures.csv").open(encoding="utf-8")))
