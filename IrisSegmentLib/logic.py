@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from iris_core.options import SegmentOptions
+from iris_core.postprocess import disjoint_groups
 
 from .runner import WorkerCancelled, WorkerError, WorkerProcess, run_worker
 from .scene import (
@@ -30,7 +31,6 @@ from .scene import (
     add_labels_as_segmentation,
     checked_image,
     describe,
-    disjoint_groups,
     nodes_removed_after,
     segment_masks,
     volume_to_image,
@@ -170,6 +170,12 @@ class IrisSegmentLogic:
                 if options.strategy == "one-shot" and shared:
                     options = dataclasses.replace(options, strategy="ensemble")
                     log.info("several references share a segment name: using the context ensemble")
+                if len(refs) > len({image for image, _ in refs}):  # a reference's segments overlap
+                    # so may the result's: each class decided on its own, one label map per group
+                    options = dataclasses.replace(options, overlaps=True)
+                    job["output_layers"] = str(work / "result_layer{}.nrrd")
+                    log.info("the reference segments overlap: each class is segmented on its own, so the "
+                             "result's segments may overlap too")
             job_file = work / "job.json"
             try:
                 job_file.write_text(json.dumps({"inputs": job, "options": options.to_dict()}, indent=2))
@@ -234,7 +240,9 @@ class IrisSegmentLogic:
                                                           atol=1e-6):
                 raise SceneError(f"the output segmentation '{req.output.GetName()}' was moved under a different "
                                  "transform from the target while segmenting; the result was not imported")
-            labels = sitk.ReadImage(str(run.output_file))
+            layers = sorted(run.workdir.glob("result_layer*.nrrd"), key=lambda p: int(p.stem[len("result_layer"):]))
+            # overlapping classes come as one label map per group of classes that do not overlap
+            labels = [sitk.ReadImage(str(p)) for p in layers] or sitk.ReadImage(str(run.output_file))
             infos = run.infos
             if not infos:  # task library / known structures: names from the sidecar, terminology by name
                 from .terminology import terminology

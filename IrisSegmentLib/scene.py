@@ -192,34 +192,19 @@ def segment_masks(seg_node, segment_ids: list[str] | None, volume_node) -> tuple
     return masks, infos
 
 
-def disjoint_groups(masks: list[np.ndarray]) -> list[list[int]]:
-    """Indices of ``masks`` split into groups whose masks do not overlap (first fit), so each
-    group can be one label map without a segment swallowing another."""
-    groups: list[list[int]] = []
-    unions: list[np.ndarray] = []
-    for i, m in enumerate(masks):
-        for g, u in zip(groups, unions):
-            if not np.any(u & m):
-                g.append(i)
-                u |= m
-                break
-        else:
-            groups.append([i])
-            unions.append(m.copy())
-    return groups
-
-
-def add_labels_as_segmentation(scene, labels: sitk.Image, infos: list[SegmentInfo], target_node,
+def add_labels_as_segmentation(scene, labels: sitk.Image | list[sitk.Image], infos: list[SegmentInfo], target_node,
                                output_node=None, name: str | None = None):
     """Import a label map on the target's grid (values = ``infos[k].value``) as segments with the
     references' names, colours and terminology: into ``output_node`` when given (its segments of
     the same names are replaced), else into a NEW segmentation node named after the target, under
-    the target's parent transform. Returns the node; on failure a new node is removed again."""
+    the target's parent transform. Several label maps (classes that overlap, each value in one of
+    them) give segments that overlap. Returns the node; on failure a new node is removed again."""
     import slicer.util
 
-    arr = sitk.GetArrayFromImage(labels)
-    if arr.shape != tuple(target_node.GetImageData().GetDimensions())[::-1]:
-        raise SceneError(f"result size {arr.shape[::-1]} differs from '{target_node.GetName()}'")
+    layers = [sitk.GetArrayFromImage(x) for x in (labels if isinstance(labels, list) else [labels])]
+    for arr in layers:
+        if arr.shape != tuple(target_node.GetImageData().GetDimensions())[::-1]:
+            raise SceneError(f"result size {arr.shape[::-1]} differs from '{target_node.GetName()}'")
     created = None
     try:
         if output_node is None:
@@ -236,7 +221,7 @@ def add_labels_as_segmentation(scene, labels: sitk.Image, infos: list[SegmentInf
             if existing:
                 segmentation.RemoveSegment(existing)
             sid = segmentation.AddEmptySegment("", info.name, list(info.color))
-            single = (arr == info.value).astype(np.uint8)
+            single = np.any([arr == info.value for arr in layers], axis=0).astype(np.uint8)
             if single.any():
                 # slicer.util removes its temporary label map node but not that node's display node
                 with nodes_removed_after(scene):

@@ -76,6 +76,11 @@ def run_job(job: dict) -> dict:
                      structures=inputs.get("structures"), options=SegmentOptions.from_dict(job.get("options")),
                      progress=progress)
     write_result(result, inputs["output"])
+    if inputs.get("output_layers") and result.layers:  # classes that overlap: one label map per group
+        from iris_core.imaging import write_image_atomic
+
+        for k, layer in enumerate(result.layers):
+            write_image_atomic(layer, inputs["output_layers"].format(k))
     return result.sidecar
 
 

@@ -22,6 +22,7 @@ from .imaging import (
     read_image,
     read_labels,
     read_layered_segmentation,
+    same_grid,
     slicer_layer_count,
     slicer_segment_names,
     split_volume_name,
@@ -149,6 +150,36 @@ def resolve_classes(refs: list[Reference], classes: list[ClassSpec] | None) -> l
     return classes
 
 
+def overlapping_class_groups(refs: list[Reference], classes: list[ClassSpec]) -> list[list[int]]:
+    """The class values in groups such that classes whose voxels overlap in some reference (label maps of
+    one image: a Slicer segmentation's layers, a structure inside another) fall in different groups and
+    the others share one (first fit in class order): within a group the result has one class per voxel,
+    across groups classes may overlap as the references do. One group when nothing overlaps."""
+    values = [c.value for c in classes]
+    conflicts: dict[int, set[int]] = {v: set() for v in values}
+    for i, a in enumerate(refs):
+        for b in refs[i + 1:]:
+            if not same_grid(a.labels, b.labels) or not (
+                    a.image is b.image or np.array_equal(sitk.GetArrayViewFromImage(a.image),
+                                                         sitk.GetArrayViewFromImage(b.image))):
+                continue  # label maps of different images say nothing of overlaps
+            la, lb = sitk.GetArrayViewFromImage(a.labels), sitk.GetArrayViewFromImage(b.labels)
+            both = (la > 0) & (lb > 0)
+            for x, y in np.unique(np.stack([la[both], lb[both]]), axis=1).T.tolist() if both.any() else []:
+                if x != y and x in conflicts and y in conflicts:
+                    conflicts[x].add(y)
+                    conflicts[y].add(x)
+    groups: list[list[int]] = []
+    for v in values:
+        for g in groups:
+            if not conflicts[v] & set(g):
+                g.append(v)
+                break
+        else:
+            groups.append([v])
+    return groups
+
+
 @dataclass
 class _Run:
     """What one segmentation mode produced, before mapping back to the target grid."""
@@ -202,6 +233,9 @@ class SegmentationResult:
     sidecar: dict = field(default_factory=dict)
     #: with ``save_probabilities``: one float32 map per class (same order as ``classes``), target grid
     probabilities: list[sitk.Image] | None = None
+    #: with ``overlaps``: each class on its own, as label maps (target grid), one per group of classes that do
+    #: not overlap; ``labels`` still holds one class per voxel (the most probable)
+    layers: list[sitk.Image] | None = None
 
 
 def segment(
@@ -247,6 +281,7 @@ def segment(
     if looks_like_labels(target_img):
         log.warning("target image %s holds few integer values, like a label map; segmenting it anyway "
                     "(was a label map given as --target?)", target_name)
+    refs: list[Reference] = []
     if structures is not None or loaded.arch == "hermes":
         engine.require_arch("hermes")
         if references or library:
@@ -273,7 +308,11 @@ def segment(
         postprocess = "largest" if policy.largest_component else "none"
     labels = engine.to_target(run.probabilities, prep, values, largest=postprocess == "largest")
     prob_maps = engine.probability_maps(run.probabilities, prep) if options.save_probabilities else None
-    found = class_volumes(labels, classes)
+    layers = None
+    if options.overlaps:  # one label map per group of classes that may overlap each other
+        groups = overlapping_class_groups(refs, classes) if refs else [values]
+        layers = engine.to_target_layers(run.probabilities, prep, values, groups, largest=postprocess == "largest")
+    found = class_volumes(layers if layers is not None else labels, classes)
     warn_classes_not_found(found, target_img, target_name, engine)
     sidecar = {
         "target": target_name,
@@ -292,15 +331,22 @@ def segment(
         | {"total": round(time.perf_counter() - t_start, 3)},
         "details": details,
     }
-    return SegmentationResult(labels, classes, emb, sidecar, prob_maps)
+    if layers is not None:
+        sidecar["layers"] = len(layers)  # label maps needed to hold the classes' overlaps
+    return SegmentationResult(labels, classes, emb, sidecar, prob_maps, layers)
 
 
-def class_volumes(labels: sitk.Image, classes: list[ClassSpec]) -> list[dict]:
-    """Each class's name, label value, voxel count and volume (mL) in a label map on the target grid."""
-    arr = sitk.GetArrayViewFromImage(labels)
-    values, counts = np.unique(arr, return_counts=True)
-    count = dict(zip(values.tolist(), counts.tolist()))
-    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+def class_volumes(labels: sitk.Image | list[sitk.Image], classes: list[ClassSpec]) -> list[dict]:
+    """Each class's name, label value, voxel count and volume (mL) in a label map on the target grid (or
+    in label maps whose classes may overlap: each class counted in the map that holds it)."""
+    count: dict[int, int] = {}
+    for layer in labels if isinstance(labels, list) else [labels]:
+        values, counts = np.unique(sitk.GetArrayViewFromImage(layer), return_counts=True)
+        for v, n in zip(values.tolist(), counts.tolist()):
+            if v:
+                count[v] = count.get(v, 0) + n
+    first = labels[0] if isinstance(labels, list) else labels
+    voxel_ml = float(np.prod(first.GetSpacing())) / 1000.0
     return [{"name": c.name, "value": c.value, "voxels": int(count.get(c.value, 0)),
              "volume_ml": round(count.get(c.value, 0) * voxel_ml, 3)} for c in classes]
 

@@ -420,6 +420,15 @@ class Engine:
         self.timer.add("resample_back", t0)
         return out
 
+    def to_target_layers(self, probs: np.ndarray, prep: PreparedImage, values: list[int], groups: list[list[int]],
+                         threshold: float | None = None, largest: bool = False) -> list[sitk.Image]:
+        """Label maps on the exact target grid, one per group of class values: within a group one class
+        per voxel (as ``to_target``), across groups none decides for another, so classes of different
+        groups may overlap (a structure inside another, as the references drew them)."""
+        index = {v: k for k, v in enumerate(values)}
+        return [self.to_target(probs[[index[v] for v in group]], prep, list(group), threshold, largest)
+                for group in groups]
+
     def _labels_on_model_grid(self, probs: np.ndarray, prep: PreparedImage, values: list[int], threshold: float,
                               largest: bool) -> sitk.Image:
         """The 'model' policy: a voxel of the model grid takes the label of the highest probability

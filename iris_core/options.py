@@ -49,6 +49,9 @@ class SegmentOptions:
     save_probabilities: bool = False  # also one float32 probability map per class on the target grid
     max_classes_per_forward: int = 0  # classes per forward pass (chunks: less memory); 0: all at once
     precision: str = "float32"  # on a CPU: float32, bfloat16, or auto (bfloat16 where checked safe; precision.py)
+    # each class decided on its own, so classes may overlap (a structure inside another): the result also comes
+    # as label maps, one per group of classes that do not overlap (SegmentationResult.layers)
+    overlaps: bool = False
 
     def __post_init__(self) -> None:
         check_field_types(self, "segment options")
