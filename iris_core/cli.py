@@ -72,7 +72,10 @@ def segment_options(args: argparse.Namespace):
         threads=args.threads, window=_window(args.window), overlap=args.overlap, sw_batch=args.sw_batch,
         compile=args.compile, intensity=intensity, hermes_modality=hermes_modality, postprocess=args.postprocess,
         save_probabilities=args.save_probabilities, max_classes_per_forward=args.max_classes_per_forward,
-        precision=args.precision)
+        precision=args.precision,
+        # a .seg.nrrd holds segments that overlap (one layer per group): classes that overlap in a reference
+        # may overlap in the result
+        overlaps=len(args.target) == 1 and str(args.output).lower().endswith(".seg.nrrd"))
 
 
 def _volume_stem(path: str) -> str:

@@ -306,6 +306,50 @@ def test_cli_seg_nrrd_opens_in_slicer_as_named_segments(phantom_files, tiny_mode
     assert got["ball"][1] > 0
 
 
+@pytest.mark.slow
+def test_cli_seg_nrrd_keeps_overlapping_classes_as_slicer_layers(tmp_path, capsys):
+    """`segment --output x.seg.nrrd` with classes that overlap in the references (Colin27's six lobes and
+    its brain, two label maps of one image; bundled model, MNI152 moved off MNI space): the file holds one
+    layer per group of classes that do not overlap, and Slicer's own storage node reads it as segments
+    that overlap: the brain found whole, the lobes inside it, each segment the voxels the sidecar counts."""
+    import json
+
+    import SimpleITK as sitk
+
+    from iris_core import sampledata
+    from iris_core.cli import main
+
+    lobes, brain = sampledata.colin27("lobes"), sampledata.colin27("brain")
+    target = sampledata.move_off_mni(sampledata.mni152nlin6asym("brain"), seed=0)
+    files = {"t1": tmp_path / "colin27.nii.gz", "lobes": tmp_path / "lobes.nii.gz", "brain": tmp_path / "brain.nii.gz",
+             "target": tmp_path / "target.nii.gz"}
+    for key, img in [("t1", lobes.image), ("lobes", lobes.labels),
+                     ("brain", sitk.Cast(brain.labels, sitk.sitkUInt8) * 7), ("target", target.image)]:
+        sitk.WriteImage(img, str(files[key]))
+    out = tmp_path / "result.seg.nrrd"
+    code = main(["segment", "--device", "cpu", "--quiet", "--target", str(files["target"]),
+                 "--reference", str(files["t1"]), str(files["lobes"]), "--reference", str(files["t1"]),
+                 str(files["brain"]), "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    side = json.loads((tmp_path / "result.json").read_text())
+    assert side["layers"] == 2
+    scene = init_scene()
+    target_node = testing.load_volume(files["target"], "target")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "read back")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(out))
+    assert storage.ReadData(node)
+    seg = node.GetSegmentation()
+    assert seg.GetNumberOfSegments() == 7 and seg.GetNumberOfLayers() == 2
+    found = {}
+    for i in range(seg.GetNumberOfSegments()):
+        found[seg.GetNthSegment(i).GetLabelValue()] = slicer.util.arrayFromSegmentBinaryLabelmap(
+            node, seg.GetNthSegmentID(i), target_node).astype(bool)
+    assert [c["voxels"] for c in side["classes"]] == [int(found[v].sum()) for v in range(1, 8)]
+    lobe_union = np.any([found[v] for v in range(1, 7)], axis=0)
+    assert lobe_union.sum() > 100_000 and (found[7] & lobe_union).sum() > 0.9 * lobe_union.sum()
+
+
 def test_readme_console_example_runs_as_written(tmp_path):
     """The README's Slicer-console block, unchanged, on a real scene (``slicer.mrmlScene``) with the
     bundled model: it segments the moved ICBM target from Colin27 and compares with the manual
