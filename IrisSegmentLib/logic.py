@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from iris_core.errors import reason
 from iris_core.options import SegmentOptions
 from iris_core.postprocess import disjoint_groups
 
@@ -148,8 +149,7 @@ class IrisSegmentLogic:
             try:
                 sitk.WriteImage(img, str(path), compress)
             except (RuntimeError, OSError) as exc:
-                reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-                raise SceneError(f"cannot write {what} to the work folder {work} ({reason}); free disk space "
+                raise SceneError(f"cannot write {what} to the work folder {work} ({reason(exc)}); free disk space "
                                  "or choose another temporary folder") from None
             sources[str(path)] = what
             return str(path)

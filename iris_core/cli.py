@@ -89,6 +89,7 @@ def _volume_stem(path: str) -> str:
 # with a default list argparse would extend the default itself)
 EVALUATE_METHODS = ["iris:one-shot", "identity"]
 BENCH_MODELS = ["preset:mass-base", "preset:iris-small"]
+BENCH_CLASSES = [1, 15]
 
 
 def segment_jobs(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
@@ -105,15 +106,16 @@ def segment_jobs(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
     if args.preview and args.preview.lower().endswith(PICTURE_EXTENSIONS):
         raise IrisError(f"--preview {args.preview}: with {len(args.target)} targets --preview is a folder (one "
                         "<target>_seg.png per target)")
-    stems: dict[str, str] = {}
-    for t in args.target:
-        stem = _volume_stem(t)
-        if stem.casefold() in stems:
-            raise IrisError(f"targets {stems[stem.casefold()]} and {t} would both be written as {stem}_seg.nii.gz; "
+    stems = [_volume_stem(t) for t in args.target]
+    seen: dict[str, str] = {}
+    for t, stem in zip(args.target, stems):
+        if stem.casefold() in seen:
+            raise IrisError(f"targets {seen[stem.casefold()]} and {t} would both be written as {stem}_seg.nii.gz; "
                             "give targets with distinct names")
-        stems[stem.casefold()] = t
-    return [(t, str(Path(args.output) / f"{_volume_stem(t)}_seg.nii.gz"),
-             str(Path(args.preview) / f"{_volume_stem(t)}_seg.png") if args.preview else None) for t in args.target]
+        seen[stem.casefold()] = t
+    return [(t, str(Path(args.output) / f"{stem}_seg.nii.gz"),
+             str(Path(args.preview) / f"{stem}_seg.png") if args.preview else None)
+            for t, stem in zip(args.target, stems)]
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -305,7 +307,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     args.model = args.model or BENCH_MODELS
     for spec in args.model:  # before a process per model starts
         check_model_spec(spec)
-    results = run_benchmark(args.model, window=args.window, classes=tuple(args.classes or (1, 15)), repeats=args.repeats,
+    results = run_benchmark(args.model, window=args.window, classes=tuple(args.classes or BENCH_CLASSES), repeats=args.repeats,
                             threads=args.threads, compile=args.compile)
     print(format_table(results))
     if args.json:
@@ -487,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model files, 'default' or preset:NAME (default: " + " ".join(BENCH_MODELS) + "; "
                         "--pipeline and --pair: 'default')")
     b.add_argument("--window", type=int, default=128)
-    b.add_argument("--classes", type=int, nargs="+", action="extend", help="class counts (default: 1 15)")
+    b.add_argument("--classes", type=int, nargs="+", action="extend", help="class counts (default: " + " ".join(map(str, BENCH_CLASSES)) + ")")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int)
     b.add_argument("--json", help="also write the figures as JSON")

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def reason(exc: BaseException, default: str = "unknown reason") -> str:
+    """The last line of an exception's message: ITK's and ANTs' errors end with the reason after a trace of
+    where it was raised."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else default
+
+
 class IrisError(Exception):
     """Base class of every error a user can cause; the CLI prints it without a traceback."""
 

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .datasets import Dataset
-from .errors import InputError, IrisError
+from .errors import InputError, IrisError, reason
 from .inference import ClassSpec
 from .metrics import segment_metrics
 from .resample import resample_to
@@ -287,11 +287,11 @@ class Evaluator:
                 except (IrisError, RuntimeError) as exc:  # RuntimeError: ITK's and ANTs' failures
                     # one case a method cannot do is reported, not the end of the cohort (and is tried again
                     # by the next run, which resumes the rest)
-                    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                    why = reason(exc, type(exc).__name__)
                     log.warning("%s on %s (references %s) failed: %s", method.name, target, "+".join(refs) or "-",
-                                reason)
+                                why)
                     failures.append({"case": target, "method": method.name, "references": "+".join(refs) or "-",
-                                     "error": reason})
+                                     "error": why})
                     if bar is not None:
                         bar.update(1)
                     continue

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, reason
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ def _dicom_series_files(path: Path, what: str) -> list[str]:
 
 def _unreadable(what: str, path: str | Path, exc: RuntimeError) -> InputError:
     """The error for a file ITK cannot read: its last message line (the reason), not the whole trace."""
-    msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-    return InputError(f"{what} {path}: unreadable ({msg})")
+    return InputError(f"{what} {path}: unreadable ({reason(exc)})")
 
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:

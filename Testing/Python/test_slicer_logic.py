@@ -275,6 +275,17 @@ def test_worker_killed_like_out_of_memory_is_reported(world, tmp_path):
     assert not run.workdir.exists()
 
 
+def read_seg_nrrd_as_slicer_does(path):
+    """A new segmentation node in a fresh scene, filled from ``path`` by Slicer's own reader
+    (vtkMRMLSegmentationStorageNode)."""
+    scene = init_scene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "read back")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    return node
+
+
 def test_cli_seg_nrrd_opens_in_slicer_as_named_segments(phantom_files, tiny_model_file, tmp_path, capsys):
     """`iris-segment segment --output x.seg.nrrd` writes the header fields Slicer's segmentation reader
     takes names, colours and label values from: read back with vtkMRMLSegmentationStorageNode (not as
@@ -289,12 +300,8 @@ def test_cli_seg_nrrd_opens_in_slicer_as_named_segments(phantom_files, tiny_mode
                  "--target", str(phantom_files["tgt"]), "--classes", "ball=1,box=2", "--output", str(out)])
     assert code == 0, capsys.readouterr().err
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-    scene = init_scene()
+    node = read_seg_nrrd_as_slicer_does(out)  # a fresh scene, which the target is loaded into next
     target = testing.load_volume(phantom_files["tgt"], "target")
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "read back")
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(out))
-    assert storage.ReadData(node)
     seg = node.GetSegmentation()
     got = {}
     for i in range(seg.GetNumberOfSegments()):
@@ -333,12 +340,8 @@ def test_cli_seg_nrrd_keeps_overlapping_classes_as_slicer_layers(tmp_path, capsy
     assert code == 0, capsys.readouterr().err
     side = json.loads((tmp_path / "result.json").read_text())
     assert side["layers"] == 2
-    scene = init_scene()
+    node = read_seg_nrrd_as_slicer_does(out)  # a fresh scene, which the target is loaded into next
     target_node = testing.load_volume(files["target"], "target")
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "read back")
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(out))
-    assert storage.ReadData(node)
     seg = node.GetSegmentation()
     assert seg.GetNumberOfSegments() == 7 and seg.GetNumberOfLayers() == 2
     found = {}
