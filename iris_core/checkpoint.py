@@ -219,10 +219,11 @@ def infer_architecture(sd: dict[str, torch.Tensor], path: Path) -> tuple[str, An
             from .models.config import PRESETS
 
             dim = sd["memory_key.weight"].shape[0]
-            size = next((p.config.memory_tokens for p in PRESETS.values() if p.arch == "iris"
+            like = next((p.config for p in PRESETS.values() if p.arch == "iris"
                          and p.config.memory_dim == dim and p.config.channels == cfg.channels),
-                        PRESETS["iris-small"].config.memory_tokens)
-            cfg = replace(cfg, memory_tokens=size, memory_dim=dim)
+                        PRESETS["iris-small"].config)
+            cfg = replace(cfg, memory_tokens=like.memory_tokens, memory_dim=dim,
+                          memory_subvoxels=like.memory_subvoxels)
         return "iris", cfg
     if "inc.conv1.weight" in sd and "prior_init_fuse_2.task_prior" in sd:
         base = sd["inc.conv1.weight"].shape[0]

@@ -304,6 +304,23 @@ STANDARD_STRUCTURES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The copy test's ten structures (issue [11]): bilateral AAL gyri, 23-79 ml each, a few voxels thick on a
+#: 3 mm grid. Colin27 with these as the reference and the same Colin27 image as the target: a model that can
+#: copy what its reference shows gives them back.
+COPY_STRUCTURES: dict[str, tuple[str, ...]] = {
+    "precentral gyrus": ("Precentral_L", "Precentral_R"),
+    "postcentral gyrus": ("Postcentral_L", "Postcentral_R"),
+    "superior frontal gyrus": ("Frontal_Sup_L", "Frontal_Sup_R"),
+    "middle frontal gyrus": ("Frontal_Mid_L", "Frontal_Mid_R"),
+    "insula": ("Insula_L", "Insula_R"),
+    "superior temporal gyrus": ("Temporal_Sup_L", "Temporal_Sup_R"),
+    "lingual gyrus": ("Lingual_L", "Lingual_R"),
+    "cuneus": ("Cuneus_L", "Cuneus_R"),
+    "precuneus": ("Precuneus_L", "Precuneus_R"),
+    "angular gyrus": ("Angular_L", "Angular_R"),
+}
+
+
 def _aal_values(patterns: tuple[str, ...], names: dict[int, str]) -> list[int]:
     """AAL label values matching the name patterns; ``*_L`` means the left cerebral regions only."""
     import fnmatch
@@ -350,6 +367,11 @@ def standard_case(preprocessing, structures: dict[str, tuple[str, ...]] | None =
     return image, torch.from_numpy(np.stack(masks).astype(bool)), list(structures)
 
 
+def copy_case(preprocessing) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The copy test's case on a model grid: Colin27 and the masks of COPY_STRUCTURES (see standard_case)."""
+    return standard_case(preprocessing, COPY_STRUCTURES)
+
+
 def standard_check(model="default", device: str = "cpu", out_dir: str | Path | None = None,
                    title: str | None = None) -> SensitivityReport:
     """:func:`reference_sensitivity` on Colin27 at the model's spacing with the ten structures of
@@ -373,4 +395,99 @@ def standard_check(model="default", device: str = "cpu", out_dir: str | Path | N
         report.to_json(out / "check.json")
         (out / "check.md").write_text(report.to_markdown(title) + "\n", encoding="utf-8")
         report.plot(out / "check.png", loaded.name)
+    return report
+
+
+# -- the copy test: the reference image itself as the target ------------------------------------
+
+#: The copy test passes when the mean Dice of the ten structures reaches this (issue [11]'s goal).
+COPY_MIN_DICE = 0.85
+
+
+@dataclass(frozen=True)
+class CopyReport:
+    """What :func:`copy_test` measured: per-structure Dice of the labels given back, through the whole
+    pipeline (preprocessing, reference crop, sliding windows, back onto the 1 mm target grid)."""
+
+    model: str
+    names: tuple[str, ...]
+    dice: tuple[float, ...]
+    mean_dice: float
+    passed: bool
+    rule: str
+    seconds: float
+    cpu_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+        return path
+
+    def to_markdown(self, title: str = "Copy test") -> str:
+        lines = [f"# {title}", "", f"**{'PASSED' if self.passed else 'FAILED'}**: {self.rule}", "",
+                 f"Model {self.model}; reference Colin27 with {len(self.names)} bilateral AAL gyri, target the same "
+                 f"Colin27 image; {self.seconds:.1f} s ({self.cpu_seconds:.1f} s of CPU time).", "",
+                 "| structure | Dice |", "|---|---|"]
+        lines += [f"| {n} | {d:.3f} |" for n, d in zip(self.names, self.dice)]
+        lines += [f"| **mean** | **{self.mean_dice:.3f}** |", ""]
+        return "\n".join(lines)
+
+
+def copy_labels():
+    """Colin27 (1 mm T1) and a label map of COPY_STRUCTURES (values 1..10, disjoint) on its grid, with the
+    structures' names: the copy test's reference, whose image is also its target."""
+    import SimpleITK as sitk
+
+    from . import sampledata
+
+    aal = sampledata.colin27("aal")
+    arr = sitk.GetArrayViewFromImage(aal.labels)
+    out = np.zeros(arr.shape, np.uint8)
+    for value, patterns in enumerate(COPY_STRUCTURES.values(), start=1):
+        out[np.isin(arr, _aal_values(patterns, aal.label_names))] = value
+    labels = sitk.GetImageFromArray(out)
+    labels.CopyInformation(aal.labels)
+    return aal.image, labels, list(COPY_STRUCTURES)
+
+
+def copy_test(model="default", device: str = "cpu", out_dir: str | Path | None = None,
+              **options) -> CopyReport:
+    """The copy test (issue [11]): Colin27 with the ten gyri of COPY_STRUCTURES as the reference, the same
+    image as the target, segmented by the one pipeline users run (``api.segment``, keyword ``options`` as
+    its SegmentOptions fields); Dice of each structure against the reference's own labels. A model that
+    ignores its reference, or loses what it shows, cannot give them back. With ``out_dir``: copy.json and
+    copy.md there."""
+    import SimpleITK as sitk
+
+    from .api import resolve_model, segment
+    from .checkpoint import LoadedModel
+    from .inference import ClassSpec, Reference
+    from .metrics import dice_score
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    loaded = model if isinstance(model, LoadedModel) else resolve_model(str(model))
+    if loaded.arch != "iris":
+        from .errors import InputError
+
+        raise InputError(f"{loaded.source} is a {loaded.arch} model; the copy test needs an Iris model")
+    image, labels, names = copy_labels()
+    ref = Reference(image, labels, "colin27")
+    classes = [ClassSpec(n, i) for i, n in enumerate(names, start=1)]
+    result = segment(image, [ref], classes, model=loaded, device=device, **options)
+    got = sitk.GetArrayViewFromImage(result.labels)
+    truth = sitk.GetArrayViewFromImage(labels)
+    scores = tuple(round(float(dice_score(got == i, truth == i)), 4) for i in range(1, len(names) + 1))
+    mean = float(np.mean(scores))
+    passed = mean >= COPY_MIN_DICE
+    rule = f"mean Dice {mean:.3f} of the reference's own labels given back (need >= {COPY_MIN_DICE})"
+    report = CopyReport(loaded.name, tuple(names), scores, round(mean, 4), passed, rule,
+                        round(time.perf_counter() - t0, 2), round(time.process_time() - c0, 2))
+    if out_dir is not None:
+        report.to_json(Path(out_dir) / "copy.json")
+        (Path(out_dir) / "copy.md").write_text(report.to_markdown(f"Copy test of {loaded.name}") + "\n",
+                                               encoding="utf-8")
     return report

@@ -316,9 +316,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_check_model(args: argparse.Namespace) -> int:
-    """Collapse detector: ten different references on Colin27 must give ten different predictions."""
+    """Collapse detector: ten different references on Colin27 must give ten different predictions; and the
+    copy test: the reference image itself as the target must give the reference's labels back."""
     from .api import resolve_model
-    from .checks import standard_check
+    from .checks import copy_test, standard_check
 
     if args.model and args.model_option and args.model != args.model_option:
         raise InputError(f"check-model: two models given ({args.model}, --model {args.model_option}); give one")
@@ -326,9 +327,12 @@ def cmd_check_model(args: argparse.Namespace) -> int:
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
     report = standard_check(loaded, device=args.device, out_dir=args.output)
     print(report.to_markdown(f"Reference sensitivity of {loaded.name}"))
+    copy = copy_test(loaded, device=args.device, out_dir=args.output) if loaded.arch == "iris" else None
+    if copy is not None:
+        print(copy.to_markdown(f"Copy test of {loaded.name}"))
     if args.output:
-        print(f"wrote {Path(args.output) / 'check.json'}, check.md, check.png")
-    return 0 if report.passed else 1
+        print(f"wrote {Path(args.output) / 'check.json'}, check.md, check.png, copy.json, copy.md")
+    return 0 if report.passed and (copy is None or copy.passed) else 1
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -513,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pipeline: float32, bfloat16 or auto (as segment --precision)")
     b.set_defaults(func=cmd_bench)
 
-    c = sub.add_parser("check-model", help="does the model follow its reference? (exit code 1 when it does not)")
+    c = sub.add_parser("check-model", help="does the model follow its reference, and give a reference's labels back "
+                       "when the target is the reference image (copy test)? (exit code 1 when not)")
     c.add_argument("model", nargs="?", help="model file, 'default' (bundled), a known name or preset:NAME "
                    "(or --model, as in the other commands; default: the bundled model)")
     c.add_argument("--model", dest="model_option", metavar="MODEL", help=argparse.SUPPRESS)

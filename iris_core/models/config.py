@@ -35,6 +35,7 @@ class IrisConfig:
     reference_prototype: bool = False
     memory_tokens: int = 0
     memory_dim: int = 64
+    memory_subvoxels: bool = False
 
     # ``head_token``: which task token of each stage the head turns into the class kernel. "query"
     # (token 0, a learnt query token: the published network) or "foreground" (the last token, the
@@ -55,6 +56,11 @@ class IrisConfig:
     # inside, near and far from the mask). Every target voxel reads the mask out of the voxels whose keys
     # match its own (softmax attention); the logit adds a learnt scale times (readout - 0.5). The mask
     # enters the prediction linearly, so a model cannot answer the same whatever its reference.
+    # ``memory_subvoxels``: each memory row carries the mask's eight sub-voxels (2x2x2 on the model grid)
+    # instead of its fraction at half resolution, and the readout puts the eight values read back in place
+    # (pixel shuffle) instead of upsampling one: the copy of a structure a few voxels thick keeps its shape
+    # (issue [11]: a 6 mm fraction caps thin gyri, and read out through a sample it lost a third of the
+    # copy test's Dice). No parameters change, so a model trained without it continues with it.
 
     def __post_init__(self) -> None:
         if len(self.channels) != 5 or len(self.num_block) != 4:
@@ -129,18 +135,21 @@ PRESETS: dict[str, Preset] = {
         "iris",
         IrisConfig(channels=(8, 16, 32, 64, 128), num_block=(1, 1, 1, 1), query_tokens=4,
                    attn_blocks=1, task_prior_slots=1, pos_embed_size=64, context_downsample=2,
-                   head_token="prototype", reference_prototype=True, memory_tokens=2048, memory_dim=32),
+                   head_token="prototype", reference_prototype=True, memory_tokens=4096, memory_dim=32,
+                   memory_subvoxels=True),
         spacing=(3.0, 3.0, 3.0),
         window=(64, 64, 64),
         description="CPU preset: 8..128 channels, one block per stage, coarse context path, 3 mm spacing, "
-                    "head: memory readout of the reference mask at half resolution plus similarity to the reference's "
-                    "own multi-scale decoder features (prototype).",
+                    "head: memory readout of the reference mask (matched at half resolution, its 2x2x2 sub-voxels "
+                    "read back onto the model grid) plus similarity to the reference's own multi-scale decoder "
+                    "features (prototype).",
     ),
     "iris-tiny": Preset(
         "iris",
         IrisConfig(channels=(4, 8, 32, 32, 32), num_block=(1, 1, 1, 1), query_tokens=2,
                    attn_blocks=1, task_prior_slots=1, pos_embed_size=32, context_downsample=2,
-                   head_token="prototype", reference_prototype=True, memory_tokens=512, memory_dim=32),
+                   head_token="prototype", reference_prototype=True, memory_tokens=512, memory_dim=32,
+                   memory_subvoxels=True),
         spacing=(4.0, 4.0, 4.0),
         window=(32, 32, 32),
         description="Test preset: runs in a fraction of a second on a CPU.",

@@ -98,16 +98,22 @@ def _memory_quotas(counts: list[int], size: int) -> list[int]:
     return take
 
 
-def sample_memory(keys: torch.Tensor, masks: torch.Tensor, size: int) -> torch.Tensor:
-    """Memory rows [B, K, size, C + 2] (key, mask value, log importance weight) from normalised keys
-    [B, C, d, h, w] and masks [B, K, d, h, w] (fractions in [0, 1], on the keys' grid). The voxels
+def sample_memory(keys: torch.Tensor, masks: torch.Tensor, size: int, values: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Memory rows [B, K, size, C + V + 1] (key, V mask values, log importance weight) from normalised
+    keys [B, C, d, h, w] and masks [B, K, d, h, w] (fractions in [0, 1], on the keys' grid); the values
+    are ``values`` [B, K, V, d, h, w] (the mask's sub-voxels) or the fraction itself (V = 1). The voxels
     are a stratified sample in a fixed pseudo-random order (the same reference always gives the same
     memory); each row's weight is the number of voxels of its stratum it stands for, so that the
     softmax over the sample estimates the softmax over every voxel. Unused rows weigh nothing."""
     b, c = keys.shape[:2]
     k = masks.shape[1]
+    if values is None:
+        values = masks[:, :, None]
+    nv = values.shape[2]
     flat_keys = keys.flatten(2).transpose(1, 2)  # [B, N, C]
     flat_m = masks.flatten(2)  # [B, K, N]
+    flat_v = values.flatten(3).transpose(2, 3)  # [B, K, N, V]
     n = flat_m.shape[-1]
     fg = flat_m > 0
     near = (F.max_pool3d(masks.float(), 2 * MEMORY_NEAR + 1, 1, MEMORY_NEAR).flatten(2) > 0) & ~fg
@@ -125,10 +131,10 @@ def sample_memory(keys: torch.Tensor, masks: torch.Tensor, size: int) -> torch.T
                     idx.append(members[torch.argsort(order[members])[:take]])
                     logw.append(torch.full((take,), math.log(count / take), device=keys.device))
             sel = torch.cat(idx)
-            row = torch.cat([flat_keys[bi, sel], flat_m[bi, ki, sel, None].to(keys.dtype),
+            row = torch.cat([flat_keys[bi, sel], flat_v[bi, ki, sel].to(keys.dtype),
                              torch.cat(logw)[:, None].to(keys.dtype)], dim=1)
             if len(sel) < size:
-                pad = keys.new_zeros(size - len(sel), c + 2)
+                pad = keys.new_zeros(size - len(sel), c + nv + 1)
                 pad[:, -1] = _EMPTY_LOG_WEIGHT
                 row = torch.cat([row, pad])
             per_class.append(row)
@@ -373,7 +379,11 @@ class IrisNet(nn.Module):
         if self.config.memory_tokens:
             keys = self.memory_keys(feats)
             m = F.adaptive_avg_pool3d(masks.to(keys.dtype), keys.shape[2:])
-            tokens.append(sample_memory(keys, m, self.config.memory_tokens))
+            values = None
+            if self.config.memory_subvoxels:  # the mask's 2x2x2 sub-voxels of each half-resolution voxel
+                b, k = masks.shape[:2]
+                values = pixel_unshuffle_3d(masks.to(keys.dtype), 2).view(b, k, 8, *keys.shape[2:])
+            tokens.append(sample_memory(keys, m, self.config.memory_tokens, values))
         return tokens
 
     def memory_keys(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -385,23 +395,34 @@ class IrisNet(nn.Module):
                  for f in feats[:4]]
         return F.normalize(self.memory_key(torch.cat(parts, 1)), dim=1)
 
+    @property
+    def memory_values(self) -> int:
+        """Mask values per memory row: the 8 sub-voxels (``memory_subvoxels``) or the fraction."""
+        return 8 if self.config.memory_subvoxels else 1
+
     def memory_readout(self, feats: Sequence[torch.Tensor], memory: torch.Tensor) -> torch.Tensor:
-        """Each class's mask read out at every target voxel [B, K, D/2, H/2, W/2] (in [0, 1]): softmax
-        attention of the voxel's key over the class's memory rows [B, K, M, C + 2]."""
+        """Each class's mask read out at every target voxel (in [0, 1]): softmax attention of the voxel's
+        key over the class's memory rows [B, K, M, C + V + 1]. [B, K, D, H, W] on the model grid: the
+        fraction read at half resolution and upsampled, or the 8 sub-voxels read there and put in place."""
         q = self.memory_keys(feats)
         b, c = q.shape[:2]
         size = q.shape[2:]
         memory = memory.to(q.dtype)
         k = memory.shape[1]
+        nv = self.memory_values
         # contiguous channels last: a transposed query also sends the attention down the unfused path
         query = (q.flatten(2).transpose(1, 2).contiguous() * self.memory_temperature.exp())[:, None].expand(b, k, -1, -1)
-        keys, logw = memory[..., :c].contiguous(), memory[..., c + 1].contiguous()  # strided slices: unfused path
-        # the value (one number) padded to the key width: torch's fused CPU/GPU attention kernels need
-        # equal widths (with a width-1 value it falls back to an unfused path 5x slower)
-        values = F.pad(memory[..., c : c + 1], (0, c - 1))
+        keys, logw = memory[..., :c].contiguous(), memory[..., -1].contiguous()  # strided slices: unfused path
+        # the values padded to the key width: torch's fused CPU/GPU attention kernels need equal widths
+        # (with a width-1 value it falls back to an unfused path 5x slower)
+        values = F.pad(memory[..., c : c + nv], (0, c - nv))
         out = F.scaled_dot_product_attention(query, keys.expand(b, -1, -1, -1), values.expand(b, -1, -1, -1),
                                              attn_mask=logw[:, :, None, :].expand(b, -1, -1, -1), scale=1.0)
-        return out[..., 0].reshape(b, k, *size)
+        full = tuple(2 * s for s in size)  # the model grid (the keys are at half its resolution)
+        if nv == 8:
+            sub = out[..., :8].transpose(2, 3).reshape(b, k * 8, *size)
+            return pixel_shuffle_3d(sub, 2).view(b, k, *full)
+        return F.interpolate(out[..., 0].reshape(b, k, *size), size=full, mode="trilinear", align_corners=False)
 
     def segment(self, target: torch.Tensor, embedding: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits [B, K, D, H, W] of the K classes of ``embedding`` on ``target`` [B, 1, D, H, W].
@@ -420,9 +441,7 @@ class IrisNet(nn.Module):
         if self.config.reference_prototype:
             logits = logits + self.prototype_scale * (self.prototype_similarity(tokens[n]) - self.prototype_shift)
         if self.config.memory_tokens:
-            read = F.interpolate(self.memory_readout(feats, tokens[-1]), size=out.shape[2:], mode="trilinear",
-                                 align_corners=False)
-            logits = logits + self.memory_scale * (read - 0.5)
+            logits = logits + self.memory_scale * (self.memory_readout(feats, tokens[-1]) - 0.5)
         return logits
 
     def prototype_similarity(self, proto: torch.Tensor) -> torch.Tensor:

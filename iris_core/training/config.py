@@ -36,6 +36,10 @@ class TrainConfig:
     # the query is the reference view itself: the collapse-detector test's setting, in which only the mask
     # can say which of several shapes is the task (a model that ignores its reference cannot learn it)
     same_view: bool = False
+    # share of episodes whose query is the reference's own view (same deformation and intensities), cropped
+    # elsewhere: the copy test's skill (give back what the reference shows where the target is that image),
+    # with the crop's context changed so that matching cannot lean on identical windows
+    copy_prob: float = 0.0
     # at every save, the reference-sensitivity check (iris-segment check-model: ten Colin27 structures
     # onto a moved copy) on the EMA model, logged, plotted and written to OUT/check.{json,md,png}
     check_model: bool = True
@@ -71,6 +75,8 @@ class TrainConfig:
             problems.append(f"crop_probs {list(self.crop_probs)} must be non-negative and sum to 1")
         if any(int(c) % 16 or int(c) < 16 for c in self.crop_sizes):
             problems.append(f"crop_sizes {list(self.crop_sizes)} must be multiples of 16")
+        if not 0 <= self.copy_prob <= 1:
+            problems.append(f"copy_prob must be in [0, 1], got {self.copy_prob}")
         if not (self.lr > 0 and 0 <= self.ema < 1 and self.warmup >= 0):
             problems.append(f"lr must be > 0 (got {self.lr}), ema in [0, 1) (got {self.ema}), warmup >= 0")
         if self.spacing and (len(self.spacing) != 3 or min(float(v) for v in self.spacing) <= 0):

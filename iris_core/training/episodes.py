@@ -71,6 +71,8 @@ def make_episode(sources: list, cfg: TrainConfig, size: int, rng: np.random.Gene
             wimg, wm = random_warp(img, masks, background, rng)
             views.append((random_intensity(wimg, rng), wm))
         (q, qm), (r, rm) = views
+    if cfg.copy_prob and rng.random() < cfg.copy_prob:
+        q, qm = r, rm  # a copy episode: the reference's own view, cropped elsewhere below
     out = []
     # the query crop wanders far from the structures (they may be cut or absent: "nothing here" is a
     # valid answer); the reference crop stays centred on them

@@ -53,6 +53,9 @@ def plot_history(history: list[dict], path: Path) -> None:
             st, own, other = zip(*check)
             ax2.plot(st, own, "^-", color="tab:purple", label="check-model: own truth")
             ax2.plot(st, other, "v:", color="tab:purple", label="check-model: other truths")
+        copy = [(h["step"], h["copy_dice"]) for h in history if "copy_dice" in h]
+        if copy:
+            ax2.plot(*zip(*copy), "D-", color="tab:orange", label="copy test (reference image as target)")
         ax2.set_ylabel("validation Dice")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="upper right")
@@ -256,7 +259,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
                          "fixed episodes)", step, history[-1]["val_dice"], history[-1].get("val_swap", float("nan")),
                          len(val_set))
             if check_case is not None:
-                from ..checks import reference_sensitivity
+                from ..checkpoint import LoadedModel
+                from ..checks import copy_test, reference_sensitivity
 
                 report = reference_sensitivity(ema, *check_case, device=device)
                 history[-1].update({"check_own": report.own_dice, "check_other": report.other_dice,
@@ -266,6 +270,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
                                                    encoding="utf-8")
                 report.plot(out_dir / "check.png", f"EMA model, step {step}")
                 log.info("step %d check-model %s: %s", step, "PASSED" if report.passed else "FAILED", report.rule)
+                copy = copy_test(LoadedModel(ema, preset.arch, ema.config, policy, "training EMA model",
+                                             info={"name": f"EMA model, step {step}"}), device=str(device),
+                                 out_dir=out_dir)
+                history[-1].update({"copy_dice": copy.mean_dice, "copy_passed": copy.passed})
+                log.info("step %d copy test %s: %s", step, "PASSED" if copy.passed else "FAILED", copy.rule)
             tmp = state_path.with_suffix(".partial")
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                         "step": step, "history": json.dumps(history), "config": json.dumps(asdict(cfg))}, tmp)
