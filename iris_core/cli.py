@@ -452,8 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="compare methods against manual labels over a cohort")
     e.add_argument("--dataset", required=True,
-                   help="'templates' (real template pairs), an nnU-Net/MSD folder, or a CSV (case,image,labels "
-                        "or target_image,target_labels,reference_image,reference_labels)")
+                   help="a built-in real cohort ('templates': brain pairs across templates; 'cross-atlas'; "
+                        "'macaque'; 'copy' and 'gyri-moved': the copy test's ten gyri on the image itself and on a "
+                        "moved copy; 'sample-pair': the Slicer sample data), an nnU-Net/MSD folder, or a CSV "
+                        "(case,image,labels or target_image,target_labels,reference_image,reference_labels)")
     e.add_argument("--method", nargs="+", action="extend",
                    help="iris:one-shot | iris:ensemble:K | iris:retrieval:K | iris:tuning | hermes | ants:SyN | "
                         "ants:Affine | elastix | identity (several, or --method repeated; default: "

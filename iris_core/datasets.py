@@ -227,21 +227,51 @@ def cross_atlas_pairs(seed: int = 0) -> Dataset:
     return Dataset("cross-atlas", cases, dict(ref.label_names), "MR", [(moved.name, ref.name)])
 
 
+def copy_pairs(moved: bool = False, seed: int = 0) -> Dataset:
+    """The copy test as a cohort (issue [11]): Colin27 with the ten bilateral AAL gyri of
+    ``checks.COPY_STRUCTURES`` as the reference; the target is the same image (``moved=False``: the copy test
+    itself, where identity scores 1) or a rigidly moved copy of it (5-15 degrees, 20-40 mm, 1 x 1 x 3 mm)."""
+    from . import sampledata
+    from .checks import copy_labels
+
+    image, labels, names = copy_labels()
+    label_names = {i: n for i, n in enumerate(names, start=1)}
+    ref = sampledata.Sample("colin27-gyri", image, labels, label_names)
+    tgt = sampledata.move_off_mni(ref, seed=seed) if moved else sampledata.Sample("colin27-itself", image, labels,
+                                                                                 label_names)
+    cases = [Case(ref.name, ref.image, ref.labels, "colin27"), Case(tgt.name, tgt.image, tgt.labels, "colin27")]
+    return Dataset("gyri-moved" if moved else "copy", cases, label_names, "MR", [(tgt.name, ref.name)])
+
+
+def sample_pair() -> Dataset:
+    """The pair shipped for 3D Slicer's Sample Data (Resources/SampleData, see its NOTICE.md): Colin27 2 mm
+    with its brain segmentation as the reference, ICBM 2009a moved off MNI space with its own, independent
+    brain mask as the target: the first thing a clinician tries."""
+    folder = Path(__file__).resolve().parent.parent / "Resources" / "SampleData"
+    if not (folder / "Colin27.nrrd").is_file():
+        raise InputError(f"the shipped sample pair is not in {folder} (it ships with the source tree, not the "
+                         "Python package)")
+    cases = [Case("Colin27", str(folder / "Colin27.nrrd"), str(folder / "Colin27.seg.nrrd"), "colin27"),
+             Case("ICBM2009a-moved", str(folder / "ICBM2009a-moved.nrrd"), str(folder / "ICBM2009a-moved.seg.nrrd"),
+                  "icbm2009a")]
+    return Dataset("sample-pair", cases, {1: "brain"}, "MR", [("ICBM2009a-moved", "Colin27")])
+
+
+#: the built-in real cohorts, by name
+BUILT_IN = {"templates": template_pairs, "atlases": atlases, "macaque": macaque_pairs, "cross-atlas": cross_atlas_pairs,
+            "copy": copy_pairs, "gyri-moved": lambda: copy_pairs(moved=True), "sample-pair": sample_pair}
+
+
 def load_dataset(spec: str) -> Dataset:
     """``templates`` (built-in real pairs), ``atlases``, ``macaque`` (held-out species, evaluation only),
-    ``cross-atlas`` (AAL -> Harvard-Oxford), a CSV file, or an nnU-Net / MSD folder."""
-    if spec == "templates":
-        return template_pairs()
-    if spec == "atlases":
-        return atlases()
-    if spec == "macaque":
-        return macaque_pairs()
-    if spec == "cross-atlas":
-        return cross_atlas_pairs()
+    ``cross-atlas`` (AAL -> Harvard-Oxford), ``copy`` and ``gyri-moved`` (the copy test, on the image itself
+    and on a moved copy), ``sample-pair`` (the Slicer sample data), a CSV file, or an nnU-Net / MSD folder."""
+    if spec in BUILT_IN:
+        return BUILT_IN[spec]()
     p = Path(spec)
     if p.is_dir():
         return load_nnunet(p)
     if p.suffix.lower() == ".csv":
         return load_csv(p)
-    raise InputError(f"dataset {spec!r}: not 'templates', 'atlases', 'macaque', 'cross-atlas', a CSV file or an "
+    raise InputError(f"dataset {spec!r}: not one of {', '.join(repr(n) for n in BUILT_IN)}, a CSV file or an "
                      "nnU-Net folder")

@@ -189,7 +189,7 @@ def test_bad_specs():
     with pytest.raises(InputError, match="unknown ANTs transform 'syn'"):  # caught before a cohort runs
         parse_method("ants:syn")
     assert parse_method("ants:Affine").option == "Affine" and parse_method("ants").option == "SyN"
-    with pytest.raises(InputError, match="not 'templates'"):
+    with pytest.raises(InputError, match="not one of 'templates'"):
         load_dataset("/nonexistent/x.txt")
 
 
@@ -278,3 +278,30 @@ def test_registration_leaves_no_files_in_the_temp_folder(nnunet, tmp_path, monke
     warped = sitk.GetArrayFromImage(out)
     assert out.GetSize() == img.GetSize() and ((warped == 1) & (truth == 1)).sum() > 0  # it registered
     assert sorted(p.name for p in temp.iterdir()) == []
+
+
+def test_built_in_copy_and_sample_pair_cohorts(tmp_path, tiny_model_file):
+    """The dev benchmark's cohorts of issue [11]: 'copy' pairs Colin27's ten gyri with the same image (identity
+    gives every label back), 'gyri-moved' with a moved copy (identity then cannot), 'sample-pair' is the
+    shipped Slicer pair; each runs through evaluate."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    copy, moved, pair = (load_dataset(n) for n in ("copy", "gyri-moved", "sample-pair"))
+    assert copy.pairs == [("colin27-itself", "colin27-gyri")] and len(copy.label_names) == 10
+    ti, tl = copy.case("colin27-itself").read()
+    ri, rl = copy.case("colin27-gyri").read()
+    assert np.array_equal(sitk.GetArrayViewFromImage(ti), sitk.GetArrayViewFromImage(ri))
+    assert np.array_equal(sitk.GetArrayViewFromImage(tl), sitk.GetArrayViewFromImage(rl))
+    mi, _ = moved.case(moved.pairs[0][0]).read()
+    assert mi.GetSpacing() == (1.0, 1.0, 3.0) and moved.label_names == copy.label_names
+    assert pair.pairs == [("ICBM2009a-moved", "Colin27")]
+    run_evaluation(moved, ["identity"], tmp_path / "moved", tiny_model_file, device="cpu", overlays=False)
+    run_evaluation(copy, ["identity"], tmp_path / "copy", tiny_model_file, device="cpu", overlays=False)
+    with (tmp_path / "copy" / "results.csv").open() as f:
+        assert {float(r["dice"]) for r in csv.DictReader(f)} == {1.0}
+    with (tmp_path / "moved" / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10 and np.mean([float(r["dice"]) for r in rows]) < 0.5  # moved 20-40 mm: thin gyri miss
+    with pytest.raises(InputError, match="'copy', 'gyri-moved', 'sample-pair'"):
+        load_dataset("copies")

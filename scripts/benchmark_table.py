@@ -1,0 +1,65 @@
+"""One table of the dev benchmark (scripts/model_card_eval.sh): per cohort, the mean Dice over its classes and
+runs of each method, and whether Iris reaches the best registration there.
+
+Usage: python scripts/benchmark_table.py OUT   (the folder model_card_eval.sh wrote)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+#: cohort folder (relative to OUT) -> what it measures
+COHORTS = {
+    "copy": "copy test: ten gyri, the reference image itself as the target",
+    "gyri-moved": "the ten gyri onto a rigidly moved Colin27",
+    "sample-pair": "Slicer sample pair: Colin27 2 mm brain onto moved ICBM 2009a",
+    ".": "moved-template brain pairs (6)",
+    "cross-atlas": "cross-atlas: AAL reference, Harvard-Oxford truth (9 structures)",
+    "macaque": "macaque, held-out species (4 structures)",
+}
+METHODS = ("iris:one-shot", "ants:Affine", "ants:SyN", "identity")
+
+
+def cohort_means(path: Path) -> dict[str, float]:
+    """Mean Dice per method over every (case, class) row of a results.csv."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    with path.open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            scores[row["method"]].append(float(row["dice"]))
+    return {m: sum(v) / len(v) for m, v in scores.items()}
+
+
+def main(out: Path) -> str:
+    lines = ["| cohort | Iris one-shot | antspyx Affine | antspyx SyN | identity | Iris >= Affine? |",
+             "|---|---|---|---|---|---|"]
+    for folder, what in COHORTS.items():
+        path = out / folder / "results.csv"
+        if not path.is_file():
+            continue
+        means = cohort_means(path)
+        cells = [f"{means[m]:.3f}" if m in means else "-" for m in METHODS]
+        verdict = "yes" if means.get("iris:one-shot", 0) >= means.get("ants:Affine", 2) else "no"
+        lines.append(f"| {what} | " + " | ".join(cells) + f" | {verdict} |")
+    demo = out / "demo" / "summary.json"
+    if demo.is_file():
+        methods = json.loads(demo.read_text(encoding="utf-8"))["methods"]
+        iris = methods["iris one-shot"]["mean_dice"]
+        syn = next((m["mean_dice"] for k, m in methods.items() if k.startswith("registration")), None)
+        ident = methods.get("identity", {}).get("mean_dice")
+        lines.append(f"| README demo: six lobes onto the moved MNI152 head | {iris:.3f} | - | "
+                     f"{syn:.3f} | {ident:.3f} | (SyN) {'yes' if syn is not None and iris >= syn else 'no'} |"
+                     if syn is not None and ident is not None else f"| README demo | {iris:.3f} | - | - | - | - |")
+    copy = out / "check" / "copy.json"
+    if copy.is_file():
+        c = json.loads(copy.read_text(encoding="utf-8"))
+        lines.append(f"\ncheck-model copy test: mean Dice {c['mean_dice']:.3f} ({'PASSED' if c['passed'] else 'FAILED'}; "
+                     f"{c['rule']})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(main(Path(sys.argv[1] if len(sys.argv) > 1 else "Resources/Models/eval")))
