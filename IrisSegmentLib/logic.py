@@ -25,11 +25,13 @@ from iris_core.errors import reason
 from iris_core.options import SegmentOptions
 from iris_core.postprocess import disjoint_groups
 
-from .runner import WorkerCancelled, WorkerError, WorkerProcess, run_worker
+from .jobs import Job, raise_for, run_to_end
+from .runner import WorkerError, WorkerProcess
 from .scene import (
     SceneError,
     SegmentInfo,
     add_labels_as_segmentation,
+    check_output,
     checked_image,
     describe,
     nodes_removed_after,
@@ -39,6 +41,9 @@ from .scene import (
 )
 
 log = logging.getLogger(__name__)
+
+#: below this share of a reference segment inside its volume, the user is told (the rest is cut off)
+KEPT_WARNING = 0.95
 
 
 @dataclass
@@ -75,6 +80,8 @@ class PreparedRun:
     strategy: str
     # work file -> the node it came from, as messages name it ("target volume 'CT'")
     sources: dict[str, str] = field(default_factory=dict)
+    # what the user should know before the result is trusted (a reference segment cut by its volume)
+    warnings: list[str] = field(default_factory=list)
 
     def in_scene_words(self, text: str) -> str:
         """``text`` (a worker's message or log line) with the work files named as the nodes they came
@@ -129,6 +136,7 @@ class IrisSegmentLogic:
                     raise SceneError(f"the output segmentation '{req.output.GetName()}' is reference {i + 1}'s "
                                      "segmentation: its segments would be replaced; choose another output or "
                                      "'Create new segmentation'")
+            check_output(req.output)
             if not np.allclose(world_matrix(req.output), world_matrix(req.target), atol=1e-6):
                 raise SceneError(f"the output segmentation '{req.output.GetName()}' is under a different transform "
                                  f"from the target volume '{req.target.GetName()}': the result would be shifted; "
@@ -154,6 +162,9 @@ class IrisSegmentLogic:
             sources[str(path)] = what
             return str(path)
 
+        # the result is written here too: a failure to write it is named as what it is, in its folder
+        sources[str(work / "result.nrrd")] = f"the result in the work folder {work}"
+        warnings: list[str] = []
         try:
             target_path = write(target_img, work / "target.nrrd", describe(req.target, "target volume"))
             job: dict = {"target": target_path, "output": str(work / "result.nrrd"), "model": req.model}
@@ -164,7 +175,7 @@ class IrisSegmentLogic:
             elif req.library:
                 job["library"] = req.library
             else:
-                infos, refs, shared = self._export_references(req, work, write)
+                infos, refs, shared = self._export_references(req, work, write, warnings)
                 job["references"] = refs
                 job["classes"] = [{"name": s.name, "value": s.value} for s in infos]
                 if options.strategy == "one-shot" and shared:
@@ -182,17 +193,22 @@ class IrisSegmentLogic:
             except OSError as exc:
                 raise SceneError(f"cannot write the job file to the work folder {work} ({exc.strerror or exc}); "
                                  "free disk space or choose another temporary folder") from None
-            return PreparedRun(work, job_file, work / "result.nrrd", infos, req, options.strategy, sources)
+            for line in warnings:
+                log.warning("%s", line)
+            return PreparedRun(work, job_file, work / "result.nrrd", infos, req, options.strategy, sources, warnings)
         except Exception:
             shutil.rmtree(work, ignore_errors=True)
             raise
 
-    def _export_references(self, req: SegmentRequest, work: Path, write) -> tuple[list[SegmentInfo], list, bool]:
+    def _export_references(self, req: SegmentRequest, work: Path, write, warnings: list[str]
+                           ) -> tuple[list[SegmentInfo], list, bool]:
         """Write each reference image once and its segments as label maps: one label map per group
         of non-overlapping segments, so a segment inside another stays whole (the same image is
         listed once per group). Returns the classes, the (image, labels) pairs and whether a
-        class name occurs in several references."""
-        by_name: dict[str, SegmentInfo] = {}
+        class name occurs in several references. Segment names are one class whatever their case
+        ('Left' and 'left'): Slicer's segment lookup by name ignores case, so two such classes could not
+        both be imported. A segment partly outside its volume adds a line to ``warnings``."""
+        by_name: dict[str, SegmentInfo] = {}  # by the case-folded name
         counts: dict[str, int] = {}
         refs = []
         for i, ref in enumerate(req.references):
@@ -205,17 +221,23 @@ class IrisSegmentLogic:
             role = f"reference {i + 1} volume"
             image = checked_image(ref.volume, role)
             with scene_unchanged(self.scene):
-                masks, seg_infos = segment_masks(ref.segmentation, ref.segment_ids, ref.volume)
+                masks, seg_infos, kept = segment_masks(ref.segmentation, ref.segment_ids, ref.volume)
+            for info, share in zip(seg_infos, kept):
+                if share < KEPT_WARNING:
+                    warnings.append(f"{describe(ref.segmentation, f'reference {i + 1} segmentation')}: segment "
+                                    f"'{info.name}' lies partly outside {describe(ref.volume, role)}; only the "
+                                    f"{share:.0%} inside it is used as the reference")
             for info in seg_infos:
-                if info.name not in by_name:
-                    by_name[info.name] = SegmentInfo(info.segment_id, info.name, info.color, info.terminology,
-                                                     len(by_name) + 1)
-                counts[info.name] = counts.get(info.name, 0) + 1
+                key = info.name.casefold()
+                if key not in by_name:
+                    by_name[key] = SegmentInfo(info.segment_id, info.name, info.color, info.terminology,
+                                               len(by_name) + 1)
+                counts[key] = counts.get(key, 0) + 1
             img_path = write(image, work / f"ref{i}.nrrd", describe(ref.volume, role))
             for g, group in enumerate(disjoint_groups(masks)):
                 labels = np.zeros(masks[0].shape, np.uint16)
                 for k in group:
-                    labels[masks[k]] = by_name[seg_infos[k].name].value
+                    labels[masks[k]] = by_name[seg_infos[k].name.casefold()].value
                 out = sitk.GetImageFromArray(labels)
                 out.CopyInformation(image)
                 seg_what = describe(ref.segmentation, f"reference {i + 1} segmentation")
@@ -224,12 +246,30 @@ class IrisSegmentLogic:
 
     # -- run ----------------------------------------------------------------------------------
     def start(self, run: PreparedRun) -> WorkerProcess:
-        """Start the worker without waiting (GUI: poll it from a timer, then ``finish``)."""
+        """Start the worker of a prepared run without waiting (see ``start_segment`` for the whole job)."""
         return WorkerProcess(run.job_file, self.python)
+
+    def start_segment(self, req: SegmentRequest) -> Job:
+        """Export the request and start its worker: a Job to poll (GUI timer) or run to its end. Nothing is
+        left behind if starting fails: the work folder is removed."""
+        run = self.prepare(req)
+        try:
+            return Job(self.start(run), self, run)
+        except BaseException:
+            self.cleanup(run)
+            raise
+
+    def start_download(self, key: str) -> Job:
+        """Start downloading a known model in the worker (progress, Cancel; a later download resumes)."""
+        from .models import start_download
+
+        proc = start_download(key, python=self.python, workdir=self.workdir_root)
+        return Job(proc, self, download=key, folder=Path(proc.job_file).parent)
 
     def finish(self, run: PreparedRun, sidecar: dict):
         """Import a finished run's result into the scene; returns the segmentation node. Raises
-        SceneError (and imports nothing) when the target or the output left the scene meanwhile."""
+        SceneError (and imports nothing) when the target or the output left the scene meanwhile, or when
+        the result files are gone from the work folder. The work folder is removed in any case."""
         try:
             req = run.request
             for node, role in [(req.target, "target volume"), (req.output, "output segmentation")]:
@@ -241,8 +281,16 @@ class IrisSegmentLogic:
                 raise SceneError(f"the output segmentation '{req.output.GetName()}' was moved under a different "
                                  "transform from the target while segmenting; the result was not imported")
             layers = sorted(run.workdir.glob("result_layer*.nrrd"), key=lambda p: int(p.stem[len("result_layer"):]))
+            if not layers and not run.output_file.is_file():
+                raise SceneError(f"the result is gone from the work folder {run.workdir} (removed by another "
+                                 "program, or the temporary folder was cleaned); nothing was imported: run "
+                                 "Segment again")
             # overlapping classes come as one label map per group of classes that do not overlap
-            labels = [sitk.ReadImage(str(p)) for p in layers] or sitk.ReadImage(str(run.output_file))
+            try:
+                labels = [sitk.ReadImage(str(p)) for p in layers] or sitk.ReadImage(str(run.output_file))
+            except RuntimeError as exc:
+                raise SceneError(f"the result in the work folder {run.workdir} cannot be read ({reason(exc)}); "
+                                 "nothing was imported: run Segment again") from None
             infos = run.infos
             if not infos:  # task library / known structures: names from the sidecar, terminology by name
                 from .terminology import terminology
@@ -262,19 +310,15 @@ class IrisSegmentLogic:
 
     def segment(self, req: SegmentRequest, progress: Callable[[str, int, int], None] | None = None,
                 cancel: Callable[[], bool] | None = None, log_line: Callable[[str], None] | None = None):
-        """Blocking Segment: export, run the worker, import. Raises SceneError, WorkerError or
-        WorkerCancelled, leaving the scene as it was."""
-        run = self.prepare(req)
-        try:
-            sidecar = run_worker(run.job_file, progress=progress, cancel=cancel, python=self.python,
-                                 log=(lambda line: log_line(run.in_scene_words(line))) if log_line else None)
-        except WorkerCancelled:
-            self.cleanup(run)
-            raise
-        except WorkerError as exc:
-            self.cleanup(run)
-            raise run.explain(exc) from None
-        return self.finish(run, sidecar)
+        """Blocking Segment: export, run the worker, import (the widget's Job, run to its end). Raises
+        SceneError, WorkerError or WorkerCancelled, leaving the scene as it was; whatever ends the call (an
+        exception in a callback, an interrupt), the worker is killed and the work folder removed."""
+        job = self.start_segment(req)
+        outcome = run_to_end(job, progress, cancel, log_line)
+        if log_line:
+            for line in outcome.log if outcome.ok else []:
+                log_line(line)
+        return raise_for(outcome)
 
     # -- compare ------------------------------------------------------------------------------
     def compare(self, result_node, manual_node, reference_volume, table_node=None) -> list[dict]:

@@ -5,10 +5,15 @@ as in scenes saved before the choice existed, means 'file' when ModelPath is set
 ModelPath (the file, for 'file'), LibraryPath, Structures, the run options Strategy, Device, TuneSteps,
 HermesModality, Intensity, Postprocess, MaxClassesPerForward and Precision (``OPTION_PARAMETERS``: each maps to
 one ``SegmentOptions`` field, whose default it takes; probability maps are a file output of the CLI and
-API, not of the scene), and References (JSON rows of volume id, segmentation id, segment names as a list; a string is read
-as comma-separated, with double quotes around a name that holds a comma); node references Target,
-Output (where Segment writes: none means a new node every run) and Result (the last result, for
-Compare and for "edit, then reuse").
+API, not of the scene); node references Target, Output (where Segment writes: none means a new node every
+run) and Result (the last result, for Compare and for "edit, then reuse").
+
+The references table is stored as MRML node references, one role per row and column (ReferenceVolume0,
+ReferenceSegmentation0, ReferenceVolume1, ...; ReferenceCount rows; ReferenceSegments<i> the row's segment
+names as a JSON list): when a saved scene is imported into a non-empty one, vtkMRMLScene renames clashing
+node IDs and remaps node references, but never the IDs written inside a parameter string, so rows kept as
+IDs in JSON (the 'References' parameter of earlier versions, still read once and converted) pointed at
+other nodes.
 """
 
 from __future__ import annotations
@@ -26,19 +31,57 @@ from .scene import SceneError
 OPTION_PARAMETERS = {"Strategy": "strategy", "Device": "device", "TuneSteps": "tune_steps",
                      "HermesModality": "hermes_modality", "Intensity": "intensity", "Postprocess": "postprocess",
                      "MaxClassesPerForward": "max_classes_per_forward", "Precision": "precision"}
-DEFAULTS = {"ModelChoice": "", "ModelPath": "", "LibraryPath": "", "References": "[]", "Structures": ""} | {
+DEFAULTS = {"ModelChoice": "", "ModelPath": "", "LibraryPath": "", "ReferenceCount": "0", "Structures": ""} | {
     key: "" if (v := getattr(SegmentOptions(), name)) is None else str(v) for key, name in OPTION_PARAMETERS.items()}
 
 
+VOLUME_ROLE, SEGMENTATION_ROLE, SEGMENTS_PARAMETER = "ReferenceVolume{}", "ReferenceSegmentation{}", "ReferenceSegments{}"
+
+
 def set_defaults(node) -> None:
-    """Fill parameters the node does not have yet (the user's choices are kept)."""
+    """Fill parameters the node does not have yet (the user's choices are kept); a references table saved
+    by an earlier version (node IDs in the 'References' JSON) becomes node references."""
+    legacy = node.GetParameter("References")
+    if legacy and not node.GetParameter("ReferenceCount"):
+        scene = node.GetScene()
+        rows = json.loads(legacy or "[]")
+        set_reference_rows(node, [{"volume": scene.GetNodeByID(r.get("volume") or "") if scene else None,
+                                   "segmentation": scene.GetNodeByID(r.get("segmentation") or "") if scene else None,
+                                   "segments": row_segment_names(r)} for r in rows])
+        node.UnsetParameter("References")
     for key, value in DEFAULTS.items():
         if not node.GetParameter(key):
             node.SetParameter(key, value)
 
 
 def reference_rows(node) -> list[dict]:
-    return json.loads(node.GetParameter("References") or "[]")
+    """The references table: rows of {'volume': node or None, 'segmentation': node or None, 'segments':
+    [names]} (an empty list: every segment)."""
+    rows = []
+    for i in range(int(node.GetParameter("ReferenceCount") or 0)):
+        rows.append({"volume": node.GetNodeReference(VOLUME_ROLE.format(i)),
+                     "segmentation": node.GetNodeReference(SEGMENTATION_ROLE.format(i)),
+                     "segments": json.loads(node.GetParameter(SEGMENTS_PARAMETER.format(i)) or "[]")})
+    return rows
+
+
+def set_reference_rows(node, rows: list[dict]) -> None:
+    """Store the references table (rows as ``reference_rows`` returns them) in one modification."""
+    was = node.StartModify()
+    try:
+        old = int(node.GetParameter("ReferenceCount") or 0)
+        for i, row in enumerate(rows):
+            for role, key in ((VOLUME_ROLE, "volume"), (SEGMENTATION_ROLE, "segmentation")):
+                n = row.get(key)
+                node.SetNodeReferenceID(role.format(i), n.GetID() if n is not None else None)
+            node.SetParameter(SEGMENTS_PARAMETER.format(i), json.dumps(row_segment_names(row)))
+        for i in range(len(rows), old):  # rows removed
+            node.RemoveNodeReferenceIDs(VOLUME_ROLE.format(i))
+            node.RemoveNodeReferenceIDs(SEGMENTATION_ROLE.format(i))
+            node.UnsetParameter(SEGMENTS_PARAMETER.format(i))
+        node.SetParameter("ReferenceCount", str(len(rows)))
+    finally:
+        node.EndModify(was)
 
 
 def parse_segment_names(text: str) -> list[str]:
@@ -89,8 +132,7 @@ def request_from_parameters(scene, node) -> SegmentRequest:
     """The SegmentRequest the parameter node describes; segment names resolve to segment ids."""
     refs = []
     for row in reference_rows(node):
-        vol = scene.GetNodeByID(row.get("volume") or "")
-        seg = scene.GetNodeByID(row.get("segmentation") or "")
+        vol, seg = row["volume"], row["segmentation"]
         names = row_segment_names(row)
         ids = None
         if seg is not None and names:
@@ -131,9 +173,131 @@ def add_reference(scene, node, volume, segmentation) -> dict:
         raise SceneError(f"segmentation '{segmentation.GetName()}' has several segments named {dup}; rename them")
     rows = reference_rows(node)
     for row in rows:
-        if row.get("volume") == volume.GetID() and row.get("segmentation") == segmentation.GetID():
+        if row["volume"] is volume and row["segmentation"] is segmentation:
             raise SceneError(f"'{segmentation.GetName()}' on '{volume.GetName()}' is already a reference")
-    row = {"volume": volume.GetID(), "segmentation": segmentation.GetID(), "segments": names}
-    rows.append(row)
-    node.SetParameter("References", json.dumps(rows))
+    row = {"volume": volume, "segmentation": segmentation, "segments": names}
+    set_reference_rows(node, [*rows, row])
     return row
+
+
+def reuse_result(scene, node) -> dict:
+    """"Edit, then reuse" of the last result: it becomes a reference row paired with the volume it was made
+    on (its reference image geometry), not with whatever the Target is now."""
+    result = node.GetNodeReference("Result")
+    if result is None:
+        raise SceneError("no result to reuse yet: run Segment first")
+    volume = volume_of_segmentation(scene, result)
+    if volume is None:
+        raise SceneError(f"the volume '{result.GetName()}' was made on is no longer in the scene")
+    return add_reference(scene, node, volume, result)
+
+
+# -- first choices for a new scene --------------------------------------------------------------------
+def volume_of_segmentation(scene, seg_node):
+    """The scalar volume a segmentation belongs to: its reference image geometry node reference (set by
+    vtkMRMLSegmentationNode::SetReferenceImageGeometryParameterFromVolumeNode: a segmentation read from a
+    file has none), else the volume whose grid equals the segmentation's reference image geometry (which a
+    .seg.nrrd file stores); None when neither tells."""
+    import slicer
+
+    ref = seg_node.GetNodeReference(seg_node.GetReferenceImageGeometryReferenceRole())
+    if ref is not None:
+        return ref
+    geometry = seg_node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    if not geometry:
+        return None
+    for vol in _scalar_volumes(scene):
+        if vol.GetImageData() is not None and _same_geometry(geometry, _geometry_of(vol)):
+            return vol
+    return None
+
+
+def _geometry_of(volume) -> str:
+    import slicer
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    return slicer.vtkSegmentationConverter.SerializeImageGeometry(m, volume.GetImageData())
+
+
+def _same_geometry(a: str, b: str, tol: float = 1e-3) -> bool:
+    """Two serialized image geometries (16 matrix elements, then the extent) agree within ``tol``."""
+    try:
+        x = [float(v) for v in a.strip(";").split(";")]
+        y = [float(v) for v in b.strip(";").split(";")]
+    except ValueError:
+        return False
+    return len(x) == len(y) and all(abs(p - q) <= tol for p, q in zip(x, y))
+
+
+def _scalar_volumes(scene) -> list:
+    """Scalar volumes of the scene in the order they were added (label map volumes left out)."""
+    out = []
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        n = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        if not n.IsA("vtkMRMLLabelMapVolumeNode"):
+            out.append(n)
+    return out
+
+
+def default_reference_row(scene, target, rows: list[dict] | None = None) -> dict | None:
+    """The next reference row to offer: the first segmentation with segments that is not already a row, whose
+    volume is known (``volume_of_segmentation``) and is not the target (a segmentation drawn on the target is
+    its manual truth, not a reference)."""
+    used = {id(r["segmentation"]) for r in rows or []}
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+        seg = scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+        if id(seg) in used or seg.GetSegmentation().GetNumberOfSegments() == 0:
+            continue
+        vol = volume_of_segmentation(scene, seg)
+        if vol is not None and vol is not target:
+            return {"volume": vol, "segmentation": seg, "segments": []}
+    return None
+
+
+def fill_first_choices(scene, node) -> None:
+    """A new parameter node's first choices: the Target is the volume loaded last (what the user just
+    opened; Sample Data loads the target of the shipped pair last), never a reference's volume; an empty
+    references table gets ``default_reference_row``. Choices already made are kept."""
+    rows = reference_rows(node)
+    if node.GetNodeReference("Target") is None:
+        taken = {id(r["volume"]) for r in rows}
+        volumes = [v for v in _scalar_volumes(scene) if id(v) not in taken]
+        if volumes:
+            node.SetNodeReferenceID("Target", volumes[-1].GetID())
+    target = node.GetNodeReference("Target")
+    if not rows and target is not None:
+        row = default_reference_row(scene, target)
+        if row is not None:
+            set_reference_rows(node, [row])
+
+
+def add_default_row(scene, node) -> None:
+    """'Add reference': a new row, pre-filled with ``default_reference_row`` when there is one (else empty)."""
+    rows = reference_rows(node)
+    row = default_reference_row(scene, node.GetNodeReference("Target"), rows)
+    set_reference_rows(node, [*rows, row or {"volume": None, "segmentation": None, "segments": []}])
+
+
+def remove_rows(node, selected: set[int]) -> None:
+    """'Remove reference': the selected rows, or the last one when none is selected."""
+    rows = reference_rows(node)
+    selected = selected or {len(rows) - 1}
+    set_reference_rows(node, [row for r, row in enumerate(rows) if r not in selected])
+
+
+def known_structure_list(choice: str, model_path: str = "", library_path: str = "") -> tuple[str, list[str], str]:
+    """(kind, names, message) of what a model choice (``choice``, with ``model_path`` for a file) or a task
+    library segments by name: 'hermes' and its vocabulary, 'library' and its classes, or 'iris' and none
+    (references needed); read from the file's header (no weights loaded, no torch imported); ``message`` says
+    why a file could not be read."""
+    from .models import FILE_CHOICE
+    from .vocabulary import ModelFileError, known_structures
+
+    try:
+        kind, names = known_structures((model_path or None) if choice == FILE_CHOICE else None, library_path or None)
+    except ModelFileError as exc:
+        return "iris", [], str(exc)
+    return kind, list(names), ""

@@ -136,6 +136,7 @@ class WorkerProcess:
         except OSError as exc:
             raise WorkerError(f"cannot start the segmentation process with {python or python_executable()}: "
                               f"{exc}") from None
+        self.job_file = Path(job_file)
         self._events: queue.Queue = queue.Queue()
         self._stderr: list[str] = []
         self.cancelled = False
@@ -174,6 +175,14 @@ class WorkerProcess:
             kill_tree(self.proc.pid)
         if self.worker_pid is not None and psutil.pid_exists(self.worker_pid):
             kill_tree(self.worker_pid)
+
+    def wait(self, timeout: float = 15.0) -> bool:
+        """Poll until ``done`` (after ``cancel``: the tree is killed, its pipes read); False on timeout."""
+        end = time.monotonic() + timeout
+        while not self.done and time.monotonic() < end:
+            self.poll()
+            time.sleep(0.02)
+        return self.done
 
     @property
     def done(self) -> bool:

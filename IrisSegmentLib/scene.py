@@ -65,17 +65,32 @@ def describe(node, role: str = "volume") -> str:
     return f"{role} '{node.GetName()}'" if node is not None else role
 
 
+#: volume node classes that are not one scalar per voxel (a DTI volume IsA vtkMRMLScalarVolumeNode with one
+#: scalar component, but arrayFromVolume gives [k, j, i, 3, 3] tensors): what the message calls them
+NOT_SCALAR = {"vtkMRMLDiffusionTensorVolumeNode": "a diffusion tensor volume",
+              "vtkMRMLDiffusionWeightedVolumeNode": "a diffusion weighted volume",
+              "vtkMRMLVectorVolumeNode": "a vector (e.g. colour) volume",
+              "vtkMRMLMultiVolumeNode": "a multi-volume (time series)"}
+
+
 def volume_to_image(node, role: str = "volume") -> sitk.Image:
     """A SimpleITK image of a scalar volume node (array copied, world geometry)."""
     import slicer.util
 
     if node is None:
         raise SceneError(f"choose a {role}")
+    kind = next((what for cls, what in NOT_SCALAR.items() if node.IsA(cls)), None)
+    if kind is not None:
+        raise SceneError(f"{describe(node, role)} is {kind}; IrisSegment segments scalar volumes (one intensity "
+                         "per voxel: CT, MR, PET); choose a scalar volume or extract one (e.g. a DTI's FA map)")
     if node.GetImageData() is None:
         raise SceneError(f"{describe(node, role)} has no image data; load or choose another volume")
     if node.GetImageData().GetNumberOfScalarComponents() != 1:
         raise SceneError(f"{describe(node, role)} has several components per voxel; a scalar volume is needed")
     arr = slicer.util.arrayFromVolume(node)
+    if arr.ndim != 3:
+        raise SceneError(f"{describe(node, role)} holds {arr.ndim - 3} more dimensions per voxel; a scalar "
+                         "volume (one intensity per voxel) is needed")
     img = sitk.GetImageFromArray(np.array(arr))
     spacing, origin, direction = geometry_from_matrix(ijk_to_world(node))
     img.SetSpacing(spacing)
@@ -165,13 +180,68 @@ def _get_tag(segment, name: str) -> str:
 
 
 def duplicate_names(infos: list[SegmentInfo]) -> list[str]:
-    names = [i.name for i in infos]
-    return sorted({n for n in names if names.count(n) > 1})
+    """Names given to several segments, ignoring case: vtkSegmentation::GetSegmentIdBySegmentName compares
+    names case-insensitively (Libs/vtkSegmentationCore/vtkSegmentation.cxx), so 'Left' and 'left' are one
+    name to Slicer and one of them would be lost on import."""
+    folded = [i.name.casefold() for i in infos]
+    return sorted({i.name for i in infos if folded.count(i.name.casefold()) > 1})
 
 
-def segment_masks(seg_node, segment_ids: list[str] | None, volume_node) -> tuple[list[np.ndarray], list[SegmentInfo]]:
+BINARY_LABELMAP = "Binary labelmap"  # vtkSegmentationConverter::GetSegmentationBinaryLabelmapRepresentationName()
+
+
+def source_representation(seg_node) -> str:
+    """The segmentation's source (formerly 'master') representation name."""
+    seg = seg_node.GetSegmentation()
+    get = getattr(seg, "GetSourceRepresentationName", None) or seg.GetMasterRepresentationName  # before 5.4
+    return get()
+
+
+@contextlib.contextmanager
+def labelmap_view(seg_node, volume_node=None):
+    """The segmentation itself when it holds binary labelmaps, else a temporary copy converted to them:
+    reading a segment as an array converts it in place (slicer.util.arrayFromSegmentBinaryLabelmap ->
+    vtkMRMLSegmentationNode::GetBinaryLabelmapRepresentation creates the representation), and the user's
+    node must not change. The copy is removed afterwards."""
+    seg = seg_node.GetSegmentation()
+    if seg.ContainsRepresentation(BINARY_LABELMAP):
+        yield seg_node
+        return
+    scene = seg_node.GetScene()
+    copy = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{seg_node.GetName()} (IrisSegment copy)")
+    try:
+        copy.GetSegmentation().DeepCopy(seg)
+        copy.SetAndObserveTransformNodeID(seg_node.GetTransformNodeID())
+        if volume_node is not None:  # converted on the volume's grid (else a default, often very fine one)
+            copy.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        if not copy.GetSegmentation().CreateRepresentation(BINARY_LABELMAP):
+            raise SceneError(f"segmentation '{seg_node.GetName()}' ({source_representation(seg_node)}) cannot be "
+                             "converted to a binary labelmap; convert it in the Segmentations module first")
+        yield copy
+    finally:
+        scene.RemoveNode(copy)
+
+
+def _segment_ml(seg_node, segment_id: str) -> float:
+    """A segment's volume in ml in its own binary labelmap (before it is resampled onto a volume's grid)."""
+    import slicer
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    img = slicer.vtkOrientedImageData()
+    seg_node.GetBinaryLabelmapRepresentation(segment_id, img)
+    scalars = img.GetPointData().GetScalars() if img.GetPointData() is not None else None
+    if scalars is None:
+        return 0.0
+    return float((vtk_to_numpy(scalars) > 0).sum()) * float(np.prod(img.GetSpacing())) / 1000.0
+
+
+def segment_masks(seg_node, segment_ids: list[str] | None, volume_node
+                  ) -> tuple[list[np.ndarray], list[SegmentInfo], list[float]]:
     """One boolean mask per chosen segment on ``volume_node``'s grid (segments may overlap: a
-    structure inside another stays whole). Empty segments and repeated names are refused."""
+    structure inside another stays whole), and the share of each segment that lies inside the volume
+    (1 when whole; less when the volume cuts it off). Empty segments and repeated names (ignoring case)
+    are refused. A segmentation held as closed surfaces is read through a converted copy: the user's node
+    gains no representation."""
     import slicer.util
 
     infos = segment_infos(seg_node, segment_ids)
@@ -181,15 +251,21 @@ def segment_masks(seg_node, segment_ids: list[str] | None, volume_node) -> tuple
     dup = duplicate_names(infos)
     if dup:
         raise SceneError(f"segmentation '{seg_node.GetName()}' has several segments named "
-                         f"{', '.join(repr(n) for n in dup)}; rename them (each name is one class)")
-    masks = []
-    for info in infos:
-        arr = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, info.segment_id, volume_node)
-        if arr is None or not np.any(arr):
-            raise SceneError(f"segment '{info.name}' of '{seg_node.GetName()}' is empty on "
-                             f"'{volume_node.GetName()}'")
-        masks.append(np.asarray(arr) > 0)
-    return masks, infos
+                         f"{', '.join(repr(n) for n in dup)} (names that differ only in upper/lower case are one "
+                         "name to Slicer); rename them (each name is one class)")
+    masks, kept = [], []
+    voxel_ml = float(np.prod(volume_to_image(volume_node).GetSpacing())) / 1000.0
+    # slicer.util's export leaves a temporary colour table behind: every node added here is removed again
+    with nodes_removed_after(seg_node.GetScene()), labelmap_view(seg_node, volume_node) as view:
+        for info in infos:
+            arr = slicer.util.arrayFromSegmentBinaryLabelmap(view, info.segment_id, volume_node)
+            if arr is None or not np.any(arr):
+                raise SceneError(f"segment '{info.name}' of '{seg_node.GetName()}' is empty on "
+                                 f"'{volume_node.GetName()}'")
+            masks.append(np.asarray(arr) > 0)
+            own = _segment_ml(view, info.segment_id)
+            kept.append(min(1.0, masks[-1].sum() * voxel_ml / own) if own > 0 else 1.0)
+    return masks, infos, kept
 
 
 def add_labels_as_segmentation(scene, labels: sitk.Image | list[sitk.Image], infos: list[SegmentInfo], target_node,
@@ -205,33 +281,55 @@ def add_labels_as_segmentation(scene, labels: sitk.Image | list[sitk.Image], inf
     for arr in layers:
         if arr.shape != tuple(target_node.GetImageData().GetDimensions())[::-1]:
             raise SceneError(f"result size {arr.shape[::-1]} differs from '{target_node.GetName()}'")
-    created = None
+    if output_node is not None:
+        check_output(output_node)
+    created = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{target_node.GetName()} Iris")
     try:
-        if output_node is None:
-            created = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{target_node.GetName()} Iris")
-            created.CreateDefaultDisplayNodes()
-            created.SetReferenceImageGeometryParameterFromVolumeNode(target_node)
-            created.SetAndObserveTransformNodeID(target_node.GetTransformNodeID())
-            seg_node = created
-        else:
-            seg_node = output_node
-        segmentation = seg_node.GetSegmentation()
+        created.CreateDefaultDisplayNodes()
+        created.SetReferenceImageGeometryParameterFromVolumeNode(target_node)
+        created.SetAndObserveTransformNodeID(target_node.GetTransformNodeID())
+        segmentation = created.GetSegmentation()
         for info in infos:
-            existing = segmentation.GetSegmentIdBySegmentName(info.name)
-            if existing:
-                segmentation.RemoveSegment(existing)
             sid = segmentation.AddEmptySegment("", info.name, list(info.color))
             single = np.any([arr == info.value for arr in layers], axis=0).astype(np.uint8)
             if single.any():
                 # slicer.util removes its temporary label map node but not that node's display node
                 with nodes_removed_after(scene):
-                    slicer.util.updateSegmentBinaryLabelmapFromArray(single, seg_node, sid, target_node)
+                    slicer.util.updateSegmentBinaryLabelmapFromArray(single, created, sid, target_node)
             segment = segmentation.GetSegment(sid)
             segment.SetColor(*info.color)
             if info.terminology:
                 segment.SetTag("TerminologyEntry", info.terminology)
-        return seg_node
+        if output_node is None:
+            return created
+        # into the user's node only once every segment was made: the same-named segments are replaced by
+        # copies (a failure above leaves the user's node as it was)
+        out = output_node.GetSegmentation()
+        for i in range(segmentation.GetNumberOfSegments()):
+            sid = segmentation.GetNthSegmentID(i)
+            existing = out.GetSegmentIdBySegmentName(segmentation.GetSegment(sid).GetName())
+            if existing:
+                out.RemoveSegment(existing)
+            if not out.CopySegmentFromSegmentation(segmentation, sid):
+                raise SceneError(f"segment '{segmentation.GetSegment(sid).GetName()}' could not be copied into "
+                                 f"'{output_node.GetName()}'")
+        scene.RemoveNode(created)
+        created = None
+        return output_node
     except Exception:
         if created is not None:
             scene.RemoveNode(created)
         raise
+
+
+def check_output(output_node) -> None:
+    """Refuse an output segmentation the result cannot be written into: one whose source representation is
+    not a binary labelmap (closed surfaces, say). Slicer refuses to import a labelmap into it
+    (vtkSlicerSegmentationsModuleLogic::ImportLabelmapToSegmentationNode: 'Source representation of the
+    target segmentation node ... is not binary labelmap'), after its same-named segments were removed."""
+    rep = source_representation(output_node)
+    if rep != BINARY_LABELMAP:
+        raise SceneError(f"the output segmentation '{output_node.GetName()}' is held as {rep.lower()} (its source "
+                         "representation); the result is a binary labelmap and cannot be written into it: choose "
+                         "'Create new segmentation', or change its source representation in the Segmentations "
+                         "module")

@@ -44,12 +44,17 @@ SAMPLE_FILES = [
 def sample_data_source() -> dict:
     """Keyword arguments of SampleData.SampleDataLogic.registerCustomSampleDataSource for the
     shipped pair: local files as file: URIs (as Slicer's own SampleData tests do, path2uri), every
-    list of the same length (SampleDataSource.__init__ checks len() of each)."""
+    list of the same length (SampleDataSource.__init__ checks len() of each), and each file's SHA-256:
+    without a checksum SampleDataLogic.downloadFile reuses any non-empty file of that name in Slicer's cache
+    ("File already exists in cache - reusing it"), so an updated sample would never replace an old one; with
+    one, a cached file that differs is downloaded again (Modules/Scripted/SampleData/SampleData.py)."""
+    import hashlib
     import urllib.parse
     import urllib.request
 
     paths = [SAMPLE_DIR / f for f, _, _ in SAMPLE_FILES]
     return {
+        "checksums": ["SHA256:" + hashlib.sha256(p.read_bytes()).hexdigest() for p in paths],
         "category": "IrisSegment", "sampleName": "IrisBrainPair",
         "uris": [urllib.parse.urljoin("file:", urllib.request.pathname2url(str(p))) for p in paths],
         "fileNames": [f"IrisSegment-{f}" for f, _, _ in SAMPLE_FILES],
@@ -155,3 +160,19 @@ def save_and_reload(scene, node, path: str | Path):
         raise RuntimeError(f"could not read {path}")
     del slicer
     return back
+
+
+def register_sample_data() -> None:
+    """Register the shipped pair in 3D Slicer's Sample Data module (called once Slicer has started); a sample
+    that cannot register must never break Slicer's start-up."""
+    import logging
+
+    try:
+        import SampleData
+    except ImportError:
+        return
+    icon = Path(__file__).resolve().parent.parent / "Resources" / "Icons" / "IrisSegment.png"
+    try:
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(thumbnailFileName=str(icon), **sample_data_source())
+    except Exception:
+        logging.exception("IrisSegment: could not register the sample data")

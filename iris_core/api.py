@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from .checkpoint import LoadedModel, load_checkpoint, preset_model
 from .embedding import TaskEmbedding, model_fingerprint
-from .errors import InputError
+from .errors import InputError, reason
 from .imaging import (
     looks_like_labels,
     publish,
@@ -475,6 +475,10 @@ def write_result(result: SegmentationResult, output: str | Path) -> tuple[Path, 
         tmp.write_text(json.dumps(result.sidecar, indent=2))
         for tmp, dest in staged:
             publish(tmp, dest)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: ITK's writers (disk full, a folder in the way)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else reason(exc)
+        raise InputError(f"cannot write the result {output} ({why}); nothing was written: free disk space or "
+                         "choose another output") from None
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)

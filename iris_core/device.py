@@ -11,8 +11,7 @@ import psutil
 import torch
 
 from .errors import ResourceError
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from .options import DEVICES  # the table lives with the options (torch-free, for the Slicer GUI)
 
 
 def select_device(name: str = "auto") -> torch.device:

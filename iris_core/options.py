@@ -13,6 +13,8 @@ from typing import Any
 from .errors import ConfigError
 
 STRATEGIES = ("one-shot", "ensemble", "retrieval", "tuning")
+#: where the network runs ("auto": CUDA, then MPS, then the CPU)
+DEVICES = ("auto", "cpu", "cuda", "mps")
 #: intensity policy of the preprocessing: how voxel values are clipped and normalised
 INTENSITY_POLICIES = ("auto", "CT", "MR", "PET")
 POSTPROCESSING = ("none", "largest")

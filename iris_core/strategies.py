@@ -114,8 +114,11 @@ def tune(engine: Engine, encoded: list[EncodedReference], classes: list[ClassSpe
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
-    tokens = [torch.nn.Parameter(t.clone().to(engine.device)) for t in start.tokens]
-    opt = torch.optim.Adam(tokens, lr=lr)
+    # the task tokens are tuned; a memory sample (reference voxels with their mask values) is data, not an
+    # embedding to optimise: it stays as encoded
+    tokens = [t.clone().to(engine.device) if is_memory(t) else torch.nn.Parameter(t.clone().to(engine.device))
+              for t in start.tokens]
+    opt = torch.optim.Adam([t for t in tokens if isinstance(t, torch.nn.Parameter)], lr=lr)
     dice = DiceLoss(sigmoid=True)
     crops = []
     for e in encoded:

@@ -298,8 +298,8 @@ def test_d10_a_segment_name_with_a_comma_can_be_requested(world):
         cell = parameters.format_segment_names(["brain, whole"])
         assert parameters.parse_segment_names(cell) == ["brain, whole"]
         for segments in (["brain, whole"], cell):  # the list form and the table cell's text
-            node.SetParameter("References", json.dumps([{"volume": nodes["reference"].GetID(),
-                                                         "segmentation": seg.GetID(), "segments": segments}]))
+            parameters.set_reference_rows(node, [{"volume": nodes["reference"], "segmentation": seg,
+                                                  "segments": segments}])
             req = parameters.request_from_parameters(scene, node)
             sid = seg.GetSegmentation().GetSegmentIdBySegmentName("brain, whole")
             assert req.references[0].segment_ids == [sid]

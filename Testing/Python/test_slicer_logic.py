@@ -215,16 +215,20 @@ def test_parameter_node_round_trip(world):
     """The widget's parameter node (a real vtkMRMLScriptedModuleNode) describes the request."""
     import json
 
-    from IrisSegmentLib.parameters import can_segment, request_from_parameters, set_defaults
+    from IrisSegmentLib.parameters import (
+        can_segment,
+        request_from_parameters,
+        set_defaults,
+        set_reference_rows,
+    )
 
     scene, nodes, logic, model = world
     node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "IrisSegment")
     set_defaults(node)
     assert node.GetParameter("Strategy") == "one-shot" and not can_segment(node)
     node.SetNodeReferenceID("Target", nodes["target"].GetID())
-    node.SetParameter("References", json.dumps([{"volume": nodes["reference"].GetID(),
-                                                 "segmentation": nodes["reference_seg"].GetID(),
-                                                 "segments": "brain"}]))
+    set_reference_rows(node, [{"volume": nodes["reference"], "segmentation": nodes["reference_seg"],
+                               "segments": "brain"}])
     node.SetParameter("ModelPath", model)
     node.SetParameter("Strategy", "tuning")
     node.SetParameter("TuneSteps", "7")

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MIN_SLICER = "5.10"
 GRAMMAR = (3, 11)  # runs on Slicer 5.10's Python 3.12 and on this venv's 3.11
 SLICER_SIDE = [ROOT / "IrisSegment.py", *sorted((ROOT / "IrisSegmentLib").glob("*.py")),
-               *sorted((ROOT / "iris_core").rglob("*.py")), ROOT / "Testing" / "Python" / "IrisSegmentModuleTest.py"]
+               *sorted((ROOT / "iris_core").rglob("*.py")), ROOT / "Testing" / "Python" / "IrisSegmentModuleTest.py",
+               *sorted((ROOT / "Testing" / "Slicer").glob("*.py"))]
 # modules removed from Python 3.12 (PEP 594/632) and POSIX-only calls (absent on Windows)
 REMOVED = {"distutils", "imp", "asynchat", "asyncore", "smtpd"}
 NOT_PORTABLE = {"resource", "fcntl", "termios", "pwd", "grp"}
@@ -61,6 +62,10 @@ def test_package_boundaries():
 
 
 def test_every_widget_name_the_module_uses_is_in_the_ui():
+    """Names used as self.ui.NAME / u.NAME in IrisSegment.py and every control IrisSegmentLib.choices names
+    (bindings, signals, enabled states) exist in the .ui; every signal's slot is a widget method."""
+    from IrisSegmentLib import choices as c
+
     names = {w.get("name") for w in ET.parse(ROOT / "Resources" / "UI" / "IrisSegment.ui").iter("widget")}
     tree = ast.parse((ROOT / "IrisSegment.py").read_text())
     used = set()
@@ -73,37 +78,65 @@ def test_every_widget_name_the_module_uses_is_in_the_ui():
             elif isinstance(v, ast.Name) and v.id in aliases:
                 used.add(node.attr)
     assert used, "no self.ui.NAME found: the check itself is broken"
-    assert not used - names, f"used by IrisSegment.py but absent from the .ui: {sorted(used - names)}"
+    used |= set(c.NODE_CONTROLS) | set(c.COMBO_CONTROLS) | set(c.PATH_CONTROLS) | set(c.BUSY_CONTROLS)
+    used |= {name for name, _, _ in c.SIGNALS}
+    assert not used - names, f"used but absent from the .ui: {sorted(used - names)}"
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "IrisSegmentWidget")
+    methods = {f.name for f in widget.body if isinstance(f, ast.FunctionDef)}
+    assert {slot for _, _, slot in c.SIGNALS} <= methods
+
+
+def test_the_widget_is_a_thin_shell():
+    """Issue [12]: IrisSegment.py keeps only Qt wiring (at most 300 lines); no widget method longer than a
+    screen (40 lines): longer ones are logic in the wrong place."""
+    text = (ROOT / "IrisSegment.py").read_text()
+    assert len(text.splitlines()) <= 300, len(text.splitlines())
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.FunctionDef):
+            assert node.end_lineno - node.lineno < 40, f"{node.name}: {node.end_lineno - node.lineno + 1} lines"
 
 
 def test_every_choice_the_widget_offers_is_an_option_the_engine_accepts():
-    """The combo boxes' (label, value) lists in IrisSegment.py (read from its source: it imports slicer)
-    against SegmentOptions' own validation, so a renamed option cannot leave a dead menu entry."""
+    """The combo boxes' (label, value) lists (IrisSegmentLib.choices, from iris_core's tables) against
+    SegmentOptions' own validation, so a renamed option cannot leave a dead menu entry; each list starts with
+    the default."""
     from iris_core.device import DEVICES
     from iris_core.errors import ConfigError
     from iris_core.hermes_vocab import HERMES_MODALITIES, resolve_modality
-    from iris_core.options import PRECISIONS, SegmentOptions
+    from iris_core.options import PRECISIONS, STRATEGIES, SegmentOptions
+    from IrisSegmentLib.choices import choices
 
-    lists = {}
-    for node in ast.parse((ROOT / "IrisSegment.py").read_text()).body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper():
-            lists[node.targets[0].id] = [value for _, value in ast.literal_eval(node.value)]
-    assert lists["PRECISIONS"][0] == SegmentOptions().precision, "the first entry is the default"
-    assert sorted(lists["PRECISIONS"]) == sorted(PRECISIONS)
-    for key, field in (("STRATEGIES", "strategy"), ("PRECISIONS", "precision")):
+    lists = {name: [v for _, v in choices(name)] for name in ("strategies", "devices", "precisions", "modalities")}
+    assert lists["precisions"][0] == SegmentOptions().precision and lists["strategies"][0] == SegmentOptions().strategy
+    assert sorted(lists["precisions"]) == sorted(PRECISIONS) and sorted(lists["strategies"]) == sorted(STRATEGIES)
+    for key, field in (("strategies", "strategy"), ("precisions", "precision"), ("devices", "device")):
         for value in lists[key]:
             assert getattr(SegmentOptions.from_dict({field: value}), field) == value
-    assert set(lists["DEVICES"]) <= set(DEVICES)
-    assert {resolve_modality(m)[0] for m in lists["MODALITIES"]} == set(HERMES_MODALITIES)
+    assert set(lists["devices"]) == set(DEVICES)
+    assert {resolve_modality(m)[0] for m in lists["modalities"]} == set(HERMES_MODALITIES)
+    labels = [label for name in lists for label, _ in choices(name)]
+    assert all(labels) and len({lab for lab, _ in choices("precisions")}) == len(PRECISIONS)
     with pytest.raises(ConfigError, match="precision"):
         SegmentOptions.from_dict({"precision": "float16"})
 
 
-def test_sample_data_registration_passes_lists():
-    """SampleDataSource.__init__ calls len() on uris/fileNames/nodeNames (SampleData.py, Slicer 5.6+)."""
-    src = (ROOT / "IrisSegment.py").read_text()
-    assert not re.search(r"(uris|fileNames|nodeNames)\s*=\s*None", src)
-    assert "sample_data_source()" in src
+def test_sample_data_registration_passes_lists_and_checksums():
+    """SampleDataSource.__init__ calls len() on uris/fileNames/nodeNames (SampleData.py, Slicer 5.6+); without
+    checksums SampleDataLogic.downloadFile reuses a stale cached file (issue [12] item 12)."""
+    import hashlib
+    import urllib.parse
+    import urllib.request
+
+    from IrisSegmentLib.testing import sample_data_source
+
+    src = sample_data_source()
+    n = len(src["uris"])
+    assert n == 4 and all(len(src[k]) == n for k in ("fileNames", "nodeNames", "loadFileTypes", "checksums"))
+    for uri, checksum in zip(src["uris"], src["checksums"]):
+        path = Path(urllib.request.url2pathname(urllib.parse.urlparse(uri).path))
+        algo, digest = checksum.split(":")
+        assert algo == "SHA256" and digest == hashlib.sha256(path.read_bytes()).hexdigest()  # lower-case hex
+    assert "register_sample_data" in (ROOT / "IrisSegment.py").read_text()
 
 
 def test_dependencies_and_metadata():
@@ -132,3 +165,52 @@ def test_memory_figures_are_portable():
     avail = available_memory(torch.device("cpu"))
     assert 0 < avail <= psutil.virtual_memory().total
     assert peak_rss_mb() >= psutil.Process().memory_info().rss / 2**20 * 0.99
+
+
+def test_torch_requirement_platform_and_one_install_at_a_time(tmp_path):
+    """Issue [12] items 2, 6, 7 (the decisions; IrisSegmentLib/install.py only calls Slicer): the PyTorch
+    extension gets our requirement, an installed torch outside it is reported (never replaced), Intel Macs are
+    told before anything installs, and a second installation while one runs is refused."""
+    import importlib.metadata
+
+    from IrisSegmentLib import dependencies as deps
+
+    assert deps.torch_line().startswith("torch~=") and deps.torch_requirement() == ">=" + deps.torch_line()[7:]
+    installed = importlib.metadata.version("torch").split("+")[0]
+    assert deps.torch_problem() is None  # this venv's torch fits
+    newer = tmp_path / "requirements.txt"
+    newer.write_text("torch~=99.0\nmonai~=1.4\n")
+    problem = deps.torch_problem(newer)
+    assert installed in problem and ">=99.0" in problem and "PyTorch Utils" in problem
+    assert "2.2.2" in deps.platform_problem("Darwin", "x86_64")
+    assert deps.platform_problem("Darwin", "arm64") is None and deps.platform_problem("Windows", "AMD64") is None
+    changes = []
+    with deps.InstallGuard(lambda: changes.append(deps.InstallGuard.busy)):
+        with pytest.raises(RuntimeError, match="already running"):
+            with deps.InstallGuard():
+                pass
+        assert deps.InstallGuard.busy
+    assert changes == [True, False] and not deps.InstallGuard.busy
+    with pytest.raises(ValueError), deps.InstallGuard():
+        raise ValueError("pip failed")
+    assert not deps.InstallGuard.busy  # released after a failure
+    assert "torch_requirement()" in (ROOT / "IrisSegmentLib" / "install.py").read_text()
+
+
+def test_enabled_controls_follow_the_state():
+    """Segment, Compare, reuse, the model choice and the table buttons are off while a job or an installation
+    runs (issue [12] item 7); Cancel only while a job runs."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+    from IrisSegmentLib import choices, parameters
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "IrisSegment")
+    parameters.set_defaults(node)
+    node.SetNodeReferenceID("Target", scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "t").GetID())
+    node.SetParameter("LibraryPath", "lib.safetensors")
+    idle = choices.enabled_controls(node, False, False)
+    assert idle["segmentButton"] and not idle["cancelButton"] and all(idle[n] for n in choices.BUSY_CONTROLS)
+    for running, installing in ((True, False), (False, True)):
+        state = choices.enabled_controls(node, running, installing)
+        assert not state["segmentButton"] and not any(state[n] for n in choices.BUSY_CONTROLS)
+        assert state["cancelButton"] == running
