@@ -178,10 +178,29 @@ class Engine:
         if self.cancel():
             raise CancelledError("cancelled")
 
+    @property
+    def largest_reference(self) -> int:
+        """The largest reference edge (voxels) the network encodes: its task encoders' positional encoding, stored
+        at ``pos_embed_size`` on the context path, covers that many voxels times ``context_downsample``."""
+        cfg = self.model.config
+        return int(getattr(cfg, "pos_embed_size", 0) * getattr(cfg, "context_downsample", 1)) or max(self.window)
+
     def _crop_box(self, masks: np.ndarray) -> tuple[slice, ...]:
-        """A window-sized box (z, y, x) centred on the masks' union, inside the (padded) volume."""
+        """The reference box (z, y, x) around the masks' union: a window-sized box centred on it ('union'), or
+        ('volume') the whole volume where the network takes it (padded evenly to a multiple of 16), else as
+        much of it as the network takes, centred on the union and kept inside the volume."""
         zyx = np.argwhere(masks.any(axis=0))
         lo, hi = zyx.min(0), zyx.max(0) + 1
+        if self.policy.reference_crop == "volume":
+            shape = np.array(masks.shape[1:])
+            d = self.divisor
+            size = np.minimum(np.maximum(-(-shape // d) * d, self.window), self.largest_reference // d * d)
+            centre = (lo + hi) // 2
+            start = np.where(size >= shape, -((size - shape) // 2), np.clip(centre - size // 2, 0, shape - size))
+            if np.any(hi - lo > size):
+                log.warning("reference structure extent %s exceeds the largest reference %s: it is encoded partly",
+                            hi - lo, size)
+            return tuple(slice(int(s), int(s + w)) for s, w in zip(start, size))
         win = np.array(self.window)
         extent = hi - lo
         if np.any(extent > win):

@@ -226,3 +226,25 @@ def test_a_failed_write_leaves_no_output_at_all(tmp_path, phantom_files, tiny_mo
     out, side = write_result(res, tmp_path / "seg.nii.gz")  # the same result, once the folder is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["seg.nii.gz", "seg.json", "seg_prob_label_1.nii.gz", "seg_prob_label_2.nii.gz"])
+
+
+def test_reference_box_covers_the_whole_volume_where_the_network_takes_it(tiny_model):
+    """Issue [11]: a reference cut to a sliding-window-sized crop is seen with other instance-norm statistics than
+    the same anatomy in the target (the copy test lost 0.16 Dice to it); 'volume' encodes the whole reference,
+    padded evenly, up to the network's largest input, else as much as it takes around the classes."""
+    import dataclasses
+
+    from iris_core.inference import Engine
+
+    eng = Engine(tiny_model, device="cpu")
+    assert eng.policy.reference_crop == "volume" and eng.largest_reference == 64  # iris-tiny: 32 x 2
+    masks = np.zeros((1, 48, 40, 32), bool)
+    masks[0, 20:30, 10:20, 5:9] = True
+    box = eng._crop_box(masks)
+    assert [(s.start, s.stop) for s in box] == [(0, 48), (-4, 44), (0, 32)]  # whole, 40 padded to 48 evenly
+    big = np.zeros((1, 48, 200, 32), bool)
+    big[0, 20:30, 150:170, 5:9] = True
+    box = eng._crop_box(big)
+    assert box[1].stop - box[1].start == 64 and box[1].start <= 150 and box[1].stop >= 170 and box[1].stop <= 200
+    eng.policy = dataclasses.replace(eng.policy, reference_crop="union")
+    assert [s.stop - s.start for s in eng._crop_box(masks)] == list(eng.window)
