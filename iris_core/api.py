@@ -303,16 +303,13 @@ def segment(
     prep, classes, emb, strategy, details = run.prep, run.classes, run.embedding, run.strategy, run.details
     values = [c.value for c in classes]
     policy = loaded.preprocessing
-    postprocess = options.postprocess
-    if postprocess is None:
-        postprocess = "largest" if policy.largest_component else "none"
-    labels = engine.to_target(run.probabilities, prep, values, largest=postprocess == "largest")
+    postprocess = engine.postprocess_of(options.postprocess)
+    labels = engine.labels(run.probabilities, prep, values, postprocess)
     prob_maps = engine.probability_maps(run.probabilities, prep) if options.save_probabilities else None
     layers = None
     if options.overlaps:  # one label map per group of classes that may overlap each other
         groups = overlapping_class_groups(refs, classes) if refs else [values]
-        layers = [labels] if len(groups) == 1 else engine.to_target_layers(run.probabilities, prep, values, groups,
-                                                                           largest=postprocess == "largest")
+        layers = [labels] if len(groups) == 1 else engine.labels(run.probabilities, prep, values, postprocess, groups)
     found = class_volumes(layers if layers is not None else labels, classes)
     warn_classes_not_found(found, target_img, target_name, engine)
     sidecar = {

@@ -160,7 +160,7 @@ def pair_benchmark(model_spec: str = "default", repeats: int = 3, registration: 
             t0 = time.perf_counter()
             prep = eng.prepare(t.image, t.name)
             probs = eng.predict(prep, emb)
-            lab = eng.to_target(probs, prep, [1])
+            lab = eng.labels(probs, prep, [1])
             per_target.append(time.perf_counter() - t0)
             labels.append(lab)
         out["whole_volume_first_target_s"] = per_target[0]
@@ -259,7 +259,7 @@ def whole_brain_speed(model_spec: str = "default", repeats: int = 3, threads: in
 
     def one_target():
         prep = eng.prepare(target.image, target.name)
-        return eng.to_target(eng.predict(prep, emb), prep, [1])
+        return eng.labels(eng.predict(prep, emb), prep, [1])
 
     c0 = time.process_time()
     _, wall = _timed(one_target, repeats)

@@ -123,7 +123,7 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
         t_seg = time.perf_counter() - t0
         first_windows = list(window_times)
         t0 = time.perf_counter()
-        labels = engine.to_target(probs, prep, values, largest=loaded.preprocessing.largest_component)
+        labels = engine.labels(probs, prep, values)
         t_back = time.perf_counter() - t0
         first_total = time.perf_counter() - t_start
         first_cpu = time.process_time() - cpu_start
@@ -131,7 +131,7 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
         for _ in range(further_targets):
             t0 = last[0] = time.perf_counter()
             p2 = engine.prepare(img, Path(target).name)
-            engine.to_target(engine.predict(p2, emb), p2, values, largest=loaded.preprocessing.largest_component)
+            engine.labels(engine.predict(p2, emb), p2, values)
             further.append(time.perf_counter() - t0)
     packages = {"built": [], "loaded": []}  # --compile on a CPU: which compiled networks were built or loaded
     for fn in (engine._encode_task, engine._segment, engine._segment_bf16):

@@ -152,7 +152,7 @@ class Evaluator:
     def __init__(self, ds: Dataset, methods: list[Method], out_dir: str | Path, model: str = "default",
                  device: str = "auto", seed: int = 0, overlays: bool = True, progress: bool = True,
                  hermes_model: str | None = None, hermes_modality: str | None = None, fixed_reference: str | None = None,
-                 postprocess: str | None = "none"):
+                 postprocess: str | None = None):
         self.ds, self.methods, self.out = ds, methods, Path(out_dir)
         self.model_spec, self.device, self.seed = model, device, seed
         self.hermes_spec, self.hermes_modality, self.fixed = hermes_model, hermes_modality, fixed_reference
@@ -198,7 +198,7 @@ class Evaluator:
             encoded += self._cache[key]
         tprep = eng.prepare(self._read(target)[0], target)
         result = run_strategy(eng, tprep, encoded, classes, method.option)
-        return eng.to_target(result.probabilities, tprep, [c.value for c in classes])
+        return eng.labels(result.probabilities, tprep, [c.value for c in classes], self.postprocess)
 
     def run_hermes(self, target: str) -> sitk.Image:
         """Hermes segments the dataset's named classes (names from dataset.json looked up in the model's
@@ -219,20 +219,12 @@ class Evaluator:
             raise InputError(f"dataset {self.ds.name}: method hermes needs label names (dataset.json)")
         run = segment_hermes(eng, loaded, self._read(target)[0], target,
                              ",".join(self.ds.label_names[v] for v in values), modality)
-        return eng.to_target(run.probabilities, run.prep, values)
+        return eng.labels(run.probabilities, run.prep, values, self.postprocess)
 
     def predict(self, method: Method, target: str, refs: list[str]) -> sitk.Image:
         timg = self._read(target)[0]
-        if method.kind in ("iris", "hermes"):
-            from .postprocess import postprocess
-
-            pred = self.run_iris(method, target, refs) if method.kind == "iris" else self.run_hermes(target)
-            values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(pred)) if v]
-            how = self.postprocess
-            if how is None:  # the model's own policy (MASS: largest component), as segment does
-                policy = (self.engine() if method.kind == "iris" else self._hermes[0]).policy
-                how = "largest" if policy.largest_component else "none"
-            return postprocess(pred, values, how)
+        if method.kind in ("iris", "hermes"):  # the label map segment writes (Engine.labels: one way to labels)
+            return self.run_iris(method, target, refs) if method.kind == "iris" else self.run_hermes(target)
         rimg, rlab = self._read(refs[0])
         if method.kind == "identity":
             return resample_to(rlab, timg, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
@@ -400,7 +392,7 @@ def summarize(rows: list[dict], out_dir: Path, title: str = "", failures: list[d
 def run_evaluation(dataset: Dataset, methods: list[str], out_dir: str | Path, model: str = "default",
                    device: str = "auto", seed: int = 0, overlays: bool = True, progress: bool = True,
                    hermes_model: str | None = None, hermes_modality: str | None = None,
-                   fixed_reference: str | None = None, postprocess: str = "none") -> Path:
+                   fixed_reference: str | None = None, postprocess: str | None = None) -> Path:
     """Evaluate (sharded under torchrun: RANK / WORLD_SIZE) and summarise; returns summary.md (rank 0)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and device == "auto":

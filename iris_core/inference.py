@@ -17,9 +17,9 @@ from .device import autocast, check_memory, select_device, set_threads
 from .embedding import TaskEmbedding
 from .errors import CancelledError, InputError
 from .options import SegmentOptions
-from .postprocess import keep_largest_component
+from .postprocess import keep_largest_component, largest_component
 from .precision import PrecisionChooser, describe, in_bfloat16
-from .preprocess import PreparedImage, largest_component_array, prepare_image, reorient, volume_intensity_map
+from .preprocess import PreparedImage, prepare_image, reorient, volume_intensity_map
 from .resample import array_to_image, crop_padded, labels_to_masks, nearest_masks, resample_to
 from .sliding import sliding_window
 
@@ -435,9 +435,30 @@ class Engine:
             best[win] = pt[win]
         out = array_to_image(labels.astype(_label_dtype(values)), target)
         if largest:
-            out = keep_largest_component(out, values, fully_connected=self.policy.connectivity == 26)
+            out = keep_largest_component(out, values, self.policy.connectivity)
         self.timer.add("resample_back", t0)
         return out
+
+    def labels(self, probs: np.ndarray, prep: PreparedImage, values: list[int], postprocess: str | None = None,
+               groups: list[list[int]] | None = None) -> sitk.Image | list[sitk.Image]:
+        """The label map a run writes, from its probabilities: on the exact target grid, one class per voxel,
+        decided where the policy decides (``labels_on``), then ``postprocess`` ('none', 'largest'; None: the
+        policy's, 'largest' for MASS models, with the policy's connectivity). With ``groups`` (classes that may
+        overlap), one label map per group. The one way to labels: segment, evaluate and the benchmarks call it,
+        so an evaluation scores exactly what segment writes."""
+        largest = self.postprocess_of(postprocess) == "largest"
+        if groups is not None:
+            return self.to_target_layers(probs, prep, values, groups, largest=largest)
+        return self.to_target(probs, prep, values, largest=largest)
+
+    def postprocess_of(self, postprocess: str | None) -> str:
+        """The post-processing a run applies: ``postprocess``, or the policy's when None."""
+        from .options import POSTPROCESSING
+
+        how = ("largest" if self.policy.largest_component else "none") if postprocess is None else postprocess
+        if how not in POSTPROCESSING:
+            raise InputError(f"unknown post-processing {how!r}; use one of {', '.join(POSTPROCESSING)}")
+        return how
 
     def to_target_layers(self, probs: np.ndarray, prep: PreparedImage, values: list[int], groups: list[list[int]],
                          threshold: float | None = None, largest: bool = False) -> list[sitk.Image]:
@@ -463,7 +484,7 @@ class Engine:
             kept = np.zeros_like(labels)
             for v in values:
                 if (labels == v).any():
-                    kept[largest_component_array(labels == v, self.policy.connectivity)] = v
+                    kept[largest_component(labels == v, self.policy.connectivity)] = v
             labels = kept
         img = array_to_image(labels, prep.grid)
         return resample_to(img, prep.source, sitk.sitkNearestNeighbor, 0, img.GetPixelID())

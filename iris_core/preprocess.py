@@ -13,6 +13,7 @@ from .device import check_memory
 from .errors import InputError
 from .imaging import check_finite
 from .options import INTENSITY_POLICIES
+from .postprocess import largest_component
 from .resample import model_grid, model_grid_geometry, resample_to, smooth_for_downsampling
 
 
@@ -151,19 +152,6 @@ def native_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> sitk.
     return grid
 
 
-def largest_component_array(mask: np.ndarray, connectivity: int = 6) -> np.ndarray:
-    """The largest connected component of a binary array (6: faces, 26: faces, edges, corners)."""
-    from scipy import ndimage
-
-    structure = ndimage.generate_binary_structure(3, 1 if connectivity == 6 else 3)
-    lab, n = ndimage.label(mask, structure)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(np.argmax(sizes))
-
-
 def body_box(arr: np.ndarray, modality: str, policy: Preprocessing) -> tuple[slice, ...] | None:
     """The body's bounding box (z, y, x slices) plus the policy's margin, clamped to the volume: CT
     voxels above the body threshold, else |value| above 1e-3 of the 99th percentile of |values|;
@@ -179,7 +167,7 @@ def body_box(arr: np.ndarray, modality: str, policy: Preprocessing) -> tuple[sli
         thr = max(float(np.percentile(np.abs(arr[finite]), 99)) * 1e-3, 1e-6)
         mask = finite & (np.abs(arr) > thr)
     mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2))
-    mask = largest_component_array(mask, 6)
+    mask = largest_component(mask, 6)
     if not mask.any():
         return None
     box = []

@@ -305,3 +305,23 @@ def test_built_in_copy_and_sample_pair_cohorts(tmp_path, tiny_model_file):
     assert len(rows) == 10 and np.mean([float(r["dice"]) for r in rows]) < 0.5  # moved 20-40 mm: thin gyri miss
     with pytest.raises(InputError, match="'copy', 'gyri-moved', 'sample-pair'"):
         load_dataset("copies")
+
+
+@pytest.mark.slow
+def test_evaluate_scores_exactly_what_segment_writes_with_the_bundled_model(tmp_path):
+    """Issue [13]: segment and evaluate reach labels through one function (Engine.labels), so a researcher's
+    figures are those of the label maps users get: the shipped Slicer pair, the bundled model, every option at
+    its default, voxel for voxel (the MASS pipeline's case is in test_mass_pipeline)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from iris_core.api import segment
+    from iris_core.evaluate import Evaluator
+
+    ds = load_dataset("sample-pair")
+    ev = Evaluator(ds, [], tmp_path, model="default", device="cpu")
+    scored = ev.predict(parse_method("iris:one-shot"), "ICBM2009a-moved", ["Colin27"])
+    ref = ds.case("Colin27")
+    written = segment(ds.case("ICBM2009a-moved").image, [(ref.image, ref.labels)], model="default", device="cpu")
+    assert np.array_equal(sitk.GetArrayFromImage(scored), sitk.GetArrayFromImage(written.labels))
+    assert sitk.GetArrayFromImage(scored).any()

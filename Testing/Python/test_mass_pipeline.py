@@ -162,6 +162,17 @@ def test_mass_checkpoint_reproduces_the_authors_pipeline(case, tmp_path, mass_ru
                 "--save-probabilities", "--output", str(out)]) == 0
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(PIPE / f"{case}_authors_seg.nii.gz")))
+    if case == "mr":  # issue [13]: evaluate scores exactly the label map segment writes (the MASS model's largest
+        # component on the model grid, 6-connected: evaluate once kept it on the target grid, 26-connected)
+        from iris_core.datasets import Case, Dataset
+        from iris_core.evaluate import Evaluator, parse_method
+
+        cases = [Case("target", str(PIPE / "mr_target.nii.gz"), str(PIPE / "mr_authors_seg.nii.gz")),
+                 Case("reference", str(PIPE / "mr_reference.nii.gz"), str(PIPE / "mr_reference_labels.nii.gz"))]
+        ev = Evaluator(Dataset("fixture", cases, {}, "MR", [("target", "reference")]), [], tmp_path / "ev",
+                       model=str(mass_rule_checkpoint), device="cpu")
+        scored = sitk.GetArrayFromImage(ev.predict(parse_method("iris:one-shot"), "target", ["reference"]))
+        assert np.array_equal(scored, ours)
     same = float((ours == theirs).mean())
     authors = np.load(PIPE / "authors_probabilities.npz")
     diffs = {}
