@@ -42,6 +42,10 @@ from .scene import (
 
 log = logging.getLogger(__name__)
 
+#: the library's input names (iris_core IrisError.inputs) as the module's controls
+SLICER_INPUTS = {"references": "the References table", "library": "Task library", "structures": "Known structures",
+                 "hermes_modality": "the modality of Known structures", "classes": "the Segments column",
+                 "model": "Model", "target": "Target volume", "output": "Output"}
 #: below this share of a reference segment inside its volume, the user is told (the rest is cut off)
 KEPT_WARNING = 0.95
 
@@ -96,8 +100,12 @@ class PreparedRun:
         return text
 
     def explain(self, error: WorkerError) -> WorkerError:
-        """The worker's error in the scene's words (``in_scene_words``)."""
-        return WorkerError(self.in_scene_words(str(error)), self.in_scene_words(error.details))
+        """The worker's error in the scene's words (``in_scene_words``), naming the module's controls it concerns."""
+        text = self.in_scene_words(str(error))
+        controls = [SLICER_INPUTS[i] for i in error.inputs if i in SLICER_INPUTS]
+        if controls:
+            text += f" (see {' or '.join(controls)})"
+        return WorkerError(text, self.in_scene_words(error.details), error.inputs)
 
 
 scene_unchanged = nodes_removed_after  # reading arrays must not change the user's scene

@@ -34,9 +34,10 @@ SIGKILL = 9  # the number, not signal.SIGKILL: that name does not exist on Windo
 class WorkerError(Exception):
     """The worker failed; ``message`` is fit for the user."""
 
-    def __init__(self, message: str, details: str = ""):
+    def __init__(self, message: str, details: str = "", inputs: tuple[str, ...] = ()):
         super().__init__(message)
         self.details = details
+        self.inputs = tuple(inputs)  # the library's input names the error concerns (iris_core IrisError.inputs)
 
 
 class WorkerCancelled(Exception):
@@ -222,7 +223,8 @@ class WorkerProcess:
                 self.result = e.data
             elif e.kind == "error":
                 d = e.data
-                self.error = WorkerError(str(d.get("message", "the worker failed")), str(d.get("traceback", "")))
+                self.error = WorkerError(str(d.get("message", "the worker failed")), str(d.get("traceback", "")),
+                                         tuple(str(i) for i in d.get("inputs") or ()))
         if not exited:
             self._sample_memory()
             return events

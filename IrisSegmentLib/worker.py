@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
         kind = "user" if isinstance(exc, IrisError) else "internal"
         emit(PREFIX_ERROR, {"kind": kind, "type": type(exc).__name__, "message": str(exc),
+                            "inputs": list(getattr(exc, "inputs", ())),
                             "traceback": "" if kind == "user" else traceback.format_exc()})
         return getattr(exc, "exit_code", 1)
     emit(PREFIX_DONE, {"sidecar": sidecar})

@@ -53,7 +53,8 @@ def resolve_model(spec: str | None, allow_unsafe: bool = False, device: str = "c
     'mass-base' (downloaded by ``iris-segment models pull``) or 'preset:NAME' (untrained)."""
     if spec in (None, "", "default"):
         if not DEFAULT_MODEL.is_file():
-            raise InputError(f"the bundled default model {DEFAULT_MODEL} is missing; pass --model FILE")
+            raise InputError(f"the bundled default model {DEFAULT_MODEL} is missing; give a model file",
+                             inputs=("model",))
         return load_checkpoint(DEFAULT_MODEL, device=device)
     if spec.startswith("preset:"):
         return preset_model(spec.split(":", 1)[1])
@@ -80,14 +81,14 @@ def parse_classes(text: str | None, names_only: bool = False) -> list[ClassSpec]
             continue
         name, _, value = part.rpartition("=") if "=" in part else ("", "", part)
         if not re.fullmatch(r"\d+", value):
-            raise InputError(f"--classes: {part!r} is not a label value or NAME=VALUE")
+            raise InputError(f"classes: {part!r} is not a label value or NAME=VALUE", inputs=("classes",))
         v = int(value)
         if v == 0:
-            raise InputError("--classes: label 0 is background, not a class")
+            raise InputError("classes: label 0 is background, not a class", inputs=("classes",))
         out.append(ClassSpec(name.strip() or f"label_{v}", v))
     names = [c.name for c in out]
     if len(set(names)) != len(names):
-        raise InputError(f"--classes: duplicate class names in {names}")
+        raise InputError(f"classes: duplicate class names in {names}", inputs=("classes",))
     return out
 
 
@@ -100,8 +101,8 @@ def load_references(pairs: list[tuple[str, str]]) -> list[Reference]:
             lab = read_image(lab_path, "label map")
             if not looks_like_labels(lab):
                 raise InputError(f"reference ({img_path}, {lab_path}): the first file holds few integer values "
-                                 "(a label map) and the second a continuous image; give --reference IMAGE LABELS "
-                                 "in that order")
+                                 "(a label map) and the second a continuous image; give the image first, then "
+                                 "its label map", inputs=("references",))
             if lab.GetSize() == img.GetSize() and np.array_equal(sitk.GetArrayViewFromImage(img),
                                                                  sitk.GetArrayViewFromImage(lab)):
                 raise InputError(f"reference ({img_path}, {lab_path}): the image and the label map hold the same "
@@ -198,7 +199,8 @@ def segment_hermes(engine: Engine, loaded: LoadedModel, target_img: sitk.Image, 
     from .hermes_vocab import resolve_structures
 
     if not structures:
-        raise InputError("a Hermes model needs --structures (names from its vocabulary)")
+        raise InputError("a Hermes model needs the structures to segment (names from its vocabulary)",
+                         inputs=("structures",))
     tasks = resolve_structures(structures, hermes_vocabulary(loaded), modality[0])
     prep = engine.prepare(target_img, target_name)
     probs = engine.predict_tasks(prep, [t.index for t in tasks], modality[1])
@@ -264,14 +266,15 @@ def segment(
     loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
     hermes_modality = None
     if structures is not None and loaded.arch != "hermes":  # before asking for a Hermes modality
-        raise InputError(f"{loaded.source} is an {loaded.arch} model; --structures needs a Hermes model "
-                         "(an Iris model segments from references: use --reference or --library)")
+        raise InputError(f"{loaded.source} is an {loaded.arch} model; named structures need a Hermes model "
+                         "(an Iris model segments from references or a task library)",
+                         inputs=("structures", "references", "library"))
     if loaded.arch == "hermes" or structures:
         from .hermes_vocab import intensity_for, resolve_modality
 
         if not options.hermes_modality:
-            raise InputError("a Hermes model needs the target's modality: --hermes-modality CT, PET, T1, T2 "
-                             "or cine")
+            raise InputError("a Hermes model needs the target's modality: CT, PET, T1, T2 or cine",
+                             inputs=("hermes_modality",))
         hermes_modality = resolve_modality(options.hermes_modality)
         if options.intensity == "auto":
             options = dataclasses.replace(options, intensity=intensity_for(hermes_modality[0]))
@@ -285,7 +288,8 @@ def segment(
     if structures is not None or loaded.arch == "hermes":
         engine.require_arch("hermes")
         if references or library:
-            raise InputError("a Hermes model segments named structures: give --structures, not references")
+            raise InputError("a Hermes model segments named structures: give structures, not references",
+                             inputs=("structures",))
         run = segment_hermes(engine, loaded, target_img, target_name, structures, hermes_modality)
     elif library is not None:
         if references:
@@ -293,7 +297,8 @@ def segment(
         run = _segment_library(engine, loaded, target_img, target_name, library, classes)
     else:
         if not references:
-            raise InputError("no reference given: pass --reference IMAGE LABELS (or --library FILE)")
+            raise InputError("no reference given: give a reference image with its label map, or a task library",
+                             inputs=("references", "library"))
         refs = references if isinstance(references[0], Reference) else load_references(references)
         classes = resolve_classes(refs, classes)
         prep = engine.prepare(target_img, target_name)
@@ -410,8 +415,9 @@ def refuse_probability_map_collisions(output: str | Path, inputs: dict[str, str 
         src = Path(src)
         # case-folded: one file on Windows and macOS
         if fnmatch.fnmatchcase(src.name.casefold(), pattern.casefold()) and _same_file(src.parent, p.parent):
-            raise InputError(f"the input {what} {src} is named like a probability map of --output {p} "
-                             f"({pattern}): --save-probabilities could overwrite it; choose another output path")
+            raise InputError(f"the input {what} {src} is named like a probability map of the output {p} "
+                             f"({pattern}): saving the probability maps could overwrite it; choose another output "
+                             "path", inputs=("output",))
 
 
 def with_slicer_segment_metadata(labels: sitk.Image | list[sitk.Image], classes: list[ClassSpec]) -> sitk.Image:

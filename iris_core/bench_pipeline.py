@@ -133,10 +133,7 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
             p2 = engine.prepare(img, Path(target).name)
             engine.labels(engine.predict(p2, emb), p2, values)
             further.append(time.perf_counter() - t0)
-    packages = {"built": [], "loaded": []}  # --compile on a CPU: which compiled networks were built or loaded
-    for fn in (engine._encode_task, engine._segment, engine._segment_bf16):
-        for kind in packages:
-            packages[kind] += [p.name for p in getattr(fn, kind, [])]
+    packages = engine.compiled_packages()  # --compile on a CPU: which compiled networks were built or loaded
     gflop = window_gflop(loaded, engine.window, emb.batched("cpu")) if loaded.arch == "iris" else None
     agreement = None
     if other is not None:

@@ -177,7 +177,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             if len(jobs) == 1:
                 raise
             # several targets: one that cannot be segmented is reported, the others are still done
-            print(f"error: target {i} of {len(jobs)}: {exc}", file=sys.stderr)
+            print(f"error: target {i} of {len(jobs)}: {in_cli_words(exc)}", file=sys.stderr)
             failed.append((target, exc))
             continue
         finally:
@@ -542,6 +542,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: the library's input names (IrisError.inputs) as this command line spells them
+CLI_INPUTS = {"references": "--reference IMAGE LABELS", "library": "--library FILE", "structures": "--structures",
+              "hermes_modality": "--hermes-modality", "classes": "--classes", "model": "--model FILE",
+              "target": "--target", "output": "--output"}
+
+
+def in_cli_words(exc: IrisError) -> str:
+    """A library error as this command line's user reads it: the options it concerns named after it."""
+    flags = [CLI_INPUTS[i] for i in exc.inputs if i in CLI_INPUTS]
+    return f"{exc} ({' or '.join(flags)})" if flags else str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
@@ -553,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     except IrisError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {in_cli_words(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,9 +11,16 @@ def reason(exc: BaseException, default: str = "unknown reason") -> str:
 
 
 class IrisError(Exception):
-    """Base class of every error a user can cause; the CLI prints it without a traceback."""
+    """Base class of every error a user can cause; the CLI prints it without a traceback. The message says what
+    went wrong in the library's words; ``inputs`` names the API arguments concerned ('references', 'library',
+    'structures', 'hermes_modality', 'classes', 'model', 'target', 'output'), which each front end words for its
+    users: the CLI as its options (``--reference IMAGE LABELS``), the Slicer module as its controls."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *, inputs: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.inputs = tuple(inputs)
 
 
 class InputError(IrisError):

@@ -125,17 +125,18 @@ class Engine:
         # --compile: on a CPU the network compiled ahead of time and cached on disk (about a minute
         # per method and input size, once per machine; later runs load it in a second), on a GPU
         # torch.compile (once per process); the uncompiled model otherwise
-        self._segment = self._encode_task = None
+        # the network functions windows and reference crops go through (public: a probe may replace them):
+        self.segment_network = self.encode_network = None
         if loaded.arch == "iris":
-            self._segment, self._encode_task = self.model.segment, self.model.encode_task
+            self.segment_network, self.encode_network = self.model.segment, self.model.encode_task
             if options.compile and self.device.type == "cpu":
                 from .aot import CompiledMethod
 
-                self._segment = CompiledMethod(self.model, "segment", list_arg=True, progress=self._report)
+                self.segment_network = CompiledMethod(self.model, "segment", list_arg=True, progress=self._report)
                 if not self.model.config.memory_tokens:  # the memory sample is data-dependent: not exportable
-                    self._encode_task = CompiledMethod(self.model, "encode_task", progress=self._report)
+                    self.encode_network = CompiledMethod(self.model, "encode_task", progress=self._report)
             elif options.compile:
-                self._segment = compile_segment(self.model)
+                self.segment_network = compile_segment(self.model)
         # --precision: on a CPU, bfloat16 windows (forced, or 'auto': per task where a check on its first
         # window shows the labels kept and a speed-up); GPUs keep their autocast (``amp``)
         self.precision = options.precision if self.device.type == "cpu" else "float32"
@@ -168,13 +169,13 @@ class Engine:
     # -- preparation -----------------------------------------------------------------------
     def prepare(self, image: sitk.Image, name: str, target: bool = True) -> PreparedImage:
         """Normalise and resample an image onto its model grid (a reference: ``target=False``)."""
-        self._check_cancel()
+        self.check_cancel()
         t0 = time.perf_counter()
         prep = prepare_image(image, name, self.policy, self.intensity, multiple=self.divisor, target=target)
         self.timer.add("prepare", t0)
         return prep
 
-    def _check_cancel(self) -> None:
+    def check_cancel(self) -> None:
         if self.cancel():
             raise CancelledError("cancelled")
 
@@ -258,7 +259,7 @@ class Engine:
     def encode(self, ref: Reference, classes: list[ClassSpec], prep: PreparedImage | None = None) -> TaskEmbedding:
         """Task embedding of ``classes`` on one reference (one encoder pass when they fit one window)."""
         self.require_arch("iris")
-        self._check_cancel()
+        self.check_cancel()
         prep = prep or self.prepare(ref.image, ref.name, target=False)
         t0 = time.perf_counter()
         masks = self.reference_masks(ref, prep, classes)
@@ -269,13 +270,26 @@ class Engine:
             self.progress(f"Encoding reference {ref.name}", gi, len(groups))
             crop = self.label_crop if per_label else self.reference_crop
             img, m = crop(prep, masks[group])
-            with autocast(self.device, self.amp):
-                tokens = self._encode_task(img, m)
+            tokens = self.encode_crop(img, m)
             parts.append(TaskEmbedding([t[0].float().cpu() for t in tokens],
                                        [classes[i].name for i in group], [classes[i].value for i in group]))
         emb = TaskEmbedding.concat(parts).select([c.name for c in classes])
         self.timer.add("encode", t0)
         return emb
+
+    def encode_crop(self, image: torch.Tensor, masks: torch.Tensor) -> list[torch.Tensor]:
+        """The task embedding tokens of masks [1, K, ...] on an image crop [1, 1, ...] already on the model grid
+        (the encoder this engine runs: compiled where asked, under the device's autocast)."""
+        with torch.inference_mode(), autocast(self.device, self.amp):
+            return self.encode_network(image, masks)
+
+    def compiled_packages(self) -> dict[str, list[str]]:
+        """Which compiled networks (--compile on a CPU) this engine built and which it loaded from the cache."""
+        out: dict[str, list[str]] = {"built": [], "loaded": []}
+        for fn in (self.encode_network, self.segment_network, self._segment_bf16):
+            for kind in out:
+                out[kind] += [p.name for p in getattr(fn, kind, [])]
+        return out
 
     def _group_classes(self, masks: np.ndarray) -> list[list[int]]:
         """Classes whose union fits one window are encoded together; the rest one by one."""
@@ -298,7 +312,7 @@ class Engine:
         if self._segment_bf16 is None:
             from .aot import CompiledMethod
 
-            if isinstance(self._segment, CompiledMethod):  # --compile on a CPU: a bfloat16 package of its own
+            if isinstance(self.segment_network, CompiledMethod):  # --compile on a CPU: a bfloat16 package of its own
                 self._segment_bf16 = CompiledMethod(self.model, "segment", list_arg=True, progress=self._report,
                                                     precision="bfloat16")
             else:
@@ -326,7 +340,7 @@ class Engine:
         return report | {"summary": describe(report)}  # one line for the CLI and Slicer's Log
 
     def _iris_logits(self, emb: TaskEmbedding, start: int, tokens: list[torch.Tensor]):
-        float32 = _Bound(self._segment, tokens)
+        float32 = _Bound(self.segment_network, tokens)
         if self.precision == "float32":
             return float32
         return self._chooser(("iris", id(emb), start), emb, float32, _Bound(self._bf16_segment(), tokens))
@@ -364,7 +378,7 @@ class Engine:
     def _sliding(self, prep: PreparedImage, k: int, logits_fn) -> np.ndarray:
         """MONAI sliding-window inference of ``logits_fn`` (windows -> [B, K, ...] logits) with
         Gaussian blending, progress, cancel and a memory check; sigmoid probabilities on the CPU."""
-        self._check_cancel()
+        self.check_cancel()
         check_memory(self._estimate_bytes(prep.array.shape, k), self.device, f"segmenting {prep.name}")
         t0 = time.perf_counter()
         x = torch.from_numpy(prep.array)[None, None]
@@ -378,7 +392,7 @@ class Engine:
         background = prep.intensity.background + 1e-3
 
         def predictor(batch: torch.Tensor) -> torch.Tensor:
-            self._check_cancel()
+            self.check_cancel()
             out = torch.zeros((batch.shape[0], k, *batch.shape[2:]), device=self.device)
             # windows holding nothing but background (air, padding) cannot contain a structure
             keep = (batch.flatten(1).amax(1) > background) if self.skip_empty else torch.ones(len(batch), dtype=bool)
@@ -403,7 +417,7 @@ class Engine:
         """The 'mass' blending: zero padding at the far end, every window, the authors' Gaussian."""
 
         def probs_fn(patch: torch.Tensor) -> torch.Tensor:
-            self._check_cancel()
+            self.check_cancel()
             with autocast(self.device, self.amp):
                 return torch.sigmoid(logits_fn(patch.to(self.device)).float())
 

@@ -95,8 +95,7 @@ def retrieval(engine: Engine, target: PreparedImage, encoded: list[EncodedRefere
             parts.append(e.select([c.name]))
             continue
         img, m = engine.reference_crop(target, mask[None].astype(np.uint8))
-        with torch.inference_mode():
-            own = engine.model.encode_task(img, m)
+        own = engine.encode_crop(img, m)
         own_vec = torch.cat([t[0, 0].float().cpu().flatten() for t in own if not is_memory(t[0])])
         sims = [float(F.cosine_similarity(own_vec, e.select([c.name]).vectors()[0], dim=0)) for _, e in candidates]
         best = int(np.argmax(sims))
@@ -132,7 +131,7 @@ def tune(engine: Engine, encoded: list[EncodedReference], classes: list[ClassSpe
     try:
         with torch.enable_grad():
             for step in range(steps):
-                engine._check_cancel()
+                engine.check_cancel()
                 engine.progress("In-context tuning", step, steps)
                 opt.zero_grad()
                 total = 0.0

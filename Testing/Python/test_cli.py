@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,9 +103,9 @@ def bad_cases(tmp_path, files):
         "no threads": (["--target", files["tgt"], "--threads", "0"], "threads 0 must be >= 1"),
         "negative sw-batch": (["--target", files["tgt"], "--sw-batch", "-1"], "windows per forward pass -1 must be >= 0"),
         "structures with an Iris model": (["--target", files["tgt"], "--structures", "liver"],
-                                          r"is an iris model; --structures needs a Hermes model"),
+                                          r"is an iris model; named structures need a Hermes model .*\(--structures or --reference IMAGE LABELS"),
         "Hermes without modality": (["--target", files["tgt"], "--model", "preset:hermes-tiny", "--structures",
-                                     "liver"], "a Hermes model needs the target's modality: --hermes-modality"),
+                                     "liver"], r"a Hermes model needs the target's modality: CT, .* \(--hermes-modality\)"),
         "class absent": (["--target", files["tgt"], "--classes", "liver=9"], r"\['liver=9'\] are absent"),
         "bad classes": (["--target", files["tgt"], "--classes", "a=b"], "not a label value"),
         "too large": (["--target", _huge(tmp_path)], "needs about .* GiB but only"),
@@ -514,3 +515,21 @@ def test_other_commands_name_bad_input(capsys, tmp_path):
     assert afile.read_text() == "keep me"
     code, _, err = run(capsys, "evaluate", "--dataset", tmp_path / "cohort.csv", "--out", tmp_path / "ev")
     assert code != 0 and "cohort.csv: CSV file not found" in err and not (tmp_path / "ev").exists(), err
+
+
+def test_library_errors_name_their_inputs_and_each_front_end_words_them(phantom_files, tiny_model):
+    """Issue [13]: api's messages name no command-line flag (Slicer users read them too); the error carries the
+    inputs it concerns, which the CLI words as its options and the Slicer logic as its controls."""
+    from iris_core.api import segment
+    from iris_core.cli import in_cli_words
+    from iris_core.errors import InputError
+    from IrisSegmentLib.logic import PreparedRun
+    from IrisSegmentLib.runner import WorkerError
+
+    with pytest.raises(InputError) as info:
+        segment(phantom_files["tgt"], model=tiny_model, device="cpu")
+    assert "--" not in str(info.value) and info.value.inputs == ("references", "library")
+    assert in_cli_words(info.value).endswith("(--reference IMAGE LABELS or --library FILE)")
+    run = PreparedRun(Path("w"), Path("w/job.json"), Path("w/result.nrrd"), [], None, "one-shot")
+    worded = run.explain(WorkerError(str(info.value), "", info.value.inputs))
+    assert str(worded).endswith("(see the References table or Task library)") and "--" not in str(worded)

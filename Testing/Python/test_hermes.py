@@ -80,7 +80,7 @@ def test_hermes_trains_and_segments_by_name(hermes_model, dataset, tmp_path, cap
     code = main(["segment", "--model", str(hermes_model), "--target", str(dataset / "imagesTr" / "h_000_0000.nii.gz"),
                  "--reference", str(dataset / "imagesTr" / "h_001_0000.nii.gz"), str(dataset / "labelsTr" / "h_001.nii.gz"),
                  "--hermes-modality", "T1", "--output", str(tmp_path / "y.nii.gz"), "--device", "cpu", "--quiet"])
-    assert code != 0 and "give --structures" in capsys.readouterr().err
+    assert code != 0 and "give structures, not references (--structures)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
