@@ -3,7 +3,7 @@ an iris_core table appears in the module with no edit here; this file only words
 
 from __future__ import annotations
 
-from iris_core.hermes_vocab import HERMES_MODALITIES
+from iris_core.hub.hermes_vocab import HERMES_MODALITIES
 from iris_core.options import DEVICES, PRECISIONS, STRATEGIES
 
 LABELS = {

@@ -7,7 +7,9 @@ import importlib.util
 import re
 from pathlib import Path
 
-REQUIREMENTS = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
+from iris_core.resources import RESOURCES
+
+REQUIREMENTS = RESOURCES / "requirements.txt"
 # the import name of a requirement whose distribution name differs from it (none of ours today; e.g.
 # "scikit-image": "skimage"); every other requirement imports under its own name
 IMPORT_NAMES: dict[str, str] = {}

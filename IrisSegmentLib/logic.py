@@ -22,8 +22,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from iris_core.errors import reason
-from iris_core.options import SegmentOptions
-from iris_core.postprocess import disjoint_groups
+from iris_core.io.colours import colour_rgb
+from iris_core.options import SegmentOptions, strategy_for
+from iris_core.pipeline.postprocess import disjoint_groups
 
 from .jobs import Job, raise_for, run_to_end
 from .runner import WorkerError, WorkerProcess
@@ -134,8 +135,7 @@ class IrisSegmentLogic:
         if not req.references and not req.library and not req.structures:
             raise SceneError("add at least one reference (volume + segmentation), choose a task library, or "
                              "pick known structures of a Hermes model")
-        from iris_core import hub
-
+        from iris_core.hub import download as hub
         if not hub.names_a_model(req.model):
             raise SceneError(f"model file {req.model} not found; choose another file or the bundled default")
         if req.output is not None:
@@ -183,11 +183,11 @@ class IrisSegmentLogic:
             elif req.library:
                 job["library"] = req.library
             else:
-                infos, refs, shared = self._export_references(req, work, write, warnings)
+                infos, refs, per_reference = self._export_references(req, work, write, warnings)
                 job["references"] = refs
                 job["classes"] = [{"name": s.name, "value": s.value} for s in infos]
-                if options.strategy == "one-shot" and shared:
-                    options = dataclasses.replace(options, strategy="ensemble")
+                if strategy_for(options.strategy, per_reference) != options.strategy:  # as the library decides
+                    options = dataclasses.replace(options, strategy=strategy_for(options.strategy, per_reference))
                     log.info("several references share a segment name: using the context ensemble")
                 if len(refs) > len({image for image, _ in refs}):  # a reference's segments overlap
                     # so may the result's: each class decided on its own, one label map per group
@@ -209,15 +209,15 @@ class IrisSegmentLogic:
             raise
 
     def _export_references(self, req: SegmentRequest, work: Path, write, warnings: list[str]
-                           ) -> tuple[list[SegmentInfo], list, bool]:
+                           ) -> tuple[list[SegmentInfo], list, list[list[str]]]:
         """Write each reference image once and its segments as label maps: one label map per group
         of non-overlapping segments, so a segment inside another stays whole (the same image is
-        listed once per group). Returns the classes, the (image, labels) pairs and whether a
-        class name occurs in several references. Segment names are one class whatever their case
+        listed once per group). Returns the classes, the (image, labels) pairs and each reference's
+        segment names (for ``strategy_for``). Segment names are one class whatever their case
         ('Left' and 'left'): Slicer's segment lookup by name ignores case, so two such classes could not
         both be imported. A segment partly outside its volume adds a line to ``warnings``."""
         by_name: dict[str, SegmentInfo] = {}  # by the case-folded name
-        counts: dict[str, int] = {}
+        per_reference: list[list[str]] = []
         refs = []
         for i, ref in enumerate(req.references):
             if ref.volume is None or ref.segmentation is None:
@@ -240,7 +240,7 @@ class IrisSegmentLogic:
                 if key not in by_name:
                     by_name[key] = SegmentInfo(info.segment_id, info.name, info.color, info.terminology,
                                                len(by_name) + 1)
-                counts[key] = counts.get(key, 0) + 1
+            per_reference.append([info.name for info in seg_infos])
             img_path = write(image, work / f"ref{i}.nrrd", describe(ref.volume, role))
             for g, group in enumerate(disjoint_groups(masks)):
                 labels = np.zeros(masks[0].shape, np.uint16)
@@ -250,7 +250,7 @@ class IrisSegmentLogic:
                 out.CopyInformation(image)
                 seg_what = describe(ref.segmentation, f"reference {i + 1} segmentation")
                 refs.append([img_path, write(out, work / f"ref{i}_labels{g}.nrrd", seg_what, True)])
-        return list(by_name.values()), refs, any(c > 1 for c in counts.values())
+        return list(by_name.values()), refs, per_reference
 
     # -- run ----------------------------------------------------------------------------------
     def start(self, run: PreparedRun) -> WorkerProcess:
@@ -303,8 +303,7 @@ class IrisSegmentLogic:
             if not infos:  # task library / known structures: names from the sidecar, terminology by name
                 from .terminology import terminology
 
-                palette = [(0.9, 0.3, 0.3), (0.3, 0.8, 0.3), (0.3, 0.4, 0.9), (0.9, 0.6, 0.2), (0.7, 0.3, 0.8)]
-                infos = [SegmentInfo("", c["name"], palette[i % len(palette)], terminology(c["name"]),
+                infos = [SegmentInfo("", c["name"], colour_rgb(i), terminology(c["name"]),
                                      int(c["value"])) for i, c in enumerate(sidecar["classes"])]
             node = add_labels_as_segmentation(self.scene, labels, infos, req.target, req.output)
             # the target by its node's name: the worker knew only the work file (target.nrrd, deleted now)

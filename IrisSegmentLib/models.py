@@ -1,7 +1,7 @@
 """The model choice of the Slicer module, without Qt: the choices, what a choice needs before it can
 run (a download the user must agree to), and the download itself in the worker process (progress
 lines, Cancel kills it; a later download resumes). The GUI process never loads a model: what it
-shows comes from iris_core.hub's table and a file-existence check."""
+shows comes from iris_core.hub.download's table and a file-existence check."""
 
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ class ModelChoice:
 
 def model_choices() -> list[ModelChoice]:
     """The bundled default, "MASS base (download, about 480 MB)" and a file, in that order."""
-    from iris_core import hub
-
+    from iris_core.hub import download as hub
     out = [ModelChoice("default", "Bundled default model")]
     for name, m in hub.KNOWN.items():
         if m.repo_id:
@@ -38,8 +37,7 @@ def model_choices() -> list[ModelChoice]:
 
 def needs_download(key: str) -> bool:
     """True when the choice is a downloadable model with no local copy yet (ask before segmenting)."""
-    from iris_core import hub
-
+    from iris_core.hub import download as hub
     m = hub.KNOWN.get(key)
     if not (m and m.repo_id):
         return False
@@ -51,8 +49,7 @@ def needs_download(key: str) -> bool:
 
 def consent_text(key: str) -> str:
     """What the confirmation dialog says before a download: size, source, licence."""
-    from iris_core import hub
-
+    from iris_core.hub import download as hub
     m = hub.KNOWN[key]
     return (f"{m.title}\n\nDownload about {m.size_text()} from {m.source}?\nLicence: {m.licence}\n"
             f"It is stored in the Hugging Face cache and reused afterwards.")

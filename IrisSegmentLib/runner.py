@@ -24,9 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iris_core.resources import ROOT
+
 from .worker import PREFIX_DONE, PREFIX_ERROR, PREFIX_PROGRESS, PREFIX_START
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = ROOT
 STDERR_TAIL = 15  # lines of the worker's stderr kept for the error details
 SIGKILL = 9  # the number, not signal.SIGKILL: that name does not exist on Windows
 

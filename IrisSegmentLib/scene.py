@@ -103,7 +103,7 @@ def checked_image(node, role: str) -> sitk.Image:
     """``volume_to_image`` plus what the worker would refuse (not 3-D, a single slice, NaN voxels),
     checked here so that the message names the node rather than a temporary file."""
     from iris_core.errors import InputError
-    from iris_core.imaging import check_finite, check_volume
+    from iris_core.io.imaging import check_finite, check_volume
 
     img = volume_to_image(node, role)
     try:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from iris_core.resources import RESOURCES, SAMPLE_DATA
+
 BRAIN_COLOR = (0.85, 0.55, 0.45)
 BRAIN_TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical "
                      "Structure~SCT^12738006^Brain~^^~Anatomic codes - DICOM master list~^^~^^")
@@ -17,8 +19,7 @@ def write_sample_files(folder: str | Path) -> dict[str, Path]:
     """Colin27 T1 + brain mask (reference) and the ICBM 2009a template moved off MNI space with its
     brain mask (target, truth), as NRRD files in ``folder`` (full resolution; needs Debian
     mricron-data and nilearn: the small shipped pair is ``load_sample_pair``)."""
-    from iris_core import sampledata
-
+    from iris_core.io import sampledata
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ref = sampledata.colin27("brain")
@@ -31,7 +32,7 @@ def write_sample_files(folder: str | Path) -> dict[str, Path]:
     return paths
 
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "Resources" / "SampleData"
+SAMPLE_DIR = SAMPLE_DATA
 # the shipped pair (see Resources/SampleData/NOTICE.md): (file, node name, Slicer file type)
 SAMPLE_FILES = [
     ("Colin27.nrrd", "Colin27", "VolumeFile"),
@@ -171,7 +172,7 @@ def register_sample_data() -> None:
         import SampleData
     except ImportError:
         return
-    icon = Path(__file__).resolve().parent.parent / "Resources" / "Icons" / "IrisSegment.png"
+    icon = RESOURCES / "Icons" / "IrisSegment.png"
     try:
         SampleData.SampleDataLogic.registerCustomSampleDataSource(thumbnailFileName=str(icon), **sample_data_source())
     except Exception:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 # largest safetensors header accepted (the format's own reader refuses above 100 MB)
 MAX_HEADER = 100 * 2**20
-# key names that tell a foreign state_dict's architecture (iris_core.checkpoint.infer_architecture)
+# key names that tell a foreign state_dict's architecture (iris_core.hub.checkpoint.infer_architecture)
 HERMES_KEY = b"prior_init_fuse_2.task_prior"
 IRIS_KEY = b"task_embedding.0.task_query"
 # models known by name, without opening a file ("default" is the bundled Iris model)
@@ -75,7 +75,7 @@ def _pth_kind(path: Path) -> str:
 def _library_names(meta: dict[str, str], path) -> list[str]:
     """A task library's class names, read with the library format's own (torch-free) reader."""
     from iris_core.errors import CheckpointError
-    from iris_core.library import LibraryInfo
+    from iris_core.hub.library import LibraryInfo
 
     try:
         return LibraryInfo.from_metadata(meta, path).names
@@ -114,7 +114,7 @@ def known_structures(model: str | None = None, library: str | None = None) -> tu
         return kind, _library_names(meta, model)
     if kind != "hermes":
         return kind, []
-    from iris_core.hermes_vocab import hermes_r_vocabulary, vocabulary_from_names
+    from iris_core.hub.hermes_vocab import model_vocabulary
 
     try:
         stored = json.loads(meta.get("class_names", "[]"))
@@ -122,13 +122,7 @@ def known_structures(model: str | None = None, library: str | None = None) -> tu
         slots = json.loads(meta.get("config", "{}")).get("task_prior_slots")
     except (ValueError, AttributeError):
         raise ModelFileError(f"{model}: unreadable metadata") from None
-    # as iris_core.api.hermes_vocabulary: stored names, else Hermes-R, else tasks by index
-    if stored:
-        vocab = vocabulary_from_names(stored, info.get("task_modalities"))
-    else:
-        vocab = hermes_r_vocabulary()
-        if slots and slots < len(vocab):
-            vocab = vocabulary_from_names([f"custom/task_{i}" for i in range(slots)])
+    vocab = model_vocabulary(stored, info.get("task_modalities"), slots)  # as iris_core.api.hermes_vocabulary
     names = [t.name for t in vocab]
     # a name shared by several datasets is listed qualified, so every entry is one task
     return "hermes", [t.qualified if names.count(t.name) > 1 else t.name for t in vocab]

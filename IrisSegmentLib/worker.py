@@ -30,8 +30,7 @@ def pull_job(job: dict) -> dict:
     """Download a known model (``{"action": "pull", "model": "mass-base"}``) with progress lines."""
     from tqdm import tqdm
 
-    from iris_core import hub
-
+    from iris_core.hub import download as hub
     class ProgressBar(tqdm):
         """huggingface_hub's progress bar, reported on the protocol instead of a terminal."""
 
@@ -57,9 +56,10 @@ def run_job(job: dict) -> dict:
     ``{"action": "pull", "model": ...}``; returns the sidecar."""
     if job.get("action") == "pull":
         return pull_job(job)
-    from iris_core.api import segment, write_result
-    from iris_core.inference import ClassSpec
+    from iris_core.api import segment
+    from iris_core.io.results import write_result
     from iris_core.options import SegmentOptions
+    from iris_core.pipeline.inference import ClassSpec
 
     def progress(stage: str, done: int, total: int) -> None:
         emit(PREFIX_PROGRESS, {"stage": stage, "done": done, "total": total})
@@ -77,7 +77,7 @@ def run_job(job: dict) -> dict:
                      progress=progress)
     write_result(result, inputs["output"])
     if inputs.get("output_layers") and result.layers:  # classes that overlap: one label map per group
-        from iris_core.imaging import write_image_atomic
+        from iris_core.io.imaging import write_image_atomic
 
         for k, layer in enumerate(result.layers):
             write_image_atomic(layer, inputs["output_layers"].format(k))
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     emit(PREFIX_START, {"pid": os.getpid()})
     try:
-        from iris_core.device import retain_freed_memory
+        from iris_core.pipeline.device import retain_freed_memory
 
         retain_freed_memory()  # the worker is a process of its own: reuse freed memory window after window
         job = json.loads(Path(argv[0]).read_text())

@@ -3,46 +3,47 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from .checkpoint import LoadedModel, load_checkpoint, preset_model
-from .embedding import TaskEmbedding, model_fingerprint
-from .errors import InputError, reason
-from .imaging import (
+from iris_core.errors import InputError
+from iris_core.hub import download as hub
+from iris_core.hub.checkpoint import LoadedModel, load_checkpoint, preset_model
+from iris_core.hub.hermes_vocab import (
+    intensity_for,
+    model_vocabulary,
+    resolve_modality,
+    resolve_structures,
+)
+from iris_core.io.imaging import (
     looks_like_labels,
-    publish,
     read_image,
     read_labels,
     read_layered_segmentation,
     same_grid,
     slicer_layer_count,
     slicer_segment_names,
-    split_volume_name,
-    write_image_partial,
 )
-from .inference import ClassSpec, Engine, ProgressFn, Reference
-from .options import SegmentOptions
-from .strategies import encode_references, run_strategy
+from iris_core.io.results import SegmentationResult, class_volumes
+from iris_core.options import SegmentOptions, strategy_for
+from iris_core.pipeline.embedding import TaskEmbedding, model_fingerprint
+from iris_core.pipeline.inference import ClassSpec, Engine, ProgressFn, Reference
+from iris_core.pipeline.strategies import encode_references, run_strategy
+from iris_core.resources import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
-RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
-DEFAULT_MODEL = RESOURCES / "Models" / "iris-default.safetensors"
 
 
 def check_model_spec(spec: str | None) -> None:
     """Refuse at once a model that is neither the bundled one, a preset, a known name nor an existing
     file (without loading anything)."""
-    from . import hub
-
     if not hub.names_a_model(spec):
         raise InputError(f"model {spec}: no such file, and not a known model ({', '.join(hub.KNOWN)}) or "
                          "preset:NAME")
@@ -58,8 +59,6 @@ def resolve_model(spec: str | None, allow_unsafe: bool = False, device: str = "c
         return load_checkpoint(DEFAULT_MODEL, device=device)
     if spec.startswith("preset:"):
         return preset_model(spec.split(":", 1)[1])
-    from . import hub
-
     if spec in hub.KNOWN and not Path(spec).exists():  # a known name (mass-base): its downloaded file
         return load_checkpoint(hub.resolve(spec), allow_unsafe=allow_unsafe, device=device)
     return load_checkpoint(spec, allow_unsafe=allow_unsafe, device=device)
@@ -119,14 +118,7 @@ def load_references(pairs: list[tuple[str, str]]) -> list[Reference]:
 
 def hermes_vocabulary(loaded: LoadedModel):
     """The task vocabulary of a Hermes model: from its checkpoint, else the published Hermes-R one."""
-    from .hermes_vocab import hermes_r_vocabulary, vocabulary_from_names
-
-    if loaded.class_names:
-        return vocabulary_from_names(loaded.class_names, loaded.info.get("task_modalities"))
-    vocab = hermes_r_vocabulary()
-    if loaded.config.task_prior_slots < len(vocab):  # not Hermes-R and no names stored: tasks by index
-        return vocabulary_from_names([f"custom/task_{i}" for i in range(loaded.config.task_prior_slots)])
-    return vocab
+    return model_vocabulary(loaded.class_names, loaded.info.get("task_modalities"), loaded.config.task_prior_slots)
 
 
 def resolve_classes(refs: list[Reference], classes: list[ClassSpec] | None) -> list[ClassSpec]:
@@ -196,7 +188,6 @@ class _Run:
 def segment_hermes(engine: Engine, loaded: LoadedModel, target_img: sitk.Image, target_name: str,
                     structures: str | None, modality: tuple[str, int]) -> _Run:
     """Hermes: the named structures of the model's vocabulary, no reference."""
-    from .hermes_vocab import resolve_structures
 
     if not structures:
         raise InputError("a Hermes model needs the structures to segment (names from its vocabulary)",
@@ -225,19 +216,6 @@ def _segment_library(engine: Engine, loaded: LoadedModel, target_img: sitk.Image
     probs = engine.predict(prep, emb)
     return _Run(prep, probs, [ClassSpec(n, v) for n, v in zip(emb.names, emb.values)], emb, "library",
                 {"library": str(library)})
-
-
-@dataclass
-class SegmentationResult:
-    labels: sitk.Image
-    classes: list[ClassSpec]
-    embedding: TaskEmbedding | None
-    sidecar: dict = field(default_factory=dict)
-    #: with ``save_probabilities``: one float32 map per class (same order as ``classes``), target grid
-    probabilities: list[sitk.Image] | None = None
-    #: with ``overlaps``: each class on its own, as label maps (target grid), one per group of classes that do
-    #: not overlap; ``labels`` still holds one class per voxel (the most probable)
-    layers: list[sitk.Image] | None = None
 
 
 def segment(
@@ -270,7 +248,6 @@ def segment(
                          "(an Iris model segments from references or a task library)",
                          inputs=("structures", "references", "library"))
     if loaded.arch == "hermes" or structures:
-        from .hermes_vocab import intensity_for, resolve_modality
 
         if not options.hermes_modality:
             raise InputError("a Hermes model needs the target's modality: CT, PET, T1, T2 or cine",
@@ -302,9 +279,12 @@ def segment(
         refs = references if isinstance(references[0], Reference) else load_references(references)
         classes = resolve_classes(refs, classes)
         prep = engine.prepare(target_img, target_name)
-        result = run_strategy(engine, prep, encode_references(engine, refs, classes), classes, options.strategy,
-                              options.tune_steps, options.tune_lr)
-        run = _Run(prep, result.probabilities, classes, result.embedding, options.strategy, result.details)
+        encoded = encode_references(engine, refs, classes)
+        strategy = strategy_for(options.strategy, [e.embedding.names for e in encoded])
+        if strategy != options.strategy:
+            log.info("several references hold the same class: the context ensemble instead of one-shot")
+        result = run_strategy(engine, prep, encoded, classes, strategy, options.tune_steps, options.tune_lr)
+        run = _Run(prep, result.probabilities, classes, result.embedding, strategy, result.details)
     prep, classes, emb, strategy, details = run.prep, run.classes, run.embedding, run.strategy, run.details
     values = [c.value for c in classes]
     policy = loaded.preprocessing
@@ -339,21 +319,6 @@ def segment(
     return SegmentationResult(labels, classes, emb, sidecar, prob_maps, layers)
 
 
-def class_volumes(labels: sitk.Image | list[sitk.Image], classes: list[ClassSpec]) -> list[dict]:
-    """Each class's name, label value, voxel count and volume (mL) in a label map on the target grid (or
-    in label maps whose classes may overlap: each class counted in the map that holds it)."""
-    count: dict[int, int] = {}
-    for layer in labels if isinstance(labels, list) else [labels]:
-        values, counts = np.unique(sitk.GetArrayViewFromImage(layer), return_counts=True)
-        for v, n in zip(values.tolist(), counts.tolist()):
-            if v:
-                count[v] = count.get(v, 0) + n
-    first = labels[0] if isinstance(labels, list) else labels
-    voxel_ml = float(np.prod(first.GetSpacing())) / 1000.0
-    return [{"name": c.name, "value": c.value, "voxels": int(count.get(c.value, 0)),
-             "volume_ml": round(count.get(c.value, 0) * voxel_ml, 3)} for c in classes]
-
-
 def warn_classes_not_found(found: list[dict], target: sitk.Image, target_name: str, engine: Engine) -> None:
     """A warning naming the classes of which no voxel was found (the run itself succeeded: a structure can
     be absent from a target); when the target is thin along an axis (under a quarter of the model's
@@ -371,118 +336,3 @@ def warn_classes_not_found(found: list[dict], target: sitk.Image, target_name: s
                 "little context in so thin a volume")
     log.warning("%d of %d classes not found in %s (no voxel): %s%s", len(missing), len(found), target_name,
                 ", ".join(missing), hint)
-
-
-def sidecar_path(output: str | Path) -> Path:
-    """``seg.nii.gz`` -> ``seg.json`` (``SEG.NII.GZ`` -> ``SEG.json``)."""
-    p = Path(output)
-    return p.with_name(split_volume_name(p.name)[0] + ".json")
-
-
-def _probability_stem_ext(output: Path) -> tuple[str, str]:
-    """``seg.nii.gz`` -> (``seg``, ``.nii.gz``); ``seg.seg.nrrd`` -> (``seg``, ``.nrrd``): a probability is a
-    scalar volume, which Slicer would read as segments under ``.seg.nrrd``."""
-    stem, ext = split_volume_name(output.name)
-    ext = ext or ".nii.gz"
-    return stem, ext[-len(".nrrd"):] if ext.lower() == ".seg.nrrd" else ext
-
-
-def probability_paths(output: str | Path, classes: list[ClassSpec]) -> list[Path]:
-    """``seg.nii.gz`` and class 'left caudate' -> ``seg_prob_left_caudate.nii.gz`` (one per class)."""
-    p = Path(output)
-    stem, ext = _probability_stem_ext(p)
-    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", c.name).strip("_") or f"label_{c.value}" for c in classes]
-    # names that differ only in characters a file name cannot hold, or only in case (one file on the
-    # case-insensitive file systems of Windows and macOS)
-    if len({n.casefold() for n in names}) != len(names):
-        names = [f"{n}_{c.value}" for n, c in zip(names, classes)]
-    return [p.with_name(f"{stem}_prob_{n}{ext}") for n in names]
-
-
-def refuse_probability_map_collisions(output: str | Path, inputs: dict[str, str | Path | None]) -> None:
-    """Before any work (the class names are not known yet): refuse when an input file could be one of
-    the probability maps of ``output`` (``<stem>_prob_<anything><ext>`` in the output's folder)."""
-    import fnmatch
-
-    from .imaging import _same_file
-
-    p = Path(output)
-    stem, ext = _probability_stem_ext(p)
-    pattern = f"{stem}_prob_*{ext}"
-    for what, src in inputs.items():
-        if src is None:
-            continue
-        src = Path(src)
-        # case-folded: one file on Windows and macOS
-        if fnmatch.fnmatchcase(src.name.casefold(), pattern.casefold()) and _same_file(src.parent, p.parent):
-            raise InputError(f"the input {what} {src} is named like a probability map of the output {p} "
-                             f"({pattern}): saving the probability maps could overwrite it; choose another output "
-                             "path", inputs=("output",))
-
-
-def with_slicer_segment_metadata(labels: sitk.Image | list[sitk.Image], classes: list[ClassSpec]) -> sitk.Image:
-    """A copy of ``labels`` carrying the header fields by which 3D Slicer reads a ``.seg.nrrd`` as named
-    segments (vtkMRMLSegmentationStorageNode::ReadBinaryLabelmapRepresentation: ``Segment<i>_ID``, ``_Name``,
-    ``_Color``, ``_LabelValue``, ``_Layer``, ``_Extent`` and ``Segmentation_*``); without them Slicer
-    names the segments Segment_1, Segment_2... Colours are the preview's, in class order. Several label
-    maps (classes that overlap) become one image with a layer per map, each segment naming its layer:
-    Slicer reads that as segments that overlap (checked with its storage node in test_cli)."""
-    from .viz import COLOURS
-
-    layer_of = {c.value: 0 for c in classes}
-    if isinstance(labels, list) and len(labels) > 1:
-        for k, layer in enumerate(labels):
-            for v in np.unique(sitk.GetArrayViewFromImage(layer)).tolist():
-                if v in layer_of:
-                    layer_of[v] = k
-        out = sitk.Compose(labels)  # NRRD: the layer axis first ("kinds: vector domain domain domain")
-    else:
-        out = sitk.Image(labels[0] if isinstance(labels, list) else labels)
-    nx, ny, nz = out.GetSize()
-    extent = f"0 {nx - 1} 0 {ny - 1} 0 {nz - 1}"
-    out.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
-    out.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
-    out.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
-    for i, c in enumerate(classes):
-        hexcol = COLOURS[i % len(COLOURS)].lstrip("#")
-        rgb = " ".join(f"{int(hexcol[k:k + 2], 16) / 255:.6g}" for k in (0, 2, 4))
-        # a name is one header line: line breaks (possible in a Slicer segment's name) become spaces
-        fields = {"ID": f"Segment_{c.value}", "Name": " ".join(c.name.split()), "Color": rgb, "ColorAutoGenerated": "0",
-                  "NameAutoGenerated": "0", "LabelValue": str(c.value), "Layer": str(layer_of[c.value]),
-                  "Extent": extent}
-        for key, value in fields.items():
-            out.SetMetaData(f"Segment{i}_{key}", value)
-    return out
-
-
-def write_result(result: SegmentationResult, output: str | Path) -> tuple[Path, Path]:
-    """Write the label map, its probability maps (when computed) and its JSON sidecar: every file is
-    written to a temporary first and all are moved into place only once all are written, so a
-    failure or an interrupt (disk full, Ctrl-C) leaves none of them, not some maps without the labels."""
-    output = Path(output)
-    staged: list[tuple[Path, Path]] = []  # (temporary, destination)
-    try:
-        if result.probabilities is not None:
-            paths = probability_paths(output, result.classes)
-            for img, path in zip(result.probabilities, paths):
-                staged.append((write_image_partial(img, path), path))
-            result.sidecar["probability_maps"] = {c.name: p.name for c, p in zip(result.classes, paths)}
-        labels = result.labels
-        if str(output).lower().endswith(".seg.nrrd"):  # opens in 3D Slicer as named, coloured segments
-            # (that overlap, one layer per group, where the classes overlap: result.layers)
-            labels = with_slicer_segment_metadata(result.layers or labels, result.classes)
-        staged.append((write_image_partial(labels, output), output))
-        side = sidecar_path(output)
-        tmp = side.with_name("." + side.name + ".partial")
-        staged.append((tmp, side))
-        tmp.write_text(json.dumps(result.sidecar, indent=2))
-        for tmp, dest in staged:
-            publish(tmp, dest)
-    except (OSError, RuntimeError) as exc:  # RuntimeError: ITK's writers (disk full, a folder in the way)
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else reason(exc)
-        raise InputError(f"cannot write the result {output} ({why}); nothing was written: free disk space or "
-                         "choose another output") from None
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-    return output, side

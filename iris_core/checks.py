@@ -24,6 +24,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from iris_core.api import resolve_model, segment
+from iris_core.errors import InputError
+from iris_core.hub.checkpoint import LoadedModel
+from iris_core.io import sampledata
+from iris_core.io.resample import labels_to_masks
+from iris_core.io.sampledata import COPY_STRUCTURES, aal_values, copy_labels
+from iris_core.metrics import dice_score
+from iris_core.pipeline.device import select_device
+from iris_core.pipeline.embedding import is_memory
+from iris_core.pipeline.inference import ClassSpec, Reference
+from iris_core.pipeline.preprocess import prepare_image
+
 # The verdict's rule (see SensitivityReport.passed): every threshold in one place.
 MIN_IDENTIFIED = 0.7  # share of classes whose prediction overlaps its own truth more than any other truth
 MIN_MARGIN = 0.2  # mean own-truth Dice minus mean other-truth Dice
@@ -55,7 +67,6 @@ def cosine_matrix(embedding: list[torch.Tensor]) -> np.ndarray:
     """Cosine similarity of the K class embeddings, every stage's tokens (memory samples left out)
     flattened into one vector.
     ``embedding`` is the model's list of [1, K, T, C_s] tensors."""
-    from .embedding import is_memory
 
     flat = torch.cat([e[0].reshape(e.shape[1], -1).float() for e in embedding if not is_memory(e[0])], dim=1)
     flat = F.normalize(flat, dim=1)
@@ -304,49 +315,12 @@ STANDARD_STRUCTURES: dict[str, tuple[str, ...]] = {
 }
 
 
-#: The copy test's ten structures (issue [11]): bilateral AAL gyri, 23-79 ml each, a few voxels thick on a
-#: 3 mm grid. Colin27 with these as the reference and the same Colin27 image as the target: a model that can
-#: copy what its reference shows gives them back.
-COPY_STRUCTURES: dict[str, tuple[str, ...]] = {
-    "precentral gyrus": ("Precentral_L", "Precentral_R"),
-    "postcentral gyrus": ("Postcentral_L", "Postcentral_R"),
-    "superior frontal gyrus": ("Frontal_Sup_L", "Frontal_Sup_R"),
-    "middle frontal gyrus": ("Frontal_Mid_L", "Frontal_Mid_R"),
-    "insula": ("Insula_L", "Insula_R"),
-    "superior temporal gyrus": ("Temporal_Sup_L", "Temporal_Sup_R"),
-    "lingual gyrus": ("Lingual_L", "Lingual_R"),
-    "cuneus": ("Cuneus_L", "Cuneus_R"),
-    "precuneus": ("Precuneus_L", "Precuneus_R"),
-    "angular gyrus": ("Angular_L", "Angular_R"),
-}
-
-
-def _aal_values(patterns: tuple[str, ...], names: dict[int, str]) -> list[int]:
-    """AAL label values matching the name patterns; ``*_L`` means the left cerebral regions only."""
-    import fnmatch
-
-    out = set()
-    for pat in patterns:
-        for v, n in names.items():
-            if pat == "*_L":
-                if n.endswith("_L") and not n.startswith(("Cerebelum", "Vermis")):
-                    out.add(v)
-            elif fnmatch.fnmatchcase(n, pat):
-                out.add(v)
-    if not out:
-        raise ValueError(f"no AAL region matches {patterns}")
-    return sorted(out)
-
-
 def standard_case(preprocessing, structures: dict[str, tuple[str, ...]] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Colin27 T1 prepared on a model grid of ``preprocessing`` (a checkpoint's Preprocessing) and
     the masks [K, D, H, W] of ``structures`` (default: STANDARD_STRUCTURES) on that grid."""
     import SimpleITK as sitk
 
-    from . import sampledata
-    from .preprocess import prepare_image
-    from .resample import labels_to_masks
 
     structures = structures or STANDARD_STRUCTURES
     aal = sampledata.colin27("aal")
@@ -359,7 +333,7 @@ def standard_case(preprocessing, structures: dict[str, tuple[str, ...]] | None =
         if patterns == ("brain",):
             lab = brain.labels
         else:
-            sel = np.isin(aal_arr, _aal_values(patterns, aal.label_names)).astype(np.uint8)
+            sel = np.isin(aal_arr, aal_values(patterns, aal.label_names)).astype(np.uint8)
             lab = sitk.GetImageFromArray(sel)
             lab.CopyInformation(aal.labels)
         masks.append(labels_to_masks(lab, prep.grid, [1])[0])
@@ -377,15 +351,11 @@ def standard_check(model="default", device: str = "cpu", out_dir: str | Path | N
     """:func:`reference_sensitivity` on Colin27 at the model's spacing with the ten structures of
     STANDARD_STRUCTURES. ``model`` is a model file, 'default', 'preset:NAME' or a LoadedModel. With
     ``out_dir``: writes check.json, check.md and check.png there."""
-    from .api import resolve_model
-    from .checkpoint import LoadedModel
 
     loaded = model if isinstance(model, LoadedModel) else resolve_model(str(model))
     if loaded.arch != "iris":
-        from .errors import InputError
 
         raise InputError(f"{loaded.source} is a {loaded.arch} model; the reference check needs an Iris model")
-    from .device import select_device
 
     image, masks, names = standard_case(loaded.preprocessing)
     report = reference_sensitivity(loaded.model, image, masks, names, device=select_device(str(device)))
@@ -437,23 +407,6 @@ class CopyReport:
         return "\n".join(lines)
 
 
-def copy_labels():
-    """Colin27 (1 mm T1) and a label map of COPY_STRUCTURES (values 1..10, disjoint) on its grid, with the
-    structures' names: the copy test's reference, whose image is also its target."""
-    import SimpleITK as sitk
-
-    from . import sampledata
-
-    aal = sampledata.colin27("aal")
-    arr = sitk.GetArrayViewFromImage(aal.labels)
-    out = np.zeros(arr.shape, np.uint8)
-    for value, patterns in enumerate(COPY_STRUCTURES.values(), start=1):
-        out[np.isin(arr, _aal_values(patterns, aal.label_names))] = value
-    labels = sitk.GetImageFromArray(out)
-    labels.CopyInformation(aal.labels)
-    return aal.image, labels, list(COPY_STRUCTURES)
-
-
 def copy_test(model="default", device: str = "cpu", out_dir: str | Path | None = None,
               **options) -> CopyReport:
     """The copy test (issue [11]): Colin27 with the ten gyri of COPY_STRUCTURES as the reference, the same
@@ -463,15 +416,10 @@ def copy_test(model="default", device: str = "cpu", out_dir: str | Path | None =
     copy.md there."""
     import SimpleITK as sitk
 
-    from .api import resolve_model, segment
-    from .checkpoint import LoadedModel
-    from .inference import ClassSpec, Reference
-    from .metrics import dice_score
 
     t0, c0 = time.perf_counter(), time.process_time()
     loaded = model if isinstance(model, LoadedModel) else resolve_model(str(model))
     if loaded.arch != "iris":
-        from .errors import InputError
 
         raise InputError(f"{loaded.source} is a {loaded.arch} model; the copy test needs an Iris model")
     image, labels, names = copy_labels()

@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import ConfigError
+from iris_core.errors import ConfigError
 
 STRATEGIES = ("one-shot", "ensemble", "retrieval", "tuning")
 #: where the network runs ("auto": CUDA, then MPS, then the CPU)
@@ -20,6 +20,29 @@ INTENSITY_POLICIES = ("auto", "CT", "MR", "PET")
 POSTPROCESSING = ("none", "largest")
 #: arithmetic of the windows on a CPU (see precision.py): auto uses bfloat16 only where checked safe and faster
 PRECISIONS = ("float32", "bfloat16", "auto")
+
+
+def check_choice(value: object, allowed: tuple[str, ...], what: str, error: type[Exception] = ConfigError) -> None:
+    """The one check of a value against its list (strategy, intensity policy, post-processing, ...): ``error``
+    naming the value and the choices."""
+    if value not in allowed:
+        raise error(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
+
+
+def strategy_for(strategy: str, classes_per_reference: list[list[str]]) -> str:
+    """The strategy a run uses, the same from the CLI, the API and Slicer: one-shot becomes the context ensemble
+    when several references hold a class (names compared case-insensitively, as Slicer's segments are), so each
+    of them contributes instead of the first alone; any other strategy as asked."""
+    if strategy != "one-shot":
+        return strategy
+    seen: set[str] = set()
+    for names in classes_per_reference:
+        folded = {n.casefold() for n in names}
+        if seen & folded:
+            return "ensemble"
+        seen |= folded
+    return strategy
+
 
 # In-context tuning defaults. The embedding tokens are layer-normalised (elements of order 1):
 # Adam at 1e-2 moves each element by at most ~0.01 per step, so 20 steps can reshape the
@@ -57,13 +80,10 @@ class SegmentOptions:
 
     def __post_init__(self) -> None:
         check_field_types(self, "segment options")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
-        if self.intensity not in INTENSITY_POLICIES:
-            raise ConfigError(f"unknown intensity policy {self.intensity!r}; use one of "
-                              f"{', '.join(INTENSITY_POLICIES)}")
-        if self.postprocess is not None and self.postprocess not in POSTPROCESSING:
-            raise ConfigError(f"unknown post-processing {self.postprocess!r}; use one of {', '.join(POSTPROCESSING)}")
+        check_choice(self.strategy, STRATEGIES, "strategy")
+        check_choice(self.intensity, INTENSITY_POLICIES, "intensity policy")
+        if self.postprocess is not None:
+            check_choice(self.postprocess, POSTPROCESSING, "post-processing")
         if self.overlap is not None and not 0 <= self.overlap < 1:
             raise ConfigError(f"overlap {self.overlap} must be in [0, 1)")
         if self.precision not in PRECISIONS:

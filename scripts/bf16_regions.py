@@ -11,11 +11,11 @@ import time
 import torch
 
 from iris_core.api import load_references, resolve_classes, resolve_model
-from iris_core.bench_pipeline import FIXTURE
-from iris_core.imaging import read_image
-from iris_core.inference import Engine
-from iris_core.precision import compare
-from iris_core.strategies import encode_references, one_shot
+from iris_core.commands.bench_pipeline import FIXTURE
+from iris_core.io.imaging import read_image
+from iris_core.pipeline.inference import Engine
+from iris_core.pipeline.precision import compare
+from iris_core.pipeline.strategies import encode_references, one_shot
 
 
 class _Enough(Exception):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 
 def _model(spec: str):
-    from iris_core.checkpoint import load_checkpoint
+    from iris_core.hub.checkpoint import load_checkpoint
     from iris_core.models import PRESETS, build_model
 
     if spec.startswith("init:"):

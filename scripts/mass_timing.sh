@@ -16,9 +16,9 @@ PY="$PWD/.venv/bin/python"
 (cd "$MASS" && /usr/bin/time -v "$PY" inference.py --checkpoint "$CK" --test-image "$D/mr_target.nii.gz" \
     --reference-image "$D/mr_reference.nii.gz" --reference-mask "$D/mr_reference_labels.nii.gz" \
     --save-probability --disable-amp --modality mr --output "$OUT/authors_mr_seg.nii.gz") > "$OUT/authors.log" 2>&1
-# the authors' run again with the allocator setting our CLI applies (iris_core.device.retain_freed_memory:
+# the authors' run again with the allocator setting our CLI applies (iris_core.pipeline.device.retain_freed_memory:
 # glibc keeps freed blocks for reuse), so that the comparison separates that setting from the rest
-(cd "$MASS" && /usr/bin/time -v "$PY" -c "import runpy, sys; from iris_core.device import retain_freed_memory; \
+(cd "$MASS" && /usr/bin/time -v "$PY" -c "import runpy, sys; from iris_core.pipeline.device import retain_freed_memory; \
 assert retain_freed_memory(); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
     inference.py --checkpoint "$CK" --test-image "$D/mr_target.nii.gz" \
     --reference-image "$D/mr_reference.nii.gz" --reference-mask "$D/mr_reference_labels.nii.gz" \
@@ -30,7 +30,7 @@ export IRIS_SEGMENT_COMPILED="$OUT/compiled"
 /usr/bin/time -v "${BENCH[@]}" --compile --json "$OUT/compile_warm.json" > "$OUT/compile_warm.log" 2>&1
 # bfloat16 (CPU autocast; with --compile a bf16 package of its own): forced, then --precision auto, which
 # keeps bf16 only if the first window's labels pass its check. Only on a CPU with native bf16 (oneDNN's test).
-if "$PY" -c "import sys; from iris_core.precision import native_bf16; sys.exit(0 if native_bf16() else 1)"; then
+if "$PY" -c "import sys; from iris_core.pipeline.precision import native_bf16; sys.exit(0 if native_bf16() else 1)"; then
     /usr/bin/time -v "${BENCH[@]}" --compile --precision bfloat16 --json "$OUT/bf16_cold.json" > "$OUT/bf16_cold.log" 2>&1
     /usr/bin/time -v "${BENCH[@]}" --compile --precision bfloat16 --json "$OUT/bf16_warm.json" > "$OUT/bf16_warm.log" 2>&1
     /usr/bin/time -v "${BENCH[@]}" --compile --precision auto --json "$OUT/auto.json" > "$OUT/auto.log" 2>&1

@@ -43,7 +43,7 @@ EVAL=(.venv/bin/iris-segment evaluate --model "$MODEL" --device cpu --method "${
 .venv/bin/python - "$MODEL" "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
-from iris_core.bench import format_whole_brain, whole_brain_speed
+from iris_core.commands.bench import format_whole_brain, whole_brain_speed
 res = whole_brain_speed(sys.argv[1], repeats=3, threads=2)
 Path(sys.argv[2], "speed.json").write_text(json.dumps(res, indent=2))
 Path(sys.argv[2], "speed.md").write_text(format_whole_brain(res) + "\n")

@@ -40,7 +40,7 @@ def _pairs(spec: list[str], what: str) -> dict[str, str]:
 
 def ceiling(dataset, spacing: tuple[float, float, float]) -> list[dict]:
     """Dice of each target truth structure with itself after the model-grid round trip at ``spacing``."""
-    from iris_core.resample import array_to_image, model_grid, resample_to, smooth_for_downsampling
+    from iris_core.io.resample import array_to_image, model_grid, resample_to, smooth_for_downsampling
 
     rows = []
     targets = sorted({t for t, _ in dataset.pairs})
@@ -77,10 +77,10 @@ def evaluate_model(name: str, path: str, out: Path) -> dict:
     import torch
 
     from iris_core.api import resolve_model
-    from iris_core.bench import whole_brain_speed
     from iris_core.checks import standard_check
-    from iris_core.datasets import cross_atlas_pairs, macaque_pairs
-    from iris_core.evaluate import read_rows, run_evaluation
+    from iris_core.commands.bench import whole_brain_speed
+    from iris_core.commands.evaluate import read_rows, run_evaluation
+    from iris_core.io.datasets import cross_atlas_pairs, macaque_pairs
 
     loaded = resolve_model(path)
     spacing = tuple(loaded.preprocessing.spacing)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads((Path(args.out) / "resolution.json").read_text())
         plot(data["structures"], data["models"], Path(args.out) / "resolution.png")
         return 0
-    from iris_core.datasets import cross_atlas_pairs, macaque_pairs
+    from iris_core.io.datasets import cross_atlas_pairs, macaque_pairs
 
     if not args.model:
         ap.error("give at least one --model NAME=FILE (or --replot)")

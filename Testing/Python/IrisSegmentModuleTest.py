@@ -86,7 +86,7 @@ class IrisSegmentModuleTest(unittest.TestCase):
 
         if importlib.util.find_spec("torch") is None:
             self.skipTest("torch is not installed in this Slicer (the module installs it on the first Segment)")
-        from iris_core.checkpoint import preset_model, save_checkpoint
+        from iris_core.hub.checkpoint import preset_model, save_checkpoint
         from iris_core.options import SegmentOptions
         from IrisSegmentLib import testing
         from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest

@@ -98,14 +98,14 @@ def write_nnunet(root: Path, name: str, prefix: str, n: int, seed: int, radius_s
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from iris_core.checkpoint import preset_model
+    from iris_core.hub.checkpoint import preset_model
 
     return preset_model("iris-tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_file(tmp_path_factory, tiny_model):
-    from iris_core.checkpoint import save_checkpoint
+    from iris_core.hub.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
     return save_checkpoint(path, tiny_model.model, tiny_model.preprocessing, info={"name": "tiny"})

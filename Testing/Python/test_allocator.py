@@ -15,7 +15,7 @@ import pytest
 # page faults of each window (/proc/self/stat, field 10): memory the kernel had to hand over afresh
 SCRIPT = r"""
 import json, sys, torch
-from iris_core.device import retain_freed_memory, retained_free_bytes
+from iris_core.pipeline.device import retain_freed_memory, retained_free_bytes
 
 applied = retain_freed_memory() if sys.argv[1] != "default" else False
 if sys.argv[1] == "applied-only":

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.mark.slow
 def test_pair_benchmark_runs_and_paths_agree(tiny_model_file):
-    from iris_core.bench import format_pair, pair_benchmark
+    from iris_core.commands.bench import format_pair, pair_benchmark
 
     res = pair_benchmark(str(tiny_model_file), repeats=1, registration=False)
     # an untrained network's logits can be large: compare relative to their magnitude
@@ -19,7 +19,7 @@ def test_pair_benchmark_runs_and_paths_agree(tiny_model_file):
 
 
 def test_per_model_benchmark_table():
-    from iris_core.bench import format_table, run_benchmark
+    from iris_core.commands.bench import format_table, run_benchmark
 
     res = run_benchmark(["preset:iris-tiny"], window=32, classes=(1, 3), repeats=1)
     assert "error" not in res[0], res
@@ -29,7 +29,7 @@ def test_per_model_benchmark_table():
 
 @pytest.mark.slow
 def test_compiled_network_matches_eager():
-    from iris_core.bench import format_table, run_benchmark
+    from iris_core.commands.bench import format_table, run_benchmark
 
     res = run_benchmark(["preset:iris-tiny"], window=32, classes=(1,), repeats=1, compile=True)[0]
     assert "error" not in res, res
@@ -47,8 +47,8 @@ def test_pipeline_benchmark_on_the_fixture_case_reports_stages_memory_and_agreem
     import numpy as np
     import SimpleITK as sitk
 
-    from iris_core.bench_pipeline import FIXTURE
-    from iris_core.cli import main
+    from iris_core.commands.bench_pipeline import FIXTURE
+    from iris_core.commands.cli import main
 
     out = tmp_path / "bench.json"
     assert main(["bench", "--pipeline", "--model", str(tiny_model_file), "--threads", "2", "--json", str(out)]) == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iris_core.checkpoint import load_checkpoint, preset_model, save_checkpoint
 from iris_core.errors import CheckpointError
+from iris_core.hub.checkpoint import load_checkpoint, preset_model, save_checkpoint
 from iris_core.models import build_preset
 
 

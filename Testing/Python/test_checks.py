@@ -207,7 +207,7 @@ def test_check_model_on_the_bundled_model(tmp_path, capsys):
     """The evidence of issue 10: the first-round bundled model returns the brain for every reference and
     must fail; any later bundled model must pass."""
     from iris_core.api import resolve_model
-    from iris_core.cli import main
+    from iris_core.commands.cli import main
 
     name = resolve_model("default").name
     code = main(["check-model", "default", "--output", str(tmp_path), "--device", "cpu"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from iris_core.cli import main
+from iris_core.commands.cli import main
 
 
 def run(capsys, *argv):
@@ -194,8 +194,7 @@ def test_outputs_never_land_on_inputs(capsys, base, phantom_files, tmp_path):
 def test_real_sample_data_result_is_placed_on_target(capsys, tmp_path, tiny_model_file):
     """Colin27 brain mask as reference, the ICBM 2009a template moved off MNI space as target:
     the result lies on the moved target's grid, inside its field of view."""
-    from iris_core import sampledata
-
+    from iris_core.io import sampledata
     ref = sampledata.colin27("brain")
     tgt = sampledata.move_off_mni(sampledata.icbm2009a("brain"), seed=3)
     paths = {}
@@ -220,8 +219,7 @@ def test_thin_target_segments_and_names_what_it_did_not_find(capsys, caplog, tmp
     lobes: it used to fail in ITK's recursive Gaussian (which needs 4 voxels per axis) with a traceback.
     Now it runs; the classes of which no voxel was found are named in a warning with the reason to expect
     it (the slab's thickness against the model's window), and the sidecar counts each class's voxels."""
-    from iris_core import sampledata
-
+    from iris_core.io import sampledata
     ref = sampledata.colin27("lobes")
     mni = sampledata.mni152nlin6asym("brain")
     tgt = sampledata.move_off_mni(mni, seed=0)
@@ -251,8 +249,8 @@ def test_reference_labels_from_slicer_named_cropped_or_layered(capsys, caplog, p
     cropped to its labels (Slicer's 'crop to minimum extent', other tools) or padded past the image lies on
     part of the image's grid and gives the same result as the full map (it was refused); a .seg.nrrd
     whose segments overlap (several layers) is one reference per layer (it was refused as 'RGB/vector')."""
-    from iris_core.api import with_slicer_segment_metadata
-    from iris_core.inference import ClassSpec
+    from iris_core.io.results import with_slicer_segment_metadata
+    from iris_core.pipeline.inference import ClassSpec
 
     lab = sitk.ReadImage(str(phantom_files["ref_lab"]))
     segs = tmp_path / "ref.seg.nrrd"  # the header fields Slicer's storage node reads and writes
@@ -521,7 +519,7 @@ def test_library_errors_name_their_inputs_and_each_front_end_words_them(phantom_
     """Issue [13]: api's messages name no command-line flag (Slicer users read them too); the error carries the
     inputs it concerns, which the CLI words as its options and the Slicer logic as its controls."""
     from iris_core.api import segment
-    from iris_core.cli import in_cli_words
+    from iris_core.commands.cli import in_cli_words
     from iris_core.errors import InputError
     from IrisSegmentLib.logic import PreparedRun
     from IrisSegmentLib.runner import WorkerError

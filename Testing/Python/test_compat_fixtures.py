@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import COMPAT, weight_rule
-from iris_core.checkpoint import load_checkpoint
+from iris_core.hub.checkpoint import load_checkpoint
 from iris_core.models import build_preset
 
 

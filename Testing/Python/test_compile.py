@@ -14,12 +14,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from iris_core.aot import CompiledMethod, prune_cache
-from iris_core.checkpoint import load_checkpoint
-from iris_core.cli import main as cli
+from iris_core.commands.cli import main as cli
 from iris_core.errors import ConfigError
+from iris_core.hub.checkpoint import load_checkpoint
 from iris_core.models.config import IrisConfig
 from iris_core.models.iris import IrisNet
+from iris_core.pipeline.aot import CompiledMethod, prune_cache
 
 
 def _mass_like(seed: int = 0) -> IrisNet:
@@ -74,7 +74,7 @@ def test_compile_builds_once_per_machine_and_gives_the_uncompiled_labels(tmp_pat
     stamps = {p: (p.stat().st_ino, p.stat().st_size) for p in packages}
     for p in packages:
         os.utime(p, (1_000_000_000, 1_000_000_000))
-    code = ("import sys; from iris_core.cli import main; "
+    code = ("import sys; from iris_core.commands.cli import main; "
             f"sys.exit(main({[*_segment_args(phantom_files, mass_like_file, tmp_path / 'again.nii.gz'), '--compile']!r}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                           env={**os.environ, "IRIS_SEGMENT_COMPILED": str(cache)})
@@ -135,7 +135,7 @@ def test_a_network_that_cannot_be_exported_runs_uncompiled_and_says_why(tmp_path
     enc = CompiledMethod(model, "encode_task", directory=tmp_path)
     with torch.inference_mode():
         expect = model.encode_task(ref, masks)
-        with caplog.at_level("WARNING", logger="iris_core.aot"):
+        with caplog.at_level("WARNING", logger="iris_core.pipeline.aot"):
             got = enc(ref, masks)
         again = model.encode_task(ref, masks)
     assert enc.fallback and "encode_task could not be compiled" in caplog.text

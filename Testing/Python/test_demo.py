@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from iris_core.cli import main
+from iris_core.commands.cli import main
 
 
 @pytest.mark.slow

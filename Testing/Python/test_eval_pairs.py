@@ -8,8 +8,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import dice
-from iris_core import sampledata
-from iris_core.resample import resample_to
+from iris_core.io import sampledata
+from iris_core.io.resample import resample_to
 
 
 def _nimare_ho() -> sitk.Image:
@@ -48,7 +48,7 @@ def test_harvard_oxford_is_flipped_back_and_the_mapping_table_holds():
 
 @pytest.mark.slow
 def test_macaque_structures_and_moved_warped_target():
-    from iris_core.datasets import macaque_pairs
+    from iris_core.io.datasets import macaque_pairs
 
     ds = macaque_pairs()
     (_, ref_lab), (tgt_img, tgt_lab) = ds.cases[0].read(), ds.cases[1].read()

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from conftest import write_nnunet
-from iris_core.datasets import load_csv, load_dataset, load_nnunet
+from iris_core.commands.evaluate import choose_references, parse_method, run_evaluation
 from iris_core.errors import InputError
-from iris_core.evaluate import choose_references, parse_method, run_evaluation
+from iris_core.io.datasets import load_csv, load_dataset, load_nnunet
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_evaluate_writes_tables_plots_and_resumes(nnunet, tmp_path, tiny_model_f
 def test_evaluate_cli_default_postprocess_is_the_models_policy(nnunet, tmp_path, tiny_model_file):
     """`iris-segment evaluate` without --postprocess: the model's own policy (was: 'unknown
     post-processing None' after every Iris run)."""
-    from iris_core.cli import main
+    from iris_core.commands.cli import main
 
     out = tmp_path / "cli"
     assert main(["evaluate", "--dataset", str(nnunet), "--method", "iris:one-shot", "--model",
@@ -69,7 +69,7 @@ def test_a_failing_case_is_reported_and_the_cohort_finished(tmp_path, tiny_model
 
     import SimpleITK as sitk
 
-    from iris_core.cli import main
+    from iris_core.commands.cli import main
 
     data = write_nnunet(tmp_path / "Dataset002_Bad", "Bad", "ph", 3, 10, 2.0)
     image = data / "imagesTr" / "ph_001_0000.nii.gz"
@@ -125,7 +125,7 @@ def test_csv_as_a_spreadsheet_writes_it_same_named_files_in_case_folders(nnunet,
     overlays are files, not a path into a folder that does not exist."""
     import shutil
 
-    from iris_core.cli import main
+    from iris_core.commands.cli import main
 
     for i, s in enumerate(("s1", "s2", "s3")):
         (tmp_path / s).mkdir()
@@ -194,8 +194,8 @@ def test_bad_specs():
 
 
 def test_embed_writes_library_and_map(nnunet, tmp_path, tiny_model_file):
-    from iris_core.embed_map import embed_dataset
-    from iris_core.embedding import TaskEmbedding
+    from iris_core.commands.embed_map import embed_dataset
+    from iris_core.pipeline.embedding import TaskEmbedding
 
     res = embed_dataset(load_nnunet(nnunet), tmp_path / "emb", model=str(tiny_model_file), device="cpu")
     assert res["classes"] == 6
@@ -225,7 +225,7 @@ def test_torchrun_sharded_evaluation(nnunet, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
                            "--log-dir", str(tmp_path / "torchrun_logs"),  # else torchelastic_* in the temp folder
-                           "-m", "iris_core.cli", "evaluate", "--dataset", str(nnunet), "--method", "identity",
+                           "-m", "iris_core.commands.cli", "evaluate", "--dataset", str(nnunet), "--method", "identity",
                            "--out", str(tmp_path / "e"), "--no-overlays", "--device", "cpu"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -243,7 +243,7 @@ def test_evaluation_and_api_share_the_strategy_dispatch(nnunet, tiny_model_file,
     import SimpleITK as sitk
 
     from iris_core.api import segment
-    from iris_core.evaluate import Evaluator
+    from iris_core.commands.evaluate import Evaluator
 
     ds = load_dataset(str(nnunet))
     k = 1 if strategy == "one-shot" else 2
@@ -265,7 +265,7 @@ def test_registration_leaves_no_files_in_the_temp_folder(nnunet, tmp_path, monke
 
     import SimpleITK as sitk
 
-    from iris_core.evaluate import register_labels
+    from iris_core.commands.evaluate import register_labels
 
     temp = tmp_path / "system_temp"
     temp.mkdir()
@@ -316,7 +316,7 @@ def test_evaluate_scores_exactly_what_segment_writes_with_the_bundled_model(tmp_
     import SimpleITK as sitk
 
     from iris_core.api import segment
-    from iris_core.evaluate import Evaluator
+    from iris_core.commands.evaluate import Evaluator
 
     ds = load_dataset("sample-pair")
     ev = Evaluator(ds, [], tmp_path, model="default", device="cpu")

@@ -8,11 +8,11 @@ import SimpleITK as sitk
 import torch
 
 from conftest import dice, oblique_direction, phantom
-from iris_core.checkpoint import Preprocessing
-from iris_core.inference import Engine
+from iris_core.hub.checkpoint import Preprocessing
+from iris_core.io.resample import labels_to_masks, model_grid, physical_bounds
 from iris_core.models.iris import _linear_interp_matrix, masked_mean_of_upsampled
-from iris_core.preprocess import prepare_image
-from iris_core.resample import labels_to_masks, model_grid, physical_bounds
+from iris_core.pipeline.inference import Engine
+from iris_core.pipeline.preprocess import prepare_image
 
 
 def test_model_grid_covers_oblique_anisotropic_image():
@@ -111,7 +111,7 @@ def test_up_block_under_bfloat16_autocast_is_as_accurate_as_the_published_form()
     # float32; ours must too (its statistics are matmuls, which autocast would round to bf16: 1.8x the
     # error, caught here)
     from iris_core.models.blocks import UpBlock
-    from iris_core.precision import cpu_bf16_autocast
+    from iris_core.pipeline.precision import cpu_bf16_autocast
 
     torch.manual_seed(0)
     block = UpBlock(16, 8, 2).eval()
@@ -130,7 +130,7 @@ def test_up_block_under_bfloat16_autocast_is_as_accurate_as_the_published_form()
 
 
 def test_largest_component_postprocessing():
-    from iris_core.postprocess import postprocess
+    from iris_core.pipeline.postprocess import postprocess
 
     arr = np.zeros((20, 20, 20), np.uint8)
     arr[2:10, 2:10, 2:10] = 1

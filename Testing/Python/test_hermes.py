@@ -14,10 +14,10 @@ import SimpleITK as sitk
 import torch
 
 from conftest import ROOT, write_nnunet
-from iris_core.checkpoint import load_checkpoint
-from iris_core.cli import main
+from iris_core.commands.cli import main
 from iris_core.errors import InputError
-from iris_core.hermes_vocab import hermes_r_vocabulary, resolve_modality, resolve_structures
+from iris_core.hub.checkpoint import load_checkpoint
+from iris_core.hub.hermes_vocab import hermes_r_vocabulary, resolve_modality, resolve_structures
 
 
 def test_vocabulary_names_and_resolution():
@@ -39,7 +39,7 @@ def test_slicer_terminology_of_vocabulary_names():
     assert "SCT^4147007^Mass" in terminology("kidney tumor") and terminology("grey matter") == ""
     known = [t.name for t in hermes_r_vocabulary() if terminology(t.name)]
     assert len(known) >= 45  # most Hermes-R structures get a Slicer terminology entry
-    import iris_core.hermes_vocab as vocab
+    import iris_core.hub.hermes_vocab as vocab
 
     assert not hasattr(vocab, "SCT") and not hasattr(vocab, "terminology")
 
@@ -109,7 +109,7 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                            "--log-dir", str(tmp_path / "torchrun_logs"),  # else torchelastic_* in the temp folder
-                           "-m", "iris_core.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "run"),
+                           "-m", "iris_core.commands.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "run"),
                            "--steps", "2"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
@@ -119,7 +119,7 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
 
 def test_known_structures_listing(hermes_model, tmp_path, tiny_model, phantom_files):
     from iris_core.api import segment
-    from iris_core.embedding import model_fingerprint
+    from iris_core.pipeline.embedding import model_fingerprint
     from IrisSegmentLib.vocabulary import known_structures
 
     assert known_structures(str(hermes_model)) == ("hermes", ["ball", "box"])
@@ -134,8 +134,8 @@ def test_known_structures_listing(hermes_model, tmp_path, tiny_model, phantom_fi
 def test_evaluate_hermes_method(hermes_model, dataset, tmp_path):
     import csv
 
-    from iris_core.datasets import load_nnunet
-    from iris_core.evaluate import run_evaluation
+    from iris_core.commands.evaluate import run_evaluation
+    from iris_core.io.datasets import load_nnunet
 
     run_evaluation(load_nnunet(dataset), ["hermes", "identity"], tmp_path / "e", device="cpu", progress=False,
                    overlays=False, hermes_model=str(hermes_model), hermes_modality="T1")

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from iris_core import hub
-from iris_core.checkpoint import load_checkpoint
 from iris_core.errors import CheckpointError
+from iris_core.hub import download as hub
+from iris_core.hub.checkpoint import load_checkpoint
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -141,7 +141,7 @@ def test_cli_models_pull_mass_base_then_model_mass_base(tmp_path, mass_rule_chec
     env.pop("HF_HUB_OFFLINE", None)
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "iris_core.cli", *args], env=env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "iris_core.commands.cli", *args], env=env, capture_output=True,
                               text=True, timeout=600)
 
     try:

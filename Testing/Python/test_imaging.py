@@ -8,9 +8,9 @@ import SimpleITK as sitk
 import torch
 
 from conftest import phantom
-from iris_core.device import select_device, set_threads
 from iris_core.errors import InputError, ResourceError
-from iris_core.imaging import read_image, read_labels, write_image_atomic
+from iris_core.io.imaging import read_image, read_labels, write_image_atomic
+from iris_core.pipeline.device import select_device, set_threads
 
 
 def write_dicom_series(image: sitk.Image, folder, series: str = "2", description: str = "", prefix: str = "") -> None:

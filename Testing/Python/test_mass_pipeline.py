@@ -11,10 +11,10 @@ import SimpleITK as sitk
 import torch
 
 from conftest import COMPAT, phantom
-from iris_core.checkpoint import Preprocessing, load_checkpoint, save_checkpoint
-from iris_core.cli import main as cli
-from iris_core.preprocess import body_box, native_grid, prepare_native
-from iris_core.sliding import gaussian_weights, sliding_window, window_boxes, window_starts
+from iris_core.commands.cli import main as cli
+from iris_core.hub.checkpoint import Preprocessing, load_checkpoint, save_checkpoint
+from iris_core.pipeline.preprocess import body_box, native_grid, prepare_native
+from iris_core.pipeline.sliding import gaussian_weights, sliding_window, window_boxes, window_starts
 
 PIPE = COMPAT / "mass_pipeline"
 
@@ -134,7 +134,7 @@ def test_probability_maps_through_the_cli_one_per_class_named_after_it(tmp_path,
 
 def test_max_classes_per_forward_gives_each_chunk_what_it_gives_alone(phantom_files, tiny_model):
     from iris_core.api import load_references
-    from iris_core.inference import ClassSpec, Engine
+    from iris_core.pipeline.inference import ClassSpec, Engine
 
     ref = load_references([(phantom_files["ref"], phantom_files["ref_lab"])])[0]
     whole = Engine(tiny_model, device="cpu")
@@ -164,8 +164,8 @@ def test_mass_checkpoint_reproduces_the_authors_pipeline(case, tmp_path, mass_ru
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(PIPE / f"{case}_authors_seg.nii.gz")))
     if case == "mr":  # issue [13]: evaluate scores exactly the label map segment writes (the MASS model's largest
         # component on the model grid, 6-connected: evaluate once kept it on the target grid, 26-connected)
-        from iris_core.datasets import Case, Dataset
-        from iris_core.evaluate import Evaluator, parse_method
+        from iris_core.commands.evaluate import Evaluator, parse_method
+        from iris_core.io.datasets import Case, Dataset
 
         cases = [Case("target", str(PIPE / "mr_target.nii.gz"), str(PIPE / "mr_authors_seg.nii.gz")),
                  Case("reference", str(PIPE / "mr_reference.nii.gz"), str(PIPE / "mr_reference_labels.nii.gz"))]

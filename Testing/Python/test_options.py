@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from iris_core.cli import build_parser, main, segment_options
+from iris_core.commands.cli import build_parser, main
+from iris_core.commands.segment import segment_options
 from iris_core.errors import ConfigError, IrisError
 from iris_core.options import SegmentOptions
 
@@ -72,7 +73,7 @@ def test_deprecated_modality_maps_to_the_right_option():
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from iris_core.cli import build_parser; build_parser().format_help(); "
+    code = ("import sys; from iris_core.commands.cli import build_parser; build_parser().format_help(); "
             "print(sorted(m for m in ('torch', 'monai', 'SimpleITK') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -118,11 +119,11 @@ def test_outputs_share_one_permission_mode(capsys, tmp_path, phantom_files, tiny
 
 
 def test_slicer_reads_a_task_library_s_names_with_the_format_s_own_reader_without_torch(tmp_path):
-    """One reader of the library format (iris_core.library): TaskEmbedding.load and the Slicer GUI's
+    """One reader of the library format (iris_core.hub.library): TaskEmbedding.load and the Slicer GUI's
     header-only vocabulary both use it; the GUI side never imports torch."""
     import torch
 
-    from iris_core.embedding import TaskEmbedding
+    from iris_core.pipeline.embedding import TaskEmbedding
 
     path = TaskEmbedding([torch.zeros(2, 3, 4)], ["liver", "left kidney"], [1, 2]).save(tmp_path / "l.safetensors",
                                                                                         "abc")

@@ -1,4 +1,4 @@
-"""--precision: bfloat16 windows only where a check shows the labels kept (iris_core/precision.py).
+"""--precision: bfloat16 windows only where a check shows the labels kept (iris_core/pipeline/precision.py).
 
 The check must tell a network whose labels survive bfloat16 from one whose do not: the trained
 default model against the same architecture untrained, on a window of real data. The rest runs the
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from iris_core.aot import CompiledMethod
-from iris_core.cli import main
+from iris_core.commands.cli import main
 from iris_core.errors import ConfigError
-from iris_core.inference import ClassSpec, Engine, Reference
 from iris_core.options import SegmentOptions
-from iris_core.precision import (
+from iris_core.pipeline.aot import CompiledMethod
+from iris_core.pipeline.inference import ClassSpec, Engine, Reference
+from iris_core.pipeline.precision import (
     MIN_AGREEMENT,
     PrecisionCheck,
     PrecisionChooser,
@@ -44,7 +44,7 @@ def _task_window(loaded, case):
 
 @pytest.fixture(scope="module")
 def demo():
-    from iris_core.demo import demo_case
+    from iris_core.commands.demo import demo_case
 
     return demo_case(0)
 
@@ -54,7 +54,7 @@ def test_the_check_keeps_bfloat16_for_the_trained_model_and_refuses_it_untrained
     labels; speed is left out, min_speedup=0, since this CPU may emulate bfloat16), the same
     architecture untrained (near-ties everywhere) changes labels and is refused, saying why."""
     from iris_core.api import resolve_model
-    from iris_core.checkpoint import preset_model
+    from iris_core.hub.checkpoint import preset_model
 
     results = {}
     for name, loaded in (("trained", resolve_model("default")), ("untrained", preset_model("iris-small"))):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iris_core.checkpoint import load_checkpoint
+from iris_core.hub.checkpoint import load_checkpoint
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "iris-default.safetensors"
 

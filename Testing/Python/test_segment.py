@@ -9,10 +9,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from iris_core.api import load_references, resolve_classes, segment, write_result
-from iris_core.embedding import TaskEmbedding, model_fingerprint
-from iris_core.inference import ClassSpec, Engine
-from iris_core.strategies import STRATEGIES, encode_references, ensemble, one_shot
+from iris_core.api import load_references, resolve_classes, segment
+from iris_core.io.results import write_result
+from iris_core.pipeline.embedding import TaskEmbedding, model_fingerprint
+from iris_core.pipeline.inference import ClassSpec, Engine
+from iris_core.pipeline.strategies import STRATEGIES, encode_references, ensemble, one_shot
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -114,8 +115,8 @@ def test_progress_and_cancel(phantom_files, tiny_model):
 def test_probability_map_names_stay_distinct_on_any_file_system():
     """One file per class even where names differ only in characters a file name cannot hold or only in
     case (Windows and macOS file systems ignore case)."""
-    from iris_core.api import probability_paths
-    from iris_core.inference import ClassSpec
+    from iris_core.io.results import probability_paths
+    from iris_core.pipeline.inference import ClassSpec
 
     plain = probability_paths("out/seg.nii.gz", [ClassSpec("left caudate", 1), ClassSpec("liver", 2)])
     assert [p.name for p in plain] == ["seg_prob_left_caudate.nii.gz", "seg_prob_liver.nii.gz"]
@@ -133,9 +134,9 @@ def test_overlapping_classes_keep_their_overlap():
     lobes; the lobes, which do not overlap each other in the reference, still share one label map (one
     lobe per voxel). The sidecar counts each class in full."""
     from conftest import dice
-    from iris_core import sampledata
     from iris_core.api import overlapping_class_groups, resolve_model, segment
-    from iris_core.inference import ClassSpec, Reference
+    from iris_core.io import sampledata
+    from iris_core.pipeline.inference import ClassSpec, Reference
 
     lobes = sampledata.colin27("lobes")
     brain = sampledata.colin27("brain")
@@ -172,9 +173,9 @@ def test_output_names_ignore_the_extensions_case():
     """A label map written as SEG.NII.GZ (as Windows users type it) gets the sidecar SEG.json and the
     probability maps SEG_prob_<class>.NII.GZ, as seg.nii.gz gets seg.json (it got SEG.NII.GZ.json); the
     several-targets folder names the result of CASE01.NII.GZ CASE01_seg.nii.gz through the same rule."""
-    from iris_core.api import probability_paths, sidecar_path
-    from iris_core.cli import _volume_stem
-    from iris_core.inference import ClassSpec
+    from iris_core.commands.segment import _volume_stem
+    from iris_core.io.results import probability_paths, sidecar_path
+    from iris_core.pipeline.inference import ClassSpec
 
     for out, side in [("o/seg.nii.gz", "seg.json"), ("o/SEG.NII.GZ", "SEG.json"), ("o/x.Seg.Nrrd", "x.json"),
                       ("o/y.MHA", "y.json"), ("o/plain", "plain.json")]:
@@ -191,8 +192,7 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    from iris_core import sampledata
-
+    from iris_core.io import sampledata
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = re.search(r"### Python\n\n```python\n(.*?)```", readme, re.S).group(1)
     ref = sampledata.colin27("brain")
@@ -234,7 +234,7 @@ def test_reference_box_covers_the_whole_volume_where_the_network_takes_it(tiny_m
     padded evenly, up to the network's largest input, else as much as it takes around the classes."""
     import dataclasses
 
-    from iris_core.inference import Engine
+    from iris_core.pipeline.inference import Engine
 
     eng = Engine(tiny_model, device="cpu")
     assert eng.policy.reference_crop == "volume" and eng.largest_reference == 64  # iris-tiny: 32 x 2

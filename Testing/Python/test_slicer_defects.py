@@ -31,7 +31,7 @@ BINARY = "Binary labelmap"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model):
     """A scene with the shipped pair loaded as Slicer's readers load it, and a tiny model on a coarse grid."""
-    from iris_core.checkpoint import Preprocessing, save_checkpoint
+    from iris_core.hub.checkpoint import Preprocessing, save_checkpoint
 
     model = save_checkpoint(tmp_path_factory.mktemp("fast") / "fast.safetensors", tiny_model.model,
                             Preprocessing(spacing=(6.0, 6.0, 6.0), window=(32, 32, 32)))

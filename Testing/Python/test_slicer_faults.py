@@ -51,7 +51,7 @@ def _load_pair(scene) -> dict:
 def world(tmp_path_factory, tiny_model):
     """The scene, the pair and a tiny untrained model on a coarse grid (6 mm, 32^3 windows): the
     faults are about the plumbing, and this machine is slow."""
-    from iris_core.checkpoint import Preprocessing, save_checkpoint
+    from iris_core.hub.checkpoint import Preprocessing, save_checkpoint
 
     model = save_checkpoint(tmp_path_factory.mktemp("fast") / "fast.safetensors", tiny_model.model,
                             Preprocessing(spacing=(6.0, 6.0, 6.0), window=(32, 32, 32)))
@@ -380,7 +380,7 @@ def test_item12_outcome_is_known_only_after_all_output_is_read(world, tmp_path):
 
 # -- item 6: the model's kind from its header ---------------------------------------------------
 def test_item6_model_kind_is_read_from_the_header_without_torch(tmp_path):
-    from iris_core.checkpoint import preset_model, save_checkpoint
+    from iris_core.hub.checkpoint import preset_model, save_checkpoint
 
     hermes = preset_model("hermes-tiny")
     path = save_checkpoint(tmp_path / "hermes.safetensors", hermes.model, hermes.preprocessing)
@@ -402,7 +402,7 @@ def test_item6_pth_kind_from_its_key_names(tmp_path):
 
     from IrisSegmentLib.vocabulary import model_kind
 
-    hermes = __import__("iris_core.checkpoint", fromlist=["preset_model"]).preset_model("hermes-tiny")
+    hermes = __import__("iris_core.hub.checkpoint", fromlist=["preset_model"]).preset_model("hermes-tiny")
     torch.save({"model_state_dict": {"module." + k: v for k, v in hermes.model.state_dict().items()}},
                tmp_path / "hermes.pth")
     assert model_kind(str(tmp_path / "hermes.pth"))[0] == "hermes"

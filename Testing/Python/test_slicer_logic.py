@@ -296,7 +296,7 @@ def test_cli_seg_nrrd_opens_in_slicer_as_named_segments(phantom_files, tiny_mode
     Segment_1, Segment_2...), each segment holding exactly the voxels of its label."""
     import SimpleITK as sitk
 
-    from iris_core.cli import main
+    from iris_core.commands.cli import main
 
     out = tmp_path / "result.seg.nrrd"
     code = main(["segment", "--model", str(tiny_model_file), "--device", "cpu", "--quiet",
@@ -327,8 +327,8 @@ def test_cli_seg_nrrd_keeps_overlapping_classes_as_slicer_layers(tmp_path, capsy
 
     import SimpleITK as sitk
 
-    from iris_core import sampledata
-    from iris_core.cli import main
+    from iris_core.commands.cli import main
+    from iris_core.io import sampledata
 
     lobes, brain = sampledata.colin27("lobes"), sampledata.colin27("brain")
     target = sampledata.move_off_mni(sampledata.mni152nlin6asym("brain"), seed=0)

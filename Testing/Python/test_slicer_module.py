@@ -100,10 +100,10 @@ def test_every_choice_the_widget_offers_is_an_option_the_engine_accepts():
     """The combo boxes' (label, value) lists (IrisSegmentLib.choices, from iris_core's tables) against
     SegmentOptions' own validation, so a renamed option cannot leave a dead menu entry; each list starts with
     the default."""
-    from iris_core.device import DEVICES
     from iris_core.errors import ConfigError
-    from iris_core.hermes_vocab import HERMES_MODALITIES, resolve_modality
+    from iris_core.hub.hermes_vocab import HERMES_MODALITIES, resolve_modality
     from iris_core.options import PRECISIONS, STRATEGIES, SegmentOptions
+    from iris_core.pipeline.device import DEVICES
     from IrisSegmentLib.choices import choices
 
     lists = {name: [v for _, v in choices(name)] for name in ("strategies", "devices", "precisions", "modalities")}
@@ -160,7 +160,7 @@ def test_memory_figures_are_portable():
     import psutil
     import torch
 
-    from iris_core.device import available_memory, peak_rss_mb
+    from iris_core.pipeline.device import available_memory, peak_rss_mb
 
     avail = available_memory(torch.device("cpu"))
     assert 0 < avail <= psutil.virtual_memory().total

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from iris_core.checkpoint import load_checkpoint
-from iris_core.cli import main
+from iris_core.commands.cli import main
+from iris_core.hub.checkpoint import load_checkpoint
 
 
 @pytest.mark.slow
@@ -70,7 +70,7 @@ def test_task_sources_make_valid_episodes(source):
 def test_evaluation_only_data_is_refused():
     """The macaque template is the held-out species check (DATA.md): no config can train on it."""
     from iris_core.errors import InputError
-    from iris_core.sampledata import MRICRON_TEMPLATES
+    from iris_core.io.sampledata import MRICRON_TEMPLATES
     from iris_core.training import TrainConfig
     from iris_core.training.sources import _build_sources
 

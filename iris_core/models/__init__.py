@@ -6,10 +6,17 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
-from .config import PRESETS, HermesConfig, IrisConfig, Preset, config_from_dict, config_to_dict
-from .hermes import HermesNet
-from .iris import IrisNet
+from iris_core.errors import ConfigError
+from iris_core.models.config import (
+    PRESETS,
+    HermesConfig,
+    IrisConfig,
+    Preset,
+    config_from_dict,
+    config_to_dict,
+)
+from iris_core.models.hermes import HermesNet
+from iris_core.models.iris import IrisNet
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"iris": IrisNet, "hermes": HermesNet}
 

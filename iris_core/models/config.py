@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..errors import ConfigError
+from iris_core.errors import ConfigError
 
 #: The least memory-readout sample size; a task-embedding stage with at least this many tokens per class
 #: is a memory sample (rows: key, mask value, log weight), not task tokens (at most a few dozen).

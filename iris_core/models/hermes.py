@@ -12,8 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import DualPreNorm, Mlp, QKVCrossAttention, ResUNetEncoder, TokenClassifier, UpBlock, ffn
-from .config import HermesConfig
+from iris_core.models.blocks import (
+    DualPreNorm,
+    Mlp,
+    QKVCrossAttention,
+    ResUNetEncoder,
+    TokenClassifier,
+    UpBlock,
+    ffn,
+)
+from iris_core.models.config import HermesConfig
 
 
 class HermesAttentionBlock(nn.Module):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from .blocks import (
+from iris_core.errors import ConfigError
+from iris_core.models.blocks import (
     Attention,
     DualPreNorm,
     PreNorm,
@@ -27,7 +27,7 @@ from .blocks import (
     _linear_interp_matrix,
     ffn,
 )
-from .config import IrisConfig
+from iris_core.models.config import IrisConfig
 
 
 def pixel_shuffle_3d(x: torch.Tensor, s: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ query views, crops, batches), ``loop`` (resumable training, EMA, validation, exp
 Imported only by ``iris-segment train``: segmentation never needs it.
 """
 
-from .config import TrainConfig, load_config
-from .loop import train
+from iris_core.training.config import TrainConfig, load_config
+from iris_core.training.loop import train
 
 __all__ = ["TrainConfig", "load_config", "train"]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+from iris_core.errors import ConfigError, InputError
+from iris_core.models.config import PRESETS
+from iris_core.options import check_field_types
 
 
 @dataclass(frozen=True)
@@ -55,9 +60,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """User errors in a training config end in one clear ConfigError before any work starts."""
-        from ..errors import ConfigError
-        from ..models.config import PRESETS
-        from ..options import check_field_types
 
         check_field_types(self, "training config")  # a string where a number belongs, first
         problems = []
@@ -91,7 +93,6 @@ class TrainConfig:
 
     def grid(self) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
         """(spacing, window) the model trains and runs at: the preset's unless ``spacing`` is given."""
-        from ..models.config import PRESETS
 
         preset = PRESETS[self.preset]
         spacing = tuple(float(v) for v in self.spacing) if self.spacing else preset.spacing
@@ -101,11 +102,9 @@ class TrainConfig:
 
 def load_config(path: str | Path | None, **overrides) -> TrainConfig:
     """A TrainConfig from a TOML file (``[train]`` table or top level) with keyword overrides."""
-    import tomllib
 
     data: dict = {}
     if path is not None:
-        from ..errors import InputError
 
         try:
             with open(path, "rb") as f:
@@ -119,10 +118,8 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
     known = set(TrainConfig.__dataclass_fields__)
     unknown = set(data) - known
     if unknown:
-        from ..errors import InputError
 
         raise InputError(f"training config {path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    from ..errors import ConfigError
 
     try:
         return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

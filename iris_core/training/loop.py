@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,24 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from ..checkpoint import Preprocessing, save_checkpoint
-from ..errors import ConfigError
-from ..models import PRESETS, build_model
-from .config import TrainConfig
-from .episodes import TaskTable, _hermes_batch, _iris_batch
-from .sources import _build_sources
+from iris_core.checks import copy_test, reference_sensitivity, standard_case
+from iris_core.errors import ConfigError
+from iris_core.hub.checkpoint import (
+    LoadedModel,
+    Preprocessing,
+    read_safetensors,
+    save_checkpoint,
+    write_safetensors,
+)
+from iris_core.io.imaging import output_folder
+from iris_core.metrics import dice_score
+from iris_core.models import PRESETS, build_model
+from iris_core.models.blocks import DownBlock, UpBlock
+from iris_core.pipeline.device import autocast, select_device
+from iris_core.training.config import TrainConfig
+from iris_core.training.episodes import TaskTable, _hermes_batch, _iris_batch
+from iris_core.training.optim import Lamb
+from iris_core.training.sources import _build_sources
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +100,6 @@ def validation_scores(model, episodes: list, device, arch: str) -> dict[str, flo
     """Mean Dice of thresholded predictions with their own truth (``val_dice``) and, for Iris, with
     the truth of the OTHER classes of the episode (``val_swap``): a model that ignores its reference
     predicts the same for every class, so its swap Dice approaches its own Dice."""
-    from ..metrics import dice_score
 
     own, swap = [], []
     for ep in episodes:
@@ -124,7 +136,6 @@ def _lr(step: int, cfg: TrainConfig) -> float:
 
 def _distributed() -> tuple[int, int]:
     """(rank, world size); initialises torch.distributed under torchrun (gloo on CPU, nccl on GPUs)."""
-    import os
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
@@ -140,7 +151,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     """Train (or resume) in ``out_dir``; export the EMA model to ``export`` at the end. Under torchrun
     every rank draws its own episodes (seeded by rank), gradients are averaged by DDP, rank 0 saves."""
     rank, world = _distributed()
-    from ..imaging import output_folder
 
     out_dir = output_folder(out_dir)
     preset = PRESETS[cfg.preset]
@@ -151,7 +161,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     table = TaskTable(sources) if preset.arch == "hermes" else None
     config = preset.config
     if table is not None:
-        from dataclasses import replace
 
         config = replace(config, task_prior_slots=len(table.names))
     model = build_model(preset.arch, config).train()
@@ -159,7 +168,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     ema.load_state_dict(model.state_dict())
     for p in ema.parameters():
         p.requires_grad_(False)
-    from ..device import autocast, select_device
 
     device = select_device(cfg.device if world == 1 or not torch.cuda.is_available() else
                            f"cuda:{int(__import__('os').environ.get('LOCAL_RANK', 0))}")
@@ -169,7 +177,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
         model.to(memory_format=torch.channels_last_3d)
     _set_checkpointing(model, cfg.checkpointing)
     if cfg.optimizer == "lamb":
-        from .optim import Lamb
 
         opt = Lamb(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "adamw":
@@ -188,7 +195,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
         history = json.loads(state["history"])
         log.info("resumed at step %d", step)
     elif cfg.resume_point:  # a compact resume point (weights, step, history; the optimiser starts afresh)
-        from ..checkpoint import read_safetensors
 
         meta, tensors = read_safetensors(Path(cfg.resume_point), "resume point")
         model.load_state_dict({k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")})
@@ -205,7 +211,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     val_set = validation_set(sources, table, cfg, min(cfg.crop_sizes)) if rank == 0 and cfg.val_episodes else []
     check_case = None
     if rank == 0 and cfg.check_model and preset.arch == "iris":
-        from ..checks import standard_case
 
         check_case = standard_case(policy)
     dice = DiceLoss(sigmoid=True)
@@ -259,8 +264,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
                          "fixed episodes)", step, history[-1]["val_dice"], history[-1].get("val_swap", float("nan")),
                          len(val_set))
             if check_case is not None:
-                from ..checkpoint import LoadedModel
-                from ..checks import copy_test, reference_sensitivity
 
                 report = reference_sensitivity(ema, *check_case, device=device)
                 history[-1].update({"check_own": report.own_dice, "check_other": report.other_dice,
@@ -299,7 +302,6 @@ def write_resume_point(state_file: str | Path, out: str | Path, with_ema: bool =
     """A compact resume point from a run's ``state.pt``: model (and EMA) weights in float16 safetensors
     with the step and history (no optimiser state), small enough to commit; ``resume_point`` in the
     config continues from it."""
-    from ..checkpoint import write_safetensors
 
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     tensors = {f"model.{k}": v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
@@ -311,7 +313,6 @@ def write_resume_point(state_file: str | Path, out: str | Path, with_ema: bool =
 
 def _set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
     """Recompute the conv stages' activations in the backward pass (activation checkpointing)."""
-    from ..models.blocks import DownBlock, UpBlock
 
     for m in model.modules():
         if isinstance(m, DownBlock | UpBlock):

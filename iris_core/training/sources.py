@@ -10,11 +10,14 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import Preprocessing
-from ..errors import ConfigError, InputError
-from ..preprocess import prepare_image
-from ..resample import crop_padded, resample_to
-from .config import TrainConfig
+from iris_core.errors import ConfigError, InputError
+from iris_core.hub.checkpoint import Preprocessing
+from iris_core.io import sampledata
+from iris_core.io.datasets import load_nnunet
+from iris_core.io.resample import crop_padded, resample_to
+from iris_core.pipeline.preprocess import prepare_image
+from iris_core.training.config import TrainConfig
+from iris_core.training.synth import random_label_map, relabel_groups, synthesize_image, warp_labels
 
 TEMPLATE_LABELS = {"colin27": ("aal", "brodmann"), "icbm2009a": ("tissue",)}
 
@@ -27,8 +30,6 @@ class TemplateSource:
     P_BRAIN, P_SINGLE, P_GROUP = 0.05, 0.6, 0.25
 
     def __init__(self, name: str, spacing: tuple[float, float, float], holdout: tuple[str, ...] = ()):
-        from .. import sampledata
-
         if name not in TEMPLATE_LABELS:
             raise ConfigError(f"unknown template source {name!r}; known: {sorted(TEMPLATE_LABELS)}")
         load = sampledata.TEMPLATES[name]
@@ -111,7 +112,6 @@ class LabelSynthSource:
             self.atlas = atlas
 
     def _base_labels(self, rng: np.random.Generator, size: int) -> torch.Tensor:
-        from .synth import random_label_map, relabel_groups
 
         if self.atlas is None:
             return random_label_map((size,) * 3, rng)
@@ -124,7 +124,6 @@ class LabelSynthSource:
     def views(self, k: int, rng: np.random.Generator, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(query image, query masks), (reference image, reference masks)] of edge ``size`` plus a
         margin for the crop, K classes present in both."""
-        from .synth import synthesize_image, warp_labels
 
         for _ in range(20):
             base = self._base_labels(rng, size + size // 4)
@@ -148,7 +147,6 @@ class NnunetSource:
     """Cases of an nnU-Net / MSD dataset preprocessed once onto the model grid (kept in memory)."""
 
     def __init__(self, folder: str, spacing: tuple[float, float, float]):
-        from ..datasets import load_nnunet
 
         ds = load_nnunet(folder)
         self.name = ds.name

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from iris_core.training.deform import random_grid
+
 
 def _smooth_noise(n: int, shape: tuple[int, ...], coarse: int, rng: np.random.Generator) -> torch.Tensor:
     """[n, *shape] smooth random fields: Gaussian noise on a coarse grid, trilinearly upsampled."""
@@ -80,8 +82,6 @@ def synthesize_image(labels: torch.Tensor, rng: np.random.Generator) -> torch.Te
 def warp_labels(labels: torch.Tensor, rng: np.random.Generator, max_deg: float = 15.0,
                 max_shift: float = 0.08, elastic: float = 0.03) -> torch.Tensor:
     """A label map resampled (nearest) through a random affine + smooth elastic deformation."""
-    from .episodes import random_grid
-
     grid = random_grid(tuple(labels.shape), rng, max_deg, max_shift, elastic)
     out = F.grid_sample(labels[None, None].float(), grid, mode="nearest", padding_mode="border",
                         align_corners=False)

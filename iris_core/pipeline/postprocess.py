@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .options import POSTPROCESSING
-from .resample import array_to_image
+from iris_core.errors import InputError
+from iris_core.io.resample import array_to_image
+from iris_core.options import POSTPROCESSING
 
 
 def largest_component(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
@@ -61,6 +62,5 @@ def postprocess(labels: sitk.Image, values: list[int], method: str = "none", con
         return labels
     if method == "largest":
         return keep_largest_component(labels, values, connectivity)
-    from .errors import InputError
 
     raise InputError(f"unknown post-processing {method!r}; use one of {', '.join(POSTPROCESSING)}")

@@ -22,10 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from .errors import CheckpointError
-from .imaging import publish
-from .models import PRESETS, build_model, config_from_dict, config_to_dict
-from .models.config import HermesConfig, IrisConfig
+from iris_core.errors import CheckpointError, ConfigError
+from iris_core.io.imaging import publish
+from iris_core.models import PRESETS, build_model, config_from_dict, config_to_dict
+from iris_core.models.config import HermesConfig, IrisConfig
+from iris_core.options import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,17 @@ FORMAT = "iris-segment/1"
 # Wrapper keys of foreign training checkpoints, most preferred first (EMA weights infer best).
 STATE_DICT_KEYS = ("ema_state_dict", "ema_model_state_dict", "ema_model", "model_state_dict", "state_dict", "model", "net")
 PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+#: the pipeline's swappable parts: each string field of the policy and its values (ours first)
+POLICY_CHOICES: dict[str, tuple[str, ...]] = {
+    "grid": ("physical", "native"),
+    "modality_rule": ("iris", "mass"),
+    "reference_crop": ("volume", "union", "per-label"),
+    "reference_masks": ("soft", "nearest"),
+    "blending": ("monai", "mass"),
+    "labels_on": ("target", "model"),
+}
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,18 @@ class Preprocessing:
     #: keep each label's largest connected component by default; connectivity 6 (faces) or 26
     largest_component: bool = False
     connectivity: int = 26
+
+    def __post_init__(self) -> None:
+        """Every choice checked once, when the policy is made (a model file with an unknown value fails as it
+        loads, not in the middle of a run)."""
+        for name, allowed in POLICY_CHOICES.items():
+            check_choice(getattr(self, name), allowed, f"pipeline policy {name}")
+        if self.connectivity not in (6, 26):
+            raise ConfigError(f"pipeline policy connectivity {self.connectivity!r}: use 6 or 26")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0 or len(self.window) != 3 or min(self.window) < 1:
+            raise ConfigError(f"pipeline policy spacing {self.spacing} / window {self.window}: three positive values")
+        if not 0 <= self.overlap < 1 or not 0 < self.threshold < 1:
+            raise ConfigError(f"pipeline policy overlap {self.overlap} / threshold {self.threshold}: in [0, 1) / (0, 1)")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -219,7 +243,6 @@ def infer_architecture(sd: dict[str, torch.Tensor], path: Path) -> tuple[str, An
         )
         if "memory_key.weight" in sd:  # our small presets' memory readout; its sample size is not a weight:
             # the preset's with these channels and key width (else iris-small's)
-            from .models.config import PRESETS
 
             dim = sd["memory_key.weight"].shape[0]
             like = next((p.config for p in PRESETS.values() if p.arch == "iris"

@@ -10,8 +10,8 @@ import sys
 import psutil
 import torch
 
-from .errors import ResourceError
-from .options import DEVICES  # the table lives with the options (torch-free, for the Slicer GUI)
+from iris_core.errors import ResourceError
+from iris_core.options import DEVICES  # the table lives with the options (torch-free, for the Slicer GUI)
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -18,11 +18,16 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import sampledata
-from .errors import InputError
-from .inference import ClassSpec, ProgressFn
-from .metrics import dice_score
-from .resample import resample_to
+from iris_core.api import resolve_model, segment
+from iris_core.commands.evaluate import parse_method, register_labels
+from iris_core.errors import InputError
+from iris_core.io import sampledata
+from iris_core.io.imaging import output_folder, write_image_atomic
+from iris_core.io.resample import resample_to
+from iris_core.io.results import write_result
+from iris_core.io.viz import class_grid_png, overlay_png
+from iris_core.metrics import dice_score
+from iris_core.pipeline.inference import ClassSpec, ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +68,6 @@ def run_demo(out: str | Path, model: str = "default", device: str = "auto", seed
              registration: str | None = "ants:SyN", progress: ProgressFn | None = None) -> dict:
     """Write the demo's inputs, the Iris result, the baselines, ``demo.png`` and ``summary.json`` into
     ``out``; returns the summary (Dice per class and method, seconds)."""
-    from .api import resolve_model, segment, write_result
-    from .evaluate import parse_method, register_labels
-    from .imaging import output_folder, write_image_atomic
-    from .viz import class_grid_png, overlay_png
 
     out = Path(out)
     if registration:  # a misspelt baseline is an error now, not a warning after the segmentation

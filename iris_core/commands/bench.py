@@ -13,13 +13,20 @@ import time
 
 import torch
 
-from .device import peak_rss_mb
-from .errors import InputError
+from iris_core.api import resolve_model
+from iris_core.commands.evaluate import Method, register_labels
+from iris_core.errors import InputError
+from iris_core.io import sampledata
+from iris_core.metrics import dice_score
+from iris_core.models.blocks import PackedProjection, QKVCrossAttention
+from iris_core.models.iris import TaskEncoder
+from iris_core.pipeline.aot import CompiledMethod
+from iris_core.pipeline.device import peak_rss_mb
+from iris_core.pipeline.inference import ClassSpec, Engine, Reference
 
 
 def _measure(model_spec: str, window: int, classes: list[int], repeats: int, threads: int | None,
              compile: bool = False) -> dict:
-    from .api import resolve_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -41,7 +48,6 @@ def _measure(model_spec: str, window: int, classes: list[int], repeats: int, thr
             e = [t[:, :k] for t in emb_all]
             _, out[f"window_{k}_classes_s"] = _timed(lambda e=e: model.segment(tgt, e), repeats)
         if compile:
-            from .aot import CompiledMethod
 
             e = [t[:, :1] for t in emb_all]
             eager = model.segment(tgt, e)
@@ -66,7 +72,7 @@ def run_benchmark(models: list[str], window: int = 128, classes: tuple[int, ...]
     """Measure each model in its own process; returns one dict of figures per model."""
     results = []
     for spec in models:
-        code = (f"import json; from iris_core.bench import _measure; "
+        code = (f"import json; from iris_core.commands.bench import _measure; "
                 f"print(json.dumps(_measure({spec!r}, {window}, {list(classes)!r}, {repeats}, {threads!r}, {compile!r})))")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
         if proc.returncode:
@@ -110,8 +116,6 @@ def _timed(fn, repeats: int):
 
 def _set_reference_path(model, reference: bool) -> None:
     """Switch between the plain eager formulation and the optimised one (same weights)."""
-    from .models.blocks import PackedProjection, QKVCrossAttention
-    from .models.iris import TaskEncoder
 
     for m in model.modules():
         if isinstance(m, PackedProjection | QKVCrossAttention):
@@ -128,10 +132,6 @@ def pair_benchmark(model_spec: str = "default", repeats: int = 3, registration: 
     one (time ratio and max abs difference), Dice, and atlas registration on the same pair."""
     import SimpleITK as sitk
 
-    from . import sampledata
-    from .api import resolve_model
-    from .inference import ClassSpec, Engine, Reference
-    from .metrics import dice_score
 
     if threads:
         torch.set_num_threads(threads)
@@ -186,7 +186,6 @@ def pair_benchmark(model_spec: str = "default", repeats: int = 3, registration: 
         sitk.GetArrayFromImage(sitk.Resample(ref.labels, t.image, sitk.Transform(), sitk.sitkNearestNeighbor)) > 0,
         sitk.GetArrayFromImage(t.labels) > 0) for t in targets]
     if registration:
-        from .evaluate import Method, register_labels
 
         for name in ("ants:SyN", "elastix"):
             method = Method("ants", name.split(":")[1]) if name.startswith("ants") else Method("elastix")
@@ -243,9 +242,6 @@ def whole_brain_speed(model_spec: str = "default", repeats: int = 3, threads: in
     """In-process time to segment a whole 1 mm brain (ICBM 2009a at its native 1 mm grid, 197 x 233 x 189)
     from Colin27 + its brain mask: encoding once, then prepare + sliding windows + resampling back per
     target (median of ``repeats``), wall clock and this process's CPU time."""
-    from . import sampledata
-    from .api import resolve_model
-    from .inference import ClassSpec, Engine, Reference
 
     if threads:
         torch.set_num_threads(threads)

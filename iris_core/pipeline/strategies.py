@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from .embedding import TaskEmbedding, is_memory
-from .errors import InputError
-from .inference import ClassSpec, Engine, Reference
-from .options import STRATEGIES, TUNE_LR, TUNE_STEPS
-from .preprocess import PreparedImage
+from iris_core.errors import InputError
+from iris_core.options import STRATEGIES, TUNE_LR, TUNE_STEPS
+from iris_core.pipeline.embedding import TaskEmbedding, is_memory
+from iris_core.pipeline.inference import ClassSpec, Engine, Reference
+from iris_core.pipeline.preprocess import PreparedImage
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .datasets import Dataset
-from .errors import InputError, IrisError, reason
-from .inference import ClassSpec
-from .metrics import segment_metrics
-from .resample import resample_to
+from iris_core.api import resolve_model, segment_hermes
+from iris_core.errors import InputError, IrisError, reason
+from iris_core.hub.hermes_vocab import intensity_for, resolve_modality
+from iris_core.io.datasets import Dataset
+from iris_core.io.imaging import output_folder
+from iris_core.io.resample import resample_to
+from iris_core.io.viz import overlay_png
+from iris_core.metrics import segment_metrics
+from iris_core.options import STRATEGIES
+from iris_core.pipeline.inference import ClassSpec, Engine, Reference
+from iris_core.pipeline.strategies import encode_references, run_strategy
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,6 @@ def parse_method(text: str) -> Method:
     kind = parts[0]
     if kind == "iris":
         strategy = parts[1] if len(parts) > 1 else "one-shot"
-        from .options import STRATEGIES
 
         if strategy not in STRATEGIES:
             raise InputError(f"method {text!r}: unknown strategy; use one of {', '.join(STRATEGIES)}")
@@ -170,14 +175,11 @@ class Evaluator:
 
     def engine(self):
         if self._engine is None:
-            from .api import resolve_model
-            from .inference import Engine
 
             self._engine = Engine(resolve_model(self.model_spec), device=self.device, intensity=self.ds.modality)
         return self._engine
 
     def classes(self, ref_names: list[str]):
-        from .inference import ClassSpec
 
         values: set[int] = set()
         for r in ref_names:
@@ -185,8 +187,6 @@ class Evaluator:
         return [ClassSpec(self.ds.label_names.get(v, f"label_{v}"), v) for v in sorted(values)]
 
     def run_iris(self, method: Method, target: str, refs: list[str]) -> sitk.Image:
-        from .inference import Reference
-        from .strategies import encode_references, run_strategy
 
         eng = self.engine()
         classes = self.classes(refs)
@@ -203,9 +203,6 @@ class Evaluator:
     def run_hermes(self, target: str) -> sitk.Image:
         """Hermes segments the dataset's named classes (names from dataset.json looked up in the model's
         vocabulary); no reference."""
-        from .api import resolve_model, segment_hermes
-        from .hermes_vocab import intensity_for, resolve_modality
-        from .inference import Engine
 
         if not self.hermes_spec:
             raise InputError("method hermes needs --hermes-model FILE")
@@ -252,7 +249,6 @@ class Evaluator:
 
     def run(self, rank: int = 0, world: int = 1) -> Path:
         """Evaluate this rank's share of targets; returns its CSV."""
-        from .imaging import output_folder
 
         output_folder(self.out)
         csv_path = self.out / ("results.csv" if world == 1 else f"results.rank{rank}.csv")
@@ -300,7 +296,6 @@ class Evaluator:
                                      "seconds": round(secs, 3)} | {k: round(v, 5) for k, v in m.items()})
                 f.flush()
                 if self.overlays:
-                    from .viz import overlay_png
 
                     # a file name on every system: case names from a CSV may hold folders ('s1/image.nii.gz')
                     stem = re.sub(r"[^A-Za-z0-9._+-]+", "_", f"{target}__{'+'.join(refs)}__{method.name}")

@@ -10,14 +10,14 @@ Nothing is ever downloaded without an explicit ``pull``.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from .errors import CheckpointError
-
-RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
-DEFAULT_MODEL = RESOURCES / "Models" / "iris-default.safetensors"
+from iris_core.errors import CancelledError, CheckpointError
+from iris_core.resources import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def resolve(name: str, known: dict[str, KnownModel] | None = None) -> Path:
 
 def verify(path: Path, m: KnownModel) -> None:
     """The file loads safely (weights only) as the model's architecture and layout."""
-    from .checkpoint import load_checkpoint
+    from iris_core.hub.checkpoint import load_checkpoint
 
     try:
         loaded = load_checkpoint(path)
@@ -159,7 +159,6 @@ def pull(name: str, known: dict[str, KnownModel] | None = None, progress: bool =
                                     tqdm_class=tqdm_class, cache_dir=cache_dir))
     except Exception as exc:  # noqa: BLE001 - network, HTTP, disk: one message with the way out
         if cancel is not None and cancel():
-            from .errors import CancelledError
 
             raise CancelledError("download cancelled") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -171,8 +170,6 @@ def pull(name: str, known: dict[str, KnownModel] | None = None, progress: bool =
 
 def _reachable(url: str, timeout: float = 10.0) -> None:
     """Fail at once (not after the hub client's retries) when the server cannot be reached."""
-    import socket
-    from urllib.parse import urlsplit
 
     u = urlsplit(url)
     port = u.port or (443 if u.scheme == "https" else 80)

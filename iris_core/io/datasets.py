@@ -12,7 +12,10 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from .errors import InputError
+from iris_core.errors import InputError
+from iris_core.io import sampledata
+from iris_core.io.imaging import read_image, read_labels
+from iris_core.resources import SAMPLE_DATA
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,6 @@ class Case:
     group: str = ""  # dataset / modality, for embedding maps
 
     def read(self) -> tuple[sitk.Image, sitk.Image]:
-        from .imaging import read_image, read_labels
 
         if isinstance(self.image, sitk.Image):
             return self.image, self.labels
@@ -160,8 +162,6 @@ def template_pairs(labels: str = "brain", seeds: tuple[int, ...] = (0,),
     """The real template pairs of DATA.md: every direction among the available templates (Colin27,
     ICBM 2009a, MNI152NLin6Asym when nimare is installed), the target moved off MNI space (rigid
     5-15 degrees, 20-40 mm, 1 x 1 x 3 mm grid), one random move per seed."""
-    from . import sampledata
-
     if labels != "brain":
         raise InputError("template pairs have brain masks only (label 1)")
     samples = []
@@ -185,8 +185,6 @@ def template_pairs(labels: str = "brain", seeds: tuple[int, ...] = (0,),
 def atlases() -> Dataset:
     """Labelled real atlases: Colin27 AAL regions (116), Colin27 brain, ICBM 2009a grey/white matter
     and brain: for embedding maps."""
-    from . import sampledata
-
     out = []
     names: dict[int, str] = {}
     for sample, group in ((sampledata.colin27("aal"), "colin27 AAL"), (sampledata.icbm2009a("tissue"), "icbm tissue"),
@@ -206,8 +204,6 @@ def macaque_pairs(seed: int = 0) -> Dataset:
     """The held-out species check (EVALUATION ONLY): inia19 with four structures as the reference,
     and as the target a smoothly warped (up to 2 mm) and rigidly moved (5-15 degrees, 20-40 mm) copy
     of itself resampled onto a 0.5 x 0.5 x 1.5 mm grid."""
-    from . import sampledata
-
     ref = sampledata.inia19()
     moved = sampledata.move_off_mni(sampledata.warp_smooth(ref, seed=seed, max_mm=2.0, smooth_mm=6.0), seed=seed,
                                     spacing=(0.5, 0.5, 1.5))
@@ -219,8 +215,6 @@ def cross_atlas_pairs(seed: int = 0) -> Dataset:
     """Held-out structures across templates: Colin27 with AAL regions as the reference, the moved
     MNI152NLin6Asym (rigid 5-15 degrees, 20-40 mm, 1 x 1 x 3 mm) with the Harvard-Oxford regions that
     mean the same (sampledata.CROSS_ATLAS) as its independent truth."""
-    from . import sampledata
-
     ref, tgt = sampledata.cross_atlas_samples()
     moved = sampledata.move_off_mni(tgt, seed=seed)
     cases = [Case(ref.name, ref.image, ref.labels, "colin27"), Case(moved.name, moved.image, moved.labels, "mni")]
@@ -229,12 +223,10 @@ def cross_atlas_pairs(seed: int = 0) -> Dataset:
 
 def copy_pairs(moved: bool = False, seed: int = 0) -> Dataset:
     """The copy test as a cohort (issue [11]): Colin27 with the ten bilateral AAL gyri of
-    ``checks.COPY_STRUCTURES`` as the reference; the target is the same image (``moved=False``: the copy test
+    ``sampledata.COPY_STRUCTURES`` as the reference; the target is the same image (``moved=False``: the copy test
     itself, where identity scores 1) or a rigidly moved copy of it (5-15 degrees, 20-40 mm, 1 x 1 x 3 mm)."""
-    from . import sampledata
-    from .checks import copy_labels
 
-    image, labels, names = copy_labels()
+    image, labels, names = sampledata.copy_labels()
     label_names = {i: n for i, n in enumerate(names, start=1)}
     ref = sampledata.Sample("colin27-gyri", image, labels, label_names)
     tgt = sampledata.move_off_mni(ref, seed=seed) if moved else sampledata.Sample("colin27-itself", image, labels,
@@ -247,7 +239,7 @@ def sample_pair() -> Dataset:
     """The pair shipped for 3D Slicer's Sample Data (Resources/SampleData, see its NOTICE.md): Colin27 2 mm
     with its brain segmentation as the reference, ICBM 2009a moved off MNI space with its own, independent
     brain mask as the target: the first thing a clinician tries."""
-    folder = Path(__file__).resolve().parent.parent / "Resources" / "SampleData"
+    folder = SAMPLE_DATA
     if not (folder / "Colin27.nrrd").is_file():
         raise InputError(f"the shipped sample pair is not in {folder} (it ships with the source tree, not the "
                          "Python package)")

@@ -8,13 +8,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .checkpoint import Preprocessing
-from .device import check_memory
-from .errors import InputError
-from .imaging import check_finite
-from .options import INTENSITY_POLICIES
-from .postprocess import largest_component
-from .resample import model_grid, model_grid_geometry, resample_to, smooth_for_downsampling
+from iris_core.errors import InputError
+from iris_core.hub.checkpoint import Preprocessing
+from iris_core.io.imaging import check_finite
+from iris_core.io.resample import model_grid, model_grid_geometry, resample_to, smooth_for_downsampling
+from iris_core.options import INTENSITY_POLICIES, check_choice
+from iris_core.pipeline.device import check_memory
+from iris_core.pipeline.postprocess import largest_component
 
 
 def guess_modality(arr: np.ndarray) -> str:
@@ -45,8 +45,7 @@ class IntensityMap:
 def intensity_map(arr: np.ndarray, modality: str, policy: Preprocessing, name: str = "image") -> IntensityMap:
     """Clip window and z-score statistics: CT clipped to the policy's HU window, MR/PET to
     percentiles; mean and std of the clipped voxels."""
-    if modality not in INTENSITY_POLICIES:
-        raise InputError(f"unknown intensity policy {modality!r}; use one of {', '.join(INTENSITY_POLICIES)}")
+    check_choice(modality, INTENSITY_POLICIES, "intensity policy", InputError)
     if modality == "auto":
         modality = guess_modality(arr)
     sample = arr.ravel()
@@ -114,8 +113,7 @@ def guess_modality_mass(arr: np.ndarray) -> str:
 
 
 def _modality(arr: np.ndarray, modality: str, policy: Preprocessing) -> str:
-    if modality not in INTENSITY_POLICIES:
-        raise InputError(f"unknown intensity policy {modality!r}; use one of {', '.join(INTENSITY_POLICIES)}")
+    check_choice(modality, INTENSITY_POLICIES, "intensity policy", InputError)
     if modality != "auto":
         return modality
     return guess_modality_mass(arr) if policy.modality_rule == "mass" else guess_modality(arr)

@@ -10,18 +10,18 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .datasets import Dataset
-from .embedding import TaskEmbedding, is_memory, model_fingerprint
-from .errors import InputError
-from .resample import labels_to_masks
+from iris_core.api import resolve_model
+from iris_core.errors import InputError
+from iris_core.io.datasets import Dataset
+from iris_core.io.imaging import output_folder
+from iris_core.io.resample import labels_to_masks
+from iris_core.pipeline.embedding import TaskEmbedding, is_memory, model_fingerprint
+from iris_core.pipeline.inference import ClassSpec, Engine, Reference
 
 
 def embed_dataset(ds: Dataset, out_dir: str | Path, model: str = "default", device: str = "auto",
                   max_cases: int | None = None, progress: bool = False) -> dict:
     """Encode every class of every case; write library.safetensors, embeddings.json and map.png."""
-    from .api import resolve_model
-    from .imaging import output_folder
-    from .inference import ClassSpec, Engine, Reference
 
     out = output_folder(out_dir)
     loaded = resolve_model(model)

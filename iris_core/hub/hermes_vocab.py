@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InputError
+from iris_core.errors import InputError
 
 # Hermes-R modality prior slots (not the intensity policy of the preprocessing: see options.INTENSITY_POLICIES)
 HERMES_MODALITIES = {"CT": 0, "PET": 1, "T1 MRI": 2, "T2 MRI": 3, "cine MRI": 4}
@@ -110,3 +110,16 @@ def resolve_structures(text: str, vocab: list[Task], modality: str) -> list[Task
     if not out:
         raise InputError("--structures is empty")
     return out
+
+
+def model_vocabulary(class_names: list[str] | None, task_modalities: list[str] | None = None,
+                     task_prior_slots: int | None = None) -> list:
+    """The task vocabulary of a Hermes model from what its file stores: its class names (with their
+    modalities) when it has them, else the published Hermes-R vocabulary, else (a model with fewer task slots
+    than Hermes-R and no names) tasks by index, ``custom/task_<i>``."""
+    if class_names:
+        return vocabulary_from_names(class_names, task_modalities)
+    vocab = hermes_r_vocabulary()
+    if task_prior_slots and task_prior_slots < len(vocab):
+        return vocabulary_from_names([f"custom/task_{i}" for i in range(task_prior_slots)])
+    return vocab

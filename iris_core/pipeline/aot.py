@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -42,7 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from iris_core.errors import ConfigError
+from iris_core.pipeline.precision import in_bfloat16
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,6 @@ def weights_fingerprint(model: nn.Module) -> str:
 def code_fingerprint(model: nn.Module) -> str:
     """SHA-256 of the source files of the network's package (``iris_core/models``): a package compiled
     from older network code is never loaded after an update."""
-    import inspect
 
     h = hashlib.sha256()
     folder = Path(inspect.getsourcefile(type(model))).parent
@@ -91,7 +92,6 @@ class _Method(nn.Module):
     def forward(self, x: torch.Tensor, *rest: torch.Tensor):
         fn = getattr(self.model, self.method)
         if self.bfloat16:  # exported as an autocast region: bfloat16 kernels in the package
-            from .precision import in_bfloat16
 
             fn = in_bfloat16(fn)
         return fn(x, list(rest)) if self.list_arg else fn(x, *rest)
@@ -145,7 +145,6 @@ class CompiledMethod:
     def _uncompiled(self, x: torch.Tensor, arg):
         fn = getattr(self.model, self.method)
         if self.precision == "bfloat16":
-            from .precision import in_bfloat16
 
             fn = in_bfloat16(fn)
         return fn(x, arg)

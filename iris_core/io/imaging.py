@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, reason
+from iris_core.errors import InputError, reason
 
 log = logging.getLogger(__name__)
 

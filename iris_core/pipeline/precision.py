@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .options import PRECISIONS
+from iris_core.options import PRECISIONS
 
 log = logging.getLogger(__name__)
 

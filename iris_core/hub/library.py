@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .errors import CheckpointError
+from iris_core.errors import CheckpointError
 
 LIBRARY_FORMAT = "iris-segment-library/1"
 

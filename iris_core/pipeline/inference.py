@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
 
-from .checkpoint import LoadedModel
-from .device import autocast, check_memory, select_device, set_threads
-from .embedding import TaskEmbedding
-from .errors import CancelledError, InputError
-from .options import SegmentOptions
-from .postprocess import keep_largest_component, largest_component
-from .precision import PrecisionChooser, describe, in_bfloat16
-from .preprocess import PreparedImage, prepare_image, reorient, volume_intensity_map
-from .resample import array_to_image, crop_padded, labels_to_masks, nearest_masks, resample_to
-from .sliding import sliding_window
+from iris_core.errors import CancelledError, InputError
+from iris_core.hub.checkpoint import LoadedModel
+from iris_core.io.resample import crop_padded, labels_to_masks, nearest_masks
+from iris_core.options import SegmentOptions
+from iris_core.pipeline.aot import CompiledMethod
+from iris_core.pipeline.device import autocast, available_memory, check_memory, select_device, set_threads
+from iris_core.pipeline.embedding import TaskEmbedding
+from iris_core.pipeline.precision import PrecisionChooser, describe, in_bfloat16
+from iris_core.pipeline.preprocess import PreparedImage, prepare_image, reorient, volume_intensity_map
+from iris_core.pipeline.sliding import sliding_window
+from iris_core.pipeline.to_target import BackToTarget
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +76,6 @@ def compile_segment(model):
     """``model.segment`` compiled by inductor with frozen weights (constant folding, prepacked
     convolutions); same outputs within float rounding. Used on GPUs; on a CPU the engine uses the
     ahead-of-time compiled, disk-cached form (:mod:`.aot`), whose compile is paid once per machine."""
-    import os
-    from pathlib import Path
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "iris-segment" / "inductor"))
     import torch._inductor.config as inductor_config
@@ -84,7 +85,7 @@ def compile_segment(model):
     return torch.compile(model.segment, dynamic=False)
 
 
-class Engine:
+class Engine(BackToTarget):
     """Runs a loaded Iris model: ``encode`` references once, ``predict`` any number of targets."""
 
     def __init__(
@@ -130,7 +131,6 @@ class Engine:
         if loaded.arch == "iris":
             self.segment_network, self.encode_network = self.model.segment, self.model.encode_task
             if options.compile and self.device.type == "cpu":
-                from .aot import CompiledMethod
 
                 self.segment_network = CompiledMethod(self.model, "segment", list_arg=True, progress=self._report)
                 if not self.model.config.memory_tokens:  # the memory sample is data-dependent: not exportable
@@ -152,7 +152,6 @@ class Engine:
         (batching does not speed up CPU kernels and multiplies peak memory)."""
         if self.device.type == "cpu":
             return 1
-        from .device import available_memory
 
         return int(max(1, min(8, available_memory(self.device) // 2 // max(self._window_bytes(), 1))))
 
@@ -310,7 +309,6 @@ class Engine:
     # -- precision -------------------------------------------------------------------------
     def _bf16_segment(self):
         if self._segment_bf16 is None:
-            from .aot import CompiledMethod
 
             if isinstance(self.segment_network, CompiledMethod):  # --compile on a CPU: a bfloat16 package of its own
                 self._segment_bf16 = CompiledMethod(self.model, "segment", list_arg=True, progress=self._report,
@@ -427,94 +425,6 @@ class Engine:
         with torch.inference_mode():
             return sliding_window(x, self.window, self.overlap, k, probs_fn, on_window)[0].numpy()
 
-    # -- back to the target grid -----------------------------------------------------------
-    def to_target(self, probs: np.ndarray, prep: PreparedImage, values: list[int], threshold: float | None = None,
-                  largest: bool = False) -> sitk.Image:
-        """Label map on the exact target grid: per voxel the most probable class above ``threshold``
-        (default: the policy's); ``largest`` keeps each label's largest connected component (the
-        policy's connectivity). Where labels are decided follows the policy's ``labels_on``."""
-        t0 = time.perf_counter()
-        threshold = self.policy.threshold if threshold is None else threshold
-        if self.policy.labels_on == "model":
-            out = self._labels_on_model_grid(probs, prep, values, threshold, largest)
-            self.timer.add("resample_back", t0)
-            return out
-        target = prep.source
-        best = np.full(target.GetSize()[::-1], threshold, dtype=np.float32)
-        labels = np.zeros(target.GetSize()[::-1], dtype=np.int32)
-        for k, v in enumerate(values):
-            pt = self._probability_on_target(probs[k], prep)
-            win = pt > best
-            labels[win] = v
-            best[win] = pt[win]
-        out = array_to_image(labels.astype(_label_dtype(values)), target)
-        if largest:
-            out = keep_largest_component(out, values, self.policy.connectivity)
-        self.timer.add("resample_back", t0)
-        return out
-
-    def labels(self, probs: np.ndarray, prep: PreparedImage, values: list[int], postprocess: str | None = None,
-               groups: list[list[int]] | None = None) -> sitk.Image | list[sitk.Image]:
-        """The label map a run writes, from its probabilities: on the exact target grid, one class per voxel,
-        decided where the policy decides (``labels_on``), then ``postprocess`` ('none', 'largest'; None: the
-        policy's, 'largest' for MASS models, with the policy's connectivity). With ``groups`` (classes that may
-        overlap), one label map per group. The one way to labels: segment, evaluate and the benchmarks call it,
-        so an evaluation scores exactly what segment writes."""
-        largest = self.postprocess_of(postprocess) == "largest"
-        if groups is not None:
-            return self.to_target_layers(probs, prep, values, groups, largest=largest)
-        return self.to_target(probs, prep, values, largest=largest)
-
-    def postprocess_of(self, postprocess: str | None) -> str:
-        """The post-processing a run applies: ``postprocess``, or the policy's when None."""
-        from .options import POSTPROCESSING
-
-        how = ("largest" if self.policy.largest_component else "none") if postprocess is None else postprocess
-        if how not in POSTPROCESSING:
-            raise InputError(f"unknown post-processing {how!r}; use one of {', '.join(POSTPROCESSING)}")
-        return how
-
-    def to_target_layers(self, probs: np.ndarray, prep: PreparedImage, values: list[int], groups: list[list[int]],
-                         threshold: float | None = None, largest: bool = False) -> list[sitk.Image]:
-        """Label maps on the exact target grid, one per group of class values: within a group one class
-        per voxel (as ``to_target``), across groups none decides for another, so classes of different
-        groups may overlap (a structure inside another, as the references drew them)."""
-        index = {v: k for k, v in enumerate(values)}
-        return [self.to_target(probs[[index[v] for v in group]], prep, list(group), threshold, largest)
-                for group in groups]
-
-    def _labels_on_model_grid(self, probs: np.ndarray, prep: PreparedImage, values: list[int], threshold: float,
-                              largest: bool) -> sitk.Image:
-        """The 'model' policy: a voxel of the model grid takes the label of the highest probability
-        >= ``threshold`` (classes in the given order, ties to the first), components are filtered
-        there, and the label map goes to the target grid by nearest neighbour."""
-        best = np.zeros(probs.shape[1:], dtype=np.float32)
-        labels = np.zeros(probs.shape[1:], dtype=_label_dtype(values))
-        for k, v in enumerate(values):
-            win = (probs[k] >= threshold) & (probs[k] > best)
-            labels[win] = v
-            best[win] = probs[k][win]
-        if largest:
-            kept = np.zeros_like(labels)
-            for v in values:
-                if (labels == v).any():
-                    kept[largest_component(labels == v, self.policy.connectivity)] = v
-            labels = kept
-        img = array_to_image(labels, prep.grid)
-        return resample_to(img, prep.source, sitk.sitkNearestNeighbor, 0, img.GetPixelID())
-
-    def _probability_on_target(self, p: np.ndarray, prep: PreparedImage) -> np.ndarray:
-        img = array_to_image(np.ascontiguousarray(p, dtype=np.float32), prep.grid)
-        # a copy: an array view of a temporary image would point into freed memory
-        return sitk.GetArrayFromImage(resample_to(img, prep.source, sitk.sitkLinear, 0.0))
-
-    def probability_maps(self, probs: np.ndarray, prep: PreparedImage) -> list[sitk.Image]:
-        """One float32 probability image per class on the exact target grid (linear, outside: 0)."""
-        out = []
-        for p in probs:
-            out.append(array_to_image(self._probability_on_target(p, prep), prep.source))
-        return out
-
 
 class _Bound:
     """``method(x, tokens)`` as a function of the window alone; ``ready`` passes a compiled method's
@@ -530,7 +440,3 @@ class _Bound:
         ready = getattr(self.method, "ready", None)
         if ready is not None:
             ready(x, self.tokens)
-
-
-def _label_dtype(values: list[int]) -> type:
-    return np.uint16 if max(values, default=0) > 255 else np.uint8

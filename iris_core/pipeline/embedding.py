@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import read_safetensors, write_safetensors
-from .errors import CheckpointError, InputError
-from .library import LibraryInfo
-from .models.config import MEMORY_MIN_TOKENS
+from iris_core.errors import CheckpointError, InputError
+from iris_core.hub.checkpoint import read_safetensors, write_safetensors
+from iris_core.hub.library import LibraryInfo
+from iris_core.models.config import MEMORY_MIN_TOKENS
 
 
 def is_memory(t: torch.Tensor) -> bool:

@@ -7,11 +7,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-
-COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
-           "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3"]
-
+from iris_core.errors import InputError
+from iris_core.io.colours import COLOURS
+from iris_core.metrics import dice_score
 
 PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".svg", ".pdf", ".tif", ".tiff", ".webp")  # matplotlib writes them
 
@@ -104,7 +102,6 @@ def class_grid_png(image: sitk.Image, predictions: dict[str, sitk.Image], truth:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .metrics import dice_score
 
     img = sitk.DICOMOrient(image, "LPS")
     arr = sitk.GetArrayFromImage(img).astype(np.float32)

@@ -10,11 +10,16 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import InputError
+from iris_core.api import load_references, resolve_classes, resolve_model
+from iris_core.errors import InputError
+from iris_core.io.imaging import read_image
+from iris_core.pipeline.inference import Engine
+from iris_core.pipeline.strategies import encode_references, one_shot
+from iris_core.resources import MASS_PIPELINE_FIXTURE
 
 log = logging.getLogger(__name__)
 
-FIXTURE = Path(__file__).resolve().parent.parent / "Testing" / "Data" / "compat" / "mass_pipeline"
+FIXTURE = MASS_PIPELINE_FIXTURE
 
 
 class PeakMemory:
@@ -72,10 +77,6 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
     is reported, so that a speed figure always comes with the labels it produced."""
     import torch
 
-    from .api import load_references, resolve_classes, resolve_model
-    from .imaging import read_image
-    from .inference import Engine
-    from .strategies import encode_references, one_shot
 
     if target is None:
         if not (FIXTURE / "mr_target.nii.gz").is_file():

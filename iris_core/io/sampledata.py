@@ -10,13 +10,16 @@ off it (``move_off_mni``).
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from iris_core.errors import InputError
+from iris_core.io.resample import physical_bounds
 
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 
@@ -135,7 +138,6 @@ def move_off_mni(sample: Sample, seed: int = 0, spacing=(1.0, 1.0, 3.0), angle_d
     angle = np.deg2rad(rng.uniform(*angle_deg))
     shift = rng.normal(size=3)
     shift = shift / np.linalg.norm(shift) * rng.uniform(*shift_mm)
-    from .resample import physical_bounds
 
     tf = sitk.VersorRigid3DTransform()
     lo, hi = physical_bounds(sample.image)
@@ -249,7 +251,6 @@ CROSS_ATLAS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
 
 
 def _nimare_templates() -> Path:
-    import importlib.util
 
     spec = importlib.util.find_spec("nimare")
     if spec is None or not spec.submodule_search_locations:
@@ -292,3 +293,48 @@ def cross_atlas_samples() -> tuple[Sample, Sample]:
     a_img.CopyInformation(aal.labels)
     h_img.CopyInformation(ho.labels)
     return (Sample("colin27-aal", aal.image, a_img, names), Sample("mni152nlin6asym-ho", ho.image, h_img, names))
+
+
+#: The copy test's ten structures (issue [11]): bilateral AAL gyri, 23-79 ml each, a few voxels thick on a
+#: 3 mm grid. Colin27 with these as the reference and the same Colin27 image as the target: a model that can
+#: copy what its reference shows gives them back.
+COPY_STRUCTURES: dict[str, tuple[str, ...]] = {
+    "precentral gyrus": ("Precentral_L", "Precentral_R"),
+    "postcentral gyrus": ("Postcentral_L", "Postcentral_R"),
+    "superior frontal gyrus": ("Frontal_Sup_L", "Frontal_Sup_R"),
+    "middle frontal gyrus": ("Frontal_Mid_L", "Frontal_Mid_R"),
+    "insula": ("Insula_L", "Insula_R"),
+    "superior temporal gyrus": ("Temporal_Sup_L", "Temporal_Sup_R"),
+    "lingual gyrus": ("Lingual_L", "Lingual_R"),
+    "cuneus": ("Cuneus_L", "Cuneus_R"),
+    "precuneus": ("Precuneus_L", "Precuneus_R"),
+    "angular gyrus": ("Angular_L", "Angular_R"),
+}
+
+
+def aal_values(patterns: tuple[str, ...], names: dict[int, str]) -> list[int]:
+    """AAL label values matching the name patterns; ``*_L`` means the left cerebral regions only."""
+    out = set()
+    for pat in patterns:
+        for v, n in names.items():
+            if pat == "*_L":
+                if n.endswith("_L") and not n.startswith(("Cerebelum", "Vermis")):
+                    out.add(v)
+            elif fnmatch.fnmatchcase(n, pat):
+                out.add(v)
+    if not out:
+        raise ValueError(f"no AAL region matches {patterns}")
+    return sorted(out)
+
+
+def copy_labels():
+    """Colin27 (1 mm T1) and a label map of COPY_STRUCTURES (values 1..10, disjoint) on its grid, with the
+    structures' names: the copy test's reference, whose image is also its target."""
+    aal = colin27("aal")
+    arr = sitk.GetArrayViewFromImage(aal.labels)
+    out = np.zeros(arr.shape, np.uint8)
+    for value, patterns in enumerate(COPY_STRUCTURES.values(), start=1):
+        out[np.isin(arr, aal_values(patterns, aal.label_names))] = value
+    labels = sitk.GetImageFromArray(out)
+    labels.CopyInformation(aal.labels)
+    return aal.image, labels, list(COPY_STRUCTURES)

@@ -1,0 +1,238 @@
+"""``iris-segment segment``: one or more targets from references, a task library or (Hermes) named structures.
+
+Modules are imported when the command runs: ``iris-segment --help`` and argument errors answer without
+importing torch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from iris_core.commands.terminal import TerminalProgress, in_cli_words
+from iris_core.errors import IrisError
+
+log = logging.getLogger("iris_core")
+
+def _window(text: str | None):
+    if not text:
+        return None
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 3):
+        raise IrisError(f"--window {text!r}: give one size (128) or three (128,128,96)")
+    return tuple(parts * 3 if len(parts) == 1 else parts)
+
+
+def segment_options(args: argparse.Namespace):
+    """The run options the command line describes (``--modality``, the old shared name, maps to the
+    Hermes modality with ``--structures``, else to the intensity policy)."""
+    from iris_core.options import SegmentOptions
+
+    intensity, hermes_modality = args.intensity, args.hermes_modality
+    if args.modality is not None:
+        log.warning("--modality is deprecated: use --intensity (CT, MR, PET, auto) or --hermes-modality")
+        if args.structures:
+            hermes_modality = hermes_modality or args.modality
+        else:
+            intensity = args.modality
+    return SegmentOptions(
+        strategy=args.strategy, tune_steps=args.tune_steps, tune_lr=args.tune_lr, device=args.device,
+        threads=args.threads, window=_window(args.window), overlap=args.overlap, sw_batch=args.sw_batch,
+        compile=args.compile, intensity=intensity, hermes_modality=hermes_modality, postprocess=args.postprocess,
+        save_probabilities=args.save_probabilities, max_classes_per_forward=args.max_classes_per_forward,
+        precision=args.precision,
+        # a .seg.nrrd holds segments that overlap (one layer per group): classes that overlap in a reference
+        # may overlap in the result
+        overlaps=len(args.target) == 1 and str(args.output).lower().endswith(".seg.nrrd"))
+
+
+def _volume_stem(path: str) -> str:
+    """``case01.nii.gz`` -> ``case01``; a DICOM folder -> its name."""
+    from iris_core.io.imaging import split_volume_name
+
+    return split_volume_name(Path(path).name)[0]
+
+
+def segment_jobs(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
+    """(target, output, preview) per target: one target writes where --output/--preview say; several write
+    ``<stem>_seg.nii.gz`` (and ``<stem>_seg.png``) into the folders --output (and --preview) name."""
+    from iris_core.io.imaging import VOLUME_EXTENSIONS
+    from iris_core.io.viz import PICTURE_EXTENSIONS
+
+    if len(args.target) == 1:
+        return [(args.target[0], args.output, args.preview)]
+    if args.output.lower().endswith(VOLUME_EXTENSIONS):
+        raise IrisError(f"--output {args.output}: with {len(args.target)} targets --output is a folder (each "
+                        "target's label map is written into it as <target>_seg.nii.gz)")
+    if args.preview and args.preview.lower().endswith(PICTURE_EXTENSIONS):
+        raise IrisError(f"--preview {args.preview}: with {len(args.target)} targets --preview is a folder (one "
+                        "<target>_seg.png per target)")
+    stems = [_volume_stem(t) for t in args.target]
+    seen: dict[str, str] = {}
+    for t, stem in zip(args.target, stems):
+        if stem.casefold() in seen:
+            raise IrisError(f"targets {seen[stem.casefold()]} and {t} would both be written as {stem}_seg.nii.gz; "
+                            "give targets with distinct names")
+        seen[stem.casefold()] = t
+    return [(t, str(Path(args.output) / f"{stem}_seg.nii.gz"),
+             str(Path(args.preview) / f"{stem}_seg.png") if args.preview else None)
+            for t, stem in zip(args.target, stems)]
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from iris_core.api import load_references, parse_classes, resolve_classes, resolve_model, segment
+    from iris_core.io.imaging import (
+        check_volume_output,
+        output_folder,
+        probe_image,
+        refuse_overwriting_inputs,
+    )
+    from iris_core.io.results import refuse_probability_map_collisions, sidecar_path, write_result
+    from iris_core.io.viz import check_picture_output, overlay_png
+
+    jobs = segment_jobs(args)
+    inputs = {"task library": args.library, "model file": args.model if Path(args.model).is_file() else None}
+    inputs |= {(f"target image {i}" if len(jobs) > 1 else "target image"): t for i, (t, _, _) in enumerate(jobs, 1)}
+    for k, (img, lab) in enumerate(args.reference or [], 1):
+        inputs |= {f"reference image {k}": img, f"reference label map {k}": lab}
+    for _, output, preview in jobs:
+        refuse_overwriting_inputs({"--output": output, "the sidecar of --output": sidecar_path(output),
+                                   "--preview": preview, "--save-library": args.save_library}, inputs)
+        check_volume_output(output, "--output")
+        if preview:
+            check_picture_output(preview, "--preview")
+        if args.save_probabilities:  # the class names come later: refuse any input a probability map could hit
+            refuse_probability_map_collisions(output, inputs)
+    if len(jobs) > 1:  # made when the first target is written: a run that fails before leaves none
+        output_folder(args.output, "--output", create=False)
+        if args.preview:
+            output_folder(args.preview, "--preview", create=False)
+    for k, (target, _, _) in enumerate(jobs, 1):  # an unreadable target is found now, not after hours of others
+        probe_image(target, f"target image {k}" if len(jobs) > 1 else "target image")
+    options = segment_options(args)
+    loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
+    classes = parse_classes(args.classes, names_only=bool(args.library))
+    references = [tuple(r) for r in args.reference or []]
+    if references and len(jobs) > 1 and loaded.arch != "hermes" and not args.structures and not args.library:
+        # read and checked once, before any target: a wrong reference fails now, not once per target
+        references = load_references(references)
+        classes = resolve_classes(references, classes)
+    # the task is encoded once: later targets reuse the first one's embedding (retrieval picks references
+    # per target, so it encodes again; Hermes has no embedding; a library is read again, it is small)
+    reuse, saved = None, False
+    failed: list[tuple[str, IrisError]] = []
+    for i, (target, output, preview) in enumerate(jobs, 1):
+        if len(jobs) > 1:
+            log.info("target %d of %d: %s", i, len(jobs), target)
+        progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
+        try:
+            if reuse is not None:
+                result = segment(target, model=loaded, library=reuse, options=options, progress=progress)
+            else:
+                result = segment(target, references=references, classes=classes, model=loaded, library=args.library,
+                                 structures=args.structures, options=options, progress=progress)
+        except IrisError as exc:
+            if len(jobs) == 1:
+                raise
+            # several targets: one that cannot be segmented is reported, the others are still done
+            print(f"error: target {i} of {len(jobs)}: {in_cli_words(exc)}", file=sys.stderr)
+            failed.append((target, exc))
+            continue
+        finally:
+            progress.close()
+        if len(jobs) > 1:
+            output_folder(args.output, "--output")
+        out, side = write_result(result, output)
+        if args.save_library and not saved and result.embedding is not None:  # the first target's task
+            from iris_core.pipeline.embedding import model_fingerprint
+
+            result.embedding.save(args.save_library, model_fingerprint(loaded.model), {"model": loaded.name})
+            saved = True
+        if reuse is None and args.strategy != "retrieval" and not args.structures and not args.library:
+            reuse = result.embedding
+        if preview:
+            from iris_core.io.imaging import read_image
+
+            names = {c.value: c.name for c in result.classes}
+            if len(jobs) > 1:
+                output_folder(args.preview, "--preview")
+            overlay_png(read_image(target, "target image"), result.labels, preview,
+                        title=f"{Path(target).name}: {args.strategy}, {loaded.name}", names=names)
+        t = result.sidecar["timings_s"]
+        if args.precision != "float32":
+            print("precision: " + result.sidecar["precision"]["summary"])
+        print(f"wrote {out} ({len(result.classes)} classes, {t['total']:.1f} s on {result.sidecar['device']}) and "
+              f"{side}")
+    if failed:
+        print(f"error: {len(failed)} of {len(jobs)} targets not segmented (nothing written for them): "
+              + ", ".join(t for t, _ in failed), file=sys.stderr)
+        return failed[0][1].exit_code
+    return 0
+
+
+def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    """The ``segment`` command's options."""
+    from iris_core.options import INTENSITY_POLICIES, POSTPROCESSING, PRECISIONS, STRATEGIES, SegmentOptions
+
+    default = SegmentOptions()
+
+    s = sub.add_parser("segment", parents=parents, help="segment a target from reference volumes with labels")
+    s.add_argument("--target", required=True, nargs="+", action="extend",
+                   help="target image (NIfTI, NRRD, MHA, a DICOM series folder or one file of the series, ...); "
+                        "several: the task is encoded once and --output (and --preview) are folders")
+    s.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
+                   help="a reference image and its label map; repeat for several references")
+    s.add_argument("--classes", help="label values '1,3' or named 'liver=1,spleen=2' (default: every label, named "
+                   "after a Slicer .seg.nrrd reference's segments, else label_N)")
+    s.add_argument("--strategy", choices=STRATEGIES, default=default.strategy,
+                   help="one-shot: each class from the reference holding it (several references holding one class: the "
+                        "ensemble, as in Slicer); ensemble: the references' "
+                        "embeddings averaged; retrieval: per class the reference most like the target; tuning: "
+                        "the embedding optimised on the references (default: %(default)s)")
+    s.add_argument("--library", help="segment from a saved task library instead of references")
+    s.add_argument("--structures", help="Hermes models: named structures, e.g. liver,spleen or amos_ct/liver")
+    s.add_argument("--save-library", help="save the task embedding used to this file (a task library)")
+    s.add_argument("--model", default="default",
+                   help="model file, 'default' (bundled), 'mass-base' (after `models pull mass-base`) or preset:NAME")
+    s.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a model file that needs full unpickling (it can run code: trusted files only)")
+    s.add_argument("--device", default=default.device, help="auto, cpu, cuda, cuda:N or mps")
+    s.add_argument("--threads", type=int, default=default.threads, help="CPU threads (default: torch's, one per core)")
+    s.add_argument("--window", help="sliding-window size, e.g. 128 or 128,128,96 (default: the model's)")
+    s.add_argument("--overlap", type=float, default=default.overlap,
+                   help="sliding-window overlap (default: the model's, 0.5 for ours)")
+    s.add_argument("--sw-batch", type=int, default=default.sw_batch,
+                   help="windows per forward pass (0: from free memory)")
+    s.add_argument("--max-classes-per-forward", type=int, default=default.max_classes_per_forward, metavar="N",
+                   help="segment at most N classes per forward pass (less memory, one sweep per chunk; 0: all)")
+    s.add_argument("--postprocess", choices=POSTPROCESSING, default=default.postprocess,
+                   help="largest: keep each class's largest connected component (single structures only); "
+                        "default: the model's (largest for MASS checkpoints, none for ours)")
+    s.add_argument("--save-probabilities", action="store_true", default=default.save_probabilities,
+                   help="also write one float probability map per class on the target grid, "
+                        "OUTPUT_prob_<class>.nii.gz")
+    s.add_argument("--intensity", choices=INTENSITY_POLICIES, default=default.intensity,
+                   help="intensity policy of the preprocessing (auto: CT when the values look like HU)")
+    s.add_argument("--hermes-modality", default=default.hermes_modality,
+                   help="Hermes models: the target's modality prior, CT, PET, T1, T2 or cine")
+    s.add_argument("--modality", help=argparse.SUPPRESS)  # deprecated: the two above
+    s.add_argument("--tune-steps", type=int, default=default.tune_steps,
+                   help="--strategy tuning: optimisation steps (default: %(default)s)")
+    s.add_argument("--tune-lr", type=float, default=default.tune_lr,
+                   help="--strategy tuning: Adam learning rate (default: %(default)s)")
+    s.add_argument("--output", required=True, help="output label map on the target's grid")
+    s.add_argument("--preview", help="also write a PNG with three planes of the result")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--compile", action="store_true", default=default.compile,
+                   help="compile the network: on a CPU ahead of time, about a minute per model and input size "
+                        "once per machine (cached in ~/.cache/iris-segment/compiled, IRIS_SEGMENT_COMPILED), "
+                        "then loaded in a second by every later run; 1.5-3x faster per window")
+    s.add_argument("--precision", choices=PRECISIONS, default=default.precision,
+                   help="arithmetic of the windows on a CPU: float32 (default, the reference), bfloat16, or auto: "
+                        "bfloat16 only on a CPU with native bfloat16 and only where a check on the first window "
+                        "shows the same labels (>= 99.9 %%) and a speed-up; GPUs keep their mixed precision")
+    s.set_defaults(func=cmd_segment)

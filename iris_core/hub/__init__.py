@@ -1,0 +1,1 @@
+"""Model files and what travels with them: checkpoints, downloads, task libraries, Hermes vocabularies."""

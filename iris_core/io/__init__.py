@@ -1,0 +1,1 @@
+"""Reading, writing, resampling and showing images; sample data and cohorts."""

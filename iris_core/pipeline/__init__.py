@@ -1,0 +1,1 @@
+"""Segmenting one target: preprocess -> encode -> predict (sliding windows) -> back to the target -> post-process."""

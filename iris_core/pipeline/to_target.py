@@ -1,0 +1,110 @@
+"""Back to the target: probabilities on the model grid -> the label map (or probability maps) on the exact
+target grid, decided where the model's policy decides, then post-processed. The one way to labels: segment,
+evaluate and the benchmarks all come through :meth:`BackToTarget.labels`."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import SimpleITK as sitk
+
+from iris_core.errors import InputError
+from iris_core.io.resample import array_to_image, resample_to
+from iris_core.options import POSTPROCESSING, check_choice
+from iris_core.pipeline.postprocess import keep_largest_component, largest_component
+from iris_core.pipeline.preprocess import PreparedImage
+
+
+class BackToTarget:
+    """The engine's last stage. Needs ``policy`` (the model's pipeline policy) and ``timer`` (seconds per
+    stage) on the object it is part of."""
+
+    def to_target(self, probs: np.ndarray, prep: PreparedImage, values: list[int], threshold: float | None = None,
+                  largest: bool = False) -> sitk.Image:
+        """Label map on the exact target grid: per voxel the most probable class above ``threshold``
+        (default: the policy's); ``largest`` keeps each label's largest connected component (the
+        policy's connectivity). Where labels are decided follows the policy's ``labels_on``."""
+        t0 = time.perf_counter()
+        threshold = self.policy.threshold if threshold is None else threshold
+        if self.policy.labels_on == "model":
+            out = self._labels_on_model_grid(probs, prep, values, threshold, largest)
+            self.timer.add("resample_back", t0)
+            return out
+        target = prep.source
+        best = np.full(target.GetSize()[::-1], threshold, dtype=np.float32)
+        labels = np.zeros(target.GetSize()[::-1], dtype=np.int32)
+        for k, v in enumerate(values):
+            pt = self._probability_on_target(probs[k], prep)
+            win = pt > best
+            labels[win] = v
+            best[win] = pt[win]
+        out = array_to_image(labels.astype(_label_dtype(values)), target)
+        if largest:
+            out = keep_largest_component(out, values, self.policy.connectivity)
+        self.timer.add("resample_back", t0)
+        return out
+
+    def labels(self, probs: np.ndarray, prep: PreparedImage, values: list[int], postprocess: str | None = None,
+               groups: list[list[int]] | None = None) -> sitk.Image | list[sitk.Image]:
+        """The label map a run writes, from its probabilities: on the exact target grid, one class per voxel,
+        decided where the policy decides (``labels_on``), then ``postprocess`` ('none', 'largest'; None: the
+        policy's, 'largest' for MASS models, with the policy's connectivity). With ``groups`` (classes that may
+        overlap), one label map per group. The one way to labels: segment, evaluate and the benchmarks call it,
+        so an evaluation scores exactly what segment writes."""
+        largest = self.postprocess_of(postprocess) == "largest"
+        if groups is not None:
+            return self.to_target_layers(probs, prep, values, groups, largest=largest)
+        return self.to_target(probs, prep, values, largest=largest)
+
+    def postprocess_of(self, postprocess: str | None) -> str:
+        """The post-processing a run applies: ``postprocess``, or the policy's when None."""
+
+        how = ("largest" if self.policy.largest_component else "none") if postprocess is None else postprocess
+        check_choice(how, POSTPROCESSING, "post-processing", InputError)
+        return how
+
+    def to_target_layers(self, probs: np.ndarray, prep: PreparedImage, values: list[int], groups: list[list[int]],
+                         threshold: float | None = None, largest: bool = False) -> list[sitk.Image]:
+        """Label maps on the exact target grid, one per group of class values: within a group one class
+        per voxel (as ``to_target``), across groups none decides for another, so classes of different
+        groups may overlap (a structure inside another, as the references drew them)."""
+        index = {v: k for k, v in enumerate(values)}
+        return [self.to_target(probs[[index[v] for v in group]], prep, list(group), threshold, largest)
+                for group in groups]
+
+    def _labels_on_model_grid(self, probs: np.ndarray, prep: PreparedImage, values: list[int], threshold: float,
+                              largest: bool) -> sitk.Image:
+        """The 'model' policy: a voxel of the model grid takes the label of the highest probability
+        >= ``threshold`` (classes in the given order, ties to the first), components are filtered
+        there, and the label map goes to the target grid by nearest neighbour."""
+        best = np.zeros(probs.shape[1:], dtype=np.float32)
+        labels = np.zeros(probs.shape[1:], dtype=_label_dtype(values))
+        for k, v in enumerate(values):
+            win = (probs[k] >= threshold) & (probs[k] > best)
+            labels[win] = v
+            best[win] = probs[k][win]
+        if largest:
+            kept = np.zeros_like(labels)
+            for v in values:
+                if (labels == v).any():
+                    kept[largest_component(labels == v, self.policy.connectivity)] = v
+            labels = kept
+        img = array_to_image(labels, prep.grid)
+        return resample_to(img, prep.source, sitk.sitkNearestNeighbor, 0, img.GetPixelID())
+
+    def _probability_on_target(self, p: np.ndarray, prep: PreparedImage) -> np.ndarray:
+        img = array_to_image(np.ascontiguousarray(p, dtype=np.float32), prep.grid)
+        # a copy: an array view of a temporary image would point into freed memory
+        return sitk.GetArrayFromImage(resample_to(img, prep.source, sitk.sitkLinear, 0.0))
+
+    def probability_maps(self, probs: np.ndarray, prep: PreparedImage) -> list[sitk.Image]:
+        """One float32 probability image per class on the exact target grid (linear, outside: 0)."""
+        out = []
+        for p in probs:
+            out.append(array_to_image(self._probability_on_target(p, prep), prep.source))
+        return out
+
+
+def _label_dtype(values: list[int]) -> type:
+    return np.uint16 if max(values, default=0) > 255 else np.uint8
