@@ -22,6 +22,7 @@ from iris_core.hub.hermes_vocab import (
     resolve_structures,
 )
 from iris_core.io.imaging import (
+    label_compactness,
     looks_like_labels,
     read_image,
     read_labels,
@@ -100,8 +101,9 @@ def load_references(pairs: list[tuple[str, str]]) -> list[Reference]:
             lab = read_image(lab_path, "label map")
             if not looks_like_labels(lab):
                 raise InputError(f"reference ({img_path}, {lab_path}): the first file holds few integer values "
-                                 "(a label map) and the second a continuous image; give the image first, then "
-                                 "its label map", inputs=("references",))
+                                 f"in compact regions (a label map; {label_compactness(img):.0%} of neighbouring "
+                                 f"voxels agree) and the second an intensity image ({label_compactness(lab):.0%}); "
+                                 "give the image first, then its label map", inputs=("references",))
             if lab.GetSize() == img.GetSize() and np.array_equal(sitk.GetArrayViewFromImage(img),
                                                                  sitk.GetArrayViewFromImage(lab)):
                 raise InputError(f"reference ({img_path}, {lab_path}): the image and the label map hold the same "
@@ -136,10 +138,13 @@ def resolve_classes(refs: list[Reference], classes: list[ClassSpec] | None) -> l
             for v, n in r.label_names.items():
                 names.setdefault(v, n)
         return [ClassSpec(names.get(v, f"label_{v}"), v) for v in sorted(present)]
-    absent = [f"{c.name}={c.value}" for c in classes if c.value not in present]
+    # as the user spelled them: '3' for a value given alone, 'liver=3' for a named one
+    absent = [str(c.value) if c.name == f"label_{c.value}" else f"{c.name}={c.value}"
+              for c in classes if c.value not in present]
     if absent:
-        raise InputError(f"requested classes {absent} are absent from every reference label map "
-                         f"(labels present: {sorted(present)})")
+        raise InputError(f"requested class{'es' if len(absent) > 1 else ''} {', '.join(absent)} "
+                         f"{'are' if len(absent) > 1 else 'is'} absent from every reference label map (labels "
+                         f"present: {', '.join(map(str, sorted(present))) or 'none'})", inputs=("classes",))
     return classes
 
 

@@ -27,8 +27,9 @@ class InputError(IrisError):
     """An input image, label map or argument is unusable (missing, wrong shape, NaN, ...)."""
 
 
-class ConfigError(IrisError, ValueError):
-    """A configuration value (preset, architecture or training setting) is unknown or of the wrong type."""
+class ConfigError(InputError, ValueError):
+    """A configuration value (preset, architecture or training setting) is unknown or of the wrong type (an input
+    of its own kind: a file or option the user gave)."""
 
 
 class CheckpointError(IrisError):

@@ -141,15 +141,23 @@ def _accepts(hint: Any, value: Any) -> bool:
     return isinstance(value, origin or hint)
 
 
-def check_field_types(obj: Any, where: str) -> None:
-    """Raise ConfigError naming the field, its value and the expected type when a dataclass field does
-    not hold a value of its annotated type (a string where a number belongs in a TOML file, say)."""
+def field_type_problems(obj: Any) -> dict[str, str]:
+    """Each dataclass field that does not hold a value of its annotated type (a string where a number
+    belongs in a TOML file, say): field name -> the problem, naming the value, the type and the default."""
     hints = typing.get_type_hints(type(obj))
+    out = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
         if not _accepts(hints[f.name], value):
-            raise ConfigError(f"{where}: {f.name} = {value!r} is not a {_type_name(hints[f.name])}; "
-                              f"the default is {f.default!r}")
+            out[f.name] = f"{f.name} = {value!r} is not a {_type_name(hints[f.name])}; the default is {f.default!r}"
+    return out
+
+
+def check_field_types(obj: Any, where: str) -> None:
+    """Raise one ConfigError naming every field whose value is not of its annotated type."""
+    problems = field_type_problems(obj)
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems.values()))
 
 
 def _type_name(hint: Any) -> str:

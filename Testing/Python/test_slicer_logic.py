@@ -358,17 +358,16 @@ def test_cli_seg_nrrd_keeps_overlapping_classes_as_slicer_layers(tmp_path, capsy
 
 
 def test_readme_console_example_runs_as_written(tmp_path):
-    """The README's Slicer-console block, unchanged, on a real scene (``slicer.mrmlScene``) with the
-    bundled model: it segments the moved ICBM target from Colin27 and compares with the manual
-    segmentation."""
+    """The README's Slicer-console block, unchanged, on a real scene (``slicer.mrmlScene``) holding the sample
+    pair as Sample Data loads it, with the bundled model: it finds its nodes by name, segments the moved ICBM
+    target from Colin27 and compares with the manual segmentation."""
     import re
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = re.search(r"usable from Slicer's Python console:\n\n```python\n(.*?)```", readme, re.S).group(1)
     scene = init_scene()
-    nodes = testing.build_scene(scene, tmp_path)
-    scope = {"slicer": slicer, "target": nodes["target"], "refVolume": nodes["reference"],
-             "refSegmentation": nodes["reference_seg"], "manualSegmentation": nodes["manual"]}
+    nodes = testing.load_sample_pair(scene)  # what Sample Data loads, under its node names
+    scope = {"slicer": slicer}  # nothing else: the block finds its nodes itself
     exec(compile(block, "README.md", "exec"), scope)
     testing.check_result(scope["seg"], nodes["target"], nodes["reference_seg"])
     (row,) = scope["rows"]

@@ -9,6 +9,7 @@ and rank 0 merges.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 import math
 import os
@@ -384,6 +385,20 @@ def summarize(rows: list[dict], out_dir: Path, title: str = "", failures: list[d
     return out_dir / "summary.md"
 
 
+#: the package each registration baseline needs: (module to find, what to install)
+METHOD_PACKAGES = {"ants": ("ants", "antspyx"), "elastix": ("itk", "itk-elastix")}
+
+
+def require_method_packages(methods: list[Method]) -> None:
+    """Refuse, before the first case, a registration baseline whose package is not installed (every case
+    would fail the same way), naming what to install."""
+    for method in methods:
+        module, package = METHOD_PACKAGES.get(method.kind, (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            raise InputError(f"method {method.kind} needs {package}, which is not installed: pip install {package} "
+                             f"(or leave {method.kind} out of --method)", inputs=("method",))
+
+
 def run_evaluation(dataset: Dataset, methods: list[str], out_dir: str | Path, model: str = "default",
                    device: str = "auto", seed: int = 0, overlays: bool = True, progress: bool = True,
                    hermes_model: str | None = None, hermes_modality: str | None = None,
@@ -398,6 +413,7 @@ def run_evaluation(dataset: Dataset, methods: list[str], out_dir: str | Path, mo
     out = Path(out_dir)
     # a method named twice ('--method ants --method ants:SyN') runs once
     parsed = list(dict.fromkeys(parse_method(m) for m in methods))
+    require_method_packages(parsed)
     ev = Evaluator(dataset, parsed, out, model, device, seed, overlays, progress,
                    hermes_model, hermes_modality, fixed_reference, postprocess)
     ev.run(rank, world)

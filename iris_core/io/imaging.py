@@ -186,16 +186,46 @@ def check_finite(image: sitk.Image, name: str) -> np.ndarray:
 LABEL_MAP_MAX_VALUES = 256  # an integer image with at most this many distinct values looks like a label map
 
 
+def label_compactness(image: sitk.Image) -> float:
+    """Share of neighbouring voxel pairs (along each axis) holding the same value, among the pairs not both
+    the most common value (the background, whatever its value): near 1 for a label map, whose values form
+    compact regions, near 0 for an intensity image, even an 8-bit one (Colin27's uint8 T1: 0.09; its AAL
+    map: 0.90, its brain mask: 0.94). One value everywhere counts as 1. Large volumes are sampled every
+    second voxel."""
+    arr = sitk.GetArrayViewFromImage(image)
+    if arr.ndim > 3:  # a vector image: its first component
+        arr = arr[..., 0]
+    if arr.size > 8_000_000:
+        arr = arr[::2, ::2, ::2]
+    values, counts = np.unique(arr[::4, ::4, ::4] if arr.size > 1_000_000 else arr, return_counts=True)
+    background = values[counts.argmax()]
+    same = pairs = 0
+    for axis in range(arr.ndim):
+        if arr.shape[axis] < 2:
+            continue
+        a = np.moveaxis(arr, axis, 0)
+        p, q = a[1:], a[:-1]
+        fg = (p != background) | (q != background)
+        same += int(np.count_nonzero((p == q) & fg))
+        pairs += int(np.count_nonzero(fg))
+    return same / pairs if pairs else 1.0
+
+
+#: a label map's regions are compact: at least this share of its non-background neighbour pairs agree
+LABEL_MAP_MIN_COMPACTNESS = 0.5
+
+
 def looks_like_labels(image: sitk.Image) -> bool:
-    """True for an image of few integer values (a label map), False for a continuous image; decided
-    on a strided sample first so a CT or MR volume is ruled out quickly."""
+    """True for a label map: few integer values (at most LABEL_MAP_MAX_VALUES) that form compact regions
+    (:func:`label_compactness`); False for an intensity image, including an 8-bit MR of at most 256 values.
+    Decided on a strided sample first so a CT or MR volume of many values is ruled out quickly."""
     arr = sitk.GetArrayViewFromImage(image)
     for sample in (arr[::3, ::3, ::3], arr):
         if np.issubdtype(arr.dtype, np.floating) and not np.array_equal(sample, np.round(sample)):
             return False
         if len(np.unique(sample)) > LABEL_MAP_MAX_VALUES:
             return False
-    return True
+    return label_compactness(image) >= LABEL_MAP_MIN_COMPACTNESS
 
 
 def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
@@ -415,6 +445,20 @@ def check_volume_output(path: str | Path, what: str = "output") -> None:
     if not name.endswith(VOLUME_EXTENSIONS):
         raise InputError(f"{what} {path}: write a 3-D volume as {', '.join(VOLUME_EXTENSIONS)} "
                          "(e.g. seg.nii.gz or seg.seg.nrrd)")
+    check_output_place(path, what)
+
+
+def check_output_place(path: str | Path, what: str = "output") -> None:
+    """Refuse, before any work, an output file that could not be written where it is named: a folder of
+    that name, or a file where one of its folders should be (``--output notes.txt/seg.nii.gz``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path}: a folder of that name exists; name a file in it (e.g. {path / 'seg.nii.gz'})")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{what} {path}: {parent} is a file, not a folder; choose another output path")
+            return
 
 
 def write_image_partial(image: sitk.Image, path: str | Path) -> Path:

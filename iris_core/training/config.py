@@ -8,7 +8,7 @@ from pathlib import Path
 
 from iris_core.errors import ConfigError, InputError
 from iris_core.models.config import PRESETS
-from iris_core.options import check_field_types
+from iris_core.options import field_type_problems
 
 
 @dataclass(frozen=True)
@@ -59,37 +59,42 @@ class TrainConfig:
     holdout: tuple[str, ...] = ("aal:1", "aal:2", "aal:37", "aal:38", "aal:77", "aal:78", "brodmann:17")
 
     def __post_init__(self) -> None:
-        """User errors in a training config end in one clear ConfigError before any work starts."""
-
-        check_field_types(self, "training config")  # a string where a number belongs, first
-        problems = []
-        if self.preset not in PRESETS:
-            problems.append(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)})")
-        if self.optimizer not in ("adamw", "lamb"):
-            problems.append(f"unknown optimizer {self.optimizer!r} (use adamw or lamb)")
-        for name in ("steps", "batch", "max_classes", "save_every"):
-            if int(getattr(self, name)) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if len(self.crop_sizes) != len(self.crop_probs) or not self.crop_sizes:
-            problems.append(f"crop_sizes {list(self.crop_sizes)} and crop_probs {list(self.crop_probs)} need one "
-                            "probability per size")
-        elif abs(sum(self.crop_probs) - 1.0) > 1e-6 or min(self.crop_probs) < 0:
-            problems.append(f"crop_probs {list(self.crop_probs)} must be non-negative and sum to 1")
-        if any(int(c) % 16 or int(c) < 16 for c in self.crop_sizes):
-            problems.append(f"crop_sizes {list(self.crop_sizes)} must be multiples of 16")
-        if not 0 <= self.copy_prob <= 1:
-            problems.append(f"copy_prob must be in [0, 1], got {self.copy_prob}")
-        if not (self.lr > 0 and 0 <= self.ema < 1 and self.warmup >= 0):
-            problems.append(f"lr must be > 0 (got {self.lr}), ema in [0, 1) (got {self.ema}), warmup >= 0")
-        if self.spacing and (len(self.spacing) != 3 or min(float(v) for v in self.spacing) <= 0):
-            problems.append(f"spacing {list(self.spacing)} must be three positive numbers in mm (or [] for the "
-                            "preset's)")
-        if not 0 <= self.lr_restart_at < self.steps:
-            problems.append(f"lr_restart_at must be in [0, steps), got {self.lr_restart_at} with steps {self.steps}")
-        if not self.sources and not self.datasets:
-            problems.append("no task sources: give sources and/or datasets")
+        """User errors in a training config end in one ConfigError, listing every problem, before any work."""
+        problems = list(field_type_problems(self).values())  # a string where a number belongs, ...
+        for check in self._value_checks():  # ... and every value out of range (checks a wrong type breaks
+            try:  # are skipped: that field's type is reported already)
+                problem = check()
+            except (TypeError, ValueError):
+                continue
+            if problem:
+                problems.append(problem)
         if problems:
             raise ConfigError("training config: " + "; ".join(problems))
+
+    def _value_checks(self) -> list:
+        """One function per rule, each returning its problem or None."""
+        crop_ok = len(self.crop_sizes) == len(self.crop_probs) and bool(self.crop_sizes)
+        return [
+            lambda: None if self.preset in PRESETS else f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)})",
+            lambda: None if self.optimizer in ("adamw", "lamb") else f"unknown optimizer {self.optimizer!r} (use adamw "
+                                                                      "or lamb)",
+            *[(lambda n=name: None if int(getattr(self, n)) >= 1 else f"{n} must be >= 1, got {getattr(self, n)}")
+              for name in ("steps", "batch", "max_classes", "save_every")],
+            lambda: None if crop_ok else (f"crop_sizes {list(self.crop_sizes)} and crop_probs {list(self.crop_probs)} "
+                                          "need one probability per size"),
+            lambda: None if not crop_ok or (abs(sum(self.crop_probs) - 1.0) <= 1e-6 and min(self.crop_probs) >= 0)
+            else f"crop_probs {list(self.crop_probs)} must be non-negative and sum to 1",
+            lambda: None if not any(int(c) % 16 or int(c) < 16 for c in self.crop_sizes)
+            else f"crop_sizes {list(self.crop_sizes)} must be multiples of 16",
+            lambda: None if 0 <= self.copy_prob <= 1 else f"copy_prob must be in [0, 1], got {self.copy_prob}",
+            lambda: None if (self.lr > 0 and 0 <= self.ema < 1 and self.warmup >= 0)
+            else f"lr must be > 0 (got {self.lr}), ema in [0, 1) (got {self.ema}), warmup >= 0",
+            lambda: None if not self.spacing or (len(self.spacing) == 3 and min(float(v) for v in self.spacing) > 0)
+            else f"spacing {list(self.spacing)} must be three positive numbers in mm (or [] for the preset's)",
+            lambda: None if 0 <= self.lr_restart_at < self.steps
+            else f"lr_restart_at must be in [0, steps), got {self.lr_restart_at} with steps {self.steps}",
+            lambda: None if (self.sources or self.datasets) else "no task sources: give sources and/or datasets",
+        ]
 
     def grid(self) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
         """(spacing, window) the model trains and runs at: the preset's unless ``spacing`` is given."""
@@ -116,13 +121,13 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
         data = raw.get("train", raw)
     data.update({k: v for k, v in overrides.items() if v is not None})
     known = set(TrainConfig.__dataclass_fields__)
-    unknown = set(data) - known
-    if unknown:
-
-        raise InputError(f"training config {path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-
-    try:
-        return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    unknown = sorted(set(data) - known)
+    problems = [f"unknown keys {unknown}; known: {sorted(known)}"] if unknown else []
+    try:  # the known keys checked too: every problem of the file in one message
+        config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
     except ConfigError as exc:
-        raise ConfigError(f"{path or '(defaults)'}: {exc}") from None
+        problems.append(str(exc).removeprefix("training config: "))
+    if problems:
+        raise ConfigError(f"training config {path or '(defaults)'}: " + "; ".join(problems))
+    return config
 
