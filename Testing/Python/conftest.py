@@ -149,3 +149,12 @@ def mass_rule_checkpoint(tmp_path_factory) -> Path:
                            "evaluation": {"window_size": [128, 128, 128], "overlap": 0.5}},
                 "epoch": 0}, path)
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for torchrun's rendezvous: a fixed port fails when two runs meet)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -67,7 +67,20 @@ def test_compile_builds_once_per_machine_and_gives_the_uncompiled_labels(tmp_pat
     # inductor's build files (generated code, objects, a copy of the weights) are gone with the build:
     # the cache holds the two packages and nothing else
     assert sorted(cache.iterdir()) == packages
-    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ or cache not in Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parents
+    # where a build puts them: inductor's cache folder is a new build- folder inside ours for the duration,
+    # removed after, and the caller's setting comes back
+    import torch._inductor.utils  # noqa: F401  (importing inductor sets its default folder itself)
+
+    from iris_core.pipeline.aot import BUILD_PREFIX, _build_files_in
+
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with _build_files_in(tmp_path / "builds"):
+        inside = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        assert (tmp_path / "builds") in inside.parents and inside.relative_to(tmp_path / "builds").parts[0].startswith(
+            BUILD_PREFIX)
+        inside.mkdir(parents=True, exist_ok=True)
+        (inside / "generated.cpp").write_text("// a build file")
+    assert not any((tmp_path / "builds").iterdir()) and os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
 
     # a later process loads the packages: nothing is compiled again (same files: a rebuild replaces
     # them), the result is the same, and each load marks its package as recently used

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import write_nnunet
+from conftest import free_port, write_nnunet
 from iris_core.commands.evaluate import choose_references, parse_method, run_evaluation
 from iris_core.errors import InputError
 from iris_core.io.datasets import load_csv, load_dataset, load_nnunet
@@ -223,7 +223,7 @@ def test_torchrun_sharded_evaluation(nnunet, tmp_path):
     from conftest import ROOT
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                            "--log-dir", str(tmp_path / "torchrun_logs"),  # else torchelastic_* in the temp folder
                            "-m", "iris_core.commands.cli", "evaluate", "--dataset", str(nnunet), "--method", "identity",
                            "--out", str(tmp_path / "e"), "--no-overlays", "--device", "cpu"],

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import ROOT, write_nnunet
+from conftest import ROOT, free_port, write_nnunet
 from iris_core.commands.cli import main
 from iris_core.errors import InputError
 from iris_core.hub.checkpoint import load_checkpoint
@@ -85,7 +85,8 @@ def test_hermes_trains_and_segments_by_name(hermes_model, dataset, tmp_path, cap
 
 @pytest.mark.slow
 def test_hermes_known_structures_on_mrml_scene(hermes_model, dataset):
-    pytest.importorskip("slicer")
+    import slicer  # noqa: F401  slicer-core: a test dependency
+
     from iris_core.options import SegmentOptions
     from IrisSegmentLib import testing
     from IrisSegmentLib.logic import IrisSegmentLogic, SegmentRequest
@@ -107,7 +108,7 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
     cfg.write_text(f'[train]\npreset = "iris-tiny"\nsources = []\ndatasets = ["{dataset}"]\nbatch = 1\n'
                    "crop_sizes = [32]\ncrop_probs = [1.0]\nwarmup = 1\nsave_every = 2\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                            "--log-dir", str(tmp_path / "torchrun_logs"),  # else torchelastic_* in the temp folder
                            "-m", "iris_core.commands.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "run"),
                            "--steps", "2"], env=env, capture_output=True, text=True, timeout=600)

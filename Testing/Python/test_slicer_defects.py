@@ -12,9 +12,7 @@ import numpy as np
 import psutil
 import pytest
 import SimpleITK as sitk
-
-slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-
+import slicer  # slicer-core, a test dependency: missing, these tests fail rather than vanish
 from test_slicer_faults import _load_pair, copy_segmentation, node_ids, seg_array  # noqa: E402
 
 from iris_core.options import SegmentOptions  # noqa: E402

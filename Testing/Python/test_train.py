@@ -68,15 +68,18 @@ def test_task_sources_make_valid_episodes(source):
 
 
 def test_evaluation_only_data_is_refused():
-    """The macaque template is the held-out species check (DATA.md): no config can train on it."""
+    """The macaque template is the held-out species check: no config can train on it, by name, as a file or
+    inside a dataset, and each refusal is the evaluation-only rule's (not an unknown name's)."""
     from iris_core.errors import InputError
     from iris_core.io.sampledata import MRICRON_TEMPLATES
     from iris_core.training import TrainConfig
     from iris_core.training.sources import _build_sources
 
-    for source in ("inia19", f"unlabelled:{MRICRON_TEMPLATES / 'inia19-t1-brain.nii.gz'}"):
-        with pytest.raises(InputError):
+    for source in ("inia19", "synth:inia19", f"unlabelled:{MRICRON_TEMPLATES / 'inia19-t1-brain.nii.gz'}"):
+        with pytest.raises(InputError, match=r"is evaluation-only data \('inia19'"):
             _build_sources(TrainConfig(sources=(source,)), (4.0, 4.0, 4.0))
+    with pytest.raises(InputError, match="unknown task source 'nonsense'"):  # the other refusal, told apart
+        _build_sources(TrainConfig(sources=("nonsense",)), (4.0, 4.0, 4.0))
 
 
 def test_held_out_parcels_are_never_training_tasks():

@@ -148,7 +148,12 @@ class NnunetSource:
 
     def __init__(self, folder: str, spacing: tuple[float, float, float]):
 
+        refuse_evaluation_only(folder)
         ds = load_nnunet(folder)
+        for case in ds.cases:
+            for path in (case.image, case.labels):
+                if isinstance(path, (str, Path)):
+                    refuse_evaluation_only(path)
         self.name = ds.name
         self.modality = ds.modality if ds.modality != "auto" else "MR"
         self.label_names = ds.label_names
@@ -274,15 +279,13 @@ def _build_sources(cfg: TrainConfig, spacing) -> list:
     ``synth:<template>`` (label-to-image), ``unlabelled:<file>``, plus nnU-Net datasets."""
     sources: list = []
     for s in cfg.sources:
+        refuse_evaluation_only(s.split(":", 1)[1] if s.startswith(("unlabelled:", "synth:")) else s)
         if s == "synthetic":
             sources.append(SyntheticSource())
         elif s.startswith("synth:"):
             sources.append(LabelSynthSource(s.split(":", 1)[1], spacing, holdout=cfg.holdout))
         elif s.startswith("unlabelled:"):  # class-agnostic masks of an unlabelled volume
-            path = s.split(":", 1)[1]
-            if any(h in Path(path).name for h in EVALUATION_ONLY):
-                raise InputError(f"{path} is evaluation-only data (held-out species/modality): never trained on")
-            sources.append(ClusterSource(path, spacing))
+            sources.append(ClusterSource(s.split(":", 1)[1], spacing))
         elif s in TEMPLATE_LABELS:
             sources.append(TemplateSource(s, spacing, cfg.holdout))
         else:
@@ -294,6 +297,16 @@ def _build_sources(cfg: TrainConfig, spacing) -> list:
     return sources
 
 
-# file-name fragments of data that is only ever evaluated on (DATA.md): the macaque template and the
-# head CT of the compatibility fixtures
+# file-name fragments of data that is only ever evaluated on: the macaque template and the volumes (and head
+# CT) of the compatibility fixtures
 EVALUATION_ONLY = ("inia19", "invesalius", "ct_target", "ct_reference", "mr_target", "mr_reference")
+
+
+def refuse_evaluation_only(name: str | Path) -> None:
+    """The evaluation-only rule: a task source, file or dataset folder whose name holds an EVALUATION_ONLY
+    fragment is refused, naming it (every source a config names passes here, and every case of a dataset)."""
+    text = Path(str(name)).name.lower()
+    hit = next((h for h in EVALUATION_ONLY if h in text), None)
+    if hit:
+        raise InputError(f"{name} is evaluation-only data ({hit!r}: a held-out species, modality or compatibility "
+                         "fixture): never trained on")
