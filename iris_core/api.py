@@ -31,12 +31,16 @@ from iris_core.io.imaging import (
     slicer_layer_count,
     slicer_segment_names,
 )
-from iris_core.io.results import SegmentationResult, class_volumes
+from iris_core.io.results import SegmentationResult, class_volumes, write_result
 from iris_core.options import SegmentOptions, strategy_for
 from iris_core.pipeline.embedding import TaskEmbedding, model_fingerprint
 from iris_core.pipeline.inference import ClassSpec, Engine, ProgressFn, Reference
 from iris_core.pipeline.strategies import encode_references, run_strategy
 from iris_core.resources import DEFAULT_MODEL
+
+#: the public API (write_result lives in io.results and is offered here too, beside segment)
+__all__ = ["Reference", "ClassSpec", "SegmentationResult", "SegmentOptions", "segment", "write_result",
+           "resolve_model", "load_references", "parse_classes", "resolve_classes", "check_model_spec"]
 
 log = logging.getLogger(__name__)
 

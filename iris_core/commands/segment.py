@@ -86,6 +86,7 @@ def segment_jobs(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
 def cmd_segment(args: argparse.Namespace) -> int:
     from iris_core.api import load_references, parse_classes, resolve_classes, resolve_model, segment
     from iris_core.io.imaging import (
+        check_output_place,
         check_volume_output,
         output_folder,
         probe_image,
@@ -103,8 +104,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         refuse_overwriting_inputs({"--output": output, "the sidecar of --output": sidecar_path(output),
                                    "--preview": preview, "--save-library": args.save_library}, inputs)
         check_volume_output(output, "--output")
+        check_output_place(output, "--output")
         if preview:
             check_picture_output(preview, "--preview")
+            check_output_place(preview, "--preview")
         if args.save_probabilities:  # the class names come later: refuse any input a probability map could hit
             refuse_probability_map_collisions(output, inputs)
     if len(jobs) > 1:  # made when the first target is written: a run that fails before leaves none

@@ -445,7 +445,6 @@ def check_volume_output(path: str | Path, what: str = "output") -> None:
     if not name.endswith(VOLUME_EXTENSIONS):
         raise InputError(f"{what} {path}: write a 3-D volume as {', '.join(VOLUME_EXTENSIONS)} "
                          "(e.g. seg.nii.gz or seg.seg.nrrd)")
-    check_output_place(path, what)
 
 
 def check_output_place(path: str | Path, what: str = "output") -> None:

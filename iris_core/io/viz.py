@@ -9,7 +9,6 @@ import SimpleITK as sitk
 
 from iris_core.errors import InputError
 from iris_core.io.colours import COLOURS
-from iris_core.io.imaging import check_output_place
 from iris_core.metrics import dice_score
 
 PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".svg", ".pdf", ".tif", ".tiff", ".webp")  # matplotlib writes them
@@ -20,7 +19,6 @@ def check_picture_output(path: str | Path, what: str = "picture") -> None:
     name without extension and fails on an unknown one)."""
     if not Path(path).name.lower().endswith(PICTURE_EXTENSIONS):
         raise InputError(f"{what} {path}: name the picture with one of {', '.join(PICTURE_EXTENSIONS)}")
-    check_output_place(path, what)
 
 
 def overlay_png(image: sitk.Image, labels: sitk.Image, path: str | Path, truth: sitk.Image | None = None,
