@@ -232,15 +232,15 @@ def test_d6_unusable_work_folder_is_a_clear_message(world, tmp_path):
 
 
 # -- D8 ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("content", [os.urandom(4096), b"version https://git-lfs.github.com/spec/v1\n"
+@pytest.mark.parametrize("content", [np.random.default_rng(8).bytes(4096), b"version https://git-lfs.github.com/spec/v1\n"
                                      b"oid sha256:0123\nsize 480000000\n"], ids=["random", "lfs-pointer"])
 def test_d8_corrupt_safetensors_names_the_file(world, tmp_path, content):
     scene, nodes, logic, _ = world
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(content)
-    from IrisSegmentLib.vocabulary import known_structures
+    from IrisSegmentLib.vocabulary import ModelFileError, known_structures
 
-    with pytest.raises(Exception, match="model.safetensors") as info:  # the GUI's model listing
+    with pytest.raises(ModelFileError, match="model.safetensors") as info:  # the GUI's model listing
         known_structures(str(bad))
     assert "Traceback" not in str(info.value)
     with pytest.raises(WorkerError, match="model.safetensors") as info:  # the worker
@@ -419,7 +419,11 @@ def test_item8_failed_compare_leaves_no_table(world):
             logic.compare_to_table(other, nodes["manual"], nodes["target"])
         assert node_ids(scene) == before
         table = logic.compare_to_table(nodes["manual"], nodes["manual"], nodes["target"])
-        assert table.GetTable().GetNumberOfRows() == 1
+        t = table.GetTable()  # a segmentation against itself: one row, Dice 1, distances 0
+        assert t.GetNumberOfRows() == 1
+        values = {t.GetColumnName(c): t.GetValue(0, c).ToString() for c in range(t.GetNumberOfColumns())}
+        assert values["segment"] == "brain" and float(values["dice"]) == pytest.approx(1.0), values
+        assert float(values["hd95_mm"]) == pytest.approx(0.0) and float(values["assd_mm"]) == pytest.approx(0.0)
         scene.RemoveNode(table)
     finally:
         scene.RemoveNode(other)

@@ -202,12 +202,27 @@ def test_bad_requests_are_refused_before_running(world):
 
 
 def test_worker_crash_becomes_a_message(tmp_path):
+    """A worker that fails in Python reports what failed (an internal error keeps its traceback for the
+    details); one that dies without a word (a crash in native code) is told apart from one killed for memory."""
+    import os
+    import signal
+    import sys
+
     from IrisSegmentLib.runner import run_worker
 
     job = tmp_path / "job.json"
     job.write_text("{not json")
-    with pytest.raises(WorkerError):
+    with pytest.raises(WorkerError, match="Expecting property name enclosed in double quotes") as err:
         run_worker(job)
+    assert "Traceback" in err.value.details and "json" in err.value.details
+    if os.name == "posix":  # a worker killed by a signal after it announced itself
+        fake = tmp_path / "python"
+        fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import json, os, signal; "
+                        f"print(\"IRIS-START \" + json.dumps({{\"pid\": os.getpid()}}), flush=True); "
+                        f"os.kill(os.getpid(), signal.SIGSEGV)'\n")
+        fake.chmod(0o755)
+        with pytest.raises(WorkerError, match=rf"the segmentation process crashed \(signal {int(signal.SIGSEGV)}\)"):
+            run_worker(job, python=str(fake))
 
 
 def test_parameter_node_round_trip(world):

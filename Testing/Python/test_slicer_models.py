@@ -44,7 +44,6 @@ def test_download_fails_clearly_offline_and_cancels(tmp_path, monkeypatch):
 
 def test_start_download_returns_at_once_and_polls_like_a_segment_run(tmp_path, monkeypatch):
     """The widget's path: start, poll from a timer (here a loop), Cancel or an error at the end."""
-    import time
 
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("IRIS_SEGMENT_MODELS", str(tmp_path / "manual"))
@@ -52,17 +51,13 @@ def test_start_download_returns_at_once_and_polls_like_a_segment_run(tmp_path, m
     with pytest.raises(ValueError):
         start_download("default", workdir=tmp_path)
     proc = start_download("mass-base", workdir=tmp_path)
-    assert not proc.done  # returned before the worker ended: the GUI thread never waits
-    deadline = time.monotonic() + 120
-    while not proc.done and time.monotonic() < deadline:
-        proc.poll()
-        time.sleep(0.05)
-    assert proc.done and proc.error is not None and "by hand" in str(proc.error)
+    # the outcome is known only through poll(): the GUI thread never waits for the worker
+    assert not proc.done
+    assert proc.wait(timeout=120), "the failing download did not end within 120 s"
+    assert proc.error is not None and "by hand" in str(proc.error)
     proc = start_download("mass-base", workdir=tmp_path)
     proc.cancel()
-    while not proc.done:
-        proc.poll()
-        time.sleep(0.05)
+    assert proc.wait(timeout=60), "a cancelled download did not end within 60 s"
     assert proc.cancelled and proc.result is None and proc.error is None
 
 
@@ -103,8 +98,7 @@ def test_download_in_the_worker_with_progress(tmp_path, monkeypatch, mass_rule_c
     try:
         path = download_in_worker("mass-base", progress=lambda s, d, t: seen.append((s, d, t)), workdir=tmp_path)
         proc = start_download("mass-base", workdir=tmp_path)  # the widget's path: cached now, verified again
-        while not proc.done:
-            proc.poll()
+        assert proc.wait(timeout=300), "the cached download did not end within 300 s"
     finally:
         server.close()
     assert proc.error is None and downloaded_path(proc) == path
