@@ -23,8 +23,8 @@ import SimpleITK as sitk
 
 from iris_core.errors import reason
 from iris_core.io.colours import colour_rgb
+from iris_core.io.segmentations import disjoint_groups
 from iris_core.options import SegmentOptions, strategy_for
-from iris_core.pipeline.postprocess import disjoint_groups
 
 from .jobs import Job, raise_for, run_to_end
 from .runner import WorkerError, WorkerProcess

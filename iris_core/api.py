@@ -21,17 +21,16 @@ from iris_core.hub.hermes_vocab import (
     resolve_modality,
     resolve_structures,
 )
+from iris_core.io.dicom_seg import is_dicom_seg, read_dicom_seg
 from iris_core.io.imaging import (
     label_compactness,
     looks_like_labels,
     read_image,
     read_labels,
-    read_layered_segmentation,
     same_grid,
-    slicer_layer_count,
-    slicer_segment_names,
 )
 from iris_core.io.results import SegmentationResult, class_volumes, write_result
+from iris_core.io.segmentations import read_layered_segmentation, slicer_layer_count, slicer_segment_names
 from iris_core.options import SegmentOptions, strategy_for
 from iris_core.pipeline.embedding import TaskEmbedding, model_fingerprint
 from iris_core.pipeline.inference import ClassSpec, Engine, ProgressFn, Reference
@@ -101,6 +100,11 @@ def load_references(pairs: list[tuple[str, str]]) -> list[Reference]:
     refs = []
     for img_path, lab_path in pairs:
         img = read_image(img_path, "reference image")
+        if is_dicom_seg(lab_path):  # a DICOM SEG of the image series: its segments, layered where they overlap
+            maps, names = read_dicom_seg(lab_path, img_path, img, "reference")
+            refs += [Reference(img, m, Path(img_path).name + (f" (layer {k})" if len(maps) > 1 else ""), names)
+                     for k, m in enumerate(maps)]
+            continue
         if looks_like_labels(img):
             lab = read_image(lab_path, "label map")
             if not looks_like_labels(lab):

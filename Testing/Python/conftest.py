@@ -158,3 +158,45 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_dicom_series(image, folder, modality: str = "MR", series_description: str = "test series") -> Path:
+    """``image`` (3-D, any spacing and direction) as a DICOM series of MR (or CT) Image Storage files in ``folder``,
+    one slice per file with real geometry tags (position, orientation, spacing), int16 pixels: what a scanner's
+    export holds, written with pydicom."""
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = sitk.GetArrayFromImage(image).astype(np.int16)
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    sp = image.GetSpacing()
+    sop_class = {"MR": "1.2.840.10008.5.1.4.1.1.4", "CT": "1.2.840.10008.5.1.4.1.1.2"}[modality]
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for z in range(arr.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Phantom", "IRIS0001", "", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20261203", "120000", "1", "", ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = modality, 1, z + 1, series_description
+        ds.Manufacturer = "IrisSegment tests"
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, z))]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*d[:, 0], *d[:, 1])]
+        ds.PixelSpacing = [f"{sp[1]:.6f}", f"{sp[0]:.6f}"]  # row spacing (between rows: y), column spacing (x)
+        ds.SliceThickness, ds.SpacingBetweenSlices = f"{sp[2]:.6f}", f"{sp[2]:.6f}"
+        ds.Rows, ds.Columns = arr.shape[1], arr.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
+        ds.PixelData = arr[z].tobytes()
+        ds.save_as(folder / f"slice{z:04d}.dcm", enforce_file_format=True)
+    return folder

@@ -248,3 +248,18 @@ def test_reference_box_covers_the_whole_volume_where_the_network_takes_it(tiny_m
     assert box[1].stop - box[1].start == 64 and box[1].start <= 150 and box[1].stop >= 170 and box[1].stop <= 200
     eng.policy = dataclasses.replace(eng.policy, reference_crop="union")
     assert [s.stop - s.start for s in eng._crop_box(masks)] == list(eng.window)
+
+
+@pytest.mark.parametrize("target", ["Colin27", "ICBM2009a-moved"])
+def test_retrieval_picks_the_reference_most_like_the_target(target):
+    """Retrieval's choice is observable: with two real references (the shipped Colin27 and ICBM 2009a pair,
+    brain segmentations), each of the two images as the target retrieves its own reference: the one whose
+    embedding is the most like the target's own (the same image here). A choice that ignored similarity
+    would pick the same reference for both targets."""
+    from iris_core.api import segment
+    from iris_core.resources import SAMPLE_DATA
+
+    refs = [(str(SAMPLE_DATA / f"{n}.nrrd"), str(SAMPLE_DATA / f"{n}.seg.nrrd")) for n in ("Colin27", "ICBM2009a-moved")]
+    result = segment(str(SAMPLE_DATA / f"{target}.nrrd"), refs, strategy="retrieval", device="cpu")
+    assert result.sidecar["strategy"] == "retrieval"
+    assert result.sidecar["details"]["retrieved"] == {"brain": f"{target}.nrrd"}, result.sidecar["details"]

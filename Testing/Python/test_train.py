@@ -152,6 +152,21 @@ def test_compact_resume_point_continues_a_run(tmp_path):
     hist = json.loads(second["history"])
     assert second["step"] == 3 and [h["step"] for h in hist] == [1, 2, 3]
     assert hist[:2] == json.loads(first["history"])
+    # the same weights: the file holds the run's weights (to float16), and the continued run started from them
+    from iris_core.hub.checkpoint import read_safetensors
+
+    _, tensors = read_safetensors(point, "resume point")
+    for part in ("model", "ema"):
+        for k, v in first[part].items():
+            assert torch.equal(tensors[f"{part}.{k}"], v.half() if v.is_floating_point() else v), (part, k)
+
+    def distance(a, b):
+        return sum(float((a[k].float() - b[k].float()).abs().sum()) for k in a if a[k].is_floating_point())
+
+    # one more step moves the EMA by (1 - ema) of the way: far less than from another run's weights
+    train(TrainConfig(**{**cfg.__dict__, "seed": 7}), tmp_path / "c")
+    other = torch.load(tmp_path / "c" / "state.pt", weights_only=True)
+    assert distance(second["ema"], first["ema"]) < 0.05 * distance(other["ema"], first["ema"])
 
 
 def test_training_at_another_spacing_exports_a_model_that_runs_at_it(tmp_path):

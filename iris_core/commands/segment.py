@@ -47,7 +47,7 @@ def segment_options(args: argparse.Namespace):
         precision=args.precision,
         # a .seg.nrrd holds segments that overlap (one layer per group): classes that overlap in a reference
         # may overlap in the result
-        overlaps=len(args.target) == 1 and str(args.output).lower().endswith(".seg.nrrd"))
+        overlaps=len(args.target) == 1 and str(args.output).lower().endswith((".seg.nrrd", ".dcm")))
 
 
 def _volume_stem(path: str) -> str:
@@ -85,6 +85,7 @@ def segment_jobs(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from iris_core.api import load_references, parse_classes, resolve_classes, resolve_model, segment
+    from iris_core.io.dicom_seg import check_dicom_seg_output
     from iris_core.io.imaging import (
         check_output_place,
         check_volume_output,
@@ -100,10 +101,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     inputs |= {(f"target image {i}" if len(jobs) > 1 else "target image"): t for i, (t, _, _) in enumerate(jobs, 1)}
     for k, (img, lab) in enumerate(args.reference or [], 1):
         inputs |= {f"reference image {k}": img, f"reference label map {k}": lab}
-    for _, output, preview in jobs:
+    for target, output, preview in jobs:
         refuse_overwriting_inputs({"--output": output, "the sidecar of --output": sidecar_path(output),
                                    "--preview": preview, "--save-library": args.save_library}, inputs)
-        check_volume_output(output, "--output")
+        if str(output).lower().endswith(".dcm"):  # a DICOM SEG: only of a DICOM series
+            check_dicom_seg_output(output, target)
+        else:
+            check_volume_output(output, "--output")
         check_output_place(output, "--output")
         if preview:
             check_picture_output(preview, "--preview")
@@ -149,7 +153,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             progress.close()
         if len(jobs) > 1:
             output_folder(args.output, "--output")
-        out, side = write_result(result, output)
+        out, side = write_result(result, output, target)
         if args.save_library and not saved and result.embedding is not None:  # the first target's task
             from iris_core.pipeline.embedding import model_fingerprint
 

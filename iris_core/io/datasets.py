@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from iris_core.errors import InputError
 from iris_core.io import sampledata
+from iris_core.io.dicom_seg import dicom_seg_truth, is_dicom_seg
 from iris_core.io.imaging import read_image, read_labels
 from iris_core.resources import SAMPLE_DATA
 
@@ -34,6 +35,8 @@ class Case:
         if isinstance(self.image, sitk.Image):
             return self.image, self.labels
         img = read_image(self.image, f"case {self.name} image")
+        if is_dicom_seg(self.labels):  # DICOM SEG truth of a DICOM series: one label map (segment k = value k)
+            return img, dicom_seg_truth(self.labels, self.image, img)
         return img, read_labels(self.labels, img, f"case {self.name} image {self.image}")
 
 
@@ -137,7 +140,8 @@ def load_csv(path: str | Path) -> Dataset:
         raise InputError(f"{path}: row {bad + 2} lacks the columns image,labels or "
                          "target_image,target_labels,reference_image,reference_labels")
     # every file checked before the first case runs, not found missing after an hour of the cohort
-    missing = [f for c in cases.values() for f in (c.image, c.labels) if not Path(f).is_file()]
+    missing = [f for c in cases.values() for f in (c.image, c.labels)  # an image may be a DICOM series folder
+               if not (Path(f).is_file() or (f == c.image and Path(f).is_dir()))]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise InputError(f"{path}: {len(missing)} listed files not found (relative paths are read from "

@@ -38,7 +38,7 @@ def _series_description(files: list[str]) -> str:
     return f"{len(files)} files" + (f", '{desc}'" if desc else "")
 
 
-def _dicom_series_files(path: Path, what: str) -> list[str]:
+def dicom_series_files(path: Path, what: str) -> list[str]:
     """The files of the DICOM series to read: a folder's only series, or the whole series one given
     file belongs to. A folder of several series is refused with the list (no silent first pick: a
     localizer read instead of the T1 would be segmented without a word)."""
@@ -74,7 +74,7 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         raise InputError(f"{what} {path}: file not found")
     try:
         if path.is_dir() or _is_dicom_file(path):
-            files = _dicom_series_files(path, what)
+            files = dicom_series_files(path, what)
             if len(files) == 1:  # one file holds the volume (enhanced multi-frame DICOM)
                 image = sitk.ReadImage(files[0])
             else:
@@ -158,7 +158,7 @@ def probe_image(path: str | Path, what: str = "image") -> None:
     if not path.exists():
         raise InputError(f"{what} {path}: file not found")
     if path.is_dir() or _is_dicom_file(path):
-        files = _dicom_series_files(path, what)
+        files = dicom_series_files(path, what)
         if len(files) > 1:
             return  # a series of slices: read_image stacks it into a volume
         path = Path(files[0])
@@ -236,90 +236,6 @@ def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     org = np.allclose(a.GetOrigin(), b.GetOrigin(), atol=GEOMETRY_TOLERANCE * max(a.GetSpacing()) * 10)
     dr = np.allclose(a.GetDirection(), b.GetDirection(), atol=GEOMETRY_TOLERANCE)
     return bool(sp and org and dr)
-
-
-def _seg_nrrd_header(path: str | Path) -> sitk.ImageFileReader | None:
-    """A reader holding the header of a ``.seg.nrrd`` file (no voxels read); None for any other file or
-    one ITK cannot read."""
-    path = Path(path)
-    if not path.name.lower().endswith(".seg.nrrd") or not path.is_file():
-        return None
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    return reader
-
-
-def slicer_segments(path: str | Path) -> list[tuple[int, int, str]]:
-    """(layer, label value, name) of each segment in a 3D Slicer ``.seg.nrrd`` header, in the file's order
-    (``Segment<i>_Layer``, ``_LabelValue``, ``_Name``, as vtkMRMLSegmentationStorageNode writes them; a file
-    without label values numbers its segments from 1); [] for any other file."""
-    reader = _seg_nrrd_header(path)
-    if reader is None:
-        return []
-    keys = set(reader.GetMetaDataKeys())
-
-    def field(i: int, name: str, default: str) -> str:
-        return reader.GetMetaData(f"Segment{i}_{name}").strip() if f"Segment{i}_{name}" in keys else default
-
-    out = []
-    i = 0
-    while f"Segment{i}_Name" in keys or f"Segment{i}_ID" in keys:
-        try:
-            out.append((int(field(i, "Layer", "0")), int(field(i, "LabelValue", str(i + 1))),
-                        field(i, "Name", "") or field(i, "ID", f"segment_{i + 1}")))
-        except ValueError:
-            pass
-        i += 1
-    return out
-
-
-def slicer_layer_count(path: str | Path) -> int:
-    """Number of layers of a ``.seg.nrrd`` (its components per voxel: one per group of overlapping
-    segments); 1 for a 3-D one or any other file."""
-    reader = _seg_nrrd_header(path)
-    return 1 if reader is None else max(1, reader.GetNumberOfComponents())
-
-
-def read_layered_segmentation(path: str | Path, image: sitk.Image,
-                              image_name: str) -> tuple[list[sitk.Image], dict[int, str]]:
-    """A 3D Slicer ``.seg.nrrd`` whose segments overlap (one layer per group of segments that do not) as one
-    label map per layer on ``image``'s grid. The layers reuse label values, so segment i of the header
-    becomes class i + 1 in every layer; returns the label maps and {class value: segment name}."""
-    path = Path(path)
-    segments = slicer_segments(path)
-    try:
-        stack = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise _unreadable("label map", path, exc) from None
-    layers = stack.GetNumberOfComponentsPerPixel()
-    if not segments:
-        raise InputError(f"label map {path}: {layers} layers but no segment fields (Segment<i>_Layer, "
-                         "_LabelValue) in its header to tell which label of which layer is which segment")
-    maps, names = [], {}
-    for k in range(layers):
-        layer = sitk.VectorIndexSelectionCast(stack, k)
-        arr = sitk.GetArrayViewFromImage(layer)
-        out = np.zeros(arr.shape, dtype=np.int32)
-        for i, (seg_layer, value, name) in enumerate(segments):
-            if seg_layer == k:
-                out[arr == value] = i + 1
-                names[i + 1] = name
-        remapped = sitk.GetImageFromArray(out)
-        remapped.CopyInformation(layer)
-        maps.append(labels_on_grid(remapped, f"{path} (layer {k})", image, image_name))
-    return maps, names
-
-
-def slicer_segment_names(path: str | Path) -> dict[int, str]:
-    """Label value -> segment name from a one-layer 3D Slicer ``.seg.nrrd`` header; {} for any other file."""
-    names: dict[int, str] = {}
-    for _, value, name in slicer_segments(path):
-        names.setdefault(value, name or f"label_{value}")
-    return names
 
 
 def _offset_subgrid(labels: sitk.Image, image: sitk.Image) -> np.ndarray | None:

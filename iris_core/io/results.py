@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from iris_core.errors import InputError, reason
 from iris_core.io.colours import COLOURS
+from iris_core.io.dicom_seg import build_dicom_seg, check_dicom_seg_output
 from iris_core.io.imaging import _same_file, publish, split_volume_name, write_image_partial
 
 if TYPE_CHECKING:
@@ -132,11 +133,17 @@ def with_slicer_segment_metadata(labels: sitk.Image | list[sitk.Image], classes:
     return out
 
 
-def write_result(result: SegmentationResult, output: str | Path) -> tuple[Path, Path]:
+def write_result(result: SegmentationResult, output: str | Path, target: str | Path | None = None
+                 ) -> tuple[Path, Path]:
     """Write the label map, its probability maps (when computed) and its JSON sidecar: every file is
     written to a temporary first and all are moved into place only once all are written, so a
-    failure or an interrupt (disk full, Ctrl-C) leaves none of them, not some maps without the labels."""
+    failure or an interrupt (disk full, Ctrl-C) leaves none of them, not some maps without the labels.
+    An output ending in ``.dcm`` is a DICOM SEG of ``target``, the DICOM series segmented."""
     output = Path(output)
+    if output.name.lower().endswith(".dcm"):
+        if target is None:
+            raise InputError(f"output {output}: a DICOM SEG needs the target's DICOM series it references")
+        check_dicom_seg_output(output, target)
     staged: list[tuple[Path, Path]] = []  # (temporary, destination)
     try:
         if result.probabilities is not None:
@@ -148,7 +155,14 @@ def write_result(result: SegmentationResult, output: str | Path) -> tuple[Path, 
         if str(output).lower().endswith(".seg.nrrd"):  # opens in 3D Slicer as named, coloured segments
             # (that overlap, one layer per group, where the classes overlap: result.layers)
             labels = with_slicer_segment_metadata(result.layers or labels, result.classes)
-        staged.append((write_image_partial(labels, output), output))
+        if output.name.lower().endswith(".dcm"):  # the classes keep their overlaps (DICOM SEG allows them)
+            seg = build_dicom_seg(result.layers or result.labels, result.classes, target, result.sidecar["model"])
+            output.parent.mkdir(parents=True, exist_ok=True)
+            tmp = output.with_name(f".{output.name}.partial")
+            staged.append((tmp, output))
+            seg.save_as(tmp)
+        else:
+            staged.append((write_image_partial(labels, output), output))
         side = sidecar_path(output)
         tmp = side.with_name("." + side.name + ".partial")
         staged.append((tmp, side))

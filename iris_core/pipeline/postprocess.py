@@ -39,23 +39,6 @@ def keep_largest_component(labels: sitk.Image, values: list[int], connectivity: 
     return array_to_image(out, labels)
 
 
-def disjoint_groups(masks: list[np.ndarray]) -> list[list[int]]:
-    """Indices of ``masks`` split into groups whose masks do not overlap (first fit, in order), so each
-    group can be one label map without a structure swallowing another (one group when none overlap)."""
-    groups: list[list[int]] = []
-    unions: list[np.ndarray] = []
-    for i, m in enumerate(masks):
-        for g, u in zip(groups, unions):
-            if not np.any(u & m):
-                g.append(i)
-                u |= m
-                break
-        else:
-            groups.append([i])
-            unions.append(m.copy())
-    return groups
-
-
 def postprocess(labels: sitk.Image, values: list[int], method: str = "none", connectivity: int = 26) -> sitk.Image:
     """Apply a named post-processing ('none' or 'largest', with the component connectivity)."""
     if method == "none":

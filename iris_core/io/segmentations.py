@@ -1,0 +1,113 @@
+"""3D Slicer segmentation files (.seg.nrrd): their segments, names and layers (segments that overlap are
+stored in several layers), and the grouping of masks into layers that do not overlap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from iris_core.errors import InputError
+from iris_core.io.imaging import _unreadable, labels_on_grid
+
+
+def _seg_nrrd_header(path: str | Path) -> sitk.ImageFileReader | None:
+    """A reader holding the header of a ``.seg.nrrd`` file (no voxels read); None for any other file or
+    one ITK cannot read."""
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd") or not path.is_file():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader
+
+
+def slicer_segments(path: str | Path) -> list[tuple[int, int, str]]:
+    """(layer, label value, name) of each segment in a 3D Slicer ``.seg.nrrd`` header, in the file's order
+    (``Segment<i>_Layer``, ``_LabelValue``, ``_Name``, as vtkMRMLSegmentationStorageNode writes them; a file
+    without label values numbers its segments from 1); [] for any other file."""
+    reader = _seg_nrrd_header(path)
+    if reader is None:
+        return []
+    keys = set(reader.GetMetaDataKeys())
+
+    def field(i: int, name: str, default: str) -> str:
+        return reader.GetMetaData(f"Segment{i}_{name}").strip() if f"Segment{i}_{name}" in keys else default
+
+    out = []
+    i = 0
+    while f"Segment{i}_Name" in keys or f"Segment{i}_ID" in keys:
+        try:
+            out.append((int(field(i, "Layer", "0")), int(field(i, "LabelValue", str(i + 1))),
+                        field(i, "Name", "") or field(i, "ID", f"segment_{i + 1}")))
+        except ValueError:
+            pass
+        i += 1
+    return out
+
+
+def slicer_layer_count(path: str | Path) -> int:
+    """Number of layers of a ``.seg.nrrd`` (its components per voxel: one per group of overlapping
+    segments); 1 for a 3-D one or any other file."""
+    reader = _seg_nrrd_header(path)
+    return 1 if reader is None else max(1, reader.GetNumberOfComponents())
+
+
+def read_layered_segmentation(path: str | Path, image: sitk.Image,
+                              image_name: str) -> tuple[list[sitk.Image], dict[int, str]]:
+    """A 3D Slicer ``.seg.nrrd`` whose segments overlap (one layer per group of segments that do not) as one
+    label map per layer on ``image``'s grid. The layers reuse label values, so segment i of the header
+    becomes class i + 1 in every layer; returns the label maps and {class value: segment name}."""
+    path = Path(path)
+    segments = slicer_segments(path)
+    try:
+        stack = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise _unreadable("label map", path, exc) from None
+    layers = stack.GetNumberOfComponentsPerPixel()
+    if not segments:
+        raise InputError(f"label map {path}: {layers} layers but no segment fields (Segment<i>_Layer, "
+                         "_LabelValue) in its header to tell which label of which layer is which segment")
+    maps, names = [], {}
+    for k in range(layers):
+        layer = sitk.VectorIndexSelectionCast(stack, k)
+        arr = sitk.GetArrayViewFromImage(layer)
+        out = np.zeros(arr.shape, dtype=np.int32)
+        for i, (seg_layer, value, name) in enumerate(segments):
+            if seg_layer == k:
+                out[arr == value] = i + 1
+                names[i + 1] = name
+        remapped = sitk.GetImageFromArray(out)
+        remapped.CopyInformation(layer)
+        maps.append(labels_on_grid(remapped, f"{path} (layer {k})", image, image_name))
+    return maps, names
+
+
+def slicer_segment_names(path: str | Path) -> dict[int, str]:
+    """Label value -> segment name from a one-layer 3D Slicer ``.seg.nrrd`` header; {} for any other file."""
+    names: dict[int, str] = {}
+    for _, value, name in slicer_segments(path):
+        names.setdefault(value, name or f"label_{value}")
+    return names
+
+
+def disjoint_groups(masks: list[np.ndarray]) -> list[list[int]]:
+    """Indices of ``masks`` split into groups whose masks do not overlap (first fit, in order), so each
+    group can be one label map without a structure swallowing another (one group when none overlap)."""
+    groups: list[list[int]] = []
+    unions: list[np.ndarray] = []
+    for i, m in enumerate(masks):
+        for g, u in zip(groups, unions):
+            if not np.any(u & m):
+                g.append(i)
+                u |= m
+                break
+        else:
+            groups.append([i])
+            unions.append(m.copy())
+    return groups
