@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from iris_core.commands import model_tools, research, segment
+from iris_core.commands import model_tools, research, segment, service
 from iris_core.commands.terminal import in_cli_words
 from iris_core.errors import IrisError
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_parser(sub, [common])
     research.add_parsers(sub, [common])
     model_tools.add_parsers(sub, [common])
+    service.add_parsers(sub, [common])
     return ap
 
 

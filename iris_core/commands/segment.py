@@ -121,6 +121,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for k, (target, _, _) in enumerate(jobs, 1):  # an unreadable target is found now, not after hours of others
         probe_image(target, f"target image {k}" if len(jobs) > 1 else "target image")
     options = segment_options(args)
+    if args.server:  # a thin client: the server segments, this writes the same outputs
+        from iris_core.commands.service import segment_on_server
+
+        return segment_on_server(args, jobs, options)
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
     classes = parse_classes(args.classes, names_only=bool(args.library))
     references = [tuple(r) for r in args.reference or []]
@@ -242,4 +246,7 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                    help="arithmetic of the windows on a CPU: float32 (default, the reference), bfloat16, or auto: "
                         "bfloat16 only on a CPU with native bfloat16 and only where a check on the first window "
                         "shows the same labels (>= 99.9 %%) and a speed-up; GPUs keep their mixed precision")
+    s.add_argument("--server", metavar="URL", help="segment on an iris-segment server (iris-segment serve) instead "
+                   "of this computer; same outputs")
+    s.add_argument("--token-file", help="with --server: a file holding the server's token")
     s.set_defaults(func=cmd_segment)

@@ -1,0 +1,76 @@
+"""``iris-segment serve`` (the server) and ``iris-segment segment --server URL`` (its CLI client)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from iris_core.commands.terminal import TerminalProgress
+from iris_core.errors import InputError, IrisError
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from iris_core.service.server import serve
+
+    if not args.token_file:
+        raise InputError("serve needs --token-file (one token per line): nothing runs without a token")
+    serve(args.host, args.port, args.token_file, args.models, args.max_jobs, args.max_upload_mb, args.device,
+          args.threads)
+    return 0
+
+
+def segment_on_server(args: argparse.Namespace, jobs: list[tuple[str, str, str | None]], options) -> int:
+    """Each target through the server: the same outputs as a local run (label map and sidecar), written
+    atomically; progress as locally; Ctrl-C cancels the job on the server."""
+    from iris_core.service.client import Client, ServerError, read_token
+
+    if not args.token_file:
+        raise InputError("--server needs --token-file (the token the server was given)")
+    if not args.reference or args.library or args.structures:
+        raise InputError("--server segments from --reference IMAGE LABELS (task libraries and Hermes structures "
+                         "run locally)")
+    try:
+        client = Client(args.server, read_token(args.token_file))
+        info = client.info()
+        ext = next((e for e in (".seg.nrrd", ".nii.gz", ".nrrd") if str(jobs[0][1]).lower().endswith(e)), ".nii.gz")
+        for target, output, preview in jobs:
+            progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
+            job = client.submit(target, [tuple(r) for r in args.reference], model=args.model,
+                                options=options.to_dict(), classes=args.classes, output=ext)
+            try:
+                st = client.wait(job, progress)
+            except KeyboardInterrupt:
+                client.cancel(job)
+                raise
+            finally:
+                progress.close()
+            if st["status"] != "done":
+                raise IrisError(f"target {target}: {st['status']} on the server: {st.get('error') or 'no result'}")
+            out, side, sidecar = client.fetch(job, output)
+            if preview:
+                from iris_core.io.imaging import read_image
+                from iris_core.io.viz import overlay_png
+
+                names = {c["value"]: c["name"] for c in sidecar["classes"]}
+                overlay_png(read_image(target, "target image"), read_image(out, "result"), preview,
+                            title=f"{Path(target).name}: {sidecar.get('strategy')}", names=names)
+            print(f"wrote {out} ({len(sidecar['classes'])} classes, {sidecar['timings_s']['total']:.1f} s on "
+                  f"{info['server']} {args.server}, {sidecar['device']}) and {side}")
+    except ServerError as exc:
+        raise IrisError(str(exc)) from None
+    return 0
+
+
+def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
+    """The options of ``serve``."""
+    s = sub.add_parser("serve", parents=parents, help="serve segmentations over HTTP to thin clients (token required)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--token-file", help="file of accepted tokens, one per line (required)")
+    s.add_argument("--models", nargs="+", default=["default"], help="models it may load (loaded once, kept warm)")
+    s.add_argument("--max-jobs", type=int, default=4, help="jobs queued or running at once (more: HTTP 429)")
+    s.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload of one job (more: HTTP 413)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_serve)

@@ -1,0 +1,1 @@
+"""Segmentation as a service: the server (FastAPI + uvicorn) and a standard-library client."""
