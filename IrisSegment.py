@@ -35,12 +35,10 @@ class IrisSegment(ScriptedLoadableModule):
         parent.title = "Iris Segment"
         parent.categories = ["Segmentation"]
         parent.contributors = ["IrisSegment developers"]
-        parent.helpText = ("Show one or more reference volumes that carry a segmentation; Iris segments the same "
-                           "structures in the target volume, every class in one pass, without fine-tuning. README.md "
-                           "in the module's folder describes the controls and the models. Needs 3D Slicer 5.10+.")
-        parent.acknowledgementText = ("Iris: Gao et al., CVPR 2025. Hermes: Gao et al., CVPR 2024. Sample data: "
-                                      "Colin27 and ICBM 2009a, Copyright (C) Louis Collins, McConnell Brain Imaging "
-                                      "Centre, MNI, McGill University (Resources/SampleData/NOTICE.md).")
+        parent.helpText = ("Segment, in a target volume, the structures that reference volumes' segmentations show, "
+                           "in one pass, without fine-tuning (README.md: controls and models). Needs Slicer 5.10+.")
+        parent.acknowledgementText = ("Iris: Gao et al., CVPR 2025. Hermes: Gao et al., CVPR 2024. Sample data: Colin27, "
+                                      "ICBM 2009a (C) Louis Collins, MNI (Resources/SampleData/NOTICE.md).")
         slicer.app.connect("startupCompleted()", register_sample_data)
 
 
@@ -120,8 +118,8 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for name, (_, key) in {**c.COMBO_CONTROLS, "modelComboBox": (None, "ModelChoice")}.items():
                 value = p.model_choice(node) if key == "ModelChoice" else node.GetParameter(key)
                 getattr(u, name).setCurrentIndex(max(0, getattr(u, name).findData(value)))
-            for name, key in c.PATH_CONTROLS.items():
-                getattr(u, name).currentPath = node.GetParameter(key)
+            for name, (key, attr) in c.FIELD_CONTROLS.items():
+                setattr(getattr(u, name), attr, node.GetParameter(key))
             u.tuneStepsSpinBox.value = int(node.GetParameter("TuneSteps") or 0)
             for w in (u.modelPathLabel, u.modelPathLineEdit):  # the file selector only for "Model file..."
                 w.setVisible(p.model_choice(node) == FILE_CHOICE)
@@ -145,8 +143,8 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 node.SetNodeReferenceID(role, getattr(u, name).currentNodeID)
             for name, (_, key) in {**c.COMBO_CONTROLS, "modelComboBox": (None, "ModelChoice")}.items():
                 node.SetParameter(key, getattr(u, name).currentData)
-            for name, key in c.PATH_CONTROLS.items():
-                node.SetParameter(key, getattr(u, name).currentPath)
+            for name, (key, attr) in c.FIELD_CONTROLS.items():
+                node.SetParameter(key, getattr(getattr(u, name), attr).strip())
             node.SetParameter("TuneSteps", str(u.tuneStepsSpinBox.value))
             p.set_reference_rows(node, self._referencesFromTable())
             ticked = [u.structuresList.item(i).text() for i in range(u.structuresList.count)
@@ -216,9 +214,11 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         key = p.model_choice(self._node)
         if needs_download(key):  # never download without asking: offer it, then Segment again
             self.onDownload(key)
-        elif self._job is None and self._ensureDependencies():
+        elif self._job is None:
             with user_action("Could not start the segmentation.", wait_cursor=True):
-                self._startJob(self.logic.core.start_segment(p.request_from_parameters(slicer.mrmlScene, self._node)))
+                core, core.server = self.logic.core, p.server_of(self._node)  # a server: no local packages needed
+                if core.server is not None or self._ensureDependencies():
+                    self._startJob(core.start_segment(p.request_from_parameters(slicer.mrmlScene, self._node)))
 
     def onDownload(self, key):
         if self._job is not None:

@@ -41,7 +41,13 @@ NODE_CONTROLS = {"targetSelector": "Target", "outputSelector": "Output"}
 COMBO_CONTROLS = {"strategyComboBox": ("strategies", "Strategy"), "deviceComboBox": ("devices", "Device"),
                   "precisionComboBox": ("precisions", "Precision"), "modalityComboBox": ("modalities", "HermesModality")}
 #: path line edits -> parameters
-PATH_CONTROLS = {"modelPathLineEdit": "ModelPath", "libraryPathLineEdit": "LibraryPath"}
+PATH_CONTROLS = {"modelPathLineEdit": "ModelPath", "libraryPathLineEdit": "LibraryPath",
+                 "serverTokenPathLineEdit": "ServerTokenFile"}
+#: text fields -> parameters
+TEXT_CONTROLS = {"serverUrlLineEdit": "ServerURL"}
+#: every path and text field: control -> (parameter, the control's property holding its text)
+FIELD_CONTROLS = {**{n: (k, "currentPath") for n, k in PATH_CONTROLS.items()},
+                  **{n: (k, "text") for n, k in TEXT_CONTROLS.items()}}
 #: the references table's node columns: (node class, row key)
 REFERENCE_COLUMNS = (("vtkMRMLScalarVolumeNode", "volume"), ("vtkMRMLSegmentationNode", "segmentation"))
 #: controls disabled while a job or an installation runs (a second click would start a second one)
@@ -62,6 +68,7 @@ SIGNALS = [
     *((name, "currentNodeChanged(vtkMRMLNode*)", "updateParameterNodeFromGUI") for name in NODE_CONTROLS),
     *((name, "currentIndexChanged(int)", "updateParameterNodeFromGUI") for name in COMBO_CONTROLS),
     ("tuneStepsSpinBox", "valueChanged(int)", "updateParameterNodeFromGUI"),
+    *((name, "editingFinished()", "updateParameterNodeFromGUI") for name in TEXT_CONTROLS),
     ("referencesTable", "cellChanged(int,int)", "updateParameterNodeFromGUI"),
     ("structuresList", "itemChanged(QListWidgetItem*)", "updateParameterNodeFromGUI"),
     ("modelComboBox", "currentIndexChanged(int)", "onModelChoiceChanged"),

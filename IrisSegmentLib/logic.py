@@ -115,7 +115,11 @@ scene_unchanged = nodes_removed_after  # reading arrays must not change the user
 class IrisSegmentLogic:
     """Qt-free logic of the IrisSegment module (usable from the Python console and tests)."""
 
-    def __init__(self, scene=None, python: str | None = None, workdir: str | Path | None = None):
+    def __init__(self, scene=None, python: str | None = None, workdir: str | Path | None = None,
+                 server: tuple[str, str] | None = None):
+        """``server``: (URL, token) of an iris-segment server to run Segment on instead of this computer
+        (``None``: a local worker process)."""
+        self.server = server
         if scene is None:
             import slicer
 
@@ -254,7 +258,12 @@ class IrisSegmentLogic:
 
     # -- run ----------------------------------------------------------------------------------
     def start(self, run: PreparedRun) -> WorkerProcess:
-        """Start the worker of a prepared run without waiting (see ``start_segment`` for the whole job)."""
+        """Start the worker of a prepared run without waiting (see ``start_segment`` for the whole job): a local
+        process, or the run on the server chosen (the same interface)."""
+        if self.server is not None:
+            from .remote import RemoteProcess
+
+            return RemoteProcess(run.job_file, *self.server)
         return WorkerProcess(run.job_file, self.python)
 
     def start_segment(self, req: SegmentRequest) -> Job:

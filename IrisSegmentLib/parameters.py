@@ -31,7 +31,8 @@ from .scene import SceneError
 OPTION_PARAMETERS = {"Strategy": "strategy", "Device": "device", "TuneSteps": "tune_steps",
                      "HermesModality": "hermes_modality", "Intensity": "intensity", "Postprocess": "postprocess",
                      "MaxClassesPerForward": "max_classes_per_forward", "Precision": "precision"}
-DEFAULTS = {"ModelChoice": "", "ModelPath": "", "LibraryPath": "", "ReferenceCount": "0", "Structures": ""} | {
+DEFAULTS = {"ModelChoice": "", "ModelPath": "", "LibraryPath": "", "ReferenceCount": "0", "Structures": "",
+            "ServerURL": "", "ServerTokenFile": ""} | {
     key: "" if (v := getattr(SegmentOptions(), name)) is None else str(v) for key, name in OPTION_PARAMETERS.items()}
 
 
@@ -301,3 +302,23 @@ def known_structure_list(choice: str, model_path: str = "", library_path: str = 
     except ModelFileError as exc:
         return "iris", [], str(exc)
     return kind, list(names), ""
+
+
+def server_of(node) -> tuple[str, str] | None:
+    """(URL, token) of the server the parameter node says to run on, None for this computer. Refused with a
+    SceneError naming what to fix: a URL that is not http(s), no token file, an unreadable or empty one."""
+    url = (node.GetParameter("ServerURL") or "").strip()
+    if not url:
+        return None
+    if not url.startswith(("http://", "https://")):
+        raise SceneError(f"server {url!r}: give its address as http://host:port or https://host (or leave it empty "
+                         "to run on this computer)")
+    path = (node.GetParameter("ServerTokenFile") or "").strip()
+    if not path:
+        raise SceneError(f"server {url}: choose the file holding its token")
+    from iris_core.service.client import ServerError, read_token
+
+    try:
+        return url, read_token(path)
+    except (OSError, ServerError) as exc:
+        raise SceneError(f"server token file {path}: {getattr(exc, 'strerror', None) or exc}") from None

@@ -23,14 +23,14 @@ from iris_core.service.client import Client, ServerError
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_file):
-    """A server process with two tokens, serving the tiny model and the bundled one, at most 2 jobs and 2 MB."""
+    """A server process with two tokens, serving the tiny model and the bundled one, at most 2 jobs and 16 MB."""
     folder = tmp_path_factory.mktemp("serve")
     tokens = [secrets.token_hex(16), secrets.token_hex(16)]
     (folder / "tokens.txt").write_text("# tokens\n" + "\n".join(tokens) + "\n")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "iris_core.commands.cli", "serve", "--port", str(port),
                              "--token-file", str(folder / "tokens.txt"), "--models", str(tiny_model_file), "default",
-                             "--max-jobs", "2", "--max-upload-mb", "2", "--device", "cpu", "--threads", "2"],
+                             "--max-jobs", "2", "--max-upload-mb", "16", "--device", "cpu", "--threads", "2"],
                             stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -107,10 +107,24 @@ def test_a_job_is_visible_to_its_own_token_only(server, phantom_files):
 def test_oversized_malformed_and_unknown_uploads_are_refused_naming_the_part(server, phantom_files, tmp_path):
     client = Client(server["url"], server["tokens"][0])
     big = tmp_path / "big.nii.gz"
-    big.write_bytes(os.urandom(3 * 2**20))
-    with pytest.raises(ServerError, match="over the server's limit of 2 MB") as err:
+    big.write_bytes(os.urandom(17 * 2**20))
+    with pytest.raises(ServerError, match="over the server's limit of 16 MB") as err:
         client.submit(big, [(phantom_files["ref"], phantom_files["ref_lab"])], model=server["model"])
     assert err.value.status == 413
+    # the server's own check, for a client that sends anyway: the headers announce 17 MB, and the server answers
+    # 413 before reading any of the body
+    import http.client
+
+    host, port = server["url"].removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", "/v1/jobs")
+    conn.putheader("Authorization", f"Bearer {server['tokens'][0]}")
+    conn.putheader("Content-Type", "multipart/form-data; boundary=b")
+    conn.putheader("Content-Length", str(17 * 2**20))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "over the server's limit of 16 MB" in json.loads(resp.read())["detail"]
+    conn.close()
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not an image at all")
     with pytest.raises(ServerError, match=r"target: unreadable") as err:
@@ -145,3 +159,116 @@ def test_cancel_mid_run_and_handshake(server, tmp_path):
     with pytest.raises(ServerError, match="is cancelled, no result") as err:
         client.fetch(job, tmp_path / "x.nii.gz")
     assert err.value.status == 409 and not (tmp_path / "x.nii.gz").exists()
+
+
+def _scene_arrays(node, target):
+    import slicer
+
+    seg = node.GetSegmentation()
+    out = {}
+    for i in range(seg.GetNumberOfSegments()):
+        sid = seg.GetNthSegmentID(i)
+        out[seg.GetSegment(sid).GetName()] = np.asarray(
+            slicer.util.arrayFromSegmentBinaryLabelmap(node, sid, target)) > 0
+    return out
+
+
+def test_slicer_logic_segments_through_the_server_on_a_real_scene(server):
+    """IrisSegmentLib on a slicer-core scene with 'Run on: server': the same segments as a local run; a wrong
+    token is one clear error and the scene is unchanged."""
+    import slicer  # noqa: F401  slicer-core: a test dependency
+
+    from iris_core.options import SegmentOptions
+    from IrisSegmentLib import testing
+    from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest
+    from IrisSegmentLib.runner import WorkerError
+    from IrisSegmentLib.standalone import init_scene
+
+    scene = init_scene()
+    nodes = testing.load_sample_pair(scene)
+    req = SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], nodes["reference_seg"])],
+                         model=server["model"], options=SegmentOptions(device="cpu", threads=2))
+    local = IrisSegmentLogic(scene).segment(req)
+    remote = IrisSegmentLogic(scene, server=(server["url"], server["tokens"][1])).segment(req)
+    a, b = _scene_arrays(local, nodes["target"]), _scene_arrays(remote, nodes["target"])
+    assert list(a) == list(b) == ["brain"] and np.array_equal(a["brain"], b["brain"])
+    before = testing.node_ids(scene)
+    with pytest.raises(WorkerError, match="no valid token"):
+        IrisSegmentLogic(scene, server=(server["url"], "wrong-token-0123456789abcdef")).segment(req)
+    assert testing.node_ids(scene) == before
+
+
+def test_server_killed_mid_run_is_a_clear_message_and_the_scene_is_unchanged(tmp_path, tiny_model_file):
+    import slicer  # noqa: F401  slicer-core: a test dependency
+
+    from iris_core.options import SegmentOptions
+    from IrisSegmentLib import testing
+    from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest
+    from IrisSegmentLib.runner import WorkerError
+    from IrisSegmentLib.standalone import init_scene
+
+    token = secrets.token_hex(16)
+    (tmp_path / "tokens.txt").write_text(token + "\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "iris_core.commands.cli", "serve", "--port", str(port),
+                             "--token-file", str(tmp_path / "tokens.txt"), "--models", "default", "--device", "cpu"],
+                            stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                Client(url, token, timeout=5).info()
+                break
+            except ServerError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.5)
+        scene = init_scene()
+        nodes = testing.load_sample_pair(scene)
+        before = testing.node_ids(scene)
+        req = SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], nodes["reference_seg"])],
+                             options=SegmentOptions(device="cpu", strategy="tuning", tune_steps=500))
+        logic = IrisSegmentLogic(scene, server=(url, token))
+        killed = []
+
+        def progress(stage, done, total):
+            if not killed:  # the job runs on the server: kill the server now
+                proc.kill()
+                killed.append(stage)
+
+        with pytest.raises(WorkerError, match=f"server {url}: cannot be reached"):
+            logic.segment(req, progress=progress)
+        assert killed and testing.node_ids(scene) == before
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_run_on_server_parameters(tmp_path):
+    """The module's 'Run on server' fields on a real parameter node: empty runs here; a URL needs http(s) and a
+    readable token file, each refused in words."""
+    import slicer  # noqa: F401  slicer-core: a test dependency
+
+    from IrisSegmentLib import parameters
+    from IrisSegmentLib.scene import SceneError
+    from IrisSegmentLib.standalone import init_scene
+
+    scene = init_scene()
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "IrisSegment")
+    try:
+        parameters.set_defaults(node)
+        assert parameters.server_of(node) is None
+        node.SetParameter("ServerURL", "gpu-host:8765")
+        with pytest.raises(SceneError, match="give its address as http://host:port"):
+            parameters.server_of(node)
+        node.SetParameter("ServerURL", "https://gpu-host:8765")
+        with pytest.raises(SceneError, match="choose the file holding its token"):
+            parameters.server_of(node)
+        node.SetParameter("ServerTokenFile", str(tmp_path / "missing.txt"))
+        with pytest.raises(SceneError, match="missing.txt"):
+            parameters.server_of(node)
+        (tmp_path / "token.txt").write_text("# mine\nabcdef0123456789abcdef\n")
+        node.SetParameter("ServerTokenFile", str(tmp_path / "token.txt"))
+        assert parameters.server_of(node) == ("https://gpu-host:8765", "abcdef0123456789abcdef")
+    finally:
+        scene.RemoveNode(node)

@@ -58,6 +58,11 @@ class Client:
     def _json(self, method: str, path: str, **kw) -> dict:
         return json.loads(self._call(method, path, **kw))
 
+    def _limits(self) -> dict:
+        if not hasattr(self, "_info"):
+            self._info = self.info()
+        return self._info
+
     def info(self) -> dict:
         """The handshake: refuses, in one line, a server this client cannot work with."""
         info = self._json("GET", "/v1/info")
@@ -85,6 +90,11 @@ class Client:
             add(f"reference_image_{i}", Path(img).read_bytes(), Path(img).name)
             add(f"reference_labels_{i}", Path(lab).read_bytes(), Path(lab).name)
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        # refused here, in words, rather than by a connection the server closes in the middle of the upload
+        limit = self._limits().get("max_upload_mb")
+        if limit and len(body) > limit * 2**20:
+            raise ServerError(f"server {self.url}: upload of {len(body) / 2**20:.1f} MB is over the server's limit "
+                              f"of {limit:.0f} MB (HTTP 413 before sending)", 413)
         return self._json("POST", "/v1/jobs", body=body, content_type=f"multipart/form-data; boundary={boundary}")[
             "job"]
 

@@ -163,9 +163,13 @@ class Service:
         options = SegmentOptions.from_dict(options.to_dict() | {"device": self.device, "threads": self.threads
                                                                   or options.threads})
         from iris_core.api import parse_classes
+        from iris_core.pipeline.inference import ClassSpec
 
+        classes = req.get("classes")  # '1,3' / 'liver=1' as the CLI takes them, or [{"name", "value"}] (Slicer's)
+        classes = ([ClassSpec(str(c["name"]), int(c["value"])) for c in classes] if isinstance(classes, list)
+                   else parse_classes(classes))
         result = segment(files["target"], references=[tuple(p) for p in files["references"]],
-                         classes=parse_classes(req.get("classes")), model=self.model(req.get("model", "default")),
+                         classes=classes, model=self.model(req.get("model", "default")),
                          options=options, progress=progress, cancel=job.cancel.is_set)
         job.output = job.folder / f"result{req.get('output', '.nii.gz')}"
         write_result(result, job.output)
@@ -204,7 +208,7 @@ def create_app(service: Service) -> FastAPI:
     def info(request: Request) -> dict:
         service.owner(request)
         return {"server": "iris-segment", "version": __version__, "protocol": PROTOCOL, "models": service.models,
-                "device": service.device}
+                "device": service.device, "max_upload_mb": service.max_upload / 2**20, "max_jobs": service.max_jobs}
 
     @app.post("/v1/jobs", status_code=202)
     async def create(request: Request) -> dict:
