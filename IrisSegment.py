@@ -1,7 +1,6 @@
-"""IrisSegment: in-context segmentation in 3D Slicer. Only Qt wiring lives here (module, widget, self-test
-entry); every decision is in IrisSegmentLib, Qt-free and tested on a real MRML scene: the parameter node
-(parameters.py), the controls (choices.py), a run or download from start to end (jobs.py), the scene
-(logic.py, scene.py), the packages (dependencies.py, install.py)."""
+"""IrisSegment: in-context segmentation in 3D Slicer. Only Qt wiring lives here; every decision is in IrisSegmentLib,
+Qt-free and tested on a real MRML scene: the parameter node (parameters.py), the controls (choices.py), a run or
+download from start to end (jobs.py), the scene (logic.py, scene.py), the packages (dependencies.py, install.py)."""
 
 from __future__ import annotations
 
@@ -45,7 +44,7 @@ class IrisSegment(ScriptedLoadableModule):
 class IrisSegmentLogic(ScriptedLoadableModuleLogic):  # the parameter node and the Qt-free logic
     def __init__(self):
         super().__init__()
-        self.core = CoreLogic(slicer.mrmlScene, python=python_executable())
+        self.core = CoreLogic(slicer.mrmlScene, python=python_executable(), warm=True)
 
 
 class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -60,8 +59,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/IrisSegment.ui"))
-        self.layout.addWidget(uiWidget)
+        self.layout.addWidget(uiWidget := slicer.util.loadUI(self.resourcePath("UI/IrisSegment.ui")))
         self.ui = u = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         for name, (table, _) in c.COMBO_CONTROLS.items():
@@ -77,8 +75,10 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
-        """Also run when Slicer quits: the worker is killed and its work folder (patient images) removed."""
+        """Also run when Slicer quits: kill the worker, remove its work folder (patient images), stop the warm one."""
         self._closeJob()
+        if self.logic is not None:
+            self.logic.core.close()
         self.removeObservers()
 
     def enter(self):

@@ -116,10 +116,17 @@ class IrisSegmentLogic:
     """Qt-free logic of the IrisSegment module (usable from the Python console and tests)."""
 
     def __init__(self, scene=None, python: str | None = None, workdir: str | Path | None = None,
-                 server: tuple[str, str] | None = None):
+                 server: tuple[str, str] | None = None, warm: bool = False):
         """``server``: (URL, token) of an iris-segment server to run Segment on instead of this computer
-        (``None``: a local worker process)."""
+        (``None``: here). ``warm``: here, through the warm local worker (started on the first run, kept with
+        its model loaded; task libraries and known structures still run in a worker process of their own)
+        rather than a new worker process per run."""
         self.server = server
+        self.warm = None
+        if warm:
+            from .warm import WarmServer
+
+            self.warm = WarmServer(python, workdir)
         if scene is None:
             import slicer
 
@@ -260,11 +267,20 @@ class IrisSegmentLogic:
     def start(self, run: PreparedRun) -> WorkerProcess:
         """Start the worker of a prepared run without waiting (see ``start_segment`` for the whole job): a local
         process, or the run on the server chosen (the same interface)."""
-        if self.server is not None:
-            from .remote import RemoteProcess
+        from .remote import RemoteProcess
 
+        if self.server is not None:
             return RemoteProcess(run.job_file, *self.server)
+        req = run.request
+        if self.warm is not None and not (req.library or req.structures):
+            warm, model, device = self.warm, req.model, req.options.device
+            return RemoteProcess(run.job_file, connect=lambda: warm.ensure(model, device))
         return WorkerProcess(run.job_file, self.python)
+
+    def close(self) -> None:
+        """Stop the warm worker, if one runs (the module closing, Slicer quitting). Idempotent."""
+        if self.warm is not None:
+            self.warm.stop()
 
     def start_segment(self, req: SegmentRequest) -> Job:
         """Export the request and start its worker: a Job to poll (GUI timer) or run to its end. Nothing is

@@ -19,9 +19,12 @@ class RemoteProcess:
     """The job file's run, uploaded to ``url`` with ``token``, polled in a thread; its result is written where
     the local worker would write it (the work folder), so the logic imports it the same way."""
 
-    def __init__(self, job_file: Path, url: str, token: str):
+    def __init__(self, job_file: Path, url: str = "", token: str = "", connect=None):
+        """``connect``: instead of ``url`` and ``token``, a function returning them, called in this run's
+        thread (the warm worker starts there on the first run, without blocking the GUI)."""
         self.job_file = Path(job_file)
         self.client = Client(url, token)
+        self._connect = connect
         self._events: queue.Queue = queue.Queue()
         self.cancelled = False
         self.result: dict | None = None
@@ -41,6 +44,10 @@ class RemoteProcess:
                 raise WorkerError("task libraries and known structures run on this computer; choose 'this "
                                   "computer' to run them")
             layered = bool(inputs.get("output_layers"))
+            if self._connect is not None:
+                self._events.put(WorkerEvent("progress", {"stage": "Starting the warm worker", "done": 0,
+                                                          "total": 0}))
+                self.client = Client(*self._connect())
             self.client.info()
             job_id = self.client.submit(inputs["target"], [tuple(r) for r in inputs["references"]],
                                         model=inputs.get("model") or "default", options=options,
