@@ -304,3 +304,42 @@ def test_warm_local_worker_is_started_once_kept_and_stopped(tiny_model_file):
         logic.close()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert logic.warm.proc is None
+
+
+def test_cohort_under_torchrun_is_sharded_resumed_and_summarised(phantom_files, tiny_model_file, tmp_path):
+    """segment --target cohort/* under torchrun (2 CPU processes, gloo): the targets are shared by the ranks, each
+    written as a single run writes it, rank 0 writes one summary; run again, every target is skipped (resume)."""
+    import shutil
+
+    from conftest import ROOT
+
+    targets = []
+    for i in range(3):
+        shutil.copy(phantom_files["tgt"], tmp_path / f"case{i}.nii.gz")
+        targets.append(str(tmp_path / f"case{i}.nii.gz"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+    def torchrun():
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               f"--master_port={free_port()}", "--log-dir", str(tmp_path / "logs"), "-m",
+                               "iris_core.commands.cli", "segment", "--model", str(tiny_model_file), "--device", "cpu",
+                               "--quiet", "--reference", str(phantom_files["ref"]), str(phantom_files["ref_lab"]),
+                               "--target", *targets, "--output", str(tmp_path / "out")],
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    proc = torchrun()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert sorted(d["target"] for d in summary["done"]) == targets and {d["rank"] for d in summary["done"]} == {0, 1}
+    assert not summary["skipped"] and not summary["failed"]
+    assert not list((tmp_path / "out").glob(".summary.rank*"))
+    single = tmp_path / "single.nii.gz"
+    assert main(["segment", "--model", str(tiny_model_file), "--device", "cpu", "--quiet", "--threads", "1",
+                 "--reference", str(phantom_files["ref"]), str(phantom_files["ref_lab"]), "--target", targets[2],
+                 "--output", str(single)]) == 0
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(single))),
+                          sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case2_seg.nii.gz"))))
+    proc = torchrun()  # resumed: nothing left to do
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert not summary["done"] and sorted(s["target"] for s in summary["skipped"]) == targets

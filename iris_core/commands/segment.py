@@ -6,7 +6,9 @@ importing torch."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -125,6 +127,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
         from iris_core.commands.service import segment_on_server
 
         return segment_on_server(args, jobs, options)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    all_jobs, skipped = jobs, []
+    if world > 1 or args.skip_existing:  # a cohort resumed: targets whose label map and sidecar exist are done
+        skipped = [j for j in jobs if Path(j[1]).is_file() and sidecar_path(j[1]).is_file()]
+        jobs = [j for j in jobs if j not in skipped]
+        if skipped and rank == 0:
+            log.info("%d of %d targets already segmented (their outputs exist): skipped", len(skipped), len(all_jobs))
+    if world > 1:  # under torchrun: this rank's share of the targets, on its own GPU when there are GPUs
+        jobs = jobs[rank::world]
+        options = cohort_device(options)
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
     classes = parse_classes(args.classes, names_only=bool(args.library))
     references = [tuple(r) for r in args.reference or []]
@@ -136,6 +148,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     # per target, so it encodes again; Hermes has no embedding; a library is read again, it is small)
     reuse, saved = None, False
     failed: list[tuple[str, IrisError]] = []
+    done: list[dict] = []
     for i, (target, output, preview) in enumerate(jobs, 1):
         if len(jobs) > 1:
             log.info("target %d of %d: %s", i, len(jobs), target)
@@ -178,11 +191,49 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print("precision: " + result.sidecar["precision"]["summary"])
         print(f"wrote {out} ({len(result.classes)} classes, {t['total']:.1f} s on {result.sidecar['device']}) and "
               f"{side}")
+        done.append({"target": target, "output": str(out), "rank": rank, "seconds": t["total"],
+                     "classes": result.sidecar["classes"]})
+    if world > 1:
+        write_cohort_summary(Path(args.output), rank, world, done, failed, skipped)
     if failed:
         print(f"error: {len(failed)} of {len(jobs)} targets not segmented (nothing written for them): "
               + ", ".join(t for t, _ in failed), file=sys.stderr)
         return failed[0][1].exit_code
     return 0
+
+
+def cohort_device(options):
+    """Under torchrun with GPUs, each rank on its own (LOCAL_RANK); else the options' device."""
+    import dataclasses
+
+    import torch
+
+    if options.device in ("auto", "cuda") and torch.cuda.is_available():
+        return dataclasses.replace(options, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return options
+
+
+def write_cohort_summary(folder: Path, rank: int, world: int, done: list[dict], failed: list, skipped: list) -> None:
+    """Each rank's part of the cohort, merged by rank 0 into ``summary.json`` in the output folder once every rank
+    has finished (a gloo barrier): each target's output, rank and seconds, the failed and the skipped ones."""
+    import torch.distributed as dist
+
+    folder.mkdir(parents=True, exist_ok=True)
+    part = folder / f".summary.rank{rank}.json"
+    part.write_text(json.dumps({"done": done, "failed": [{"target": t, "error": str(e)} for t, e in failed]}))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+    if rank == 0:
+        parts = [json.loads((folder / f".summary.rank{r}.json").read_text()) for r in range(world)]
+        summary = {"ranks": world, "done": sorted((d for p in parts for d in p["done"]), key=lambda d: d["target"]),
+                   "failed": [f for p in parts for f in p["failed"]],
+                   "skipped": [{"target": t, "output": str(o)} for t, o, _ in skipped]}
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"cohort: {len(summary['done'])} segmented on {world} ranks, {len(summary['skipped'])} skipped, "
+              f"{len(summary['failed'])} failed; summary {folder / 'summary.json'}")
+    dist.barrier()
+    part.unlink(missing_ok=True)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
@@ -246,6 +297,9 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                    help="arithmetic of the windows on a CPU: float32 (default, the reference), bfloat16, or auto: "
                         "bfloat16 only on a CPU with native bfloat16 and only where a check on the first window "
                         "shows the same labels (>= 99.9 %%) and a speed-up; GPUs keep their mixed precision")
+    s.add_argument("--skip-existing", action="store_true",
+                   help="several targets: skip those whose label map and sidecar exist (resume a cohort; always on "
+                        "under torchrun, which also shards the targets across ranks and writes OUTPUT/summary.json)")
     s.add_argument("--server", metavar="URL", help="segment on an iris-segment server (iris-segment serve) instead "
                    "of this computer; same outputs")
     s.add_argument("--token-file", help="with --server: a file holding the server's token")
