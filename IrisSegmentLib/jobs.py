@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runner import WorkerCancelled, WorkerError, WorkerEvent, WorkerProcess
+from .runner import WorkerCancelled, WorkerError, WorkerEvent, WorkerProcess, deliver
 
 
 @dataclass
@@ -143,11 +143,7 @@ def run_to_end(job: Job, progress: Callable[[str, int, int], None] | None = None
     happens, including an exception raised by a callback or an interrupt, the job is closed."""
     try:
         while True:
-            for e in job.poll():
-                if e.kind == "progress" and progress:
-                    progress(e.data["stage"], e.data["done"], e.data["total"])
-                elif e.kind == "log" and log_line:
-                    log_line(e.data["line"])
+            deliver(job.poll(), progress, log_line)
             if job.done:
                 return job.finish()
             if cancel and cancel():

@@ -256,17 +256,23 @@ class WorkerProcess:
                            + "; try the CPU, a smaller model or a cropped target", tail)
 
 
+def deliver(events: list[WorkerEvent], progress: Callable[[str, int, int], None] | None = None,
+            log_line: Callable[[str], None] | None = None) -> None:
+    """A poll's events to the caller's callbacks: progress (stage, done, total) and log lines."""
+    for e in events:
+        if e.kind == "progress" and progress:
+            progress(e.data["stage"], e.data["done"], e.data["total"])
+        elif e.kind == "log" and log_line:
+            log_line(e.data["line"])
+
+
 def run_worker(job_file: Path, progress: Callable[[str, int, int], None] | None = None,
                cancel: Callable[[], bool] | None = None, python: str | None = None,
                log: Callable[[str], None] | None = None, interval: float = 0.1) -> dict:
     """Run the worker to completion; returns the sidecar dict, raises WorkerError/WorkerCancelled."""
     proc = WorkerProcess(job_file, python)
     while True:
-        for e in proc.poll():
-            if e.kind == "progress" and progress:
-                progress(e.data["stage"], e.data["done"], e.data["total"])
-            elif e.kind == "log" and log:
-                log(e.data["line"])
+        deliver(proc.poll(), progress, log)
         if cancel and not proc.cancelled and not proc.done and cancel():
             proc.cancel()
         if proc.done:
