@@ -343,3 +343,28 @@ def test_cohort_under_torchrun_is_sharded_resumed_and_summarised(phantom_files, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert not summary["done"] and sorted(s["target"] for s in summary["skipped"]) == targets
+
+
+def test_two_clients_at_once(server, phantom_files):
+    """Two tokens submit at the same time: both jobs run (one after the other on the one worker), each client
+    gets its own result, the same label map."""
+    import threading
+
+    results, errors = {}, []
+
+    def client(k):
+        try:
+            c = Client(server["url"], server["tokens"][k])
+            job = c.submit(phantom_files["tgt"], [(phantom_files["ref"], phantom_files["ref_lab"])],
+                           model=server["model"], options={"threads": 2})
+            results[k] = (c.wait(job)["status"], c._call("GET", f"/v1/jobs/{job}/labels"))
+        except Exception as exc:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and sorted(results) == [0, 1]
+    assert results[0][0] == results[1][0] == "done" and results[0][1] == results[1][1]
