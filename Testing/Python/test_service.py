@@ -22,15 +22,22 @@ from iris_core.service.client import Client, ServerError
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model_file):
-    """A server process with two tokens, serving the tiny model and the bundled one, at most 2 jobs and 16 MB."""
+def server(tmp_path_factory, tiny_model_file, phantom_files):
+    """A server process with two tokens, serving the tiny model and the bundled one, at most 2 jobs and 16 MB, and
+    one task library ('phantom', the tiny model's ball and box)."""
     folder = tmp_path_factory.mktemp("serve")
+    (folder / "libs").mkdir()
+    assert main(["segment", "--model", str(tiny_model_file), "--device", "cpu", "--quiet", "--reference",
+                 str(phantom_files["ref"]), str(phantom_files["ref_lab"]), "--target", str(phantom_files["tgt"]),
+                 "--classes", "ball=1,box=2", "--output", str(folder / "lib_seg.nii.gz"), "--save-library",
+                 str(folder / "libs" / "phantom.safetensors")]) == 0
     tokens = [secrets.token_hex(16), secrets.token_hex(16)]
     (folder / "tokens.txt").write_text("# tokens\n" + "\n".join(tokens) + "\n")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "iris_core.commands.cli", "serve", "--port", str(port),
                              "--token-file", str(folder / "tokens.txt"), "--models", str(tiny_model_file), "default",
-                             "--max-jobs", "2", "--max-upload-mb", "16", "--device", "cpu", "--threads", "2"],
+                             "--max-jobs", "2", "--max-upload-mb", "16", "--device", "cpu", "--threads", "2",
+                             "--libraries", str(folder / "libs")],
                             stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -44,7 +51,8 @@ def server(tmp_path_factory, tiny_model_file):
                 raise RuntimeError("the server did not start: " + (folder / "server.log").read_text()) from None
             time.sleep(0.5)
     (folder / "token0").write_text(tokens[0])
-    yield {"url": url, "tokens": tokens, "token_file": folder / "token0", "proc": proc, "model": str(tiny_model_file)}
+    yield {"url": url, "tokens": tokens, "token_file": folder / "token0", "proc": proc, "model": str(tiny_model_file),
+           "library": folder / "libs" / "phantom.safetensors"}
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -368,3 +376,33 @@ def test_two_clients_at_once(server, phantom_files):
         t.join(timeout=300)
     assert not errors and sorted(results) == [0, 1]
     assert results[0][0] == results[1][0] == "done" and results[0][1] == results[1][1]
+
+
+def test_library_named_on_the_server_and_task_kept_for_further_targets(server, phantom_files, tmp_path, capsys):
+    """A task library the server offers, named by the client (no references uploaded), and several targets through
+    the server with the task encoded once and reused: the same label maps as the same runs here."""
+    import shutil
+
+    base = ["segment", "--model", server["model"], "--device", "cpu", "--threads", "2", "--quiet"]
+    remote = ["--server", server["url"], "--token-file", str(server["token_file"])]
+    assert main([*base, "--library", str(server["library"]), "--target", str(phantom_files["tgt"]), "--output",
+                 str(tmp_path / "lib_local.nii.gz")]) == 0
+    assert main([*base, *remote, "--library", "phantom", "--target", str(phantom_files["tgt"]), "--output",
+                 str(tmp_path / "lib_remote.nii.gz")]) == 0, capsys.readouterr().err
+    a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"lib_{w}.nii.gz"))) for w in ("local", "remote"))
+    assert np.array_equal(a, b) and a.any()
+    with pytest.raises(ServerError, match="library '../libs/phantom' is not offered here"):
+        Client(server["url"], server["tokens"][0]).submit(phantom_files["tgt"], [], model=server["model"],
+                                                          library="../libs/phantom")
+    targets = []
+    for i in range(2):
+        shutil.copy(phantom_files["ref"] if i else phantom_files["tgt"], tmp_path / f"t{i}.nii.gz")
+        targets.append(str(tmp_path / f"t{i}.nii.gz"))
+    refs = ["--reference", str(phantom_files["ref"]), str(phantom_files["ref_lab"]), "--classes", "ball=1,box=2"]
+    assert main([*base, *refs, "--target", *targets, "--output", str(tmp_path / "local")]) == 0
+    assert main([*base, *remote, *refs, "--target", *targets, "--output", str(tmp_path / "remote")]) == 0
+    for i in range(2):
+        a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / w / f"t{i}_seg.nii.gz")))
+                for w in ("local", "remote"))
+        assert np.array_equal(a, b), i
+    assert Client(server["url"], server["tokens"][0]).info()["libraries"] == ["phantom"]

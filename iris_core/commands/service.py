@@ -16,7 +16,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.token_file:
         raise InputError("serve needs --token-file (one token per line): nothing runs without a token")
     serve(args.host, args.port, args.token_file, args.models, args.max_jobs, args.max_upload_mb, args.device,
-          args.threads)
+          args.threads, args.libraries)
     return 0
 
 
@@ -27,17 +27,23 @@ def segment_on_server(args: argparse.Namespace, jobs: list[tuple[str, str, str |
 
     if not args.token_file:
         raise InputError("--server needs --token-file (the token the server was given)")
-    if not args.reference or args.library or args.structures:
-        raise InputError("--server segments from --reference IMAGE LABELS (task libraries and Hermes structures "
-                         "run locally)")
+    if not (args.reference or args.library) or args.structures:
+        raise InputError("--server segments from --reference IMAGE LABELS or --library NAME (a task library the "
+                         "server offers); Hermes structures run locally")
     try:
         client = Client(args.server, read_token(args.token_file))
         info = client.info()
         ext = next((e for e in (".seg.nrrd", ".nii.gz", ".nrrd") if str(jobs[0][1]).lower().endswith(e)), ".nii.gz")
+        first = None  # several targets: the task is encoded once, on the server, and reused (not for retrieval)
+        keep = len(jobs) > 1 and args.strategy != "retrieval"
         for target, output, preview in jobs:
             progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
-            job = client.submit(target, [tuple(r) for r in args.reference], model=args.model,
-                                options=options.to_dict(), classes=args.classes, output=ext)
+            if first is not None:
+                job = client.submit_target(first, target)
+            else:
+                job = client.submit(target, [tuple(r) for r in args.reference or []], model=args.model,
+                                    options=options.to_dict(), classes=args.classes, output=ext,
+                                    library=args.library, keep_task=keep)
             try:
                 st = client.wait(job, progress)
             except KeyboardInterrupt:
@@ -47,7 +53,10 @@ def segment_on_server(args: argparse.Namespace, jobs: list[tuple[str, str, str |
                 progress.close()
             if st["status"] != "done":
                 raise IrisError(f"target {target}: {st['status']} on the server: {st.get('error') or 'no result'}")
-            out, side, sidecar = client.fetch(job, output)
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            out, side, sidecar = client.fetch(job, output, forget=not (keep and first is None))
+            if keep and first is None:
+                first = job
             if preview:
                 from iris_core.io.imaging import read_image
                 from iris_core.io.viz import overlay_png
@@ -57,6 +66,8 @@ def segment_on_server(args: argparse.Namespace, jobs: list[tuple[str, str, str |
                             title=f"{Path(target).name}: {sidecar.get('strategy')}", names=names)
             print(f"wrote {out} ({len(sidecar['classes'])} classes, {sidecar['timings_s']['total']:.1f} s on "
                   f"{info['server']} {args.server}, {sidecar['device']}) and {side}")
+        if first is not None:
+            client.forget(first)
     except ServerError as exc:
         raise IrisError(str(exc)) from None
     return 0
@@ -73,4 +84,5 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
     s.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload of one job (more: HTTP 413)")
     s.add_argument("--device", default="auto")
     s.add_argument("--threads", type=int)
+    s.add_argument("--libraries", help="folder of task libraries (.safetensors) a request may name (--library NAME)")
     s.set_defaults(func=cmd_serve)

@@ -73,8 +73,10 @@ class Client:
         return info
 
     def submit(self, target: str | Path, references: list[tuple[str, str]], model: str = "default",
-               options: dict | None = None, classes: str | None = None, output: str = ".nii.gz") -> str:
-        """Upload a job; its id."""
+               options: dict | None = None, classes: str | list | None = None, output: str = ".nii.gz",
+               library: str | None = None, keep_task: bool = False) -> str:
+        """Upload a job; its id. ``library``: the name of a task library the server offers (instead of
+        references); ``keep_task``: the server keeps the task embedding for ``submit_target``."""
         boundary = uuid.uuid4().hex
         parts: list[bytes] = []
 
@@ -83,8 +85,8 @@ class Client:
             head += f'; filename="{filename}"\r\nContent-Type: application/octet-stream' if filename else ""
             parts.append(head.encode() + b"\r\n\r\n" + data + b"\r\n")
 
-        add("request", json.dumps({"model": model, "options": options or {}, "classes": classes,
-                                   "output": output}).encode())
+        add("request", json.dumps({"model": model, "options": options or {}, "classes": classes, "output": output,
+                                   "library": library, "keep_task": keep_task}).encode())
         add("target", Path(target).read_bytes(), Path(target).name)
         for i, (img, lab) in enumerate(references):
             add(f"reference_image_{i}", Path(img).read_bytes(), Path(img).name)
@@ -97,6 +99,16 @@ class Client:
                               f"of {limit:.0f} MB (HTTP 413 before sending)", 413)
         return self._json("POST", "/v1/jobs", body=body, content_type=f"multipart/form-data; boundary={boundary}")[
             "job"]
+
+    def submit_target(self, job: str, target: str | Path) -> str:
+        """A further target for a finished ``keep_task`` job: segmented with its task, not encoding the
+        references again; the new job's id."""
+        boundary = uuid.uuid4().hex
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="target"; filename="{Path(target).name}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n").encode() + Path(target).read_bytes() + \
+            f"\r\n--{boundary}--\r\n".encode()
+        return self._json("POST", f"/v1/jobs/{job}/targets", body=body,
+                          content_type=f"multipart/form-data; boundary={boundary}")["job"]
 
     def status(self, job: str) -> dict:
         return self._json("GET", f"/v1/jobs/{job}")
@@ -117,9 +129,9 @@ class Client:
                 self.cancel(job)
             time.sleep(interval)
 
-    def fetch(self, job: str, output: str | Path) -> tuple[Path, Path, dict]:
+    def fetch(self, job: str, output: str | Path, forget: bool = True) -> tuple[Path, Path, dict]:
         """Write the job's label map to ``output`` and its sidecar beside it (``seg.nii.gz`` -> ``seg.json``),
-        each through a temporary moved into place; then the server forgets the job."""
+        each through a temporary moved into place; then (``forget``) the server forgets the job."""
         output = Path(output)
         labels = self._call("GET", f"/v1/jobs/{job}/labels")
         sidecar = self._json("GET", f"/v1/jobs/{job}/sidecar")
@@ -137,5 +149,9 @@ class Client:
             written.append((tmp, dest))
         for tmp, dest in written:
             tmp.replace(dest)
-        self._call("DELETE", f"/v1/jobs/{job}")
+        if forget:
+            self._call("DELETE", f"/v1/jobs/{job}")
         return output, side, sidecar
+
+    def forget(self, job: str) -> None:
+        self._call("DELETE", f"/v1/jobs/{job}")

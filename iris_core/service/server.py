@@ -8,6 +8,9 @@ Protocol (version 1; every call needs ``Authorization: Bearer TOKEN``, a token o
   (NIfTI, NRRD, .seg.nrrd, MHA), ``request`` (JSON: ``model``, ``options`` (SegmentOptions fields), ``classes``,
   ``output`` ('.nii.gz', '.nrrd' or '.seg.nrrd')) -> 202 ``{"job": id}``; 429 when the queue is full.
 * ``GET /v1/jobs/{id}``: status (queued, running, done, failed, cancelled), stage and progress, error.
+* ``POST /v1/jobs/{id}/targets``: a further target (multipart ``target``) for a finished job submitted with
+  ``keep_task``: segmented with that job's task embedding, the references not encoded again; a request may
+  also name a task library the server offers (``library``, ``serve --libraries DIR``) instead of references.
 * ``POST /v1/jobs/{id}/cancel``; ``GET /v1/jobs/{id}/labels`` (the label map file) and ``/sidecar`` (JSON);
   ``DELETE /v1/jobs/{id}`` removes what the job kept (also done after the labels are fetched).
 
@@ -80,6 +83,8 @@ class Job:
     inputs: list[str] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     output: Path | None = None
+    #: the task embedding of the job's references, kept (in memory) for further targets (``keep_task``)
+    embedding: object = None
 
     def public(self) -> dict:
         return {"job": self.id, "status": self.status, "stage": self.stage, "done": self.done, "total": self.total,
@@ -90,17 +95,22 @@ class Service:
     """Jobs, a queue and one worker thread (one per device: the CPU here, or a GPU) with models kept loaded."""
 
     def __init__(self, tokens: list[str], models: list[str], max_jobs: int = 4, max_upload_mb: float = 1024,
-                 device: str = "auto", threads: int | None = None, workdir: str | Path | None = None):
+                 device: str = "auto", threads: int | None = None, workdir: str | Path | None = None,
+                 libraries: str | Path | None = None):
         self.digests = {self._digest(t) for t in tokens}
         self.models, self.max_jobs, self.max_upload = list(models), max_jobs, int(max_upload_mb * 2**20)
         self.device, self.threads = device, threads
+        self.libraries = Path(libraries) if libraries else None  # task libraries a request may name
         self.root = Path(tempfile.mkdtemp(prefix="iris-serve-", dir=workdir))
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
         self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.loaded: dict = {}
-        self.worker = threading.Thread(target=self._work, name="iris-serve-worker", daemon=True)
-        self.worker.start()
+        self.devices = worker_devices(device)
+        self.loaded: dict = {}  # (model, device) -> LoadedModel: each worker its own copy on its device
+        self.workers = [threading.Thread(target=self._work, args=(d,), name=f"iris-serve-{d}", daemon=True)
+                        for d in self.devices]
+        for w in self.workers:
+            w.start()
 
     @staticmethod
     def _digest(token: str) -> str:
@@ -125,12 +135,12 @@ class Service:
             raise HTTPException(404, f"no job {job_id}")
         return job
 
-    def model(self, name: str):
-        if name not in self.loaded:
-            self.loaded[name] = resolve_model(name, device="cpu")
-        return self.loaded[name]
+    def model(self, name: str, device: str = "cpu"):
+        if (name, device) not in self.loaded:
+            self.loaded[(name, device)] = resolve_model(name, device="cpu")
+        return self.loaded[(name, device)]
 
-    def _work(self) -> None:
+    def _work(self, device: str) -> None:
         while True:
             job = self.queue.get()
             if job is None:
@@ -139,7 +149,7 @@ class Service:
                 continue
             job.status = "running"
             try:
-                self._run(job)
+                self._run(job, device)
                 job.status = "done"
             except CancelledError:
                 job.status = "cancelled"
@@ -152,7 +162,7 @@ class Service:
                 job.status, job.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
                 self.remove(job)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, device: str) -> None:
         req = job.request
         files = req["files"]
 
@@ -160,7 +170,7 @@ class Service:
             job.stage, job.done, job.total = stage, done, total
 
         options = SegmentOptions.from_dict(req.get("options") or {})
-        options = SegmentOptions.from_dict(options.to_dict() | {"device": self.device, "threads": self.threads
+        options = SegmentOptions.from_dict(options.to_dict() | {"device": device, "threads": self.threads
                                                                   or options.threads})
         from iris_core.api import parse_classes
         from iris_core.pipeline.inference import ClassSpec
@@ -168,14 +178,28 @@ class Service:
         classes = req.get("classes")  # '1,3' / 'liver=1' as the CLI takes them, or [{"name", "value"}] (Slicer's)
         classes = ([ClassSpec(str(c["name"]), int(c["value"])) for c in classes] if isinstance(classes, list)
                    else parse_classes(classes))
-        result = segment(files["target"], references=[tuple(p) for p in files["references"]],
-                         classes=classes, model=self.model(req.get("model", "default")),
+        task = req.get("reuse")  # a further target of an earlier job: its task embedding, not encoded again
+        library = task if task is not None else files.get("library")
+        result = segment(files["target"], references=None if library is not None else
+                         [tuple(p) for p in files["references"]], classes=None if library is not None else classes,
+                         library=library, model=self.model(req.get("model", "default"), device),
                          options=options, progress=progress, cancel=job.cancel.is_set)
         job.output = job.folder / f"result{req.get('output', '.nii.gz')}"
         write_result(result, job.output)
+        if req.get("keep_task") and result.embedding is not None:
+            job.embedding = result.embedding
 
     def remove(self, job: Job) -> None:
         shutil.rmtree(job.folder, ignore_errors=True)
+
+    def library(self, name: str) -> str:
+        """The file of a task library the server offers (``--libraries``), by its name alone (no path)."""
+        if self.libraries is None:
+            raise HTTPException(400, "this server offers no task libraries (serve --libraries DIR)")
+        offered = {p.stem: p for p in self.libraries.glob("*.safetensors")}
+        if name not in offered:
+            raise HTTPException(400, f"library {name!r} is not offered here (offered: {', '.join(sorted(offered)) or 'none'})")
+        return str(offered[name])
 
     def submit(self, job: Job) -> None:
         with self.lock:
@@ -187,8 +211,19 @@ class Service:
         self.queue.put(job)
 
     def close(self) -> None:
-        self.queue.put(None)
+        for _ in self.workers:
+            self.queue.put(None)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def worker_devices(device: str) -> list[str]:
+    """One worker per GPU ('auto' with several CUDA devices: cuda:0, cuda:1, ...), else one on ``device``."""
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [device]
 
 
 def _extension(filename: str, part: str) -> str:
@@ -208,7 +243,9 @@ def create_app(service: Service) -> FastAPI:
     def info(request: Request) -> dict:
         service.owner(request)
         return {"server": "iris-segment", "version": __version__, "protocol": PROTOCOL, "models": service.models,
-                "device": service.device, "max_upload_mb": service.max_upload / 2**20, "max_jobs": service.max_jobs}
+                "device": service.device, "workers": service.devices, "max_upload_mb": service.max_upload / 2**20, "max_jobs": service.max_jobs,
+                "libraries": sorted(p.stem for p in service.libraries.glob("*.safetensors")) if service.libraries
+                else []}
 
     @app.post("/v1/jobs", status_code=202)
     async def create(request: Request) -> dict:
@@ -262,8 +299,10 @@ def create_app(service: Service) -> FastAPI:
                 if img is None or lab is None:
                     raise HTTPException(400, f"reference {i}: give both reference_image_{i} and reference_labels_{i}")
                 refs.append((str(img), str(lab)))
-            if not refs:
-                raise HTTPException(400, "no reference: give reference_image_0 and reference_labels_0")
+            library = service.library(str(req["library"])) if req.get("library") else None
+            if not refs and library is None:
+                raise HTTPException(400, "no reference: give reference_image_0 and reference_labels_0, or name a "
+                                         "task library the server offers")
             for part, path in stored.items():  # readable volumes, or 400 naming the part
                 if part.startswith("reference_labels") and path.name.endswith(".seg.nrrd"):
                     continue
@@ -271,13 +310,46 @@ def create_app(service: Service) -> FastAPI:
                     read_image(path, part)
                 except IrisError as exc:
                     raise HTTPException(400, str(exc).replace(f" {path}", "")) from None  # the part, not our path
-            req["files"] = {"target": str(stored["target"]), "references": refs}
+            req["files"] = {"target": str(stored["target"]), "references": refs, "library": library}
             job = Job(job_id, owner, folder, req)
             service.submit(job)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return {"job": job_id}
+
+    @app.post("/v1/jobs/{job_id}/targets", status_code=202)
+    async def further_target(job_id: str, request: Request) -> dict:
+        """A further target for a finished job kept with ``keep_task``: segmented with its task embedding (the
+        references are not encoded again); a new job of the same token."""
+        owner = service.owner(request)
+        first = service.job(job_id, owner)
+        if first.embedding is None:
+            raise HTTPException(409, f"job {job_id} keeps no task (submit it with keep_task, and let it finish)")
+        new_id = uuid.uuid4().hex
+        folder = service.root / new_id
+        folder.mkdir()
+        try:
+            form = await request.form(max_part_size=service.max_upload)
+            upload = form.get("target")
+            if upload is None or not hasattr(upload, "read"):
+                raise HTTPException(400, "target: missing")
+            path = folder / f"target{_extension(upload.filename, 'target')}"
+            data = await upload.read()
+            if len(data) > service.max_upload:
+                raise HTTPException(413, f"uploads over the server's limit of {service.max_upload / 2**20:.0f} MB")
+            path.write_bytes(data)
+            try:
+                read_image(path, "target")
+            except IrisError as exc:
+                raise HTTPException(400, str(exc).replace(f" {path}", "")) from None
+            req = {k: v for k, v in first.request.items() if k not in ("files", "keep_task")}
+            req |= {"files": {"target": str(path), "references": [], "library": None}, "reuse": first.embedding}
+            service.submit(Job(new_id, owner, folder, req))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return {"job": new_id}
 
     @app.get("/v1/jobs/{job_id}")
     def status(job_id: str, request: Request) -> dict:
@@ -321,7 +393,7 @@ def create_app(service: Service) -> FastAPI:
 
 
 def serve(host: str, port: int, token_file: str, models: list[str], max_jobs: int, max_upload_mb: float,
-          device: str = "auto", threads: int | None = None) -> None:
+          device: str = "auto", threads: int | None = None, libraries: str | None = None) -> None:
     """Run the server until interrupted. A non-loopback host is allowed only with a token file (always
     required here), and says that TLS belongs to a reverse proxy."""
     import uvicorn
@@ -330,9 +402,10 @@ def serve(host: str, port: int, token_file: str, models: list[str], max_jobs: in
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach it needs a token; put TLS in front (a reverse proxy, "
                     "README: Inference as a service)", host)
-    service = Service(tokens, models, max_jobs, max_upload_mb, device, threads)
-    for name in models:  # loaded once, kept warm
-        service.model(name)
+    service = Service(tokens, models, max_jobs, max_upload_mb, device, threads, libraries=libraries)
+    for name in models:  # loaded once per worker, kept warm
+        for device in service.devices:
+            service.model(name, device)
     try:
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
     finally:
