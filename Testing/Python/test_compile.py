@@ -74,6 +74,7 @@ def test_compile_builds_once_per_machine_and_gives_the_uncompiled_labels(tmp_pat
     from iris_core.pipeline.aot import BUILD_PREFIX, _build_files_in
 
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    (tmp_path / "builds").mkdir()
     with _build_files_in(tmp_path / "builds"):
         inside = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
         assert (tmp_path / "builds") in inside.parents and inside.relative_to(tmp_path / "builds").parts[0].startswith(
