@@ -197,8 +197,9 @@ class IrisSegmentLogic:
                 infos, refs, per_reference = self._export_references(req, work, write, warnings)
                 job["references"] = refs
                 job["classes"] = [{"name": s.name, "value": s.value} for s in infos]
-                if strategy_for(options.strategy, per_reference) != options.strategy:  # as the library decides
-                    options = dataclasses.replace(options, strategy=strategy_for(options.strategy, per_reference))
+                strategy = strategy_for(options.strategy, per_reference)  # as the library decides
+                if strategy != options.strategy:
+                    options = dataclasses.replace(options, strategy=strategy)
                     log.info("several references share a segment name: using the context ensemble")
                 if len(refs) > len({image for image, _ in refs}):  # a reference's segments overlap
                     # so may the result's: each class decided on its own, one label map per group

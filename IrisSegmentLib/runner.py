@@ -120,16 +120,23 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=5)
 
 
+def worker_environment(env: dict | None = None) -> dict:
+    """The environment of a process of ours (worker, warm worker): this one's, with the extension's folder first
+    on PYTHONPATH (iris_core and IrisSegmentLib importable) and UTF-8 output; ``env`` on top."""
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT)] + ([environment["PYTHONPATH"]] if environment.get("PYTHONPATH") else []))
+    environment["PYTHONIOENCODING"] = "utf-8"
+    environment.update(env or {})
+    return environment
+
+
 class WorkerProcess:
     """A running worker. Call ``poll()`` regularly; it returns new events and never blocks. Once
     ``done`` is true, exactly one of ``result``, ``error`` or ``cancelled`` is set."""
 
     def __init__(self, job_file: Path, python: str | None = None, env: dict | None = None):
-        environment = dict(os.environ)
-        environment["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT)] + ([environment["PYTHONPATH"]] if environment.get("PYTHONPATH") else []))
-        environment["PYTHONIOENCODING"] = "utf-8"
-        environment.update(env or {})
+        environment = worker_environment(env)
         try:
             self.proc = subprocess.Popen(
                 [python or python_executable(), "-u", "-m", "IrisSegmentLib.worker", str(job_file)],

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from iris_core.service.client import Client, ServerError
 
-from .runner import REPO_ROOT, WorkerError, kill_tree, popen_options, python_executable
+from .runner import WorkerError, kill_tree, popen_options, python_executable, worker_environment
 
 #: seconds a warm worker may take to start (import torch, load the model) before it is given up
 START_TIMEOUT = 300
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -55,10 +56,9 @@ class WarmServer:
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # readable by this user only
         with os.fdopen(fd, "w") as f:
             f.write(self.token + "\n")
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        env = dict(os.environ, PYTHONIOENCODING="utf-8")
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env = worker_environment()
         log = (self.folder / "server.log").open("w")
         try:
             self.proc = subprocess.Popen(

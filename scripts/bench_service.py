@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,12 +20,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:
@@ -45,6 +38,7 @@ def main(argv=None) -> int:
     from IrisSegmentLib import testing
     from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest
     from IrisSegmentLib.standalone import init_scene
+    from IrisSegmentLib.warm import free_port
 
     target, refs = SAMPLE_DATA / "ICBM2009a-moved.nrrd", [(SAMPLE_DATA / "Colin27.nrrd", SAMPLE_DATA / "Colin27.seg.nrrd")]
     rows = []
@@ -86,7 +80,7 @@ def main(argv=None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="iris-bench-"))
     token = secrets.token_hex(16)
     (folder / "tokens").write_text(token + "\n")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "iris_core.commands.cli", "serve", "--port", str(port),
                              "--token-file", str(folder / "tokens"), "--models", args.model, "--device", "cpu",
                              "--max-jobs", "16"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)

@@ -152,12 +152,11 @@ def mass_rule_checkpoint(tmp_path_factory) -> Path:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for torchrun's rendezvous: a fixed port fails when two runs meet)."""
-    import socket
+    """A TCP port free on 127.0.0.1 now (torchrun's rendezvous, test servers: a fixed port fails when two runs
+    meet); the warm worker's own."""
+    from IrisSegmentLib.warm import free_port as warm_free_port
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return warm_free_port()
 
 
 def write_dicom_series(image, folder, modality: str = "MR", series_description: str = "test series") -> Path:

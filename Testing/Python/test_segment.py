@@ -174,7 +174,8 @@ def test_output_names_ignore_the_extensions_case():
     probability maps SEG_prob_<class>.NII.GZ, as seg.nii.gz gets seg.json (it got SEG.NII.GZ.json); the
     several-targets folder names the result of CASE01.NII.GZ CASE01_seg.nii.gz through the same rule."""
     from iris_core.commands.segment import _volume_stem
-    from iris_core.io.results import probability_paths, sidecar_path
+    from iris_core.io.names import sidecar_path
+    from iris_core.io.results import probability_paths
     from iris_core.pipeline.inference import ClassSpec
 
     for out, side in [("o/seg.nii.gz", "seg.json"), ("o/SEG.NII.GZ", "SEG.json"), ("o/x.Seg.Nrrd", "x.json"),

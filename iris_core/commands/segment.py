@@ -54,7 +54,7 @@ def segment_options(args: argparse.Namespace):
 
 def _volume_stem(path: str) -> str:
     """``case01.nii.gz`` -> ``case01``; a DICOM folder -> its name."""
-    from iris_core.io.imaging import split_volume_name
+    from iris_core.io.names import split_volume_name
 
     return split_volume_name(Path(path).name)[0]
 
@@ -95,7 +95,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         probe_image,
         refuse_overwriting_inputs,
     )
-    from iris_core.io.results import refuse_probability_map_collisions, sidecar_path, write_result
+    from iris_core.io.names import sidecar_path
+    from iris_core.io.results import refuse_probability_map_collisions, write_result
     from iris_core.io.viz import check_picture_output, overlay_png
 
     jobs = segment_jobs(args)

@@ -23,6 +23,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def segment_on_server(args: argparse.Namespace, jobs: list[tuple[str, str, str | None]], options) -> int:
     """Each target through the server: the same outputs as a local run (label map and sidecar), written
     atomically; progress as locally; Ctrl-C cancels the job on the server."""
+    from iris_core.io.names import split_volume_name
     from iris_core.service.client import Client, ServerError, read_token
 
     if not args.token_file:
@@ -33,7 +34,8 @@ def segment_on_server(args: argparse.Namespace, jobs: list[tuple[str, str, str |
     try:
         client = Client(args.server, read_token(args.token_file))
         info = client.info()
-        ext = next((e for e in (".seg.nrrd", ".nii.gz", ".nrrd") if str(jobs[0][1]).lower().endswith(e)), ".nii.gz")
+        ext = split_volume_name(Path(jobs[0][1]).name)[1].lower()  # the format the server writes, as asked
+        ext = ext if ext in (".seg.nrrd", ".nii.gz", ".nrrd") else ".nii.gz"
         first = None  # several targets: the task is encoded once, on the server, and reused (not for retrieval)
         keep = len(jobs) > 1 and args.strategy != "retrieval"
         for target, output, preview in jobs:
@@ -53,7 +55,6 @@ def segment_on_server(args: argparse.Namespace, jobs: list[tuple[str, str, str |
                 progress.close()
             if st["status"] != "done":
                 raise IrisError(f"target {target}: {st['status']} on the server: {st.get('error') or 'no result'}")
-            Path(output).parent.mkdir(parents=True, exist_ok=True)
             out, side, sidecar = client.fetch(job, output, forget=not (keep and first is None))
             if keep and first is None:
                 first = job

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from iris_core.errors import CheckpointError, ConfigError
-from iris_core.io.imaging import publish
+from iris_core.io.names import publish
 from iris_core.models import PRESETS, build_model, config_from_dict, config_to_dict
 from iris_core.models.config import HermesConfig, IrisConfig
 from iris_core.options import check_choice

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from iris_core.errors import InputError, reason
 from iris_core.io.colours import colour_rgb
-from iris_core.io.imaging import _is_dicom_file, dicom_series_files, publish
+from iris_core.io.imaging import _is_dicom_file, dicom_series_files
 from iris_core.io.segmentations import disjoint_groups
 from iris_core.io.terminology import structure_codes
 
@@ -119,22 +119,6 @@ def build_dicom_seg(labels: sitk.Image | list[sitk.Image], classes: list, target
         series_description=f"IrisSegment {model.get('name', '')}"[:64], content_label="IRISSEGMENT",
         omit_empty_frames=False)
     return seg
-
-
-def write_dicom_seg(labels: sitk.Image | list[sitk.Image], classes: list, target: str | Path, output: str | Path,
-                    model: dict) -> Path:
-    """:func:`build_dicom_seg` saved at ``output`` atomically (a failure leaves no file)."""
-    seg = build_dicom_seg(labels, classes, target, model)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.partial")
-    try:
-        seg.save_as(tmp)
-        publish(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return output
 
 
 def read_dicom_seg(seg_path: str | Path, image_series: str | Path, image: sitk.Image, what: str = "reference"

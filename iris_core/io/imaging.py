@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from iris_core.errors import InputError, reason
+from iris_core.io.names import publish
 
 log = logging.getLogger(__name__)
 
@@ -330,30 +331,7 @@ def output_folder(path: str | Path, what: str = "--out", create: bool = True) ->
     return path
 
 
-def publish(tmp: Path, path: Path) -> Path:
-    """Move a finished temporary file onto ``path`` with the permissions of any new file (the umask's;
-    some writers create theirs 0600), so every output of a run is equally readable."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, path)
-    return path
-
-
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")  # one file holding a 3-D volume and its geometry
-# what split_volume_name takes off a file name, longest first (".seg.nrrd" before ".nrrd")
-_NAME_EXTENSIONS = (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd", ".dcm")
-
-
-def split_volume_name(name: str) -> tuple[str, str]:
-    """``case01.nii.gz`` -> (``case01``, ``.nii.gz``); any case (``CASE01.NII.GZ``: Windows users); a
-    name with no image extension (a DICOM folder) -> (name, '')."""
-    for ext in _NAME_EXTENSIONS:
-        if name.lower().endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)], name[-len(ext):]
-    return name, ""
-
-
 def check_volume_output(path: str | Path, what: str = "output") -> None:
     """Refuse, before any work, an output name whose format cannot hold a 3-D volume with its
     geometry (a PNG, no extension) or that ITK would write as two files (.mhd/.nhdr + raw)."""

@@ -16,7 +16,8 @@ import SimpleITK as sitk
 from iris_core.errors import InputError, reason
 from iris_core.io.colours import COLOURS
 from iris_core.io.dicom_seg import build_dicom_seg, check_dicom_seg_output
-from iris_core.io.imaging import _same_file, publish, split_volume_name, write_image_partial
+from iris_core.io.imaging import _same_file, write_image_partial
+from iris_core.io.names import publish, sidecar_path, split_volume_name
 
 if TYPE_CHECKING:
     from iris_core.pipeline.embedding import TaskEmbedding
@@ -52,12 +53,6 @@ def class_volumes(labels: sitk.Image | list[sitk.Image], classes: list[ClassSpec
     voxel_ml = float(np.prod(first.GetSpacing())) / 1000.0
     return [{"name": c.name, "value": c.value, "voxels": int(count.get(c.value, 0)),
              "volume_ml": round(count.get(c.value, 0) * voxel_ml, 3)} for c in classes]
-
-
-def sidecar_path(output: str | Path) -> Path:
-    """``seg.nii.gz`` -> ``seg.json`` (``SEG.NII.GZ`` -> ``SEG.json``)."""
-    p = Path(output)
-    return p.with_name(split_volume_name(p.name)[0] + ".json")
 
 
 def _probability_stem_ext(output: Path) -> tuple[str, str]:

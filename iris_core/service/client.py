@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from iris_core.io.names import publish, sidecar_path
+
 PROTOCOL = 1
 
 
@@ -135,12 +137,7 @@ class Client:
         output = Path(output)
         labels = self._call("GET", f"/v1/jobs/{job}/labels")
         sidecar = self._json("GET", f"/v1/jobs/{job}/sidecar")
-        stem = output.name
-        for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha"):
-            if stem.lower().endswith(ext):
-                stem = stem[: -len(ext)]
-                break
-        side = output.with_name(stem + ".json")
+        side = sidecar_path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         written = []
         for dest, data in ((output, labels), (side, json.dumps(sidecar, indent=2).encode())):
@@ -148,7 +145,7 @@ class Client:
             tmp.write_bytes(data)
             written.append((tmp, dest))
         for tmp, dest in written:
-            tmp.replace(dest)
+            publish(tmp, dest)
         if forget:
             self._call("DELETE", f"/v1/jobs/{job}")
         return output, side, sidecar

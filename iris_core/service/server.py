@@ -23,6 +23,7 @@ proxy (README: Inference as a service)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -41,7 +42,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from iris_core import __version__
 from iris_core.api import resolve_model, segment
 from iris_core.errors import CancelledError, IrisError
-from iris_core.io.imaging import read_image, split_volume_name
+from iris_core.io.imaging import read_image
+from iris_core.io.names import split_volume_name
 from iris_core.io.results import write_result
 from iris_core.options import SegmentOptions
 
@@ -170,8 +172,7 @@ class Service:
             job.stage, job.done, job.total = stage, done, total
 
         options = SegmentOptions.from_dict(req.get("options") or {})
-        options = SegmentOptions.from_dict(options.to_dict() | {"device": device, "threads": self.threads
-                                                                  or options.threads})
+        options = dataclasses.replace(options, device=device, threads=self.threads or options.threads)
         from iris_core.api import parse_classes
         from iris_core.pipeline.inference import ClassSpec
 
@@ -247,13 +248,34 @@ def create_app(service: Service) -> FastAPI:
                 "libraries": sorted(p.stem for p in service.libraries.glob("*.safetensors")) if service.libraries
                 else []}
 
-    @app.post("/v1/jobs", status_code=202)
-    async def create(request: Request) -> dict:
-        owner = service.owner(request)
+    def refuse_large(request: Request) -> None:
+        """413 from the headers, before the body is read."""
         length = int(request.headers.get("content-length") or 0)
         if length > service.max_upload:
             raise HTTPException(413, f"upload of {length / 2**20:.1f} MB is over the server's limit of "
                                      f"{service.max_upload / 2**20:.0f} MB")
+
+    async def store(upload, part: str, folder: Path, used: int) -> tuple[Path, int]:
+        """An uploaded part written under a name the server makes (``part`` + a known extension: the client's
+        name is never a path); 413 when the parts so far (``used`` bytes before this one) pass the limit."""
+        path = folder / f"{part}{_extension(upload.filename, part)}"
+        data = await upload.read()
+        if used + len(data) > service.max_upload:
+            raise HTTPException(413, f"uploads over the server's limit of {service.max_upload / 2**20:.0f} MB")
+        path.write_bytes(data)
+        return path, used + len(data)
+
+    def readable(path: Path, part: str) -> None:
+        """A volume SimpleITK reads, or 400 naming the part (not the server's path)."""
+        try:
+            read_image(path, part)
+        except IrisError as exc:
+            raise HTTPException(400, str(exc).replace(f" {path}", "")) from None
+
+    @app.post("/v1/jobs", status_code=202)
+    async def create(request: Request) -> dict:
+        owner = service.owner(request)
+        refuse_large(request)
         job_id = uuid.uuid4().hex
         folder = service.root / job_id
         folder.mkdir()
@@ -282,13 +304,7 @@ def create_app(service: Service) -> FastAPI:
                 if not re.fullmatch(r"target|reference_(image|labels)_\d{1,3}", part) or not hasattr(upload, "read"):
                     raise HTTPException(400, f"{part}: not a part of a job (target, reference_image_<i>, "
                                              "reference_labels_<i>, request)")
-                path = folder / f"{part}{_extension(upload.filename, part)}"  # the client's name is never a path
-                data = await upload.read()
-                total += len(data)
-                if total > service.max_upload:
-                    raise HTTPException(413, f"uploads over the server's limit of {service.max_upload / 2**20:.0f} MB")
-                path.write_bytes(data)
-                stored[part] = path
+                stored[part], total = await store(upload, part, folder, total)
             if "target" not in stored:
                 raise HTTPException(400, "target: missing")
             refs = []
@@ -304,12 +320,8 @@ def create_app(service: Service) -> FastAPI:
                 raise HTTPException(400, "no reference: give reference_image_0 and reference_labels_0, or name a "
                                          "task library the server offers")
             for part, path in stored.items():  # readable volumes, or 400 naming the part
-                if part.startswith("reference_labels") and path.name.endswith(".seg.nrrd"):
-                    continue
-                try:
-                    read_image(path, part)
-                except IrisError as exc:
-                    raise HTTPException(400, str(exc).replace(f" {path}", "")) from None  # the part, not our path
+                if not (part.startswith("reference_labels") and path.name.endswith(".seg.nrrd")):
+                    readable(path, part)
             req["files"] = {"target": str(stored["target"]), "references": refs, "library": library}
             job = Job(job_id, owner, folder, req)
             service.submit(job)
@@ -323,6 +335,7 @@ def create_app(service: Service) -> FastAPI:
         """A further target for a finished job kept with ``keep_task``: segmented with its task embedding (the
         references are not encoded again); a new job of the same token."""
         owner = service.owner(request)
+        refuse_large(request)
         first = service.job(job_id, owner)
         if first.embedding is None:
             raise HTTPException(409, f"job {job_id} keeps no task (submit it with keep_task, and let it finish)")
@@ -334,15 +347,8 @@ def create_app(service: Service) -> FastAPI:
             upload = form.get("target")
             if upload is None or not hasattr(upload, "read"):
                 raise HTTPException(400, "target: missing")
-            path = folder / f"target{_extension(upload.filename, 'target')}"
-            data = await upload.read()
-            if len(data) > service.max_upload:
-                raise HTTPException(413, f"uploads over the server's limit of {service.max_upload / 2**20:.0f} MB")
-            path.write_bytes(data)
-            try:
-                read_image(path, "target")
-            except IrisError as exc:
-                raise HTTPException(400, str(exc).replace(f" {path}", "")) from None
+            path, _ = await store(upload, "target", folder, 0)
+            readable(path, "target")
             req = {k: v for k, v in first.request.items() if k not in ("files", "keep_task")}
             req |= {"files": {"target": str(path), "references": [], "library": None}, "reuse": first.embedding}
             service.submit(Job(new_id, owner, folder, req))
