@@ -80,8 +80,10 @@ def phantom_files(tmp_path_factory):
     return paths
 
 
-def write_nnunet(root: Path, name: str, prefix: str, n: int, seed: int, radius_step: float = 0.0) -> Path:
-    """A small dataset of phantoms (ball = 1, box = 2) in the nnU-Net v2 layout, written to ``root``."""
+def write_nnunet(root: Path, name: str, prefix: str, n: int, seed: int, radius_step: float = 0.0,
+                 names: tuple[str, str] = ("ball", "box")) -> Path:
+    """A small dataset of phantoms (ball = 1, box = 2, named ``names``) in the nnU-Net v2 layout, written to
+    ``root``."""
     import json
 
     (root / "imagesTr").mkdir(parents=True)
@@ -91,7 +93,7 @@ def write_nnunet(root: Path, name: str, prefix: str, n: int, seed: int, radius_s
         sitk.WriteImage(img, str(root / "imagesTr" / f"{prefix}_{i:03d}_0000.nii.gz"))
         sitk.WriteImage(lab, str(root / "labelsTr" / f"{prefix}_{i:03d}.nii.gz"))
     (root / "dataset.json").write_text(json.dumps({"name": name, "channel_names": {"0": "MR"},
-                                                    "labels": {"background": 0, "ball": 1, "box": 2},
+                                                    "labels": {"background": 0, names[0]: 1, names[1]: 2},
                                                     "numTraining": n, "file_ending": ".nii.gz"}))
     return root
 

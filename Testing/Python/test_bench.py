@@ -27,16 +27,6 @@ def test_per_model_benchmark_table():
     assert "iris-tiny" in format_table(res)
 
 
-@pytest.mark.slow
-def test_compiled_network_matches_eager():
-    from iris_core.commands.bench import format_table, run_benchmark
-
-    res = run_benchmark(["preset:iris-tiny"], window=32, classes=(1,), repeats=1, compile=True)[0]
-    assert "error" not in res, res
-    assert res["compiled_max_abs_difference"] < 1e-3 and res["compiled_speedup"] > 0
-    assert "compiled ahead of time in" in format_table([res]) or "loaded from the cache in" in format_table([res])
-
-
 def test_pipeline_benchmark_on_the_fixture_case_reports_stages_memory_and_agreement(tiny_model_file, tmp_path,
                                                                                       capsys):
     """``bench --pipeline`` through the CLI on its default data (the MASS fixture's MR case): every stage

@@ -101,6 +101,21 @@ def test_compile_builds_once_per_machine_and_gives_the_uncompiled_labels(tmp_pat
 
 
 @pytest.mark.slow
+def test_bench_compares_the_compiled_network_with_eager(monkeypatch, mass_like_file, compiled_cache):
+    """``bench --compile``: the compiled window's output against the eager one, and its speed, on the same model
+    and cache as the CLI run above (its one-class package is built here, about 100 s on the 2-core machine, and
+    loaded by the drift test below)."""
+    from iris_core.commands.bench import format_table, run_benchmark
+
+    monkeypatch.setenv("IRIS_SEGMENT_COMPILED", str(compiled_cache))
+    res = run_benchmark([str(mass_like_file)], window=32, classes=(1,), repeats=1, compile=True)[0]
+    assert "error" not in res, res
+    assert res["compiled_max_abs_difference"] < 1e-3 and res["compiled_speedup"] > 0
+    how = "loaded from the cache in" if res["compile_cached"] else "compiled ahead of time in"
+    assert how in format_table([res])
+
+
+@pytest.mark.slow
 def test_compiled_calls_do_not_drift(mass_like_file, compiled_cache):
     """Call after call, with other inputs in between, the compiled encoder and decoder give what the
     model gives (an inductor fusion once wrote into a weight on the first call: every later

@@ -46,7 +46,10 @@ def test_slicer_terminology_of_vocabulary_names():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return write_nnunet(tmp_path_factory.mktemp("d") / "Dataset002_Hermes", "Phantoms", "h", 2, 20)
+    """Phantoms whose structures carry organ names (ball = "liver", box = "left kidney"): names with a Slicer
+    terminology entry, so the result segments' terminology can be checked on a real scene."""
+    return write_nnunet(tmp_path_factory.mktemp("d") / "Dataset002_Hermes", "Phantoms", "h", 2, 20,
+                        names=("liver", "left kidney"))
 
 
 @pytest.fixture(scope="module")
@@ -63,20 +66,20 @@ def hermes_model(dataset, tmp_path_factory):
 @pytest.mark.slow
 def test_hermes_trains_and_segments_by_name(hermes_model, dataset, tmp_path, capsys):
     m = load_checkpoint(hermes_model)
-    assert m.arch == "hermes" and m.class_names == ["Phantoms/ball", "Phantoms/box"]
+    assert m.arch == "hermes" and m.class_names == ["Phantoms/liver", "Phantoms/left kidney"]
     assert m.config.task_prior_slots == 2
     out = tmp_path / "s.nii.gz"
-    code = main(["segment", "--model", str(hermes_model), "--structures", "box,ball", "--hermes-modality", "T1",
+    code = main(["segment", "--model", str(hermes_model), "--structures", "left kidney,liver", "--hermes-modality", "T1",
                  "--target", str(dataset / "imagesTr" / "h_000_0000.nii.gz"), "--output", str(out), "--device", "cpu",
                  "--quiet"])
     assert code == 0, capsys.readouterr().err
     side = json.loads((tmp_path / "s.json").read_text())
-    assert [c["name"] for c in side["classes"]] == ["box", "ball"] and side["strategy"] == "hermes"
+    assert [c["name"] for c in side["classes"]] == ["left kidney", "liver"] and side["strategy"] == "hermes"
     assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(dataset / "labelsTr" / "h_000.nii.gz")).GetSize()
-    code = main(["segment", "--model", str(hermes_model), "--structures", "liver", "--hermes-modality", "T1",
+    code = main(["segment", "--model", str(hermes_model), "--structures", "spleen", "--hermes-modality", "T1",
                  "--target", str(dataset / "imagesTr" / "h_000_0000.nii.gz"), "--output", str(tmp_path / "x.nii.gz"),
                  "--device", "cpu", "--quiet"])
-    assert code != 0 and "valid names: ball, box" in capsys.readouterr().err
+    assert code != 0 and "valid names: left kidney, liver" in capsys.readouterr().err
     code = main(["segment", "--model", str(hermes_model), "--target", str(dataset / "imagesTr" / "h_000_0000.nii.gz"),
                  "--reference", str(dataset / "imagesTr" / "h_001_0000.nii.gz"), str(dataset / "labelsTr" / "h_001.nii.gz"),
                  "--hermes-modality", "T1", "--output", str(tmp_path / "y.nii.gz"), "--device", "cpu", "--quiet"])
@@ -95,9 +98,16 @@ def test_hermes_known_structures_on_mrml_scene(hermes_model, dataset):
     scene = init_scene()
     target = testing.load_volume(dataset / "imagesTr" / "h_000_0000.nii.gz", "phantom")
     before = testing.node_ids(scene)
-    node = IrisSegmentLogic(scene).segment(SegmentRequest(target, [], structures="ball", model=str(hermes_model),
+    node = IrisSegmentLogic(scene).segment(SegmentRequest(target, [], structures="liver,left kidney",
+                                                          model=str(hermes_model),
                                                           options=SegmentOptions(hermes_modality="T1", device="cpu")))
-    assert node.GetSegmentation().GetNthSegment(0).GetName() == "ball"
+    seg = node.GetSegmentation()
+    assert [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())] == ["liver", "left kidney"]
+    # README: the result's segments carry the structure's Slicer terminology entry (SNOMED CT type, laterality)
+    from IrisSegmentLib.scene import _get_tag
+
+    liver, kidney = (_get_tag(seg.GetNthSegment(i), "TerminologyEntry") for i in range(2))
+    assert "SCT^10200004^Liver" in liver and "SCT^64033007^Kidney~SCT^7771000^Left" in kidney, (liver, kidney)
     assert set(testing.node_ids(scene)) > set(before)
 
 
@@ -123,7 +133,7 @@ def test_known_structures_listing(hermes_model, tmp_path, tiny_model, phantom_fi
     from iris_core.pipeline.embedding import model_fingerprint
     from IrisSegmentLib.vocabulary import known_structures
 
-    assert known_structures(str(hermes_model)) == ("hermes", ["ball", "box"])
+    assert known_structures(str(hermes_model)) == ("hermes", ["liver", "left kidney"])
     res = segment(phantom_files["tgt"], [(phantom_files["ref"], phantom_files["ref_lab"])], model=tiny_model,
                   device="cpu")
     lib = res.embedding.save(tmp_path / "lib.safetensors", model_fingerprint(tiny_model.model))
@@ -142,7 +152,7 @@ def test_evaluate_hermes_method(hermes_model, dataset, tmp_path):
                    overlays=False, hermes_model=str(hermes_model), hermes_modality="T1")
     rows = list(csv.DictReader((tmp_path / "e" / "results.csv").open()))
     hermes = [r for r in rows if r["method"] == "hermes"]
-    assert {r["class_name"] for r in hermes} == {"ball", "box"} and {r["references"] for r in hermes} == {"-"}
+    assert {r["class_name"] for r in hermes} == {"liver", "left kidney"} and {r["references"] for r in hermes} == {"-"}
     assert len(hermes) == 4 and all(0.0 <= float(r["dice"]) <= 1.0 for r in hermes)
 
 

@@ -148,13 +148,49 @@ def test_max_classes_per_forward_gives_each_chunk_what_it_gives_alone(phantom_fi
         assert np.abs(chunked[i] - alone[0]).max() < 1e-5
 
 
+def test_evaluate_scores_what_segment_writes_under_the_mass_policy(tmp_path, phantom_files, tiny_model):
+    """Issue [13]: evaluate scores exactly the label map segment writes for a MASS-format checkpoint (the
+    largest component on the model grid, 6-connected; evaluate once kept it on the target grid, 26-connected).
+    A small network in the authors' format on the phantoms: its maps have many components, so the rule shows."""
+    from scipy import ndimage
+
+    from iris_core.commands.evaluate import Evaluator, parse_method
+    from iris_core.io.datasets import Case, Dataset
+
+    pth = tmp_path / "tiny_mass.pth"
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in tiny_model.model.state_dict().items()},
+                "config": {"evaluation": {"window_size": [32, 32, 32], "overlap": 0.5}}}, pth)
+    assert load_checkpoint(pth).preprocessing.largest_component
+    out = tmp_path / "seg.nii.gz"
+    assert cli(["segment", "--target", str(phantom_files["tgt"]), "--reference", str(phantom_files["ref"]),
+                str(phantom_files["ref_lab"]), "--model", str(pth), "--modality", "MR", "--device", "cpu", "--quiet",
+                "--save-probabilities", "--output", str(out)]) == 0
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    cases = [Case("target", str(phantom_files["tgt"]), str(phantom_files["tgt_lab"])),
+             Case("reference", str(phantom_files["ref"]), str(phantom_files["ref_lab"]))]
+    ev = Evaluator(Dataset("phantoms", cases, {}, "MR", [("target", "reference")]), [], tmp_path / "ev",
+                   model=str(pth), device="cpu")
+    scored = sitk.GetArrayFromImage(ev.predict(parse_method("iris:one-shot"), "target", ["reference"]))
+    assert np.array_equal(scored, ours)
+    # the check can fail: the old evaluate rule (largest 26-connected component of the target-grid map) differs
+    old = np.zeros_like(ours)
+    for label in (1, 2):
+        p = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"seg_prob_label_{label}.nii.gz"))) > 0.5
+        parts, n = ndimage.label(p, np.ones((3, 3, 3)))
+        assert n > 1
+        sizes = np.bincount(parts.ravel())[1:]
+        old[parts == 1 + int(np.argmax(sizes))] = label
+    assert not np.array_equal(old, ours)
+
+
 # -- parity with the authors' pipeline -------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["mr", "ct"])
 def test_mass_checkpoint_reproduces_the_authors_pipeline(case, tmp_path, mass_rule_checkpoint):
     """The authors' format checkpoint through the public CLI, every option at its default: the same
-    label in >= 99.9 % of target voxels, per label mean |dp| <= 1e-3 and max <= 2e-2."""
+    label in >= 99.9 % of target voxels, per label mean |dp| <= 1e-3 and max <= 2e-2. (That evaluate scores
+    this same label map: test_evaluate_scores_what_segment_writes_under_the_mass_policy.)"""
     out = tmp_path / f"{case}.nii.gz"
     assert cli(["segment", "--target", str(PIPE / f"{case}_target.nii.gz"),
                 "--reference", str(PIPE / f"{case}_reference.nii.gz"), str(PIPE / f"{case}_reference_labels.nii.gz"),
@@ -162,17 +198,6 @@ def test_mass_checkpoint_reproduces_the_authors_pipeline(case, tmp_path, mass_ru
                 "--save-probabilities", "--output", str(out)]) == 0
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(PIPE / f"{case}_authors_seg.nii.gz")))
-    if case == "mr":  # issue [13]: evaluate scores exactly the label map segment writes (the MASS model's largest
-        # component on the model grid, 6-connected: evaluate once kept it on the target grid, 26-connected)
-        from iris_core.commands.evaluate import Evaluator, parse_method
-        from iris_core.io.datasets import Case, Dataset
-
-        cases = [Case("target", str(PIPE / "mr_target.nii.gz"), str(PIPE / "mr_authors_seg.nii.gz")),
-                 Case("reference", str(PIPE / "mr_reference.nii.gz"), str(PIPE / "mr_reference_labels.nii.gz"))]
-        ev = Evaluator(Dataset("fixture", cases, {}, "MR", [("target", "reference")]), [], tmp_path / "ev",
-                       model=str(mass_rule_checkpoint), device="cpu")
-        scored = sitk.GetArrayFromImage(ev.predict(parse_method("iris:one-shot"), "target", ["reference"]))
-        assert np.array_equal(scored, ours)
     same = float((ours == theirs).mean())
     authors = np.load(PIPE / "authors_probabilities.npz")
     diffs = {}

@@ -17,19 +17,25 @@ def test_train_resume_and_segment(tmp_path, phantom_files, capsys):
     cfg.write_text('[train]\npreset = "iris-tiny"\nbatch = 1\ncrop_sizes = [32]\ncrop_probs = [1.0]\n'
                    "warmup = 2\nsave_every = 2\n")
     out = tmp_path / "run"
-    assert main(["train", "--config", str(cfg), "--out", str(out), "--steps", "3"]) == 0
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--steps", "2"]) == 0
     state = torch.load(out / "state.pt", weights_only=True)
-    assert state["step"] == 3 and (out / "curve.png").is_file()
+    assert state["step"] == 2 and (out / "curve.png").is_file()
     first = json.loads(state["history"])
-    assert len(first) == 3 and all(h["loss"] > 0 for h in first)
+    assert len(first) == 2 and all(h["loss"] > 0 for h in first)
     assert 0.0 <= first[1]["val_dice"] <= 1.0  # validation Dice at each save (every 2 steps)
-    # resume: continues from step 3, keeps the history
+    # the reference-sensitivity check and the copy test at each save, with their reports
+    h = first[1]
+    assert 0.0 <= h["check_own"] <= 1.0 and 0.0 <= h["copy_dice"] <= 1.0 and isinstance(h["copy_passed"], bool)
+    assert "check_own" not in first[0] and "val_dice" not in first[0]
+    assert json.loads((out / "check.json").read_text()) and (out / "copy.json").is_file()
+    # resume: continues from step 2, keeps the history (the checks off from here: shown above, they cost time)
+    cfg.write_text(cfg.read_text() + "check_model = false\n")
     assert main(["train", "--config", str(cfg), "--out", str(out), "--steps", "5", "--export",
                  str(tmp_path / "m.safetensors")]) == 0
     state = torch.load(out / "state.pt", weights_only=True)
     hist = json.loads(state["history"])
     assert state["step"] == 5 and [h["step"] for h in hist] == [1, 2, 3, 4, 5]
-    assert hist[:3] == first
+    assert hist[:2] == first and "val_dice" in hist[3] and "check_own" not in hist[3]
     model = load_checkpoint(tmp_path / "m.safetensors")
     assert model.info["steps"] == 5 and model.preprocessing.spacing == (4.0, 4.0, 4.0)
     code = main(["segment", "--model", str(tmp_path / "m.safetensors"), "--device", "cpu", "--quiet",
@@ -141,7 +147,7 @@ def test_compact_resume_point_continues_a_run(tmp_path):
     from iris_core.training.loop import write_resume_point
 
     cfg = TrainConfig(preset="iris-tiny", sources=("synthetic",), steps=2, batch=1, crop_sizes=(32,),
-                      crop_probs=(1.0,), warmup=1, save_every=2, val_episodes=0)
+                      crop_probs=(1.0,), warmup=1, save_every=2, val_episodes=0, check_model=False)
     train(cfg, tmp_path / "a")
     point = write_resume_point(tmp_path / "a" / "state.pt", tmp_path / "resume.safetensors")
     first = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
