@@ -145,11 +145,16 @@ def mass_rule_checkpoint(tmp_path_factory) -> Path:
 
     ref = json.loads((COMPAT / "iris_mass_state_dict.json").read_text())["state_dict"]
     path = tmp_path_factory.mktemp("mass") / "mass_base.pth"
-    torch.save({"model_state_dict": {f"module.{k}": v for k, v in weight_rule(ref).items()},
-                "config": {"model": {"type": "iris", "in_ch": 1, "channels": [32, 64, 128, 256, 512], "tn": 73,
-                                     "num_prior_stage": 3},
-                           "evaluation": {"window_size": [128, 128, 128], "overlap": 0.5}},
-                "epoch": 0}, path)
+    return save_in_authors_format(weight_rule(ref), path, 128, 0.5,
+                                  model={"type": "iris", "in_ch": 1, "channels": [32, 64, 128, 256, 512], "tn": 73,
+                                         "num_prior_stage": 3})
+
+
+def save_in_authors_format(state_dict: dict, path: Path, window: int, overlap: float, **config) -> Path:
+    """A network's weights as the MASS authors' training checkpoint (DDP ``module.`` prefix, their evaluation
+    window and overlap; ``config`` adds other sections): such a file gets the MASS pipeline policy on load."""
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in state_dict.items()},
+                "config": {**config, "evaluation": {"window_size": [window] * 3, "overlap": overlap}}}, path)
     return path
 
 

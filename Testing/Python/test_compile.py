@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import save_in_authors_format
 from iris_core.commands.cli import main as cli
 from iris_core.errors import ConfigError
 from iris_core.hub.checkpoint import load_checkpoint
@@ -33,10 +34,8 @@ def _mass_like(seed: int = 0) -> IrisNet:
 @pytest.fixture(scope="module")
 def mass_like_file(tmp_path_factory):
     """Saved in the authors' training format: it gets the MASS pipeline (window 32 here)."""
-    path = tmp_path_factory.mktemp("mass_like") / "mass_like.pth"
-    torch.save({"model_state_dict": {f"module.{k}": v for k, v in _mass_like().state_dict().items()},
-                "config": {"evaluation": {"window_size": [32, 32, 32], "overlap": 0.5}}}, path)
-    return path
+    return save_in_authors_format(_mass_like().state_dict(), tmp_path_factory.mktemp("mass_like") / "mass_like.pth",
+                                  32, 0.5)
 
 
 def _segment_args(phantom_files, model, out) -> list[str]:
