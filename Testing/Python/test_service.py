@@ -314,6 +314,30 @@ def test_warm_local_worker_is_started_once_kept_and_stopped(tiny_model_file):
     assert logic.warm.proc is None
 
 
+def test_a_rank_share_does_not_depend_on_what_other_ranks_have_written(tmp_path):
+    """A rank that starts late sees outputs another rank has just written: its share must still be its own
+    (sharding what was left once made a late rank 1 take nothing, and one target of three was never segmented).
+    Each rank skips only its own share's finished targets; together the ranks cover every target once."""
+    from iris_core.commands.segment import cohort_share
+    from iris_core.io.names import sidecar_path
+
+    jobs = [(f"case{i}.nii.gz", tmp_path / f"case{i}_seg.nii.gz", None) for i in range(5)]
+    before = [cohort_share(jobs, r, 2, False) for r in (0, 1)]
+    assert [[t for t, _, _ in share] for share, _ in before] == [["case0.nii.gz", "case2.nii.gz", "case4.nii.gz"],
+                                                                ["case1.nii.gz", "case3.nii.gz"]]
+    for i in (0, 2, 3):  # rank 0 has written case0 and case2, rank 1 case3
+        jobs[i][1].write_bytes(b"x")
+        sidecar_path(jobs[i][1]).write_text("{}")
+    (share0, skipped0), (share1, skipped1) = (cohort_share(jobs, r, 2, False) for r in (0, 1))
+    assert [t for t, _, _ in share0] == ["case4.nii.gz"] and [t for t, _, _ in skipped0] == ["case0.nii.gz", "case2.nii.gz"]
+    assert [t for t, _, _ in share1] == ["case1.nii.gz"] and [t for t, _, _ in skipped1] == ["case3.nii.gz"]
+    jobs[1][1].write_bytes(b"x")  # a label map without its sidecar: not finished
+    assert cohort_share(jobs, 1, 2, False)[0] == share1
+    # one process: nothing skipped unless asked (--skip-existing)
+    assert cohort_share(jobs, 0, 1, False) == (jobs, [])
+    assert [t for t, _, _ in cohort_share(jobs, 0, 1, True)[0]] == ["case1.nii.gz", "case4.nii.gz"]
+
+
 def test_cohort_under_torchrun_is_sharded_resumed_and_summarised(phantom_files, tiny_model_file, tmp_path):
     """segment --target cohort/* under torchrun (2 CPU processes, gloo): the targets are shared by the ranks, each
     written as a single run writes it, rank 0 writes one summary; run again, every target is skipped (resume)."""

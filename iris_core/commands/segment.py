@@ -129,14 +129,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
         return segment_on_server(args, jobs, options)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    all_jobs, skipped = jobs, []
-    if world > 1 or args.skip_existing:  # a cohort resumed: targets whose label map and sidecar exist are done
-        skipped = [j for j in jobs if Path(j[1]).is_file() and sidecar_path(j[1]).is_file()]
-        jobs = [j for j in jobs if j not in skipped]
-        if skipped and rank == 0:
-            log.info("%d of %d targets already segmented (their outputs exist): skipped", len(skipped), len(all_jobs))
-    if world > 1:  # under torchrun: this rank's share of the targets, on its own GPU when there are GPUs
-        jobs = jobs[rank::world]
+    jobs, skipped = cohort_share(jobs, rank, world, args.skip_existing)
+    if world > 1:  # under torchrun: on this rank's own GPU when there are GPUs
         options = cohort_device(options)
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
     classes = parse_classes(args.classes, names_only=bool(args.library))
@@ -203,6 +197,24 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cohort_share(jobs: list, rank: int, world: int, skip_existing: bool) -> tuple[list, list]:
+    """This rank's targets and the ones it skips. The share is fixed by the order of the targets alone (every
+    ``world``-th from ``rank``), then each rank skips those of its share whose label map and sidecar exist (a
+    cohort resumed; always under torchrun, else with --skip-existing). Sharding what is left instead would depend
+    on when each rank looks: a rank that starts late sees the outputs another has just written, and targets are
+    done twice or never."""
+    from iris_core.io.names import sidecar_path
+
+    share = jobs[rank::world] if world > 1 else list(jobs)
+    if not (world > 1 or skip_existing):
+        return share, []
+    skipped = [j for j in share if Path(j[1]).is_file() and sidecar_path(j[1]).is_file()]
+    if skipped:
+        log.info("%d of %d targets%s already segmented (their outputs exist): skipped", len(skipped), len(share),
+                 f" of rank {rank}" if world > 1 else "")
+    return [j for j in share if j not in skipped], skipped
+
+
 def cohort_device(options):
     """Under torchrun with GPUs, each rank on its own (LOCAL_RANK); else the options' device."""
     import dataclasses
@@ -216,12 +228,14 @@ def cohort_device(options):
 
 def write_cohort_summary(folder: Path, rank: int, world: int, done: list[dict], failed: list, skipped: list) -> None:
     """Each rank's part of the cohort, merged by rank 0 into ``summary.json`` in the output folder once every rank
-    has finished (a gloo barrier): each target's output, rank and seconds, the failed and the skipped ones."""
+    has finished (a gloo barrier): each target's output, rank and seconds, the failed and the skipped ones (of
+    every rank)."""
     import torch.distributed as dist
 
     folder.mkdir(parents=True, exist_ok=True)
     part = folder / f".summary.rank{rank}.json"
-    part.write_text(json.dumps({"done": done, "failed": [{"target": t, "error": str(e)} for t, e in failed]}))
+    part.write_text(json.dumps({"done": done, "failed": [{"target": t, "error": str(e)} for t, e in failed],
+                                "skipped": [{"target": t, "output": str(o)} for t, o, _ in skipped]}))
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     dist.barrier()
@@ -229,7 +243,7 @@ def write_cohort_summary(folder: Path, rank: int, world: int, done: list[dict], 
         parts = [json.loads((folder / f".summary.rank{r}.json").read_text()) for r in range(world)]
         summary = {"ranks": world, "done": sorted((d for p in parts for d in p["done"]), key=lambda d: d["target"]),
                    "failed": [f for p in parts for f in p["failed"]],
-                   "skipped": [{"target": t, "output": str(o)} for t, o, _ in skipped]}
+                   "skipped": sorted((k for p in parts for k in p["skipped"]), key=lambda k: k["target"])}
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"cohort: {len(summary['done'])} segmented on {world} ranks, {len(summary['skipped'])} skipped, "
               f"{len(summary['failed'])} failed; summary {folder / 'summary.json'}")
