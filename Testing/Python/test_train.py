@@ -129,7 +129,8 @@ def test_lamb_with_activation_checkpointing_computes_the_same_gradients(tmp_path
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
     cfg = TrainConfig(preset="iris-tiny", sources=("synthetic",), steps=3, batch=1, crop_sizes=(32,),
-                      crop_probs=(1.0,), warmup=1, save_every=3, optimizer="lamb", checkpointing=True)
+                      crop_probs=(1.0,), warmup=1, save_every=3, optimizer="lamb", checkpointing=True,
+                      val_episodes=0, check_model=False)  # the checks at a save: test_train_resume_and_segment
     train(cfg, tmp_path / "lamb")
     state = torch.load(tmp_path / "lamb" / "state.pt", weights_only=True)
     hist = json.loads(state["history"])
