@@ -38,8 +38,7 @@ def _task_window(loaded, case, edge: int | None = None):
     engine = Engine(loaded, device="cpu", threads=2)
     prep = engine.prepare(tgt.image, "target")
     tokens = engine.encode(Reference(ref.image, ref.labels, "colin27"), classes).batched("cpu")
-    w = engine.window
-    w = [edge or n for n in w]
+    w = [edge or n for n in engine.window]
     x = torch.from_numpy(prep.array)[None, None][:, :, : w[0], : w[1], : w[2]].contiguous()
     return x, lambda t: loaded.model.segment(t, tokens)
 

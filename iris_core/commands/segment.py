@@ -205,7 +205,7 @@ def cohort_share(jobs: list, rank: int, world: int, skip_existing: bool) -> tupl
     done twice or never."""
     from iris_core.io.names import sidecar_path
 
-    share = jobs[rank::world] if world > 1 else list(jobs)
+    share = list(jobs[rank::world])
     if not (world > 1 or skip_existing):
         return share, []
     skipped = [j for j in share if Path(j[1]).is_file() and sidecar_path(j[1]).is_file()]
