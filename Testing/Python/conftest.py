@@ -17,6 +17,19 @@ COMPAT = ROOT / "Testing" / "Data" / "compat"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+#: what one pytest-xdist worker may need at its peak: the MASS parity tests segment with the full-size
+#: network (the engine's own memory check asks for about 6.1 GiB there) and the compile tests build AOT packages
+WORKER_MEMORY = 7 * 2**30
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (scripts/test.sh): a worker per physical core, no more than the available memory holds
+    (``WORKER_MEMORY`` each), at least one."""
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return max(1, min(cores, int(psutil.virtual_memory().available // WORKER_MEMORY)))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _compiled_networks_in_a_temporary_cache(tmp_path_factory):
