@@ -56,7 +56,14 @@ def test_compile_builds_once_per_machine_and_gives_the_uncompiled_labels(tmp_pat
     cache = compiled_cache
     monkeypatch.setenv("IRIS_SEGMENT_COMPILED", str(cache))
     assert cli(_segment_args(phantom_files, mass_like_file, tmp_path / "eager.nii.gz")) == 0
-    assert cli([*_segment_args(phantom_files, mass_like_file, tmp_path / "compiled.nii.gz"), "--compile"]) == 0
+    # the build, in a process where a library has set LC_CTYPE to "C" (ASCII text files) before: inductor
+    # reads its UTF-8 templates with the locale's encoding, and the build once fell back to uncompiled there
+    code = ("import locale, sys; locale.setlocale(locale.LC_CTYPE, 'C'); "
+            "assert locale.getpreferredencoding(False) != 'UTF-8'; from iris_core.commands.cli import main; "
+            f"sys.exit(main({[*_segment_args(phantom_files, mass_like_file, tmp_path / 'compiled.nii.gz'), '--compile']!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          env={**os.environ, "IRIS_SEGMENT_COMPILED": str(cache)})
+    assert proc.returncode == 0 and "could not be compiled" not in proc.stderr, proc.stderr[-2000:]
     packages = sorted(cache.glob("*.pt2"))
     assert [p.name.split("-")[0] for p in packages] == ["encode_task", "segment"], packages
     eager = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "eager.nii.gz")))
@@ -87,7 +94,7 @@ def test_compile_builds_once_per_machine_and_gives_the_uncompiled_labels(tmp_pat
     stamps = {p: (p.stat().st_ino, p.stat().st_size) for p in packages}
     for p in packages:
         os.utime(p, (1_000_000_000, 1_000_000_000))
-    code = ("import sys; from iris_core.commands.cli import main; "
+    code = ("import locale, sys; locale.setlocale(locale.LC_CTYPE, 'C'); from iris_core.commands.cli import main; "
             f"sys.exit(main({[*_segment_args(phantom_files, mass_like_file, tmp_path / 'again.nii.gz'), '--compile']!r}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                           env={**os.environ, "IRIS_SEGMENT_COMPILED": str(cache)})

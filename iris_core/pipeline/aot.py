@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import locale
 import logging
 import os
 import platform
@@ -179,14 +180,16 @@ class CompiledMethod:
         path = self.path(args)
         if path.is_file():
             try:
-                runner = torch._inductor.aoti_load_package(str(path))
+                with _utf8_text_files():
+                    runner = torch._inductor.aoti_load_package(str(path))
                 self.loaded.append(path)
                 _touch(path)  # most recently used: the last to be pruned
                 return runner
             except Exception as exc:  # noqa: BLE001 - a truncated or stale package: build it again
                 log.warning("compiled package %s could not be loaded (%s); compiling it again", path, exc)
         self._build(args, path)
-        runner = torch._inductor.aoti_load_package(str(path))
+        with _utf8_text_files():
+            runner = torch._inductor.aoti_load_package(str(path))
         prune_cache(path.parent, keep=path, budget=self.budget)
         return runner
 
@@ -209,7 +212,7 @@ class CompiledMethod:
             # as the package) go to a temporary folder beside the packages, removed after the build;
             # the package holds all a later process needs
             with torch.inference_mode(False), torch.no_grad(), inductor_config.patch(freezing=True), \
-                    warnings.catch_warnings(), _build_files_in(path.parent):
+                    warnings.catch_warnings(), _build_files_in(path.parent), _utf8_text_files():
                 warnings.simplefilter("ignore")
                 plain = tuple(a.clone() for a in args)
                 module = _Method(self.model, self.method, self.list_arg, bfloat16=self.precision == "bfloat16")
@@ -236,6 +239,29 @@ class CompiledMethod:
 
 
 BUILD_PREFIX = "build-"
+
+
+@contextlib.contextmanager
+def _utf8_text_files() -> Iterator[None]:
+    """Inductor reads its own templates with the locale's encoding (``open()`` without one, torch 2.13
+    ``_inductor/utils.py`` ``load_template``), and they hold UTF-8: where a library of the same process
+    has set ``LC_CTYPE`` to "C" (ASCII), importing inductor fails. For a build or a load, ``LC_CTYPE``
+    is a UTF-8 locale when one exists, then what it was. (Windows' text files follow its ANSI code page, not
+    ``setlocale``: there such a failure stays a compile failure, and the network runs uncompiled.)"""
+    if sys.platform == "win32" or locale.getpreferredencoding(False).replace("-", "").lower() == "utf8":
+        yield
+        return
+    before = locale.setlocale(locale.LC_CTYPE, None)
+    for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8", "UTF-8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+            break
+        except locale.Error:
+            continue
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)
 
 
 @contextlib.contextmanager
