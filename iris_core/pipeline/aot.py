@@ -158,7 +158,8 @@ class CompiledMethod:
         runner = self._runners.get(sig)
         if runner is None:
             try:
-                runner = self._runners[sig] = self._load_or_build(args)
+                with _utf8_text_files():  # inductor's own text files, for the load or the build
+                    runner = self._runners[sig] = self._load_or_build(args)
             except Exception as exc:  # noqa: BLE001 - any export/compile failure: run uncompiled, say why
                 self.fallback = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 log.warning("--compile: %s could not be compiled (%s); running it uncompiled", self.method,
@@ -180,16 +181,14 @@ class CompiledMethod:
         path = self.path(args)
         if path.is_file():
             try:
-                with _utf8_text_files():
-                    runner = torch._inductor.aoti_load_package(str(path))
+                runner = torch._inductor.aoti_load_package(str(path))
                 self.loaded.append(path)
                 _touch(path)  # most recently used: the last to be pruned
                 return runner
             except Exception as exc:  # noqa: BLE001 - a truncated or stale package: build it again
                 log.warning("compiled package %s could not be loaded (%s); compiling it again", path, exc)
         self._build(args, path)
-        with _utf8_text_files():
-            runner = torch._inductor.aoti_load_package(str(path))
+        runner = torch._inductor.aoti_load_package(str(path))
         prune_cache(path.parent, keep=path, budget=self.budget)
         return runner
 
@@ -212,7 +211,7 @@ class CompiledMethod:
             # as the package) go to a temporary folder beside the packages, removed after the build;
             # the package holds all a later process needs
             with torch.inference_mode(False), torch.no_grad(), inductor_config.patch(freezing=True), \
-                    warnings.catch_warnings(), _build_files_in(path.parent), _utf8_text_files():
+                    warnings.catch_warnings(), _build_files_in(path.parent):
                 warnings.simplefilter("ignore")
                 plain = tuple(a.clone() for a in args)
                 module = _Method(self.model, self.method, self.list_arg, bfloat16=self.precision == "bfloat16")
