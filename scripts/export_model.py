@@ -1,0 +1,45 @@
+"""Export a training run's EMA model as a bundled model file (float16) with inference choices that need no
+training: the memory sample size of the readout and the label threshold (chosen on held-out tasks with
+scripts/choose_threshold.py, never on the copy test or the benchmark). Issue [11].
+
+Usage: python scripts/export_model.py runs/c11/ema.safetensors Resources/Models/iris-default.safetensors \
+           --memory 16384 --threshold 0.35
+The file records where the choices came from (info "inference_choices"); the weights are the EMA's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from iris_core.api import resolve_model
+from iris_core.hub.checkpoint import save_checkpoint
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ema", help="the run's ema.safetensors")
+    ap.add_argument("out")
+    ap.add_argument("--memory", type=int, required=True, help="memory sample size of the readout")
+    ap.add_argument("--threshold", type=float, required=True, help="label threshold of the policy")
+    ap.add_argument("--chosen-by", default="scripts/choose_threshold.py (held-out parcels on moved Colin27)")
+    args = ap.parse_args()
+    loaded = resolve_model(args.ema)
+    if loaded.arch != "iris" or not loaded.model.config.memory_tokens:
+        raise SystemExit(f"{args.ema}: not a memory-readout Iris model")
+    model = loaded.model
+    trained_with = model.config.memory_tokens
+    model.config = dataclasses.replace(model.config, memory_tokens=args.memory)
+    policy = dataclasses.replace(loaded.preprocessing, threshold=args.threshold)
+    info = dict(loaded.info)
+    steps = info.get("steps")
+    info["name"] = f"{info.get('train_config', {}).get('preset', 'iris-small')} (step {steps})"
+    info["inference_choices"] = {"memory_tokens": args.memory, "threshold": args.threshold,
+                                 "trained_with_memory_tokens": trained_with, "chosen_by": args.chosen_by}
+    path = save_checkpoint(args.out, model, policy, loaded.class_names, info, half=True)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {info['name']}, memory sample {args.memory}, "
+          f"threshold {args.threshold}")
+
+
+if __name__ == "__main__":
+    main()
