@@ -1,7 +1,7 @@
 """Model spacing vs accuracy on small structures and cost (issue 10 item 5): a benchmark that prints figures.
 
     python scripts/resolution_study.py --model 3mm=runs/res3/model.safetensors --run 3mm=runs/res3 \
-        --model 2mm=runs/res2/model.safetensors --run 2mm=runs/res2 --out Resources/Models/eval/resolution
+        --model 2mm=runs/res2/model.safetensors --run 2mm=runs/res2 --out Resources/Models/studies/resolution
 
 For each spacing it reports, per structure of the held-out evaluation pairs (cross-atlas Harvard-Oxford
 truths on the moved MNI152NLin6Asym; the macaque inia19 structures on a moved, warped copy):
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="append", default=[], metavar="NAME=FILE")
     ap.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
                     help="training run folder of a model (its state.pt gives the cost per step)")
-    ap.add_argument("--out", default="Resources/Models/eval/resolution")
+    ap.add_argument("--out", default="Resources/Models/studies/resolution")
     ap.add_argument("--replot", action="store_true", help="redraw OUT/resolution.png from OUT/resolution.json")
     args = ap.parse_args(argv)
     if args.replot:
