@@ -7,8 +7,14 @@ the benchmark's moved targets use seeds 0-2). Every combination runs the one pip
 (``api.segment``) and is scored against the moved truth.
 
 Usage: python scripts/choose_threshold.py MODEL [--memory 4096,16384] [--threshold 0.2,0.25,...] [--json F]
+                                           [--tasks heldout|large]
 Prints one Markdown row per combination (mean Dice over structures and pairs) and the best; ties within
 0.002 go to the threshold nearest 0.5 and the smaller sample (the cheaper, less tuned choice).
+
+``--tasks large`` probes the memory sample size on large structures instead (the held-out parcels are 4-20 ml
+and do not tell sample sizes apart): five bilateral AAL gyri of 26-75 ml that neither the copy test nor the
+cross-atlas benchmark uses (middle temporal, inferior temporal, fusiform, middle occipital, supramarginal).
+They are training tasks, so this compares inference choices, not the model's skill.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from iris_core.pipeline.inference import ClassSpec, Reference
 TUNING_AAL = {"left hippocampus": 37, "right hippocampus": 38, "left thalamus": 77, "right thalamus": 78}
 TUNING_BRODMANN = {"Brodmann area 17": 17}
 TUNING_SEEDS = (7, 8)
+#: large bilateral AAL gyri (left, right) outside the copy test and the cross-atlas benchmark (``--tasks large``)
+LARGE_AAL = {"middle temporal gyrus": (85, 86), "inferior temporal gyrus": (89, 90), "fusiform gyrus": (55, 56),
+             "middle occipital gyrus": (51, 52), "supramarginal gyrus": (63, 64)}
 
 
 def tuning_reference() -> sampledata.Sample:
@@ -52,18 +61,34 @@ def tuning_reference() -> sampledata.Sample:
     return sampledata.Sample("colin27-heldout", aal.image, labels, names)
 
 
+def large_reference() -> sampledata.Sample:
+    """Colin27 and a label map of LARGE_AAL (values 1..5, left and right together) on its grid."""
+    aal = sampledata.colin27("aal")
+    arr = sitk.GetArrayViewFromImage(aal.labels)
+    out = np.zeros(arr.shape, np.uint8)
+    names = {}
+    for value, (name, pair) in enumerate(LARGE_AAL.items(), start=1):
+        out[np.isin(arr, pair)] = value
+        names[value] = name
+    labels = sitk.GetImageFromArray(out)
+    labels.CopyInformation(aal.labels)
+    return sampledata.Sample("colin27-large", aal.image, labels, names)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--memory", default="4096,16384")
     ap.add_argument("--threshold", default="0.2,0.25,0.3,0.35,0.4,0.45,0.5")
     ap.add_argument("--json", help="write every row here")
+    ap.add_argument("--tasks", choices=("heldout", "large"), default="heldout")
     args = ap.parse_args()
     loaded = resolve_model(args.model)
-    ref = tuning_reference()
+    ref = tuning_reference() if args.tasks == "heldout" else large_reference()
     targets = [sampledata.move_off_mni(ref, seed=s) for s in TUNING_SEEDS]
     classes = [ClassSpec(n, v) for v, n in ref.label_names.items()]
-    print(f"# Threshold choice on held-out tasks: {loaded.name}\n")
+    title = "Threshold choice on held-out tasks" if args.tasks == "heldout" else "Memory sample on large gyri"
+    print(f"# {title}: {loaded.name}\n")
     print(f"Reference Colin27 ({', '.join(ref.label_names.values())}); targets: moved copies, seeds "
           f"{', '.join(map(str, TUNING_SEEDS))}.\n")
     print("| memory sample | threshold | mean Dice | per structure (mean over targets) | s |")
