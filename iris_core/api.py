@@ -318,6 +318,8 @@ def segment(
         "device": str(engine.device),
         "pipeline": policy.name,
         "spacing_mm": list(policy.spacing),
+        "threshold": policy.threshold,  # the model file's label threshold (issue [11]: stored per model)
+        "memory_samples": getattr(getattr(loaded.model, "config", None), "memory_tokens", 0) or None,
         "window": list(engine.window),
         "overlap": engine.overlap,
         "postprocess": postprocess,

@@ -1,6 +1,7 @@
 """Export a training run's EMA model as a bundled model file (float16) with inference choices that need no
-training: the memory sample size of the readout and the label threshold (chosen on held-out tasks with
-scripts/choose_threshold.py, never on the copy test or the benchmark). Issue [11].
+training: the memory sample size of the readout and the label threshold (the threshold chosen on held-out tasks
+with scripts/choose_threshold.py, never on the copy test or the benchmark; how the bundled file's memory sample
+was set: the model card). Issue [11].
 
 Usage: python scripts/export_model.py runs/c11/ema.safetensors Resources/Models/iris-default.safetensors \
            --memory 16384 --threshold 0.35
@@ -16,17 +17,19 @@ from iris_core.api import resolve_model
 from iris_core.hub.checkpoint import save_checkpoint
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ema", help="the run's ema.safetensors")
     ap.add_argument("out")
     ap.add_argument("--memory", type=int, required=True, help="memory sample size of the readout")
     ap.add_argument("--threshold", type=float, required=True, help="label threshold of the policy")
     ap.add_argument("--chosen-by", default="scripts/choose_threshold.py (held-out parcels on moved Colin27)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     loaded = resolve_model(args.ema)
     if loaded.arch != "iris" or not loaded.model.config.memory_tokens:
         raise SystemExit(f"{args.ema}: not a memory-readout Iris model")
+    if not 0 < args.threshold < 1 or args.memory < 1:
+        raise SystemExit(f"--threshold must be in (0, 1) and --memory >= 1, got {args.threshold} and {args.memory}")
     model = loaded.model
     trained_with = model.config.memory_tokens
     model.config = dataclasses.replace(model.config, memory_tokens=args.memory)
