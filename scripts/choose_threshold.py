@@ -32,47 +32,38 @@ from iris_core.io import sampledata
 from iris_core.metrics import dice_score
 from iris_core.pipeline.inference import ClassSpec, Reference
 
-#: the trainer's held-out AAL parcels (training config ``holdout``) without the precentral gyri, which the
-#: copy test holds; Brodmann area 17 from the Brodmann map
-TUNING_AAL = {"left hippocampus": 37, "right hippocampus": 38, "left thalamus": 77, "right thalamus": 78}
+#: the trainer's held-out AAL parcels (training config ``holdout``: aal:37, 38, 77, 78) without the precentral
+#: gyri, which the copy test holds; Brodmann area 17 from the Brodmann map
+TUNING_AAL = {"left hippocampus": ("Hippocampus_L",), "right hippocampus": ("Hippocampus_R",),
+              "left thalamus": ("Thalamus_L",), "right thalamus": ("Thalamus_R",)}
 TUNING_BRODMANN = {"Brodmann area 17": 17}
 TUNING_SEEDS = (7, 8)
-#: large bilateral AAL gyri (left, right) outside the copy test and the cross-atlas benchmark (``--tasks large``)
-LARGE_AAL = {"middle temporal gyrus": (85, 86), "inferior temporal gyrus": (89, 90), "fusiform gyrus": (55, 56),
-             "middle occipital gyrus": (51, 52), "supramarginal gyrus": (63, 64)}
+#: large bilateral AAL gyri outside the copy test and the cross-atlas benchmark (``--tasks large``)
+LARGE_AAL = {"middle temporal gyrus": ("Temporal_Mid_L", "Temporal_Mid_R"),
+             "inferior temporal gyrus": ("Temporal_Inf_L", "Temporal_Inf_R"),
+             "fusiform gyrus": ("Fusiform_L", "Fusiform_R"),
+             "middle occipital gyrus": ("Occipital_Mid_L", "Occipital_Mid_R"),
+             "supramarginal gyrus": ("SupraMarginal_L", "SupraMarginal_R")}
 
 
 def tuning_reference() -> sampledata.Sample:
-    """Colin27 and a label map of the held-out tuning structures (values 1..5) on its grid."""
-    aal = sampledata.colin27("aal")
-    ba = sitk.GetArrayFromImage(sampledata.colin27("brodmann").labels)  # a copy: the image is temporary
-    arr = sitk.GetArrayViewFromImage(aal.labels)
-    out = np.zeros(arr.shape, np.uint8)
-    names = {}
-    for value, (name, v) in enumerate(TUNING_AAL.items(), start=1):
-        out[arr == v] = value
-        names[value] = name
+    """Colin27 and a label map of the held-out tuning structures (values 1..5) on its grid: the AAL parcels,
+    then Brodmann area 17 where no parcel is."""
+    ref = sampledata.aal_groups(TUNING_AAL, "colin27-heldout")
+    ba = sitk.GetArrayViewFromImage(sampledata.colin27("brodmann").labels)
+    out = sitk.GetArrayFromImage(ref.labels)
     for name, v in TUNING_BRODMANN.items():
-        value = len(names) + 1
+        value = len(ref.label_names) + 1
         out[(ba == v) & (out == 0)] = value
-        names[value] = name
+        ref.label_names[value] = name
     labels = sitk.GetImageFromArray(out)
-    labels.CopyInformation(aal.labels)
-    return sampledata.Sample("colin27-heldout", aal.image, labels, names)
+    labels.CopyInformation(ref.labels)
+    return dataclasses.replace(ref, labels=labels)
 
 
-def large_reference() -> sampledata.Sample:
-    """Colin27 and a label map of LARGE_AAL (values 1..5, left and right together) on its grid."""
-    aal = sampledata.colin27("aal")
-    arr = sitk.GetArrayViewFromImage(aal.labels)
-    out = np.zeros(arr.shape, np.uint8)
-    names = {}
-    for value, (name, pair) in enumerate(LARGE_AAL.items(), start=1):
-        out[np.isin(arr, pair)] = value
-        names[value] = name
-    labels = sitk.GetImageFromArray(out)
-    labels.CopyInformation(aal.labels)
-    return sampledata.Sample("colin27-large", aal.image, labels, names)
+#: --tasks: the reference of each task set and the report's title
+TASKS = {"heldout": (tuning_reference, "Threshold choice on held-out tasks"),
+         "large": (lambda: sampledata.aal_groups(LARGE_AAL, "colin27-large"), "Memory sample on large gyri")}
 
 
 def main() -> None:
@@ -81,13 +72,13 @@ def main() -> None:
     ap.add_argument("--memory", default="4096,16384")
     ap.add_argument("--threshold", default="0.2,0.25,0.3,0.35,0.4,0.45,0.5")
     ap.add_argument("--json", help="write every row here")
-    ap.add_argument("--tasks", choices=("heldout", "large"), default="heldout")
+    ap.add_argument("--tasks", choices=tuple(TASKS), default="heldout")
     args = ap.parse_args()
     loaded = resolve_model(args.model)
-    ref = tuning_reference() if args.tasks == "heldout" else large_reference()
+    make_reference, title = TASKS[args.tasks]
+    ref = make_reference()
     targets = [sampledata.move_off_mni(ref, seed=s) for s in TUNING_SEEDS]
     classes = [ClassSpec(n, v) for v, n in ref.label_names.items()]
-    title = "Threshold choice on held-out tasks" if args.tasks == "heldout" else "Memory sample on large gyri"
     print(f"# {title}: {loaded.name}\n")
     print(f"Reference Colin27 ({', '.join(ref.label_names.values())}); targets: moved copies, seeds "
           f"{', '.join(map(str, TUNING_SEEDS))}.\n")

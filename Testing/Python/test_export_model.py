@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import runpy
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,8 @@ FIXTURE = ROOT / "Testing" / "Data" / "models" / "fraction-readout-iris-small-st
 
 
 def export(*argv):
-    old = sys.argv
-    sys.argv = ["export_model.py", *map(str, argv)]
-    try:
-        runpy.run_path(str(ROOT / "scripts" / "export_model.py"), run_name="__main__")
-    finally:
-        sys.argv = old
+    """The script's own main, as `python scripts/export_model.py ARGV` runs it."""
+    runpy.run_path(str(ROOT / "scripts" / "export_model.py"))["main"]([str(a) for a in argv])
 
 
 def test_exported_model_carries_its_choices_into_every_segmentation(tmp_path, phantom_files, capsys):

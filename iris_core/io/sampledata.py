@@ -327,14 +327,22 @@ def aal_values(patterns: tuple[str, ...], names: dict[int, str]) -> list[int]:
     return sorted(out)
 
 
-def copy_labels():
-    """Colin27 (1 mm T1) and a label map of COPY_STRUCTURES (values 1..10, disjoint) on its grid, with the
-    structures' names: the copy test's reference, whose image is also its target."""
+def aal_groups(groups: dict[str, tuple[str, ...]], name: str = "colin27-aal-groups") -> Sample:
+    """Colin27 (1 mm T1) and a label map of AAL region groups on its grid: group i (1-based, in the order
+    given) is every AAL region matching its name patterns (``aal_values``); groups are disjoint when their
+    regions are, a later group wins otherwise."""
     aal = colin27("aal")
     arr = sitk.GetArrayViewFromImage(aal.labels)
     out = np.zeros(arr.shape, np.uint8)
-    for value, patterns in enumerate(COPY_STRUCTURES.values(), start=1):
+    for value, patterns in enumerate(groups.values(), start=1):
         out[np.isin(arr, aal_values(patterns, aal.label_names))] = value
     labels = sitk.GetImageFromArray(out)
     labels.CopyInformation(aal.labels)
-    return aal.image, labels, list(COPY_STRUCTURES)
+    return Sample(name, aal.image, labels, dict(enumerate(groups, start=1)))
+
+
+def copy_labels():
+    """Colin27 (1 mm T1) and a label map of COPY_STRUCTURES (values 1..10, disjoint) on its grid, with the
+    structures' names: the copy test's reference, whose image is also its target."""
+    sample = aal_groups(COPY_STRUCTURES, "colin27-copy")
+    return sample.image, sample.labels, list(COPY_STRUCTURES)
