@@ -49,7 +49,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = self._node = self._job = None
-        self._updating, self._knownKind = False, "iris"
+        self._updating, self._knownKind, self._structuresFor = False, "iris", None
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onPoll)
@@ -93,8 +93,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self.logic.getParameterNode()
         p.set_defaults(node)
         p.fill_first_choices(slicer.mrmlScene, node)
-        self.setParameterNode(node)
-        self._rebuildStructures()
+        self.setParameterNode(node)  # the Known structures list built there (structure_list_key)
 
     def setParameterNode(self, node):
         if self._node is not None:
@@ -118,6 +117,8 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for name, (key, attr) in c.FIELD_CONTROLS.items():
                 setattr(getattr(u, name), attr, node.GetParameter(key))
             u.tuneStepsSpinBox.value = int(node.GetParameter("TuneSteps") or 0)
+            if p.structure_list_key(node) != self._structuresFor:  # e.g. a scene imported: the list follows the node
+                self._rebuildStructures(p.structure_list_key(node))
             for w in (u.modelPathLabel, u.modelPathLineEdit):  # the file selector only for "Model file..."
                 w.setVisible(p.model_choice(node) == FILE_CHOICE)
             self._fillReferencesTable(p.reference_rows(node))
@@ -159,11 +160,13 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if needs_download(self.ui.modelComboBox.currentData):
             self.onDownload(self.ui.modelComboBox.currentData)
 
-    def _rebuildStructures(self):
-        """What the chosen model or library segments by name, ticked as the node holds it (names it still has)."""
+    def _rebuildStructures(self, key=None):
+        """What the model or library ``key`` (choice, model file, library; the GUI's by default) segments by name,
+        ticked as the node holds it (names it still has)."""
         u = self.ui
-        self._knownKind, names, message = p.known_structure_list(
-            u.modelComboBox.currentData, u.modelPathLineEdit.currentPath, u.libraryPathLineEdit.currentPath)
+        key = key or (u.modelComboBox.currentData, u.modelPathLineEdit.currentPath, u.libraryPathLineEdit.currentPath)
+        self._structuresFor = key
+        self._knownKind, names, message = p.known_structure_list(*key)
         u.stageLabel.text = message or u.stageLabel.text
         ticked = set(self._node.GetParameter("Structures").split(",")) if self._node else set()
         u.structuresList.clear()

@@ -93,7 +93,7 @@ class PreparedRun:
         """``text`` (a worker's message or log line) with the work files named as the nodes they came
         from: whole paths, and the bare file names iris_core's messages use ("target.nrrd: ...",
         "Encoding reference ref0.nrrd")."""
-        role = r"(?:(?:target|reference) image |label map )?"  # iris_core's word for it: the node says more
+        role = r"(?:(?:target|reference) image |label map |the result )?"  # iris_core's word for it: ours says more
         for path, what in sorted(self.sources.items(), key=lambda kv: -len(kv[0])):
             text = re.sub(role + re.escape(path), lambda _, what=what: what, text)
         for path, what in self.sources.items():
@@ -181,13 +181,14 @@ class IrisSegmentLogic:
             try:
                 sitk.WriteImage(img, str(path), compress)
             except (RuntimeError, OSError) as exc:
-                raise SceneError(f"cannot write {what} to the work folder {work} ({reason(exc)}); free disk space "
+                raise SceneError(f"cannot write {what} to the temporary folder {work.parent} ({reason(exc)}); free disk space "
                                  "or choose another temporary folder") from None
             sources[str(path)] = what
             return str(path)
 
         # the result is written here too: a failure to write it is named as what it is, in its folder
-        sources[str(work / "result.nrrd")] = f"the result in the work folder {work}"
+        # (iris_core says "the result <path>": the whole phrase is replaced, never "the result the result ...")
+        sources[str(work / "result.nrrd")] = f"the result in the temporary folder {work.parent}"
         warnings: list[str] = []
         try:
             target_path = write(target_img, work / "target.nrrd", describe(req.target, "target volume"))
@@ -216,7 +217,7 @@ class IrisSegmentLogic:
             try:
                 job_file.write_text(json.dumps({"inputs": job, "options": options.to_dict()}, indent=2))
             except OSError as exc:
-                raise SceneError(f"cannot write the job file to the work folder {work} ({exc.strerror or exc}); "
+                raise SceneError(f"cannot write the job file to the temporary folder {work.parent} ({exc.strerror or exc}); "
                                  "free disk space or choose another temporary folder") from None
             for line in warnings:
                 log.warning("%s", line)

@@ -301,6 +301,13 @@ def remove_rows(node, selected: set[int]) -> None:
     set_reference_rows(node, [row for r, row in enumerate(rows) if r not in selected])
 
 
+def structure_list_key(node) -> tuple[str, str, str]:
+    """What the Known structures list is built for: (model choice, model file, task library) as the node holds
+    them. The widget rebuilds the list whenever this changes, also when the node changed without an edit in the
+    panel (a scene imported), so the list never belongs to another model."""
+    return model_choice(node), node.GetParameter("ModelPath") or "", node.GetParameter("LibraryPath") or ""
+
+
 def known_structure_list(choice: str, model_path: str = "", library_path: str = "") -> tuple[str, list[str], str]:
     """(kind, names, message) of what a model choice (``choice``, with ``model_path`` for a file) or a task
     library segments by name: 'hermes' and its vocabulary, 'library' and its classes, or 'iris' and none
