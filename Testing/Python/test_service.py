@@ -215,6 +215,7 @@ def test_run_on_server_parameters(tmp_path):
     import slicer  # noqa: F401  slicer-core: a test dependency
 
     from IrisSegmentLib import parameters
+    from IrisSegmentLib.remote import Server
     from IrisSegmentLib.scene import SceneError
     from IrisSegmentLib.standalone import init_scene
 
@@ -234,41 +235,9 @@ def test_run_on_server_parameters(tmp_path):
             parameters.server_of(node)
         (tmp_path / "token.txt").write_text("# mine\nabcdef0123456789abcdef\n")
         node.SetParameter("ServerTokenFile", str(tmp_path / "token.txt"))
-        assert parameters.server_of(node) == ("https://gpu-host:8765", "abcdef0123456789abcdef")
+        assert parameters.server_of(node) == Server("https://gpu-host:8765", "abcdef0123456789abcdef")
     finally:
         scene.RemoveNode(node)
-
-
-def test_warm_local_worker_is_started_once_kept_and_stopped(tiny_model_file):
-    """The module's warm worker on a real scene: the first Segment starts a loopback server with a token of its
-    own, the second reuses it (the same process), both give the local worker's segments; close() stops it."""
-    import psutil
-    import slicer  # noqa: F401  slicer-core: a test dependency
-
-    from iris_core.options import SegmentOptions
-    from IrisSegmentLib import testing
-    from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest
-    from IrisSegmentLib.standalone import init_scene
-
-    scene = init_scene()
-    nodes = testing.load_sample_pair(scene)
-    req = SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], nodes["reference_seg"])],
-                         model=str(tiny_model_file), options=SegmentOptions(device="cpu"))
-    local = _scene_arrays(IrisSegmentLogic(scene).segment(req), nodes["target"])
-    logic = IrisSegmentLogic(scene, warm=True)
-    try:
-        first = _scene_arrays(logic.segment(req), nodes["target"])
-        pid, url = logic.warm.proc.pid, logic.warm.url
-        assert url.startswith("http://127.0.0.1:") and len(logic.warm.token) >= 32
-        with pytest.raises(ServerError, match="no valid token"):  # the loopback server wants its own token
-            Client(url, "someone-elses-token-0123456789").info()
-        second = _scene_arrays(logic.segment(req), nodes["target"])
-        assert logic.warm.proc.pid == pid  # kept warm: no second start
-        assert np.array_equal(first["brain"], local["brain"]) and np.array_equal(second["brain"], local["brain"])
-    finally:
-        logic.close()
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert logic.warm.proc is None
 
 
 def test_a_rank_share_does_not_depend_on_what_other_ranks_have_written(tmp_path):
