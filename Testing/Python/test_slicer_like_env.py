@@ -181,6 +181,7 @@ def test_model_change_and_a_model_file_replaced_in_place(clicks):
 def test_run_on_a_server_of_the_full_environment(clicks):
     step = ok(clicks, "remote_run")
     assert step["model"] == "tiny-a" and step["stages"][0].startswith("Sending the volumes")
+    assert step["proxy_connections"] == 0  # the environment's proxies set: the loopback call and token bypass them
 
 
 def test_closing_leaves_no_worker_and_no_patient_image(clicks):
