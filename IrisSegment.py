@@ -4,8 +4,6 @@ download from start to end (jobs.py), the scene (logic.py, scene.py), the packag
 
 from __future__ import annotations
 
-import os
-
 import qt
 import slicer
 import vtk
@@ -22,16 +20,15 @@ from IrisSegmentLib import parameters as p
 from IrisSegmentLib.dependencies import InstallGuard
 from IrisSegmentLib.dialogs import user_action
 from IrisSegmentLib.install import ensure_dependencies
-from IrisSegmentLib.logic import IrisSegmentLogic as CoreLogic
+from IrisSegmentLib.logic import module_logic
 from IrisSegmentLib.models import FILE_CHOICE, consent_text, model_choices, needs_download
-from IrisSegmentLib.runner import python_executable
-from IrisSegmentLib.testing import register_sample_data
+from IrisSegmentLib.testing import register_sample_data, run_module_tests
 
 
 class IrisSegment(ScriptedLoadableModule):
     def __init__(self, parent):
         super().__init__(parent)
-        parent.title = "Iris Segment"
+        parent.title = "IrisSegment"
         parent.categories = ["Segmentation"]
         parent.contributors = ["IrisSegment developers"]
         parent.helpText = ("Segment, in a target volume, the structures that reference volumes' segmentations show, "
@@ -44,7 +41,7 @@ class IrisSegment(ScriptedLoadableModule):
 class IrisSegmentLogic(ScriptedLoadableModuleLogic):  # the parameter node and the Qt-free logic
     def __init__(self):
         super().__init__()
-        self.core = CoreLogic(slicer.mrmlScene, python=python_executable(), warm=True)
+        self.core = module_logic(slicer.mrmlScene)  # the warm local worker, spoken to over its pipes
 
 
 class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -52,7 +49,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = self._node = self._job = None
-        self._updating, self._knownKind = False, "iris"
+        self._updating, self._knownKind, self._structuresFor = False, "iris", None
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onPoll)
@@ -96,8 +93,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self.logic.getParameterNode()
         p.set_defaults(node)
         p.fill_first_choices(slicer.mrmlScene, node)
-        self.setParameterNode(node)
-        self._rebuildStructures()
+        self.setParameterNode(node)  # the Known structures list built there (structure_list_key)
 
     def setParameterNode(self, node):
         if self._node is not None:
@@ -121,6 +117,8 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for name, (key, attr) in c.FIELD_CONTROLS.items():
                 setattr(getattr(u, name), attr, node.GetParameter(key))
             u.tuneStepsSpinBox.value = int(node.GetParameter("TuneSteps") or 0)
+            if p.structure_list_key(node) != self._structuresFor:  # e.g. a scene imported: the list follows the node
+                self._rebuildStructures(p.structure_list_key(node))
             for w in (u.modelPathLabel, u.modelPathLineEdit):  # the file selector only for "Model file..."
                 w.setVisible(p.model_choice(node) == FILE_CHOICE)
             self._fillReferencesTable(p.reference_rows(node))
@@ -162,11 +160,13 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if needs_download(self.ui.modelComboBox.currentData):
             self.onDownload(self.ui.modelComboBox.currentData)
 
-    def _rebuildStructures(self):
-        """What the chosen model or library segments by name, ticked as the node holds it (names it still has)."""
+    def _rebuildStructures(self, key=None):
+        """What the model or library ``key`` (choice, model file, library; the GUI's by default) segments by name,
+        ticked as the node holds it (names it still has)."""
         u = self.ui
-        self._knownKind, names, message = p.known_structure_list(
-            u.modelComboBox.currentData, u.modelPathLineEdit.currentPath, u.libraryPathLineEdit.currentPath)
+        key = key or (u.modelComboBox.currentData, u.modelPathLineEdit.currentPath, u.libraryPathLineEdit.currentPath)
+        self._structuresFor = key
+        self._knownKind, names, message = p.known_structure_list(*key)
         u.stageLabel.text = message or u.stageLabel.text
         ticked = set(self._node.GetParameter("Structures").split(",")) if self._node else set()
         u.structuresList.clear()
@@ -211,14 +211,17 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.reuse_result(slicer.mrmlScene, self._node)
 
     def onSegment(self):
-        key = p.model_choice(self._node)
-        if needs_download(key):  # never download without asking: offer it, then Segment again
-            self.onDownload(key)
-        elif self._job is None:
-            with user_action("Could not start the segmentation.", wait_cursor=True):
-                core, core.server = self.logic.core, p.server_of(self._node)  # a server: no local packages needed
-                if core.server is not None or self._ensureDependencies():
-                    self._startJob(core.start_segment(p.request_from_parameters(slicer.mrmlScene, self._node)))
+        if self._job is not None:
+            return
+        with user_action("Could not start the segmentation."):
+            req = p.request_from_parameters(slicer.mrmlScene, self._node)  # refuses bad server fields first
+            key = p.download_before_segment(self._node)  # never on a server run: the server has its models
+            if key is not None:  # never download without asking: offer it, then Segment again
+                return self.onDownload(key)
+            if req.server is not None or self._ensureDependencies():  # dialogs, pip: no wait cursor over them
+                with slicer.util.WaitCursor():  # only while the volumes are exported
+                    job = self.logic.core.start_segment(req)
+                self._startJob(job)
 
     def onDownload(self, key):
         if self._job is not None:
@@ -258,6 +261,8 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     slicer.util.errorDisplay(f"{outcome.stage}\n\n{outcome.error}", detailedText="\n".join(outcome.log))
                 elif outcome.node is not None:  # for Compare and reuse; the next run makes a new node
                     self._node.SetNodeReferenceID("Result", outcome.node.GetID())
+                if outcome.warnings:  # e.g. a reference segment cut by its volume: not only in the collapsed Log
+                    slicer.util.warningDisplay("\n\n".join(outcome.warnings), windowTitle="IrisSegment: check this")
             self.updateGUIFromParameterNode()
 
     def onCancel(self):
@@ -278,7 +283,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.appendPlainText(line)
 
     def onCompare(self):
-        if not self._ensureDependencies():  # the metrics need monai
+        if not self._ensureDependencies():  # the metrics need monai (asked and installed without a wait cursor)
             return
         with user_action("Compare failed.", wait_cursor=True):
             result = self._node.GetNodeReference("Result") or self.ui.outputSelector.currentNode()
@@ -291,10 +296,5 @@ class IrisSegmentTest(ScriptedLoadableModuleTest):
     """Self-test inside a full Slicer: the tests of Testing/Python/IrisSegmentModuleTest.py."""
 
     def runTest(self):
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("IrisSegmentModuleTest", os.path.join(
-            os.path.dirname(__file__), "Testing", "Python", "IrisSegmentModuleTest.py"))
-        spec.loader.exec_module(test := importlib.util.module_from_spec(spec))
-        if not test.runTest():
+        if not run_module_tests():  # Testing/Python/IrisSegmentModuleTest.py, installed beside the module by CMake
             raise AssertionError("IrisSegment self-test failed (see the log)")

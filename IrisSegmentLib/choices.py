@@ -42,7 +42,7 @@ COMBO_CONTROLS = {"strategyComboBox": ("strategies", "Strategy"), "deviceComboBo
                   "precisionComboBox": ("precisions", "Precision"), "modalityComboBox": ("modalities", "HermesModality")}
 #: path line edits -> parameters
 PATH_CONTROLS = {"modelPathLineEdit": "ModelPath", "libraryPathLineEdit": "LibraryPath",
-                 "serverTokenPathLineEdit": "ServerTokenFile"}
+                 "serverTokenPathLineEdit": "ServerTokenFile", "serverCaPathLineEdit": "ServerCABundle"}
 #: text fields -> parameters
 TEXT_CONTROLS = {"serverUrlLineEdit": "ServerURL"}
 #: every path and text field: control -> (parameter, the control's property holding its text)

@@ -11,11 +11,12 @@ def user_action(message: str, wait_cursor: bool = False):
     """One error dialog for a failed user action, and no exception out of a Qt slot. slicer.util's
     tryWithErrorDisplay(message=None, show=True, waitCursor=False) shows the dialog and then re-raises
     (Base/Python/slicer/util.py, 5.10 to main), so nested uses showed two dialogs and a traceback: the
-    outermost action catches what it showed."""
+    outermost action catches what it showed. A wait cursor only around work that shows no dialog (Slicer's
+    confirmations and pip install must not sit under it)."""
     import slicer.util
 
     try:
         with slicer.util.tryWithErrorDisplay(message, waitCursor=wait_cursor):
             yield
-    except Exception:
-        logging.debug("IrisSegment: %s", message, exc_info=True)
+    except Exception as exc:  # shown; kept in Slicer's log at ERROR too (with its traceback), never only at DEBUG
+        logging.error("IrisSegment: %s %s", message, exc, exc_info=True)

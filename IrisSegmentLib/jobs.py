@@ -32,6 +32,8 @@ class Outcome:
     path: Path | None = None
     error: Exception | None = None
     log: list[str] = field(default_factory=list)
+    #: what the user must see before trusting the result (shown in a dialog, not only in the Log)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -119,8 +121,10 @@ class Job:
         except SceneError as exc:
             return Outcome("failed", "The result was not imported; the scene is unchanged.", error=exc)
         secs = sidecar.get("timings_s", {}).get("total", 0.0)
-        return Outcome("done", f"Done in {secs:.1f} s: {node.GetName()}", node=node,
-                       log=[*self.run.warnings, *result_summary(sidecar)])
+        warned = self.run.warnings
+        stage = f"Done in {secs:.1f} s: {node.GetName()}" + (
+            f" ({len(warned)} warning{'s' if len(warned) > 1 else ''}: check the result)" if warned else "")
+        return Outcome("done", stage, node=node, log=[*warned, *result_summary(sidecar)], warnings=list(warned))
 
     def close(self) -> None:
         """Kill the worker (and everything it started) and remove the work folder. Idempotent."""

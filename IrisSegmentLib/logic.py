@@ -71,6 +71,7 @@ class SegmentRequest:
     structures: str | None = None  # Hermes / known structures: names from the model's vocabulary
     options: SegmentOptions = field(default_factory=SegmentOptions)
     output: object = None  # an existing segmentation node, or None for a new one
+    server: object = None  # a remote.Server to run on instead of this computer (None: here)
 
 
 @dataclass
@@ -92,7 +93,7 @@ class PreparedRun:
         """``text`` (a worker's message or log line) with the work files named as the nodes they came
         from: whole paths, and the bare file names iris_core's messages use ("target.nrrd: ...",
         "Encoding reference ref0.nrrd")."""
-        role = r"(?:(?:target|reference) image |label map )?"  # iris_core's word for it: the node says more
+        role = r"(?:(?:target|reference) image |label map |the result )?"  # iris_core's word for it: ours says more
         for path, what in sorted(self.sources.items(), key=lambda kv: -len(kv[0])):
             text = re.sub(role + re.escape(path), lambda _, what=what: what, text)
         for path, what in self.sources.items():
@@ -116,17 +117,20 @@ class IrisSegmentLogic:
     """Qt-free logic of the IrisSegment module (usable from the Python console and tests)."""
 
     def __init__(self, scene=None, python: str | None = None, workdir: str | Path | None = None,
-                 server: tuple[str, str] | None = None, warm: bool = False):
-        """``server``: (URL, token) of an iris-segment server to run Segment on instead of this computer
-        (``None``: here). ``warm``: here, through the warm local worker (started on the first run, kept with
-        its model loaded; task libraries and known structures still run in a worker process of their own)
-        rather than a new worker process per run."""
-        self.server = server
+                 server=None, warm: bool = False, idle: float | None = None):
+        """``server``: a ``remote.Server`` (or a (URL, token) pair) to run every Segment on instead of this
+        computer, unless a request names its own (``SegmentRequest.server``); ``None``: here. ``warm``: here,
+        through the warm local worker (``warm.LocalWorker``: started on the first run, kept with its model
+        loaded, spoken to over its pipes; ``idle``: its idle seconds) rather than a new worker process per
+        run."""
+        from .remote import Server
+
+        self.server = Server(*server) if isinstance(server, tuple) else server
         self.warm = None
         if warm:
-            from .warm import WarmServer
+            from .warm import LocalWorker
 
-            self.warm = WarmServer(python, workdir)
+            self.warm = LocalWorker(python, idle)
         if scene is None:
             import slicer
 
@@ -147,7 +151,8 @@ class IrisSegmentLogic:
             raise SceneError("add at least one reference (volume + segmentation), choose a task library, or "
                              "pick known structures of a Hermes model")
         from iris_core.hub import download as hub
-        if not hub.names_a_model(req.model):
+        # on a server, the server says which models it serves (and a known model is never downloaded here)
+        if (req.server or self.server) is None and not hub.names_a_model(req.model):
             raise SceneError(f"model file {req.model} not found; choose another file or the bundled default")
         if req.output is not None:
             for i, ref in enumerate(req.references):
@@ -176,13 +181,14 @@ class IrisSegmentLogic:
             try:
                 sitk.WriteImage(img, str(path), compress)
             except (RuntimeError, OSError) as exc:
-                raise SceneError(f"cannot write {what} to the work folder {work} ({reason(exc)}); free disk space "
+                raise SceneError(f"cannot write {what} to the temporary folder {work.parent} ({reason(exc)}); free disk space "
                                  "or choose another temporary folder") from None
             sources[str(path)] = what
             return str(path)
 
         # the result is written here too: a failure to write it is named as what it is, in its folder
-        sources[str(work / "result.nrrd")] = f"the result in the work folder {work}"
+        # (iris_core says "the result <path>": the whole phrase is replaced, never "the result the result ...")
+        sources[str(work / "result.nrrd")] = f"the result in the temporary folder {work.parent}"
         warnings: list[str] = []
         try:
             target_path = write(target_img, work / "target.nrrd", describe(req.target, "target volume"))
@@ -211,7 +217,7 @@ class IrisSegmentLogic:
             try:
                 job_file.write_text(json.dumps({"inputs": job, "options": options.to_dict()}, indent=2))
             except OSError as exc:
-                raise SceneError(f"cannot write the job file to the work folder {work} ({exc.strerror or exc}); "
+                raise SceneError(f"cannot write the job file to the temporary folder {work.parent} ({exc.strerror or exc}); "
                                  "free disk space or choose another temporary folder") from None
             for line in warnings:
                 log.warning("%s", line)
@@ -270,18 +276,18 @@ class IrisSegmentLogic:
         process, or the run on the server chosen (the same interface)."""
         from .remote import RemoteProcess
 
-        if self.server is not None:
-            return RemoteProcess(run.job_file, *self.server)
-        req = run.request
-        if self.warm is not None and not (req.library or req.structures):
-            warm, model, device = self.warm, req.model, req.options.device
-            return RemoteProcess(run.job_file, connect=lambda: warm.ensure(model, device))
+        server = run.request.server or self.server
+        if server is not None:
+            return RemoteProcess(run.job_file, server)
+        if self.warm is not None:
+            return self.warm.submit(run.job_file, run.workdir)
         return WorkerProcess(run.job_file, self.python)
 
     def close(self) -> None:
-        """Stop the warm worker, if one runs (the module closing, Slicer quitting). Idempotent."""
+        """Stop the warm worker, if one runs (the module closing, Slicer quitting): it removes its work folders
+        and exits. Idempotent."""
         if self.warm is not None:
-            self.warm.stop()
+            self.warm.close()
 
     def start_segment(self, req: SegmentRequest) -> Job:
         """Export the request and start its worker: a Job to poll (GUI timer) or run to its end. Nothing is
@@ -392,6 +398,15 @@ class IrisSegmentLogic:
             self.scene.RemoveNode(table)
             raise
         return table
+
+
+def module_logic(scene=None) -> IrisSegmentLogic:
+    """The logic as the module's widget builds it (IrisSegment.py): on ``scene`` (Slicer's by default), the worker
+    through Slicer's Python launcher (``runner.python_executable``), kept warm between clicks. The tests of the
+    Slicer-like environment build it here too, so they run what a clinician's click runs."""
+    from .runner import python_executable
+
+    return IrisSegmentLogic(scene, python=python_executable(), warm=True)
 
 
 def result_summary(sidecar: dict) -> list[str]:

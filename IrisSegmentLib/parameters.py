@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 from iris_core.options import SegmentOptions
 
@@ -32,7 +33,7 @@ OPTION_PARAMETERS = {"Strategy": "strategy", "Device": "device", "TuneSteps": "t
                      "HermesModality": "hermes_modality", "Intensity": "intensity", "Postprocess": "postprocess",
                      "MaxClassesPerForward": "max_classes_per_forward", "Precision": "precision"}
 DEFAULTS = {"ModelChoice": "", "ModelPath": "", "LibraryPath": "", "ReferenceCount": "0", "Structures": "",
-            "ServerURL": "", "ServerTokenFile": ""} | {
+            "ServerURL": "", "ServerTokenFile": "", "ServerCABundle": ""} | {
     key: "" if (v := getattr(SegmentOptions(), name)) is None else str(v) for key, name in OPTION_PARAMETERS.items()}
 
 
@@ -142,7 +143,18 @@ def request_from_parameters(scene, node) -> SegmentRequest:
     return SegmentRequest(
         target=node.GetNodeReference("Target"), references=refs, model=model_from_parameters(node),
         library=node.GetParameter("LibraryPath") or None, structures=node.GetParameter("Structures") or None,
-        options=options_from_parameters(node), output=node.GetNodeReference("Output"))
+        options=options_from_parameters(node), output=node.GetNodeReference("Output"), server=server_of(node))
+
+
+def download_before_segment(node) -> str | None:
+    """The known model a Segment on this computer must download first (the user is asked before), or None. A
+    run on a server never downloads here, nor needs the local packages for it: the server has its models."""
+    from .models import needs_download
+
+    if (node.GetParameter("ServerURL") or "").strip():
+        return None
+    key = model_choice(node)
+    return key if needs_download(key) else None
 
 
 def can_segment(node) -> bool:
@@ -289,6 +301,13 @@ def remove_rows(node, selected: set[int]) -> None:
     set_reference_rows(node, [row for r, row in enumerate(rows) if r not in selected])
 
 
+def structure_list_key(node) -> tuple[str, str, str]:
+    """What the Known structures list is built for: (model choice, model file, task library) as the node holds
+    them. The widget rebuilds the list whenever this changes, also when the node changed without an edit in the
+    panel (a scene imported), so the list never belongs to another model."""
+    return model_choice(node), node.GetParameter("ModelPath") or "", node.GetParameter("LibraryPath") or ""
+
+
 def known_structure_list(choice: str, model_path: str = "", library_path: str = "") -> tuple[str, list[str], str]:
     """(kind, names, message) of what a model choice (``choice``, with ``model_path`` for a file) or a task
     library segments by name: 'hermes' and its vocabulary, 'library' and its classes, or 'iris' and none
@@ -304,9 +323,10 @@ def known_structure_list(choice: str, model_path: str = "", library_path: str = 
     return kind, list(names), ""
 
 
-def server_of(node) -> tuple[str, str] | None:
-    """(URL, token) of the server the parameter node says to run on, None for this computer. Refused with a
-    SceneError naming what to fix: a URL that is not http(s), no token file, an unreadable or empty one."""
+def server_of(node):
+    """The ``remote.Server`` the parameter node says to run on (address, token, CA bundle), None for this computer.
+    Refused with a SceneError naming what to fix: a URL that is not http(s), no token file, an unreadable or
+    empty one, a CA bundle that is not a file."""
     url = (node.GetParameter("ServerURL") or "").strip()
     if not url:
         return None
@@ -318,7 +338,14 @@ def server_of(node) -> tuple[str, str] | None:
         raise SceneError(f"server {url}: choose the file holding its token")
     from iris_core.service.client import ServerError, read_token
 
+    from .remote import Server
+
     try:
-        return url, read_token(path)
+        token = read_token(path)
     except (OSError, ServerError) as exc:
         raise SceneError(f"server token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    ca = (node.GetParameter("ServerCABundle") or "").strip() or None
+    if ca is not None and not Path(ca).is_file():
+        raise SceneError(f"server CA bundle {ca}: no such file; choose the PEM file of the certificate authority "
+                         "that signed the server's certificate, or leave it empty")
+    return Server(url, token, ca)

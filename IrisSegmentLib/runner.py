@@ -26,7 +26,7 @@ from pathlib import Path
 
 from iris_core.resources import ROOT
 
-from .worker import PREFIX_DONE, PREFIX_ERROR, PREFIX_PROGRESS, PREFIX_START
+from .worker import PREFIX_CANCELLED, PREFIX_DONE, PREFIX_ERROR, PREFIX_PROGRESS, PREFIX_START
 
 REPO_ROOT = ROOT
 STDERR_TAIL = 15  # lines of the worker's stderr kept for the error details
@@ -48,8 +48,9 @@ class WorkerCancelled(Exception):
 
 @dataclass
 class WorkerEvent:
-    kind: str  # "start", "progress", "log", "error", "done"
+    kind: str  # "start", "progress", "log", "error", "done", "cancelled"
     data: dict = field(default_factory=dict)
+    job: int | None = None  # the job it concerns (the warm worker runs several, one after another)
 
 
 def python_executable() -> str:
@@ -86,18 +87,19 @@ def popen_options() -> dict:
 def parse_line(line: str) -> WorkerEvent:
     """One protocol line -> an event. Anything malformed is a log line: parsing never raises."""
     for prefix, kind in ((PREFIX_START, "start"), (PREFIX_PROGRESS, "progress"), (PREFIX_ERROR, "error"),
-                         (PREFIX_DONE, "done")):
+                         (PREFIX_DONE, "done"), (PREFIX_CANCELLED, "cancelled")):
         if line.startswith(prefix):
             try:
                 data = json.loads(line[len(prefix):])
                 if not isinstance(data, dict):
                     raise ValueError("not an object")
+                job = int(data.pop("job")) if data.get("job") is not None else None
                 if kind == "progress":
                     data = {"stage": str(data.get("stage", "")), "done": int(data.get("done", 0)),
                             "total": int(data.get("total", 0))}
                 elif kind == "start":
-                    data = {"pid": int(data["pid"])}
-                return WorkerEvent(kind, data)
+                    data = {"pid": int(data["pid"]), "protocol": int(data.get("protocol") or 1)}
+                return WorkerEvent(kind, data, job)
             except (ValueError, TypeError, KeyError):
                 return WorkerEvent("log", {"line": f"(unreadable worker message) {line}"})
     return WorkerEvent("log", {"line": line})
@@ -231,9 +233,7 @@ class WorkerProcess:
             elif e.kind == "done":
                 self.result = e.data
             elif e.kind == "error":
-                d = e.data
-                self.error = WorkerError(str(d.get("message", "the worker failed")), str(d.get("traceback", "")),
-                                         tuple(str(i) for i in d.get("inputs") or ()))
+                self.error = error_from(e.data)
         if not exited:
             self._sample_memory()
             return events
@@ -246,21 +246,30 @@ class WorkerProcess:
         return events
 
     def _unreported_exit(self, code: int) -> WorkerError:
-        """The worker reports every Python error itself, so an end without a report means the
-        process was killed or crashed. Behind a launcher the exit code is 1 whatever happened,
-        so the real process id the worker announced tells whether it ever ran."""
-        import psutil
+        return unreported_exit(code, self.worker_pid, self.peak_rss, self._stderr)
 
-        tail = "\n".join(self._stderr[-STDERR_TAIL:])
-        used = f" (it used {self.peak_rss / 2**30:.1f} GiB; {psutil.virtual_memory().available / 2**30:.1f} GiB " \
-            "are free now)" if self.peak_rss else ""
-        if self.worker_pid is None:
-            return WorkerError(f"the segmentation process could not start (exit code {code}); see the details",
-                               tail)
-        if code < 0 and -code != SIGKILL:
-            return WorkerError(f"the segmentation process crashed (signal {-code})", tail)
-        return WorkerError("the segmentation process was killed (most likely out of memory)" + used
-                           + "; try the CPU, a smaller model or a cropped target", tail)
+
+def error_from(data: dict) -> WorkerError:
+    """The WorkerError of an IRIS-ERROR payload."""
+    return WorkerError(str(data.get("message", "the worker failed")), str(data.get("traceback", "")),
+                       tuple(str(i) for i in data.get("inputs") or ()))
+
+
+def unreported_exit(code: int, worker_pid: int | None, peak_rss: int, stderr: list[str]) -> WorkerError:
+    """The error of a worker that ended without reporting one: it reports every Python error itself, so it was
+    killed or crashed. Behind a launcher the exit code is 1 whatever happened, so the real process id the
+    worker announced tells whether it ever ran."""
+    import psutil
+
+    tail = "\n".join(stderr[-STDERR_TAIL:])
+    used = f" (it used {peak_rss / 2**30:.1f} GiB; {psutil.virtual_memory().available / 2**30:.1f} GiB " \
+        "are free now)" if peak_rss else ""
+    if worker_pid is None:
+        return WorkerError(f"the segmentation process could not start (exit code {code}); see the details", tail)
+    if code is not None and code < 0 and -code != SIGKILL:
+        return WorkerError(f"the segmentation process crashed (signal {-code})", tail)
+    return WorkerError("the segmentation process was killed (most likely out of memory)" + used
+                       + "; try the CPU, a smaller model or a cropped target", tail)
 
 
 def deliver(events: list[WorkerEvent], progress: Callable[[str, int, int], None] | None = None,

@@ -313,6 +313,9 @@ def add_labels_as_segmentation(scene, labels: sitk.Image | list[sitk.Image], inf
             if not out.CopySegmentFromSegmentation(segmentation, sid):
                 raise SceneError(f"segment '{segmentation.GetSegment(sid).GetName()}' could not be copied into "
                                  f"'{output_node.GetName()}'")
+        # the result's grid is the target's: the chosen output keeps another volume's geometry no more (the Segment
+        # Editor and export would work on that volume's grid)
+        output_node.SetReferenceImageGeometryParameterFromVolumeNode(target_node)
         scene.RemoveNode(created)
         created = None
         return output_node

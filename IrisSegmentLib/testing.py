@@ -177,3 +177,19 @@ def register_sample_data() -> None:
         SampleData.SampleDataLogic.registerCustomSampleDataSource(thumbnailFileName=str(icon), **sample_data_source())
     except Exception:
         logging.exception("IrisSegment: could not register the sample data")
+
+
+def run_module_tests() -> bool:
+    """Run the module's self-tests (Testing/Python/IrisSegmentModuleTest.py: CMake installs it beside the module, so
+    an installed extension finds it as a source checkout does); whether they all passed."""
+    import importlib.util
+
+    from iris_core.resources import ROOT
+
+    path = ROOT / "Testing" / "Python" / "IrisSegmentModuleTest.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"the module's self-test {path} is not installed (CMakeLists.txt installs it)")
+    spec = importlib.util.spec_from_file_location("IrisSegmentModuleTest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.runTest()

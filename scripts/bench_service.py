@@ -22,6 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the benchmark's server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -38,7 +47,6 @@ def main(argv=None) -> int:
     from IrisSegmentLib import testing
     from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest
     from IrisSegmentLib.standalone import init_scene
-    from IrisSegmentLib.warm import free_port
 
     target, refs = SAMPLE_DATA / "ICBM2009a-moved.nrrd", [(SAMPLE_DATA / "Colin27.nrrd", SAMPLE_DATA / "Colin27.seg.nrrd")]
     rows = []

@@ -173,10 +173,12 @@ def save_in_authors_format(state_dict: dict, path: Path, window: int, overlap: f
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (torchrun's rendezvous, test servers: a fixed port fails when two runs
-    meet); the warm worker's own."""
-    from IrisSegmentLib.warm import free_port as warm_free_port
+    meet)."""
+    import socket
 
-    return warm_free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_dicom_series(image, folder, modality: str = "MR", series_description: str = "test series") -> Path:

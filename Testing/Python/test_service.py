@@ -9,12 +9,11 @@ import secrets
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from serving import call, start_server, stop_server
 
 from conftest import free_port
 from iris_core.commands.cli import main
@@ -32,29 +31,13 @@ def server(tmp_path_factory, tiny_model_file, phantom_files):
                  "--classes", "ball=1,box=2", "--output", str(folder / "lib_seg.nii.gz"), "--save-library",
                  str(folder / "libs" / "phantom.safetensors")]) == 0
     tokens = [secrets.token_hex(16), secrets.token_hex(16)]
-    (folder / "tokens.txt").write_text("# tokens\n" + "\n".join(tokens) + "\n")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "iris_core.commands.cli", "serve", "--port", str(port),
-                             "--token-file", str(folder / "tokens.txt"), "--models", str(tiny_model_file), "default",
-                             "--max-jobs", "2", "--max-upload-mb", "16", "--device", "cpu", "--threads", "2",
-                             "--libraries", str(folder / "libs")],
-                            stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            Client(url, tokens[0], timeout=5).info()
-            break
-        except ServerError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("the server did not start: " + (folder / "server.log").read_text()) from None
-            time.sleep(0.5)
+    proc, url = start_server(folder, tokens, "--models", str(tiny_model_file), "default", "--max-jobs", "2",
+                             "--max-upload-mb", "16", "--device", "cpu", "--threads", "2", "--libraries",
+                             str(folder / "libs"))
     (folder / "token0").write_text(tokens[0])
     yield {"url": url, "tokens": tokens, "token_file": folder / "token0", "proc": proc, "model": str(tiny_model_file),
            "library": folder / "libs" / "phantom.safetensors"}
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 def test_cli_through_the_server_writes_what_a_local_run_writes(server, phantom_files, tmp_path, capsys):
@@ -78,23 +61,9 @@ def test_cli_through_the_server_writes_what_a_local_run_writes(server, phantom_f
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-def _raw(url: str, method: str = "GET", token: str | None = None, body: bytes | None = None,
-         content_type: str | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method=method)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    if content_type:
-        req.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
 def test_no_or_a_wrong_token_is_401_and_nothing_runs(server, phantom_files):
-    assert _raw(server["url"] + "/v1/info")[0] == 401
-    assert _raw(server["url"] + "/v1/info", token="x" * 32)[0] == 401
+    assert call(server["url"])[0] == 401
+    assert call(server["url"], token="x" * 32)[0] == 401
     with pytest.raises(ServerError, match="no valid token") as err:
         Client(server["url"], "not-the-token-0123456789").submit(phantom_files["tgt"],
                                                                  [(phantom_files["ref"], phantom_files["ref_lab"])])
@@ -216,21 +185,9 @@ def test_server_killed_mid_run_is_a_clear_message_and_the_scene_is_unchanged(tmp
     from IrisSegmentLib.standalone import init_scene
 
     token = secrets.token_hex(16)
-    (tmp_path / "tokens.txt").write_text(token + "\n")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "iris_core.commands.cli", "serve", "--port", str(port),
-                             "--token-file", str(tmp_path / "tokens.txt"), "--models", "default", "--device", "cpu"],
-                            stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(tmp_path, [token], "--models", "default", "--device", "cpu", "--workdir",
+                             str(tmp_path / "work"))
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                Client(url, token, timeout=5).info()
-                break
-            except ServerError:
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-                time.sleep(0.5)
         scene = init_scene()
         nodes = testing.load_sample_pair(scene)
         before = testing.node_ids(scene)
@@ -258,6 +215,7 @@ def test_run_on_server_parameters(tmp_path):
     import slicer  # noqa: F401  slicer-core: a test dependency
 
     from IrisSegmentLib import parameters
+    from IrisSegmentLib.remote import Server
     from IrisSegmentLib.scene import SceneError
     from IrisSegmentLib.standalone import init_scene
 
@@ -277,41 +235,9 @@ def test_run_on_server_parameters(tmp_path):
             parameters.server_of(node)
         (tmp_path / "token.txt").write_text("# mine\nabcdef0123456789abcdef\n")
         node.SetParameter("ServerTokenFile", str(tmp_path / "token.txt"))
-        assert parameters.server_of(node) == ("https://gpu-host:8765", "abcdef0123456789abcdef")
+        assert parameters.server_of(node) == Server("https://gpu-host:8765", "abcdef0123456789abcdef")
     finally:
         scene.RemoveNode(node)
-
-
-def test_warm_local_worker_is_started_once_kept_and_stopped(tiny_model_file):
-    """The module's warm worker on a real scene: the first Segment starts a loopback server with a token of its
-    own, the second reuses it (the same process), both give the local worker's segments; close() stops it."""
-    import psutil
-    import slicer  # noqa: F401  slicer-core: a test dependency
-
-    from iris_core.options import SegmentOptions
-    from IrisSegmentLib import testing
-    from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest
-    from IrisSegmentLib.standalone import init_scene
-
-    scene = init_scene()
-    nodes = testing.load_sample_pair(scene)
-    req = SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], nodes["reference_seg"])],
-                         model=str(tiny_model_file), options=SegmentOptions(device="cpu"))
-    local = _scene_arrays(IrisSegmentLogic(scene).segment(req), nodes["target"])
-    logic = IrisSegmentLogic(scene, warm=True)
-    try:
-        first = _scene_arrays(logic.segment(req), nodes["target"])
-        pid, url = logic.warm.proc.pid, logic.warm.url
-        assert url.startswith("http://127.0.0.1:") and len(logic.warm.token) >= 32
-        with pytest.raises(ServerError, match="no valid token"):  # the loopback server wants its own token
-            Client(url, "someone-elses-token-0123456789").info()
-        second = _scene_arrays(logic.segment(req), nodes["target"])
-        assert logic.warm.proc.pid == pid  # kept warm: no second start
-        assert np.array_equal(first["brain"], local["brain"]) and np.array_equal(second["brain"], local["brain"])
-    finally:
-        logic.close()
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert logic.warm.proc is None
 
 
 def test_a_rank_share_does_not_depend_on_what_other_ranks_have_written(tmp_path):

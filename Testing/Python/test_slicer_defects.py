@@ -341,7 +341,9 @@ def test_item18_a_result_that_cannot_be_written_is_a_clear_message(world):
     outcome = run_to_end(job)
     assert outcome.status == "failed" and outcome.stage == "Segmentation failed; the scene is unchanged."
     text = str(outcome.error)
-    assert "cannot write" in text and "the result in the work folder" in text, text
+    assert "cannot write the result in the temporary folder" in text, text
+    # the fault battery of issue [18]: "cannot write the result the result in the work folder /tmp/iris-..."
+    assert "the result the result" not in text and job.folder.name not in text, text
     assert "result.nrrd" not in text and "itk::" not in text.lower()
     assert node_ids(scene) == before and not job.folder.exists()
 

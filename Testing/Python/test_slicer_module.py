@@ -215,3 +215,96 @@ def test_enabled_controls_follow_the_state():
         state = choices.enabled_controls(node, running, installing)
         assert not state["segmentButton"] and not any(state[n] for n in choices.BUSY_CONTROLS)
         assert state["cancelButton"] == running
+
+
+def _ui_texts() -> tuple[set[str], dict[str, str]]:
+    """Every text the panel shows as a control's name (labels without their colon, buttons, section and group
+    titles, table columns), and the controls that carry one (name -> text)."""
+    root = ET.parse(ROOT / "Resources" / "UI" / "IrisSegment.ui").getroot()
+    named: dict[str, str] = {}
+    texts: set[str] = set()
+    for w in root.iter("widget"):
+        for prop in w.findall("property"):
+            if prop.get("name") in ("text", "title") and prop.find("string") is not None and prop.find("string").text:
+                text = prop.find("string").text.strip().rstrip(":")
+                texts.add(text)
+                named[w.get("name")] = text
+        for col in w.findall("column"):
+            texts.add(col.find("property/string").text)
+    return texts, named
+
+
+def _readme_controls() -> list[str]:
+    """The first column of the README's table of the panel's controls ('A / B' names two)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Use in 3D Slicer"):text.index("## Layout")]
+    table = section[section.index("| control | what it does |"):].split("\n\n")[0]
+    names = []
+    for line in table.splitlines()[2:]:
+        first = line.split("|")[1].strip().strip("*").strip()
+        names += [n.strip() for n in first.split(" / ")]
+    return names
+
+
+def test_every_control_the_readme_names_is_in_the_ui():
+    """Issue [24] item 6: the README's Slicer section described another panel (Settings > Run on server). Each
+    control its table names is a control's text in IrisSegment.ui (a label may go on after the name: "References
+    (volume, segmentation, segments). The same ..."), and every labelled control and button of the .ui is in the
+    table (descriptions and the status line aside)."""
+    texts, named = _ui_texts()
+    names = _readme_controls()
+    assert len(names) > 20, names
+    unknown = [n for n in names if n not in texts and not any(t.startswith(n + ".") for t in texts)]
+    assert not unknown, f"the README names controls the panel does not have: {unknown}"
+    root = ET.parse(ROOT / "Resources" / "UI" / "IrisSegment.ui").getroot()
+    described = {w.get("name") for w in root.iter("widget")
+                 if any(p.get("name") == "wordWrap" for p in w.findall("property"))}  # help texts, not controls
+    missing = [t for n, t in named.items() if n not in described and t and t not in names
+               and not any(t.startswith(m + ".") for m in names)]
+    assert not missing, f"controls of the panel the README does not describe: {missing}"
+    readme = (ROOT / "README.md").read_text()
+    assert "*Settings* > *Run on server*" not in readme and "Iris Segment" not in readme  # one name: IrisSegment
+    assert (ROOT / "Resources" / "Screenshots" / "panel.png").is_file()
+    assert "](Resources/Screenshots/panel.png)" in readme and "MPS" in readme
+
+
+def test_cmake_installs_what_the_self_test_needs(tmp_path):
+    """Issue [18]: Testing/ was not installed, so the module's self-test failed in an installed extension. The
+    files CMakeLists.txt installs (its SCRIPTS and RESOURCES, the GLOBs expanded), copied as Slicer's build
+    copies them (relative paths kept), are enough for the self-test to be found and for its sample pair, model
+    and requirements to resolve, from that tree alone."""
+    import subprocess
+    import sys
+
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    globs = dict(re.findall(r"file\(GLOB(?:_RECURSE)? (\w+) RELATIVE \$\{CMAKE_CURRENT_SOURCE_DIR\} (\S+)\)", cmake))
+    files: list[str] = []
+    for block in re.findall(r"set\(MODULE_PYTHON_(?:SCRIPTS|RESOURCES)\n(.*?)\n  \)", cmake, re.S):
+        for line in block.splitlines():
+            item = line.split("#", 1)[0].strip().replace("${MODULE_NAME}", "IrisSegment")
+            var = re.fullmatch(r"\$\{(\w+)\}", item)
+            if var:  # file(GLOB ...) or file(GLOB_RECURSE ...) of the source tree
+                recursive = f"GLOB_RECURSE {var.group(1)} " in cmake
+                pattern = globs[var.group(1)]
+                found = (ROOT / Path(pattern).parent).rglob(Path(pattern).name) if recursive else ROOT.glob(pattern)
+                files += [str(q.relative_to(ROOT)) for q in found]
+            elif item:
+                files.append(item)
+    assert "Testing/Python/IrisSegmentModuleTest.py" in files
+    for rel in set(files):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes((ROOT / rel).read_bytes())
+    code = ("import importlib.util, pathlib\n"
+            "from iris_core.resources import ROOT, DEFAULT_MODEL, SAMPLE_DATA\n"
+            "from IrisSegmentLib.testing import SAMPLE_FILES\n"
+            "from IrisSegmentLib.dependencies import REQUIREMENTS, requirement_lines\n"
+            "assert pathlib.Path(ROOT) == pathlib.Path.cwd(), ROOT\n"
+            "assert (ROOT / 'Testing' / 'Python' / 'IrisSegmentModuleTest.py').is_file()\n"
+            "assert DEFAULT_MODEL.is_file() and requirement_lines(REQUIREMENTS)\n"
+            "assert all((SAMPLE_DATA / f).is_file() for f, _, _ in SAMPLE_FILES)\n"
+            "spec = importlib.util.spec_from_file_location('t', ROOT / 'Testing' / 'Python' / 'IrisSegmentModuleTest.py')\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); assert callable(m.runTest)\n"
+            "print('found')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "found", out.stderr[-2000:]

@@ -1,20 +1,26 @@
-"""CI only (.github/workflows/slicer-selftest.yml): install Resources/requirements.txt into Slicer's Python, torch
-from PyTorch's CPU index (the runners have no GPU), then quit. Run with Slicer --python-script."""
+"""CI only (.github/workflows/slicer-selftest.yml): install what the module's installer would install
+(IrisSegmentLib.dependencies.missing_packages(): Resources/requirements.txt less what this Slicer satisfies) into
+Slicer's Python, torch from PyTorch's CPU index (the runners have no GPU). Run with PythonSlicer, not the Slicer
+application: no dialog can open (slicer.packaging's progress and error dialogs, Slicer 5.12+), and a pip failure
+is this script's non-zero exit, which fails the job."""
 
 import os
+import subprocess
 import sys
 
-import slicer
-
 root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-requirements = os.path.join(root, "Resources", "requirements.txt")
-lines = [ln.split("#", 1)[0].strip() for ln in open(requirements, encoding="utf-8")]
-lines = [ln for ln in lines if ln]
-torch = [ln for ln in lines if ln.startswith("torch")]
-try:
-    slicer.util.pip_install(torch + ["--index-url", "https://download.pytorch.org/whl/cpu"])
-    slicer.util.pip_install([ln for ln in lines if not ln.startswith("torch")])
-except Exception as exc:  # any failure fails the CI step
-    print(f"installing the requirements failed: {exc}", file=sys.stderr)
-    slicer.util.exit(1)
-slicer.util.exit(0)
+sys.path.insert(0, root)
+from IrisSegmentLib.dependencies import missing_packages, requirement_name  # noqa: E402
+
+missing = missing_packages()
+torch = [m for m in missing if requirement_name(m) == "torch"]
+rest = [m for m in missing if requirement_name(m) != "torch"]
+print(f"installing into {sys.executable}: {missing or 'nothing (all satisfied)'}", flush=True)
+if torch:
+    subprocess.run([sys.executable, "-m", "pip", "install", *torch, "--index-url",
+                    "https://download.pytorch.org/whl/cpu"], check=True)
+if rest:
+    subprocess.run([sys.executable, "-m", "pip", "install", *rest], check=True)
+still = missing_packages()
+if still:
+    sys.exit(f"still missing after the install: {still}")

@@ -318,4 +318,8 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     s.add_argument("--server", metavar="URL", help="segment on an iris-segment server (iris-segment serve) instead "
                    "of this computer; same outputs")
     s.add_argument("--token-file", help="with --server: a file holding the server's token")
+    s.add_argument("--ca-bundle", metavar="PEM", help="with an https --server: trust the certificates in this file "
+                   "(instead of the system's and SSL_CERT_FILE's)")
+    s.add_argument("--proxy", metavar="URL", help="with --server: reach it through this HTTP proxy (http://host:port; "
+                   "http_proxy and HTTPS_PROXY are never used, a loopback server is never proxied)")
     s.set_defaults(func=cmd_segment)

@@ -127,11 +127,19 @@ def nifti_nonfinite_voxels(path: Path) -> int:
             return 0
         count = int(np.prod(dims[1 : int(dims[0]) + 1], dtype=np.int64))
         f.seek(offset)
-        data = np.frombuffer(f.read(count * int(_NIFTI_FLOATS[code][1])), order + _NIFTI_FLOATS[code])
-    return int(np.count_nonzero(~np.isfinite(data)))
+        dtype = np.dtype(order + _NIFTI_FLOATS[code])
+        bad, left = 0, count
+        while left > 0:  # in chunks of 4M voxels: the file's voxels are never held whole a second time
+            buf = f.read(min(left, 2**22) * dtype.itemsize)
+            data = np.frombuffer(buf[: len(buf) - len(buf) % dtype.itemsize], dtype)
+            if not data.size:
+                break
+            bad += int(np.count_nonzero(~np.isfinite(data)))
+            left -= data.size
+    return bad
 
 
-def _check_shape(components: int, size: tuple[int, ...], name: str) -> None:
+def check_shape(components: int, size: tuple[int, ...], name: str) -> None:
     """Refuse what the model cannot take: several components, not 3-D (a 4-D file of one volume is
     3-D), a single slice."""
     if components != 1:
@@ -146,7 +154,7 @@ def _check_shape(components: int, size: tuple[int, ...], name: str) -> None:
 
 def check_volume(image: sitk.Image, name: str) -> sitk.Image:
     """Refuse what the model cannot take: not 3-D, several components, empty."""
-    _check_shape(image.GetNumberOfComponentsPerPixel(), image.GetSize(), name)
+    check_shape(image.GetNumberOfComponentsPerPixel(), image.GetSize(), name)
     if image.GetDimension() == 4:
         image = image[:, :, :, 0]
     return image
@@ -171,7 +179,7 @@ def probe_image(path: str | Path, what: str = "image") -> None:
         raise _unreadable(what, path, exc) from None
     if reader.GetNumberOfComponents() > 1 and path.name.lower().endswith(".seg.nrrd"):
         return  # read_image explains a layered segmentation
-    _check_shape(reader.GetNumberOfComponents(), reader.GetSize(), f"{what} {path}")
+    check_shape(reader.GetNumberOfComponents(), reader.GetSize(), f"{what} {path}")
 
 
 def check_finite(image: sitk.Image, name: str) -> np.ndarray:

@@ -91,6 +91,20 @@ def retain_freed_memory() -> bool:
     return True
 
 
+def release_freed_memory() -> bool:
+    """Give the memory this process freed and retains (``retain_freed_memory``) back to the system now:
+    glibc's ``malloc_trim(0)`` returns every free page of every arena, whatever the trim threshold
+    (malloc_trim(3)). For a process that stays alive between jobs (Slicer's warm worker), after each job: the
+    next job's windows reuse the heap again, and an idle worker holds only what it keeps (torch and the
+    model). Returns whether memory was handed back (only where ``retain_freed_memory`` applied); CUDA's
+    cached blocks are emptied too."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if _glibc is None or not hasattr(_glibc, "malloc_trim"):
+        return False
+    return bool(_glibc.malloc_trim(0))
+
+
 def retained_free_bytes() -> int:
     """Memory this process freed and keeps for reuse (0 unless ``retain_freed_memory`` applied)."""
     if _glibc is None or not hasattr(_glibc, "mallinfo2"):

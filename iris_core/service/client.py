@@ -1,24 +1,43 @@
-"""A client of ``iris-segment serve`` with the standard library alone (urllib, json): no torch, monai or scipy,
-so a Slicer without torch, or any thin machine, segments through a server. Used by ``iris-segment segment
---server URL``."""
+"""A client of ``iris-segment serve`` with the standard library alone (http.client, ssl, json): no torch, numpy,
+monai or scipy, so a Slicer without torch, or any thin machine, segments through a server. Used by
+``iris-segment segment --server URL`` and the Slicer module.
+
+Where the token goes: to the address given and nowhere else. No proxy is used unless one is given (``proxy``;
+never for a loopback server), whatever ``http_proxy`` / ``HTTPS_PROXY`` say; a redirect is an error naming where
+it pointed, never followed. Each call has a total deadline (``timeout``; uploads and label maps
+``transfer_timeout``), however slowly the server answers, and a cap on the answer's size. HTTPS is checked against
+the system's certificates (or ``SSL_CERT_FILE``), or only against ``ca_bundle`` when given. Before uploading, the
+request is checked against the schema the server publishes (``GET /v1/info``): an option an older server does not
+know is left out when at its default, and refused in words otherwise."""
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
 import json
+import re
+import socket
+import ssl
+import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from iris_core.io.names import publish, sidecar_path
+from iris_core.options import SegmentOptions
+from iris_core.service.wire import mismatch, multipart, resolve
 
 PROTOCOL = 1
+#: a JSON answer (status, sidecar, info) is at most this long
+MAX_JSON_BYTES = 16 * 2**20
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+#: what the client sends when the caller leaves a field alone (left out for a server that does not know it)
+REQUEST_DEFAULTS = {"model": "default", "classes": None, "output": ".nii.gz", "library": None, "keep_task": False}
 
 
 class ServerError(Exception):
-    """The server refused or failed a call; the message is the server's answer, fit for the user."""
+    """The server refused or failed a call, or could not be used; the message is fit for the user."""
 
     def __init__(self, message: str, status: int = 0):
         super().__init__(message)
@@ -33,32 +52,195 @@ def read_token(path: str | Path) -> str:
     raise ServerError(f"token file {path}: no token")
 
 
+def is_loopback(host: str) -> bool:
+    """True for this computer's own addresses (localhost, 127.0.0.0/8, ::1): never reached through a proxy."""
+    if host.lower() in ("localhost", "localhost.") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class Client:
-    """Calls to one server with one token."""
+    """Calls to one server with one token. ``timeout``: seconds a call may take in all (connecting, sending,
+    waiting, reading); ``transfer_timeout`` the same for an upload or a label map; ``ca_bundle``: a PEM file of the
+    certificates to trust for HTTPS instead of the system's; ``proxy``: an ``http://host:port`` proxy to reach the
+    server through (a loopback server never is); ``max_result_mb``: the largest label map accepted."""
 
-    def __init__(self, url: str, token: str, timeout: float = 60.0):
+    def __init__(self, url: str, token: str, timeout: float = 60.0, *, ca_bundle: str | Path | None = None,
+                 proxy: str | None = None, transfer_timeout: float = 1800.0, max_result_mb: float = 4096):
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
-
-    def _call(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None) -> bytes:
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Authorization": f"Bearer {self.token}"})
-        if content_type:
-            req.add_header("Content-Type", content_type)
+        self.transfer_timeout, self.max_result = transfer_timeout, int(max_result_mb * 2**20)
+        parts = urlsplit(self.url)
+        # an address that is not one is refused at the first call (a client may be made before its address is known)
+        self.valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        self.https, self.host = parts.scheme == "https", parts.hostname or ""
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.read()
-        except urllib.error.HTTPError as exc:
+            self.port = parts.port or (443 if self.https else 80)
+        except ValueError:
+            self.valid, self.port = False, 0
+        self.base = parts.path.rstrip("/")
+        self.proxy = None
+        if proxy and not is_loopback(self.host):
+            p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            if p.scheme != "http" or not p.hostname:
+                raise ServerError(f"proxy {proxy!r}: give it as http://host:port")
+            self.proxy = (p.hostname, p.port or 80)
+        self.context = None
+        if self.https:
             try:
-                detail = json.loads(exc.read()).get("detail", "")
-            except ValueError:
-                detail = ""
-            raise ServerError(f"server {self.url}: {detail or exc.reason} (HTTP {exc.code})", exc.code) from None
-        except (urllib.error.URLError, OSError) as exc:
-            why = getattr(exc, "reason", exc)
+                self.context = ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise ServerError(f"CA bundle {ca_bundle}: {getattr(exc, 'strerror', None) or exc} (a PEM file of "
+                                  "the certificates to trust)") from None
+
+    # -- one call ----------------------------------------------------------------------------------------------
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if not self.valid:
+            raise ServerError(f"server {self.url!r}: give its address as http://host:port or https://host")
+        host, port = self.proxy or (self.host, self.port)
+        if self.https:
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self.context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        if self.proxy:
+            conn.set_tunnel(self.host, self.port)  # CONNECT: the proxy sees the address, never the token
+        return conn
+
+    def _call(self, method: str, path: str, body: list | bytes | None = None, content_type: str | None = None,
+              sink: Path | None = None, transfer: bool = False) -> bytes:
+        """One request; the answer's body (or, with ``sink``, its length, the body written there). ``body``: bytes,
+        or a list of bytes and file paths sent in turn (an upload is never held whole in memory)."""
+        seconds = self.transfer_timeout if transfer else self.timeout
+        cap = self.max_result if sink is not None else MAX_JSON_BYTES
+        conn = self._connection(min(self.timeout, seconds))
+        expired = threading.Event()
+
+        opened: list[socket.socket] = []  # the socket (the connection forgets it once an HTTP/1.0 answer comes)
+
+        def expire() -> None:  # the total deadline: a server trickling bytes is cut off
+            expired.set()
+            for sock in opened or [conn.sock]:
+                if sock is None:
+                    continue
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        resp = None
+        timer = threading.Timer(seconds, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            pieces = [body] if isinstance(body, bytes) else list(body or [])
+            length = sum(len(p) if isinstance(p, bytes) else Path(p).stat().st_size for p in pieces)
+            conn.putrequest(method, self.base + path, skip_accept_encoding=True)
+            conn.putheader("Authorization", f"Bearer {self.token}")
+            if content_type:
+                conn.putheader("Content-Type", content_type)
+            if body is not None:
+                conn.putheader("Content-Length", str(length))
+            conn.endheaders()
+            opened.append(conn.sock)
+            try:
+                for piece in pieces:
+                    if isinstance(piece, bytes):
+                        conn.send(piece)
+                    else:
+                        with open(piece, "rb") as f:
+                            while chunk := f.read(2**20):
+                                conn.send(chunk)
+            except OSError:
+                if expired.is_set():
+                    raise
+                # the server answered before the upload ended (413, 429) and closed: its answer, if it came
+                resp = conn.getresponse()
+                raise self._refusal(resp) if resp.status >= 400 else ServerError(
+                    f"server {self.url}: closed the connection during the upload", resp.status) from None
+            resp = conn.getresponse()
+            if 300 <= resp.status < 400:
+                raise ServerError(f"server {self.url}: answered {path} with a redirect to "
+                                  f"{resp.getheader('Location', '?')!r}, not followed (the token goes to the address "
+                                  "given only): give the address it points to", resp.status)
+            if resp.status >= 400:
+                raise self._refusal(resp)
+            announced = resp.getheader("Content-Length", "")
+            if announced.isdigit() and int(announced) > cap:
+                raise ServerError(f"server {self.url}: its answer to {path} is {int(announced) / 2**20:.0f} MB, over "
+                                  f"this client's limit of {cap / 2**20:.0f} MB", resp.status)
+            data = self._read(resp, path, cap, sink)
+            if expired.is_set():  # the deadline's shutdown ends the body early: not an answer
+                raise OSError("deadline")
+            return data
+        except ServerError:
+            raise
+        except ssl.SSLCertVerificationError as exc:
+            raise ServerError(f"server {self.url}: its certificate is not trusted ({exc.verify_message}); give the "
+                              "certificate of the authority that signed it (--ca-bundle PEM)") from None
+        except (OSError, http.client.HTTPException) as exc:
+            if expired.is_set():
+                raise ServerError(f"server {self.url}: no complete answer to {path} within {seconds:g} s; gave "
+                                  "up") from None
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
             raise ServerError(f"server {self.url}: cannot be reached ({why})") from None
+        finally:
+            timer.cancel()
+            if resp is not None:
+                resp.close()
+            conn.close()
+
+    def _read(self, resp: http.client.HTTPResponse, path: str, cap: int, sink: Path | None) -> bytes:
+        """The body, read as it comes (``read1``: the deadline's shutdown ends a wait) up to ``cap`` bytes."""
+        got, chunks = 0, []
+        out = open(sink, "wb") if sink is not None else None
+        try:
+            while chunk := resp.read1(2**20):
+                got += len(chunk)
+                if got > cap:
+                    raise ServerError(f"server {self.url}: its answer to {path} is over this client's limit of "
+                                      f"{cap / 2**20:.0f} MB; stopped reading", resp.status)
+                if out is not None:
+                    out.write(chunk)
+                else:
+                    chunks.append(chunk)
+        finally:
+            if out is not None:
+                out.close()
+        return b"".join(chunks)
+
+    def _refusal(self, resp: http.client.HTTPResponse) -> ServerError:
+        try:
+            length = resp.getheader("Content-Length", "")
+            text = resp.read(int(length)) if length.isdigit() and int(length) <= 2**16 else resp.read1(2**16)
+            detail = json.loads(text).get("detail", "")
+        except (ValueError, AttributeError, OSError, http.client.HTTPException):
+            detail = ""
+        if not isinstance(detail, str):
+            detail = json.dumps(detail)[:500]
+        return ServerError(f"server {self.url}: {detail or resp.reason} (HTTP {resp.status})", resp.status)
 
     def _json(self, method: str, path: str, **kw) -> dict:
-        return json.loads(self._call(method, path, **kw))
+        data = self._call(method, path, **kw)
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise ServerError(f"server {self.url}: its answer to {method} {path} is not a JSON object "
+                              f"({data[:80]!r}); is this an iris-segment server?")
+        return answer
+
+    def _job_id(self, answer: dict, what: str) -> str:
+        job = answer.get("job")
+        if not isinstance(job, str) or not JOB_ID.fullmatch(job):
+            raise ServerError(f"server {self.url}: its answer to {what} names no job ({json.dumps(answer)[:120]}); "
+                              "is this an iris-segment server?")
+        return job
+
+    # -- the protocol ------------------------------------------------------------------------------------------
 
     def _limits(self) -> dict:
         if not hasattr(self, "_info"):
@@ -72,48 +254,90 @@ class Client:
             raise ServerError(f"server {self.url} speaks {info.get('server', '?')} protocol "
                               f"{info.get('protocol', '?')}; this client speaks iris-segment protocol {PROTOCOL}: "
                               "update the older of the two")
+        self._info = info
         return info
+
+    def check_request(self, request: dict) -> dict:
+        """``request`` as the server accepts it, checked against the schema it publishes: a field or option it does
+        not know is left out when at its default, refused otherwise ('the server is older'); a value outside what
+        it accepts is refused naming the field and what it accepts. A server that publishes no schema gets the
+        request as is."""
+        schema = self._limits().get("request_schema")
+        if not isinstance(schema, dict) or not isinstance(schema.get("properties"), dict):
+            return request
+        defs, props = schema.get("$defs") or {}, schema["properties"]
+        defaults = {**REQUEST_DEFAULTS, "options": {}}
+        out: dict = {}
+        for key, value in request.items():
+            if key not in props:
+                if value == defaults.get(key, object()) or value == {}:
+                    continue
+                raise ServerError(f"server {self.url} is older: it does not accept {key!r}; update the server or "
+                                  f"leave {key} at its default")
+            if key == "options" and isinstance(value, dict):
+                out[key] = self._check_options(value, resolve(props[key], defs), defs)
+                continue
+            problem = mismatch(value, props[key], defs)
+            if problem:
+                raise ServerError(f"server {self.url} does not accept {key}={value!r}: it takes {problem}")
+            out[key] = value
+        return out
+
+    def _check_options(self, options: dict, schema: dict, defs: dict) -> dict:
+        known = schema.get("properties") or {}
+        defaults = SegmentOptions().to_dict()
+        kept = {}
+        for name, value in options.items():
+            if name not in known:
+                if name in defaults and value == defaults[name]:
+                    continue
+                raise ServerError(f"server {self.url} is older: it does not accept option {name!r}; update the "
+                                  f"server or leave {name} at its default ({defaults.get(name)!r})")
+            problem = mismatch(value, known[name], defs)
+            if problem:
+                raise ServerError(f"server {self.url} does not accept option {name}={value!r}: it takes {problem}")
+            kept[name] = value
+        return kept
 
     def submit(self, target: str | Path, references: list[tuple[str, str]], model: str = "default",
                options: dict | None = None, classes: str | list | None = None, output: str = ".nii.gz",
                library: str | None = None, keep_task: bool = False) -> str:
         """Upload a job; its id. ``library``: the name of a task library the server offers (instead of
-        references); ``keep_task``: the server keeps the task embedding for ``submit_target``."""
-        boundary = uuid.uuid4().hex
-        parts: list[bytes] = []
-
-        def add(name: str, data: bytes, filename: str | None = None) -> None:
-            head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'
-            head += f'; filename="{filename}"\r\nContent-Type: application/octet-stream' if filename else ""
-            parts.append(head.encode() + b"\r\n\r\n" + data + b"\r\n")
-
-        add("request", json.dumps({"model": model, "options": options or {}, "classes": classes, "output": output,
-                                   "library": library, "keep_task": keep_task}).encode())
-        add("target", Path(target).read_bytes(), Path(target).name)
+        references); ``keep_task``: the server keeps the task embedding for ``submit_target``. The request is
+        checked against the server's schema and size limit before anything is uploaded."""
+        request = self.check_request({"model": model, "options": options or {}, "classes": classes,
+                                      "output": output, "library": library, "keep_task": keep_task})
+        files = [("target", Path(target))]
         for i, (img, lab) in enumerate(references):
-            add(f"reference_image_{i}", Path(img).read_bytes(), Path(img).name)
-            add(f"reference_labels_{i}", Path(lab).read_bytes(), Path(lab).name)
-        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        # refused here, in words, rather than by a connection the server closes in the middle of the upload
+            files += [(f"reference_image_{i}", Path(img)), (f"reference_labels_{i}", Path(lab))]
+        boundary, body = multipart(files, json.dumps(request).encode())
+        return self._job_id(self._json("POST", "/v1/jobs", body=self._fits(body),
+                                       content_type=f"multipart/form-data; boundary={boundary}", transfer=True),
+                            "POST /v1/jobs")
+
+    def _fits(self, body: list) -> list:
+        """``body``, refused here in words when over the server's advertised limit (rather than by a connection
+        the server closes in the middle of the upload)."""
+        size = sum(len(p) if isinstance(p, bytes) else Path(p).stat().st_size for p in body)
         limit = self._limits().get("max_upload_mb")
-        if limit and len(body) > limit * 2**20:
-            raise ServerError(f"server {self.url}: upload of {len(body) / 2**20:.1f} MB is over the server's limit "
-                              f"of {limit:.0f} MB (HTTP 413 before sending)", 413)
-        return self._json("POST", "/v1/jobs", body=body, content_type=f"multipart/form-data; boundary={boundary}")[
-            "job"]
+        if isinstance(limit, int | float) and size > limit * 2**20:
+            raise ServerError(f"server {self.url}: upload of {size / 2**20:.1f} MB is over the server's limit "
+                              f"of {limit:g} MB (HTTP 413 before sending)", 413)
+        return body
 
     def submit_target(self, job: str, target: str | Path) -> str:
         """A further target for a finished ``keep_task`` job: segmented with its task, not encoding the
         references again; the new job's id."""
-        boundary = uuid.uuid4().hex
-        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="target"; filename="{Path(target).name}"\r\n'
-                "Content-Type: application/octet-stream\r\n\r\n").encode() + Path(target).read_bytes() + \
-            f"\r\n--{boundary}--\r\n".encode()
-        return self._json("POST", f"/v1/jobs/{job}/targets", body=body,
-                          content_type=f"multipart/form-data; boundary={boundary}")["job"]
+        boundary, body = multipart([("target", Path(target))])
+        return self._job_id(self._json("POST", f"/v1/jobs/{job}/targets", body=self._fits(body),
+                                       content_type=f"multipart/form-data; boundary={boundary}", transfer=True),
+                            f"POST /v1/jobs/{job}/targets")
 
     def status(self, job: str) -> dict:
-        return self._json("GET", f"/v1/jobs/{job}")
+        st = self._json("GET", f"/v1/jobs/{job}")
+        if not isinstance(st.get("status"), str):
+            raise ServerError(f"server {self.url}: its status of job {job} has no 'status' ({json.dumps(st)[:120]})")
+        return st
 
     def cancel(self, job: str) -> dict:
         return self._json("POST", f"/v1/jobs/{job}/cancel")
@@ -124,7 +348,7 @@ class Client:
         while True:
             st = self.status(job)
             if progress is not None and st.get("stage"):
-                progress(st["stage"], st.get("done", 0), st.get("total", 0))
+                progress(str(st["stage"]), int(st.get("done") or 0), int(st.get("total") or 0))
             if st["status"] in ("done", "failed", "cancelled"):
                 return st
             if cancel is not None and cancel():
@@ -133,21 +357,23 @@ class Client:
 
     def fetch(self, job: str, output: str | Path, forget: bool = True) -> tuple[Path, Path, dict]:
         """Write the job's label map to ``output`` and its sidecar beside it (``seg.nii.gz`` -> ``seg.json``),
-        each through a temporary moved into place; then (``forget``) the server forgets the job."""
+        each through a temporary moved into place (the label map streamed to disk, at most ``max_result_mb``);
+        then (``forget``) the server forgets the job. The server deletes its copy of the label map once sent."""
         output = Path(output)
-        labels = self._call("GET", f"/v1/jobs/{job}/labels")
-        sidecar = self._json("GET", f"/v1/jobs/{job}/sidecar")
         side = sidecar_path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        written = []
-        for dest, data in ((output, labels), (side, json.dumps(sidecar, indent=2).encode())):
-            tmp = dest.with_name(f".{dest.name}.partial")
-            tmp.write_bytes(data)
-            written.append((tmp, dest))
-        for tmp, dest in written:
-            publish(tmp, dest)
+        tmp_labels, tmp_side = (d.with_name(f".{d.name}.partial") for d in (output, side))
+        try:
+            self._call("GET", f"/v1/jobs/{job}/labels", sink=tmp_labels, transfer=True)
+            sidecar = self._json("GET", f"/v1/jobs/{job}/sidecar")
+            tmp_side.write_text(json.dumps(sidecar, indent=2))
+            publish(tmp_labels, output)
+            publish(tmp_side, side)
+        finally:
+            tmp_labels.unlink(missing_ok=True)
+            tmp_side.unlink(missing_ok=True)
         if forget:
-            self._call("DELETE", f"/v1/jobs/{job}")
+            self.forget(job)
         return output, side, sidecar
 
     def forget(self, job: str) -> None:
