@@ -1,6 +1,8 @@
-"""The house a newcomer reads (issue [13]): the README's Layout section lists every module of the tree and
-nothing else; imports run one way between the layers and form no cycle; no file grows past 450 lines
-outside models/; the Slicer side and the CLI's --help stay torch-free."""
+"""The house a newcomer reads (issues [13], [22]): the README's Layout section lists every module of the product
+and nothing else; imports run one way between the layers and form no cycle, in iris_core and in the Slicer side
+(IrisSegmentLib, above it); iris_core never imports slicer, qt, vtk or ctk, IrisSegmentLib never imports qt or ctk;
+no file grows past 450 lines and no function past 80 outside models/ (a short, named list of exceptions); the
+Slicer side and the CLI's --help stay torch-free."""
 
 from __future__ import annotations
 
@@ -12,34 +14,49 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "iris_core"
-#: each part of iris_core and its layer: a module may import its own layer and those below, never above
+SLICER_LIB = ROOT / "IrisSegmentLib"
+#: each part of iris_core and its layer: a module may import its own layer and those below, never above; the
+#: Slicer side's Qt-free package sits above all of iris_core (iris_core never imports it)
 LAYERS = {"models": 0, "errors": 0, "options": 0, "resources": 0, "metrics": 0, "io": 1, "hub": 1, "pipeline": 2,
           "api": 3, "checks": 3, "training": 4, "service": 4, "commands": 5}
+SLICER_LAYER = 6
+#: what each package may never import, deferred imports and ``if TYPE_CHECKING:`` blocks included
+FORBIDDEN = {"iris_core": {"slicer", "qt", "vtk", "ctk"}, "IrisSegmentLib": {"qt", "ctk"}}
 
 
 def _modules() -> dict[str, Path]:
+    """Every module of iris_core and IrisSegmentLib by dotted name."""
     out = {}
-    for f in PACKAGE.rglob("*.py"):
+    for f in [*PACKAGE.rglob("*.py"), *SLICER_LIB.glob("*.py")]:
         parts = f.relative_to(ROOT).with_suffix("").parts
         out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
     return out
 
 
-def _runtime_imports(f: Path) -> list[str]:
-    """iris_core modules imported by ``f`` at run time (``if TYPE_CHECKING:`` blocks are annotations only)."""
+def _imported_names(f: Path, module: str, runtime_only: bool = True) -> list[str]:
+    """Dotted names imported by ``f`` (the module ``module``), relative imports resolved, deferred (function-level)
+    imports included; ``if TYPE_CHECKING:`` blocks (annotations only) left out when ``runtime_only``."""
     tree = ast.parse(f.read_text(encoding="utf-8"))
     typing_only = {id(n) for b in ast.walk(tree) if isinstance(b, ast.If) and "TYPE_CHECKING" in ast.unparse(b.test)
-                   for n in ast.walk(b)}
+                   for n in ast.walk(b)} if runtime_only else set()
+    package = module if f.name == "__init__.py" else module.rpartition(".")[0]
     names = []
     for n in ast.walk(tree):
-        if isinstance(n, ast.ImportFrom) and id(n) not in typing_only and (n.module or "").startswith("iris_core"):
-            names += [f"{n.module}.{a.name}" for a in n.names] + [n.module]
-        elif isinstance(n, ast.Import) and id(n) not in typing_only:
-            names += [a.name for a in n.names if a.name.startswith("iris_core")]
+        if id(n) in typing_only:
+            continue
+        if isinstance(n, ast.ImportFrom):
+            base = n.module or ""
+            if n.level:
+                anchor = package.split(".")[: len(package.split(".")) - (n.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            names += [f"{base}.{a.name}" for a in n.names] + [base]
+        elif isinstance(n, ast.Import):
+            names += [a.name for a in n.names]
     return names
 
 
 def _graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports at run time (iris_core and IrisSegmentLib)."""
     mods = _modules()
 
     def resolve(name: str) -> str | None:
@@ -47,8 +64,37 @@ def _graph() -> dict[str, set[str]]:
             name = name.rsplit(".", 1)[0]
         return name if name in mods else None
 
-    return {m: {r for n in _runtime_imports(f) if (r := resolve(n)) and r != m and r != "iris_core"}
+    return {m: {r for n in _imported_names(f, m) if (r := resolve(n)) and r != m and r not in ("iris_core",
+                                                                                              "IrisSegmentLib")}
             for m, f in mods.items()}
+
+
+def _layer(module: str) -> int:
+    if module.startswith("IrisSegmentLib"):
+        return SLICER_LAYER
+    return LAYERS[module.split(".")[1]] if module != "iris_core" else 0
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (a module reachable from itself: depth-first, colours), or []."""
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(m: str, path: list[str]) -> bool:
+        state[m] = 1
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                cycle.extend(path[path.index(t):] + [m, t] if t in path else [m, t])
+                return True
+            if state.get(t) is None and visit(t, path + [m]):
+                return True
+        state[m] = 2
+        return False
+
+    for m in sorted(graph):
+        if m not in state and visit(m, []):
+            break
+    return cycle
 
 
 def _layout_block() -> str:
@@ -76,28 +122,27 @@ def test_readme_layout_lists_every_module_and_no_other():
 
 def test_imports_run_down_the_layers_without_a_cycle():
     graph = _graph()
-
-    def layer(m: str) -> int:
-        return LAYERS[m.split(".")[1]] if m != "iris_core" else 0
-
-    upward = sorted(f"{m} -> {t}" for m, ts in graph.items() for t in ts if layer(t) > layer(m))
+    assert any(m.startswith("IrisSegmentLib") and graph[m] for m in graph), "the Slicer side is not in the graph"
+    upward = sorted(f"{m} -> {t}" for m, ts in graph.items() for t in ts if _layer(t) > _layer(m))
     assert not upward, f"imports up the layers: {upward}"
-    # a cycle: a module reachable from itself (depth-first, colours)
-    state: dict[str, int] = {}
-    cycle: list[str] = []
+    cycle = _cycle(graph)
+    assert not cycle, f"import cycle: {' -> '.join(cycle)}"
 
-    def visit(m: str, path: list[str]) -> bool:
-        state[m] = 1
-        for t in sorted(graph[m]):
-            if state.get(t) == 1:
-                cycle.extend(path[path.index(t):] + [m, t] if t in path else [m, t])
-                return True
-            if state.get(t) is None and visit(t, path + [m]):
-                return True
-        state[m] = 2
-        return False
 
-    assert not any(visit(m, []) for m in sorted(graph) if m not in state), f"import cycle: {' -> '.join(cycle)}"
+def test_the_cycle_check_sees_a_deferred_import():
+    """The check itself: a deferred (function-level) relative import back into a module is a cycle, as
+    IrisSegmentLib's jobs.py -> logic.py -> jobs.py was before issue [22]."""
+    assert _cycle({"IrisSegmentLib.jobs": {"IrisSegmentLib.logic"}, "IrisSegmentLib.logic": {"IrisSegmentLib.jobs"}})
+    names = _imported_names(SLICER_LIB / "jobs.py", "IrisSegmentLib.jobs")
+    assert "IrisSegmentLib.runner" in names and not any(n.startswith(".") for n in names)
+
+
+def test_iris_core_never_imports_slicer_and_the_slicer_side_never_imports_qt():
+    """iris_core runs without Slicer (CLI, server, training); IrisSegmentLib runs on slicer-core, in tests and in the
+    warm worker, where there is no Qt. Every import counts, deferred and annotation-only ones too."""
+    bad = sorted(f"{m} imports {n}" for m, f in _modules().items() for n in _imported_names(f, m, runtime_only=False)
+                 if n.split(".")[0] in FORBIDDEN[m.split(".")[0]])
+    assert not bad, bad
 
 
 def test_no_file_over_450_lines_outside_models():

@@ -204,7 +204,7 @@ def test_cli_precision(capsys, phantom_files, tiny_model_file, tmp_path):
     assert side["options"]["precision"] == "auto" and side["precision"]["precision"] in ("float32", "bfloat16")
     assert "precision: " + side["precision"]["summary"] in out.out
     # Slicer's Log shows the same line (from the worker's sidecar)
-    from IrisSegmentLib.logic import result_summary
+    from IrisSegmentLib.jobs import result_summary
 
     lines = result_summary(side)
     assert lines[0].startswith("segmented 2 classes with ") and lines[-1] == "precision: " + side["precision"]["summary"]

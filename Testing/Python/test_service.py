@@ -157,7 +157,7 @@ def test_slicer_logic_segments_through_the_server_on_a_real_scene(server):
 
     from iris_core.options import SegmentOptions
     from IrisSegmentLib import testing
-    from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest
+    from IrisSegmentLib.logic import ReferenceSpec, SegmentationLogic, SegmentRequest
     from IrisSegmentLib.runner import WorkerError
     from IrisSegmentLib.standalone import init_scene
 
@@ -165,13 +165,13 @@ def test_slicer_logic_segments_through_the_server_on_a_real_scene(server):
     nodes = testing.load_sample_pair(scene)
     req = SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], nodes["reference_seg"])],
                          model=server["model"], options=SegmentOptions(device="cpu", threads=2))
-    local = IrisSegmentLogic(scene).segment(req)
-    remote = IrisSegmentLogic(scene, server=(server["url"], server["tokens"][1])).segment(req)
+    local = SegmentationLogic(scene).segment(req)
+    remote = SegmentationLogic(scene, server=(server["url"], server["tokens"][1])).segment(req)
     a, b = _scene_arrays(local, nodes["target"]), _scene_arrays(remote, nodes["target"])
     assert list(a) == list(b) == ["brain"] and np.array_equal(a["brain"], b["brain"])
     before = testing.node_ids(scene)
     with pytest.raises(WorkerError, match="no valid token"):
-        IrisSegmentLogic(scene, server=(server["url"], "wrong-token-0123456789abcdef")).segment(req)
+        SegmentationLogic(scene, server=(server["url"], "wrong-token-0123456789abcdef")).segment(req)
     assert testing.node_ids(scene) == before
 
 
@@ -180,7 +180,7 @@ def test_server_killed_mid_run_is_a_clear_message_and_the_scene_is_unchanged(tmp
 
     from iris_core.options import SegmentOptions
     from IrisSegmentLib import testing
-    from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest
+    from IrisSegmentLib.logic import ReferenceSpec, SegmentationLogic, SegmentRequest
     from IrisSegmentLib.runner import WorkerError
     from IrisSegmentLib.standalone import init_scene
 
@@ -193,7 +193,7 @@ def test_server_killed_mid_run_is_a_clear_message_and_the_scene_is_unchanged(tmp
         before = testing.node_ids(scene)
         req = SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], nodes["reference_seg"])],
                              options=SegmentOptions(device="cpu", strategy="tuning", tune_steps=500))
-        logic = IrisSegmentLogic(scene, server=(url, token))
+        logic = SegmentationLogic(scene, server=(url, token))
         killed = []
 
         def progress(stage, done, total):

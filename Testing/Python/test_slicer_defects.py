@@ -17,8 +17,8 @@ from test_slicer_faults import _load_pair, copy_segmentation, node_ids, seg_arra
 
 from iris_core.options import SegmentOptions  # noqa: E402
 from IrisSegmentLib import parameters  # noqa: E402
-from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest  # noqa: E402
-from IrisSegmentLib.scene import SceneError, add_labels_as_segmentation, segment_masks  # noqa: E402
+from IrisSegmentLib.logic import ReferenceSpec, SegmentationLogic, SegmentRequest  # noqa: E402
+from IrisSegmentLib.scene import SceneError, add_labels_as_segmentation, segment_masks, volume_of_segmentation  # noqa: E402
 from IrisSegmentLib.standalone import init_scene  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def world(tmp_path_factory, tiny_model):
     model = save_checkpoint(tmp_path_factory.mktemp("fast") / "fast.safetensors", tiny_model.model,
                             Preprocessing(spacing=(6.0, 6.0, 6.0), window=(32, 32, 32)))
     scene = init_scene()
-    logic = IrisSegmentLogic(scene, workdir=tmp_path_factory.mktemp("work"))
+    logic = SegmentationLogic(scene, workdir=tmp_path_factory.mktemp("work"))
     return scene, _load_pair(scene), logic, str(model)
 
 
@@ -226,7 +226,7 @@ def test_item8_first_choices_on_the_sample_pair():
     parameters.fill_first_choices(scene, node)
     assert node.GetNodeReference("Target") is nodes["target"]
     assert parameters.reference_rows(node) == [{"volume": nodes["reference"], "segmentation": seg, "segments": []}]
-    assert parameters.volume_of_segmentation(scene, nodes["manual"]) is nodes["target"]
+    assert volume_of_segmentation(scene, nodes["manual"]) is nodes["target"]
     parameters.add_default_row(scene, node)  # nothing else to offer: an empty row
     assert parameters.reference_rows(node)[1] == {"volume": None, "segmentation": None, "segments": []}
 

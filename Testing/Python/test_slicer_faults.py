@@ -19,7 +19,7 @@ import slicer  # slicer-core, a test dependency: missing, these tests fail rathe
 
 from iris_core.options import SegmentOptions  # noqa: E402
 from IrisSegmentLib import testing  # noqa: E402
-from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest  # noqa: E402
+from IrisSegmentLib.logic import ReferenceSpec, SegmentationLogic, SegmentRequest  # noqa: E402
 from IrisSegmentLib.runner import WorkerError, WorkerProcess, run_worker  # noqa: E402
 from IrisSegmentLib.scene import SceneError  # noqa: E402
 from IrisSegmentLib.standalone import init_scene  # noqa: E402
@@ -55,7 +55,7 @@ def world(tmp_path_factory, tiny_model):
     model = save_checkpoint(tmp_path_factory.mktemp("fast") / "fast.safetensors", tiny_model.model,
                             Preprocessing(spacing=(6.0, 6.0, 6.0), window=(32, 32, 32)))
     scene = init_scene()
-    return scene, _load_pair(scene), IrisSegmentLogic(scene), str(model)
+    return scene, _load_pair(scene), SegmentationLogic(scene), str(model)
 
 
 def request(nodes, model, output=None):
@@ -224,7 +224,7 @@ def test_d6_unusable_work_folder_is_a_clear_message(world, tmp_path):
     scene, nodes, _, model = world
     not_a_folder = tmp_path / "a-file"
     not_a_folder.write_text("x")
-    logic = IrisSegmentLogic(scene, workdir=not_a_folder)
+    logic = SegmentationLogic(scene, workdir=not_a_folder)
     before = node_ids(scene)
     with pytest.raises(SceneError, match="work folder.*a-file"):
         logic.prepare(request(nodes, model))

@@ -10,7 +10,7 @@ import slicer  # slicer-core, a test dependency: missing, these tests fail rathe
 
 from iris_core.options import SegmentOptions  # noqa: E402
 from IrisSegmentLib import testing  # noqa: E402
-from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest  # noqa: E402
+from IrisSegmentLib.logic import ReferenceSpec, SegmentationLogic, SegmentRequest  # noqa: E402
 from IrisSegmentLib.runner import WorkerCancelled, WorkerError  # noqa: E402
 from IrisSegmentLib.scene import (  # noqa: E402
     SceneError,
@@ -26,7 +26,7 @@ from IrisSegmentLib.standalone import init_scene  # noqa: E402
 def world(tmp_path_factory, tiny_model_file):
     scene = init_scene()
     nodes = testing.build_scene(scene, tmp_path_factory.mktemp("scene"))
-    return scene, nodes, IrisSegmentLogic(scene), str(tiny_model_file)
+    return scene, nodes, SegmentationLogic(scene), str(tiny_model_file)
 
 
 def request(nodes, model, **options):
@@ -60,7 +60,7 @@ def test_segment_compare_save_reload(world, tmp_path):
     assert scene.GetNumberOfNodes() > before
     import json
 
-    from IrisSegmentLib.logic import result_summary
+    from IrisSegmentLib.jobs import result_summary
 
     side = json.loads(result.GetAttribute("IrisSegment.Sidecar"))
     assert side["target"] == nodes["target"].GetName()  # not the deleted work file
