@@ -116,10 +116,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
     """The options of ``demo``, ``evaluate``, ``embed``, ``train`` and ``bench``."""
-    from iris_core.options import POSTPROCESSING, PRECISIONS, SegmentOptions
+    for add in (_add_demo, _add_evaluate, _add_embed, _add_train, _add_bench):
+        add(sub, parents)
 
-    default = SegmentOptions()
 
+def _add_demo(sub, parents: list[argparse.ArgumentParser]) -> None:
     d = sub.add_parser("demo", parents=parents, help="six brain structures from one reference (Colin27) on a moved head MR with "
                                      "its skull (MNI152NLin6Asym), beside registration and a threshold")
     d.add_argument("--output", default="out/demo")
@@ -130,6 +131,11 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
                    help="registration baseline: ants:SyN, ants:Affine, elastix or none (skipped when not installed)")
     d.set_defaults(func=cmd_demo)
 
+
+def _add_evaluate(sub, parents: list[argparse.ArgumentParser]) -> None:
+    from iris_core.options import POSTPROCESSING, SegmentOptions
+
+    default = SegmentOptions()
     e = sub.add_parser("evaluate", parents=parents, help="compare methods against manual labels over a cohort")
     e.add_argument("--dataset", required=True,
                    help="a built-in real cohort ('templates': brain pairs across templates; 'cross-atlas'; "
@@ -152,6 +158,8 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
                    help="applied to Iris and Hermes predictions")
     e.set_defaults(func=cmd_evaluate)
 
+
+def _add_embed(sub, parents: list[argparse.ArgumentParser]) -> None:
     m = sub.add_parser("embed", parents=parents, help="encode labelled references into a task library and draw a 2-D map")
     m.add_argument("--dataset", required=True, help="'templates', 'atlases', an nnU-Net/MSD folder or a CSV")
     m.add_argument("--out", required=True)
@@ -160,6 +168,8 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
     m.add_argument("--max-cases", type=int)
     m.set_defaults(func=cmd_embed)
 
+
+def _add_train(sub, parents: list[argparse.ArgumentParser]) -> None:
     t = sub.add_parser("train", parents=parents, help="episodic in-context training (resumes from OUT/state.pt)")
     t.add_argument("--config", help="TOML file with a [train] table (see iris_core.training.config.TrainConfig)")
     t.add_argument("--out", required=True, help="run folder: state.pt, ema.safetensors, curve.png")
@@ -169,6 +179,10 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
     t.add_argument("--threads", type=int)
     t.add_argument("--export", help="write the final EMA model here (float16 safetensors)")
     t.set_defaults(func=cmd_train)
+
+
+def _add_bench(sub, parents: list[argparse.ArgumentParser]) -> None:
+    from iris_core.options import PRECISIONS
 
     b = sub.add_parser("bench", parents=parents, help="time encoding and per-window segmentation, peak memory")
     b.add_argument("--model", nargs="+", action="extend",
