@@ -62,4 +62,4 @@ def main(out: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(main(Path(sys.argv[1] if len(sys.argv) > 1 else "Resources/Models/eval")))
+    print(main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/model-card/eval")))

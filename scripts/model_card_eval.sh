@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The dev benchmark: regenerates every figure of a model's card, registration beside it on the same pairs.
 #   bash scripts/model_card_eval.sh [MODEL] [OUT]
-#   MODEL: a model file or 'default' (the bundled model, the default); OUT: Resources/Models/eval.
+#   MODEL: a model file or 'default' (the bundled model, the default); OUT: docs/model-card/eval, where the model
+#   card (Resources/Models/iris-default.md) reads it. Git keeps only the summaries the card cites there (the root
+#   .gitignore lists them): per-case rows (results.csv), box plots, overlays and JSON stay on this disk.
 # Written to OUT (each cohort with iris:one-shot, antspyx Affine and SyN, identity on the same pairs):
 #   check/            check-model: reference sensitivity (ten Colin27 structures as references) and the copy
 #                     test (ten bilateral gyri, the reference image itself as the target)
@@ -20,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${1:-default}"
-OUT="${2:-Resources/Models/eval}"
+OUT="${2:-docs/model-card/eval}"
 bash scripts/setup.sh
 .venv/bin/pip install -q -e ".[eval]"
 rm -rf "$OUT"
