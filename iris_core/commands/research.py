@@ -5,7 +5,6 @@ Modules are imported when a command runs."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -25,6 +24,9 @@ BENCH_CLASSES = [1, 15]
 def cmd_demo(args: argparse.Namespace) -> int:
     """Six brain structures in one pass on a moved head MR with its skull, from one real reference, beside
     registration, identity and a threshold."""
+    from iris_core.io.outputs import output_folder
+
+    output_folder(args.output, "--output", create=False)  # before the imports and the data: seconds
     from iris_core.commands.demo import format_summary, run_demo
 
     progress = TerminalProgress(sys.stderr.isatty())
@@ -41,6 +43,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from iris_core.io.outputs import output_folder
+
+    output_folder(args.out, "--out", create=False)  # before the imports and the cohort are read
     from iris_core.commands.evaluate import read_rows, run_evaluation
     from iris_core.io.datasets import load_dataset
 
@@ -61,6 +66,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from iris_core.hub.library import is_library_file
+    from iris_core.io.outputs import check_output_file, output_folder
+
+    output_folder(args.out, "--out", create=False)
+    check_output_file(Path(args.out) / "library.safetensors", "the task library in --out", args.overwrite,
+                      ours=is_library_file)
     from iris_core.commands.embed_map import embed_dataset
     from iris_core.io.datasets import load_dataset
 
@@ -71,6 +82,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from iris_core.io.outputs import output_folder
+
+    output_folder(args.out, "--out", create=False)  # a resumed run's folder is fine; a file or /proc is not
     from iris_core.pipeline.device import set_threads
     from iris_core.training import load_config, train
 
@@ -82,7 +96,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from iris_core.api import check_model_spec
+    from iris_core.hub.download import check_model_spec
+    from iris_core.io.outputs import check_output_file, read_record, write_json_report
+
+    if args.json:  # before the benchmark: its figures are not lost to a folder that is missing or not writable
+        check_output_file(args.json, "--json", args.overwrite, ours=lambda p: read_record(p) is not None)
+    for spec in args.model or []:
+        check_model_spec(spec)
     from iris_core.commands.bench import format_pair, format_table, pair_benchmark, run_benchmark
 
     if args.pipeline:
@@ -94,23 +114,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  compare=args.compare, precision=args.precision)
         print(format_pipeline(res))
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+            write_json_report(args.json, res)
         return 0
     if args.pair:
         res = pair_benchmark(args.model[0] if args.model else "default", repeats=args.repeats,
                              registration=not args.no_registration, threads=args.threads)
         print(format_pair(res))
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+            write_json_report(args.json, res)
         return 0
     args.model = args.model or BENCH_MODELS
-    for spec in args.model:  # before a process per model starts
-        check_model_spec(spec)
     results = run_benchmark(args.model, window=args.window, classes=tuple(args.classes or BENCH_CLASSES), repeats=args.repeats,
                             threads=args.threads, compile=args.compile)
     print(format_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json_report(args.json, results)
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -158,6 +176,8 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
     m.add_argument("--model", default="default")
     m.add_argument("--device", default="auto")
     m.add_argument("--max-cases", type=int)
+    m.add_argument("--overwrite", action="store_true", help="replace a library.safetensors in --out that is not "
+                   "a task library of iris-segment")
     m.set_defaults(func=cmd_embed)
 
     t = sub.add_parser("train", parents=parents, help="episodic in-context training (resumes from OUT/state.pt)")
@@ -178,7 +198,9 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
     b.add_argument("--classes", type=int, nargs="+", action="extend", help="class counts (default: " + " ".join(map(str, BENCH_CLASSES)) + ")")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int)
-    b.add_argument("--json", help="also write the figures as JSON")
+    b.add_argument("--json", help="also write the figures as JSON (an object: a list of figures goes under 'results')")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --json file that iris-segment did "
+                   "not write")
     b.add_argument("--pair", action="store_true",
                    help="whole-volume figures on the real template pair, optimised vs plain eager, and registration")
     b.add_argument("--no-registration", action="store_true", help="with --pair: skip the antspyx SyN baseline")

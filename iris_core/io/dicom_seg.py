@@ -41,6 +41,18 @@ def is_dicom_seg(path: str | Path) -> bool:
     return str(getattr(ds, "SOPClassUID", "")) == SEGMENTATION_STORAGE
 
 
+def dicom_seg_names(path: str | Path) -> dict[int, str]:
+    """Segment k (1..K, in the SEG's order, as ``read_dicom_seg`` numbers them) -> its label, from the header."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001  (read_dicom_seg words an unreadable SEG)
+        return {}
+    return {k: str(getattr(item, "SegmentLabel", "") or f"segment_{k}")
+            for k, item in enumerate(getattr(ds, "SegmentSequence", []), start=1)}
+
+
 def is_dicom_series(path: str | Path) -> bool:
     """A DICOM series as read_image takes it: a folder, or one DICOM file of the series."""
     path = Path(path)

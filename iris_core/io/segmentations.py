@@ -96,6 +96,41 @@ def slicer_segment_names(path: str | Path) -> dict[int, str]:
     return names
 
 
+def segment_names(path: str | Path) -> dict[int, str]:
+    """The names a label file gives its classes, from its header alone: a 3D Slicer ``.seg.nrrd`` (label value ->
+    segment name; a layered one: segment i -> class i + 1, as ``read_layered_segmentation`` numbers them) or a
+    DICOM SEG (segment k -> class k, as ``read_dicom_seg``); {} for a plain label map."""
+    from iris_core.io.dicom_seg import dicom_seg_names, is_dicom_seg
+
+    if is_dicom_seg(path):
+        return dicom_seg_names(path)
+    if slicer_layer_count(path) > 1:
+        return {i + 1: name for i, (_, _, name) in enumerate(slicer_segments(path))}
+    return slicer_segment_names(path)
+
+
+def find_segment(name: str, names: dict[int, str]) -> int | None:
+    """The label value of the segment called ``name`` (as spelt, else ignoring case, as Slicer compares
+    segment names), None when no segment has it."""
+    for same in (lambda n: n == name, lambda n: n.casefold() == name.casefold()):
+        found = [v for v, n in names.items() if same(n)]
+        if found:
+            return found[0]
+    return None
+
+
+def unknown_segment(name: str, names: dict[int, str], present: set[int] | None = None) -> InputError:
+    """The error for a class asked for by a name no reference segment has: the names there are, or (plain label
+    maps) that only values can be asked for."""
+    if names:
+        return InputError(f"classes: no segment of the references is named {name!r}; their segments: "
+                          f"{', '.join(repr(n) for n in names.values())} (or give a label value, or NAME=VALUE)",
+                          inputs=("classes",))
+    values = f" (labels present: {', '.join(map(str, sorted(present))) or 'none'})" if present is not None else ""
+    return InputError(f"classes: {name!r} is not a label value, and the reference label maps name no segments"
+                      f"{values}; give label values (1,3) or NAME=VALUE (liver=1)", inputs=("classes",))
+
+
 def disjoint_groups(masks: list[np.ndarray]) -> list[list[int]]:
     """Indices of ``masks`` split into groups whose masks do not overlap (first fit, in order), so each
     group can be one label map without a structure swallowing another (one group when none overlap)."""
