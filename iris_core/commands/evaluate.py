@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import logging
-import math
 import os
 import re
 import tempfile
@@ -27,9 +26,11 @@ from iris_core.errors import InputError, IrisError, reason
 from iris_core.hub.hermes_vocab import intensity_for, resolve_modality
 from iris_core.io.datasets import Dataset
 from iris_core.io.imaging import output_folder
+from iris_core.io.outputs import write_csv
 from iris_core.io.resample import resample_to
+from iris_core.io.segmentations import matching_value, segment_names
 from iris_core.io.viz import overlay_png
-from iris_core.metrics import segment_metrics
+from iris_core.metrics import finite_mean, segment_metrics
 from iris_core.options import STRATEGIES
 from iris_core.pipeline.inference import ClassSpec, Engine, Reference
 from iris_core.pipeline.strategies import encode_references, run_strategy
@@ -168,6 +169,7 @@ class Evaluator:
         self._engine = None
         self._cache: dict = {}
         self._images: dict = {}
+        self._names: dict[str, dict[int, str]] = {}
 
     def _read(self, name: str) -> tuple[sitk.Image, sitk.Image]:
         if name not in self._images:
@@ -180,12 +182,39 @@ class Evaluator:
             self._engine = Engine(resolve_model(self.model_spec), device=self.device, intensity=self.ds.modality)
         return self._engine
 
-    def classes(self, ref_names: list[str]):
+    def names(self, case: str) -> dict[int, str]:
+        """A case's class names: the dataset's (dataset.json, a built-in cohort's), and over them the segment
+        names its label file holds (a Slicer .seg.nrrd, a DICOM SEG)."""
+        if case not in self._names:
+            labels = self.ds.case(case).labels
+            self._names[case] = self.ds.label_names | (segment_names(labels) if isinstance(labels, str) else {})
+        return self._names[case]
 
+    def classes(self, ref_names: list[str]) -> list[ClassSpec]:
+        """The classes of the references' label maps, named as their files (the first reference's first) or the
+        dataset name them, else ``label_<value>``."""
         values: set[int] = set()
+        names: dict[int, str] = {}
         for r in ref_names:
             values |= {int(v) for v in np.unique(sitk.GetArrayViewFromImage(self._read(r)[1])) if v}
-        return [ClassSpec(self.ds.label_names.get(v, f"label_{v}"), v) for v in sorted(values)]
+            names = self.names(r) | names
+        return [ClassSpec(names.get(v, f"label_{v}"), v) for v in sorted(values)]
+
+    def score(self, target: str, refs: list[str], pred: sitk.Image) -> list[tuple[ClassSpec, dict]]:
+        """Each class's metrics against the target's truth; a class is found in the truth by its name when the
+        references and the truth both name their classes (a .seg.nrrd's segments need not share values),
+        else by its value. Hermes (no reference): the dataset's named classes."""
+        truth = self._read(target)[1]
+        p, t = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(truth)
+        classes = self.classes(refs) if refs else [
+            ClassSpec(self.ds.label_names[v], v) for v in sorted(self.ds.label_names)]
+        out = []
+        for c in classes:
+            named = any(c.value in self.names(r) for r in refs)
+            value = matching_value(c.name if named else None, c.value, self.names(target))
+            truth_mask = t == value if value is not None else np.zeros(t.shape, bool)
+            out.append((c, segment_metrics(p == c.value, truth_mask, truth.GetSpacing()[::-1])))
+        return out
 
     def run_iris(self, method: Method, target: str, refs: list[str]) -> sitk.Image:
 
@@ -285,13 +314,8 @@ class Evaluator:
                         bar.update(1)
                     continue
                 secs = time.perf_counter() - t0
-                truth = self._read(target)[1]
-                p, t = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(truth)
-                spacing = truth.GetSpacing()[::-1]
-                classes = self.classes(refs) if refs else [
-                    ClassSpec(self.ds.label_names[v], v) for v in sorted(self.ds.label_names)]
-                for c in classes:
-                    m = segment_metrics(p == c.value, t == c.value, spacing)
+                scored = self.score(target, refs, pred)
+                for c, m in scored:
                     writer.writerow({"case": target, "method": method.name, "class": c.value,
                                      "class_name": c.name, "references": "+".join(refs) or "-",
                                      "seconds": round(secs, 3)} | {k: round(v, 5) for k, v in m.items()})
@@ -301,8 +325,8 @@ class Evaluator:
                     # a file name on every system: case names from a CSV may hold folders ('s1/image.nii.gz')
                     stem = re.sub(r"[^A-Za-z0-9._+-]+", "_", f"{target}__{'+'.join(refs)}__{method.name}")
                     overlay_png(self._read(target)[0], pred, self.out / "overlays" / f"{stem}.png",
-                                truth=truth, title=f"{target}: {method.name} (ref {'+'.join(refs)})",
-                                names=self.ds.label_names)
+                                truth=self._read(target)[1], title=f"{target}: {method.name} (ref {'+'.join(refs)})",
+                                names={c.value: c.name for c, _ in scored})
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
@@ -313,13 +337,6 @@ class Evaluator:
         else:  # a previous run's failures were retried and succeeded
             fail_path.unlink(missing_ok=True)
         return csv_path
-
-
-def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
@@ -353,9 +370,8 @@ def summarize(rows: list[dict], out_dir: Path, title: str = "", failures: list[d
             hd = np.array([float(r["hd95_mm"]) for r in sel])
             asd = np.array([float(r["assd_mm"]) for r in sel])
             sec = np.array([float(r["seconds"]) for r in sel])
-            fin = lambda a: np.mean(a[np.isfinite(a)]) if np.isfinite(a).any() else math.inf  # noqa: E731
             lines.append(f"| {c} | {m} | {len(sel)} | {d.mean():.4f} | {np.median(d):.4f} | {d.std():.4f} | "
-                         f"{fin(hd):.2f} | {fin(asd):.2f} | {sec.mean():.1f} |")
+                         f"{finite_mean(hd):.2f} | {finite_mean(asd):.2f} | {sec.mean():.1f} |")
     if len(rows) <= 300:
         lines += ["", "## Every run", "", "| target | references | class | method | Dice | HD95 (mm) | seconds |",
                   "|---|---|---|---|---|---|---|"]

@@ -65,6 +65,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Existing segmentations scored against their truths (Dice, HD95, ASSD per class, names matched); every
+    file and output checked before the heavy imports."""
+    from iris_core.commands.score import check_score_args, run_score  # numpy and SimpleITK, no torch
+
+    return run_score(args, check_score_args(args))
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from iris_core.hub.library import is_library_file
     from iris_core.io.outputs import check_output_file, output_folder
@@ -133,7 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
-    """The options of ``demo``, ``evaluate``, ``embed``, ``train`` and ``bench``."""
+    """The options of ``demo``, ``evaluate``, ``score``, ``embed``, ``train`` and ``bench``."""
     from iris_core.options import POSTPROCESSING, PRECISIONS, SegmentOptions
 
     default = SegmentOptions()
@@ -169,6 +177,21 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
     e.add_argument("--postprocess", choices=POSTPROCESSING, default=default.postprocess,
                    help="applied to Iris and Hermes predictions")
     e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("score", parents=parents, help="score existing segmentations against their truths (Dice, "
+                       "HD95, ASSD per class, classes matched by segment name)")
+    s.add_argument("pairs", nargs="+", metavar="RESULT TRUTH",
+                   help="a result and its truth (label maps or Slicer .seg.nrrd files, the result on the truth's "
+                        "grid or part of it); several pairs; or a folder of results and a folder of truths, "
+                        "paired by name (case01_seg.nii.gz or case01.nii.gz with case01.nii.gz)")
+    s.add_argument("--classes", help="the classes to score: segment names (brain), the truth's label values "
+                   "(1,3) or NAME=VALUE (default: every class of the truth)")
+    s.add_argument("--csv", help="also write the rows as CSV")
+    s.add_argument("--json", help="also write the pairs and rows as JSON")
+    s.add_argument("--markdown", help="also write the Markdown printed")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace existing --csv/--json/--markdown files that this command did not write")
+    s.set_defaults(func=cmd_score)
 
     m = sub.add_parser("embed", parents=parents, help="encode labelled references into a task library and draw a 2-D map")
     m.add_argument("--dataset", required=True, help="'templates', 'atlases', an nnU-Net/MSD folder or a CSV")

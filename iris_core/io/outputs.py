@@ -178,6 +178,32 @@ def check_picture_output(path: str | Path, what: str = "picture") -> None:
         raise InputError(f"{what} {path}: name the picture with one of {', '.join(PICTURE_EXTENSIONS)}")
 
 
+def write_csv(path: str | Path, fields: list[str], rows: list[dict]) -> None:
+    """A CSV report (UTF-8, a header row, then ``rows``), its folder made if needed."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def first_line_is(line: str) -> Callable[[Path], bool]:
+    """For a report file without a record of its own (CSV, Markdown): True when its first line is ``line`` (its
+    header, its marker), so a later run may replace it."""
+
+    def ours(path: Path) -> bool:
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                return f.readline().rstrip("\r\n") == line
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    return ours
+
+
 def write_json_report(path: str | Path, data: dict | list) -> Path:
     """A JSON report (``bench --json``, ``score --json``) stamped as ours (a list goes under ``results``),
     written through a temporary moved into place."""

@@ -119,6 +119,15 @@ def find_segment(name: str, names: dict[int, str]) -> int | None:
     return None
 
 
+def matching_value(name: str | None, value: int, names: dict[int, str]) -> int | None:
+    """The value, in a label file whose segments are ``names``, of a class called ``name`` (None: a class with no
+    name of its own, ``label_<value>``) of label value ``value`` elsewhere: by name when both sides name their
+    classes (None when no segment has it), else by value."""
+    if name is not None and names:
+        return find_segment(name, names)
+    return value
+
+
 def unknown_segment(name: str, names: dict[int, str], present: set[int] | None = None) -> InputError:
     """The error for a class asked for by a name no reference segment has: the names there are, or (plain label
     maps) that only values can be asked for."""
