@@ -86,11 +86,15 @@ def segment_jobs(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
 
 def segment_inputs(args: argparse.Namespace, jobs: list[tuple[str, str, str | None]]) -> dict[str, str | None]:
     """Every input file of the run, by what it is to the user ('target image 2', 'reference label map 1'),
-    checked to exist (a model named by a known name or a preset is no file); standard library alone."""
+    checked to exist (a model named by a known name or a preset is no file; with --server, the model and the
+    task library are names the server offers); standard library alone."""
     from iris_core.hub.download import check_model_spec
 
-    check_model_spec(args.model)
-    inputs = {"task library": args.library, "model file": args.model if Path(args.model).is_file() else None}
+    local = not args.server
+    if local:
+        check_model_spec(args.model)
+    inputs = {"task library": args.library if local else None,
+              "model file": args.model if local and Path(args.model).is_file() else None}
     inputs |= {(f"target image {i}" if len(jobs) > 1 else "target image"): t for i, (t, _, _) in enumerate(jobs, 1)}
     for k, (img, lab) in enumerate(args.reference or [], 1):
         inputs |= {f"reference image {k}": img, f"reference label map {k}": lab}

@@ -79,7 +79,9 @@ def _save(fig, path: str | Path, title: str, rect: tuple[float, float, float, fl
     fig.tight_layout(rect=rect)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    # the title in the file's own metadata too, where its format has a field for it (PNG, PDF, SVG)
+    meta = {"Title": title} if title and path.suffix.lower() in (".png", ".pdf", ".svg") else None
+    fig.savefig(path, dpi=dpi, metadata=meta)
     plt.close(fig)
     return path
 
