@@ -142,9 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
     """The options of ``demo``, ``evaluate``, ``score``, ``embed``, ``train`` and ``bench``."""
-    from iris_core.options import POSTPROCESSING, PRECISIONS, SegmentOptions
-
-    default = SegmentOptions()
+    from iris_core.options import PRECISIONS
 
     d = sub.add_parser("demo", parents=parents, help="six brain structures from one reference (Colin27) on a moved head MR with "
                                      "its skull (MNI152NLin6Asym), beside registration and a threshold")
@@ -155,6 +153,56 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
     d.add_argument("--registration", default="ants:SyN",
                    help="registration baseline: ants:SyN, ants:Affine, elastix or none (skipped when not installed)")
     d.set_defaults(func=cmd_demo)
+
+    add_cohort_parsers(sub, parents)
+
+    t = sub.add_parser("train", parents=parents, help="episodic in-context training (resumes from OUT/state.pt)")
+    t.add_argument("--config", help="TOML file with a [train] table (see iris_core.training.config.TrainConfig)")
+    t.add_argument("--out", required=True, help="run folder: state.pt, ema.safetensors, curve.png")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--preset")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--threads", type=int)
+    t.add_argument("--export", help="write the final EMA model here (float16 safetensors)")
+    t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("bench", parents=parents, help="time encoding and per-window segmentation, peak memory")
+    b.add_argument("--model", nargs="+", action="extend",
+                   help="model files, 'default' or preset:NAME (default: " + " ".join(BENCH_MODELS) + "; "
+                        "--pipeline and --pair: 'default')")
+    b.add_argument("--window", type=int, default=128)
+    b.add_argument("--classes", type=int, nargs="+", action="extend", help="class counts (default: " + " ".join(map(str, BENCH_CLASSES)) + ")")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int)
+    b.add_argument("--json", help="also write the figures as JSON (an object: a list of figures goes under 'results')")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --json file that iris-segment did "
+                   "not write")
+    b.add_argument("--pair", action="store_true",
+                   help="whole-volume figures on the real template pair, optimised vs plain eager, and registration")
+    b.add_argument("--no-registration", action="store_true", help="with --pair: skip the antspyx SyN baseline")
+    b.add_argument("--pipeline", action="store_true",
+                   help="one whole target through the model's pipeline (MASS checkpoints: the authors'), seconds "
+                        "per stage and window, further targets, peak memory; default data: the MASS fixture MR case")
+    b.add_argument("--target", help="with --pipeline: the target image")
+    b.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
+                   help="with --pipeline: a reference image and its label map")
+    b.add_argument("--intensity", default="auto", help="with --pipeline: the intensity policy")
+    b.add_argument("--further-targets", type=int, default=1, help="with --pipeline: further targets to time")
+    b.add_argument("--compare", metavar="LABELS",
+                   help="with --pipeline: a label map on the target grid to report agreement with (default data: "
+                        "the authors' own output)")
+    b.add_argument("--compile", action="store_true",
+                   help="also time the compiled network per window (compile or cache load, ratio, max abs difference)")
+    b.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="with --pipeline: float32, bfloat16 or auto (as segment --precision)")
+    b.set_defaults(func=cmd_bench)
+
+
+def add_cohort_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
+    """The options of the commands over cohorts: ``evaluate``, ``score`` and ``embed``."""
+    from iris_core.options import POSTPROCESSING, SegmentOptions
+
+    default = SegmentOptions()
 
     e = sub.add_parser("evaluate", parents=parents, help="compare methods against manual labels over a cohort")
     e.add_argument("--dataset", required=True,
@@ -202,44 +250,3 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
     m.add_argument("--overwrite", action="store_true", help="replace a library.safetensors in --out that is not "
                    "a task library of iris-segment")
     m.set_defaults(func=cmd_embed)
-
-    t = sub.add_parser("train", parents=parents, help="episodic in-context training (resumes from OUT/state.pt)")
-    t.add_argument("--config", help="TOML file with a [train] table (see iris_core.training.config.TrainConfig)")
-    t.add_argument("--out", required=True, help="run folder: state.pt, ema.safetensors, curve.png")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--preset")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--threads", type=int)
-    t.add_argument("--export", help="write the final EMA model here (float16 safetensors)")
-    t.set_defaults(func=cmd_train)
-
-    b = sub.add_parser("bench", parents=parents, help="time encoding and per-window segmentation, peak memory")
-    b.add_argument("--model", nargs="+", action="extend",
-                   help="model files, 'default' or preset:NAME (default: " + " ".join(BENCH_MODELS) + "; "
-                        "--pipeline and --pair: 'default')")
-    b.add_argument("--window", type=int, default=128)
-    b.add_argument("--classes", type=int, nargs="+", action="extend", help="class counts (default: " + " ".join(map(str, BENCH_CLASSES)) + ")")
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--threads", type=int)
-    b.add_argument("--json", help="also write the figures as JSON (an object: a list of figures goes under 'results')")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing --json file that iris-segment did "
-                   "not write")
-    b.add_argument("--pair", action="store_true",
-                   help="whole-volume figures on the real template pair, optimised vs plain eager, and registration")
-    b.add_argument("--no-registration", action="store_true", help="with --pair: skip the antspyx SyN baseline")
-    b.add_argument("--pipeline", action="store_true",
-                   help="one whole target through the model's pipeline (MASS checkpoints: the authors'), seconds "
-                        "per stage and window, further targets, peak memory; default data: the MASS fixture MR case")
-    b.add_argument("--target", help="with --pipeline: the target image")
-    b.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
-                   help="with --pipeline: a reference image and its label map")
-    b.add_argument("--intensity", default="auto", help="with --pipeline: the intensity policy")
-    b.add_argument("--further-targets", type=int, default=1, help="with --pipeline: further targets to time")
-    b.add_argument("--compare", metavar="LABELS",
-                   help="with --pipeline: a label map on the target grid to report agreement with (default data: "
-                        "the authors' own output)")
-    b.add_argument("--compile", action="store_true",
-                   help="also time the compiled network per window (compile or cache load, ratio, max abs difference)")
-    b.add_argument("--precision", choices=PRECISIONS, default="float32",
-                   help="with --pipeline: float32, bfloat16 or auto (as segment --precision)")
-    b.set_defaults(func=cmd_bench)

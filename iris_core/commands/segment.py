@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from iris_core.commands.terminal import TerminalProgress, in_cli_words
+from iris_core.commands.terminal import TerminalProgress, in_cli_words, preview_title
 from iris_core.errors import IrisError
 
 log = logging.getLogger("iris_core")
@@ -161,8 +161,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     requests = class_requests(args.classes, names_only=bool(args.library))
     inputs = segment_inputs(args, jobs)
     check_segment_outputs(args, jobs, inputs)
+    from iris_core.io.dicom_seg import segment_names
     from iris_core.io.imaging import probe_image
-    from iris_core.io.segmentations import find_segment, segment_names, unknown_segment
+    from iris_core.io.segmentations import find_segment, unknown_segment
 
     if requests and args.reference and not args.library:  # a misspelt segment name, listing the names there are
         names: dict[int, str] = {}
@@ -271,12 +272,6 @@ def _write_outputs(args: argparse.Namespace, job: tuple[str, str, str | None], r
     print(f"wrote {out} ({len(result.classes)} classes, {t['total']:.1f} s on {result.sidecar['device']}) and "
           f"{side}")
     return {"target": target, "output": str(out), "seconds": t["total"], "classes": result.sidecar["classes"]}
-
-
-def preview_title(target: str, sidecar: dict, model: str | None = None) -> str:
-    """A preview's title: the target, the strategy the run used as its sidecar records it ('library' for a
-    task library, 'hermes' for named structures: not the --strategy asked for), the model."""
-    return f"{Path(target).name}: {sidecar.get('strategy', '?')}" + (f", {model}" if model else "")
 
 
 def cohort_share(jobs: list, rank: int, world: int, skip_existing: bool) -> tuple[list, list]:

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from iris_core.commands.terminal import TerminalProgress
+from iris_core.commands.terminal import TerminalProgress, preview_title
 from iris_core.errors import InputError, IrisError
 
 
@@ -37,7 +37,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def segment_on_server(args: argparse.Namespace, jobs: list[tuple[str, str, str | None]], options) -> int:
     """Each target through the server: the same outputs as a local run (label map and sidecar), written
     atomically; progress as locally; Ctrl-C cancels the job on the server."""
-    from iris_core.commands.segment import preview_title
     from iris_core.io.names import split_volume_name
     from iris_core.io.outputs import relative_to_sidecar
     from iris_core.service.client import Client, ServerError, read_token

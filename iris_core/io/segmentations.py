@@ -96,19 +96,6 @@ def slicer_segment_names(path: str | Path) -> dict[int, str]:
     return names
 
 
-def segment_names(path: str | Path) -> dict[int, str]:
-    """The names a label file gives its classes, from its header alone: a 3D Slicer ``.seg.nrrd`` (label value ->
-    segment name; a layered one: segment i -> class i + 1, as ``read_layered_segmentation`` numbers them) or a
-    DICOM SEG (segment k -> class k, as ``read_dicom_seg``); {} for a plain label map."""
-    from iris_core.io.dicom_seg import dicom_seg_names, is_dicom_seg
-
-    if is_dicom_seg(path):
-        return dicom_seg_names(path)
-    if slicer_layer_count(path) > 1:
-        return {i + 1: name for i, (_, _, name) in enumerate(slicer_segments(path))}
-    return slicer_segment_names(path)
-
-
 def find_segment(name: str, names: dict[int, str]) -> int | None:
     """The label value of the segment called ``name`` (as spelt, else ignoring case, as Slicer compares
     segment names), None when no segment has it."""

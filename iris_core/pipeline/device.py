@@ -8,11 +8,12 @@ import sys
 import psutil
 import torch
 
-# glibc's allocator switches live torch-free in iris_core.allocator (the CLI applies them before its checks
-# without importing torch); imported here, where callers have found them
-from iris_core.allocator import retain_freed_memory, retained_free_bytes, trim_freed_memory  # noqa: F401
 from iris_core.errors import ResourceError
 from iris_core.options import DEVICES  # the table lives with the options (torch-free, for the Slicer GUI)
+
+# glibc's allocator switches live torch-free in pipeline.allocator (the CLI applies them before its checks
+# without importing torch); imported here, where callers have found them
+from iris_core.pipeline.allocator import retain_freed_memory, retained_free_bytes, trim_freed_memory  # noqa: F401
 
 
 def select_device(name: str = "auto") -> torch.device:
