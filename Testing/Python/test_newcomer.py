@@ -216,6 +216,28 @@ def test_classes_by_segment_name_and_names_kept(capsys, phantom_files, named_ref
     assert code == 2 and "the reference label maps name no segments" in err
 
 
+def test_classes_by_name_from_a_dicom_seg_reference(capsys, phantom_files, tmp_path):
+    """A DICOM SEG reference names its classes by its segment labels: ``--classes`` takes them (ignoring case), a
+    value keeps its segment's name, and a misspelt one is refused before any work listing the labels."""
+    from conftest import write_dicom_series
+    from iris_core.api import load_references, parse_classes, resolve_classes
+    from iris_core.io.dicom_seg import build_dicom_seg, segment_names
+    from iris_core.io.imaging import read_image
+
+    series = write_dicom_series(sitk.ReadImage(str(phantom_files["ref"])), tmp_path / "series")
+    image = read_image(series)
+    labels = sitk.Resample(sitk.ReadImage(str(phantom_files["ref_lab"])), image, sitk.Transform(),
+                           sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    build_dicom_seg(labels, [ClassSpec("ball", 1), ClassSpec("box", 2)], series, {"name": "test"}).save_as(
+        tmp_path / "ref_seg.dcm")
+    assert segment_names(tmp_path / "ref_seg.dcm") == {1: "ball", 2: "box"}
+    refs = load_references([(str(series), str(tmp_path / "ref_seg.dcm"))])
+    assert resolve_classes(refs, parse_classes("BOX,1")) == [ClassSpec("box", 2), ClassSpec("ball", 1)]
+    code, _, err = run(capsys, "segment", "--target", phantom_files["tgt"], "--reference", series,
+                       tmp_path / "ref_seg.dcm", "--classes", "bal", "--output", tmp_path / "s.nii.gz")
+    assert code == 2 and "their segments: 'ball', 'box'" in err
+
+
 def test_evaluate_names_classes_after_the_segments_and_matches_the_truth_by_name(capsys, phantom_files, tmp_path):
     """A cohort CSV of Slicer segmentations: the classes are 'ball' and 'box' in results.csv, summary.md and the
     overlays' legends (they were label_1, label_2), and a truth that numbers the segments the other way round is

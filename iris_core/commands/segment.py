@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from iris_core.commands.terminal import TerminalProgress, in_cli_words, preview_title
-from iris_core.errors import IrisError
+from iris_core.errors import InputError, IrisError
 
 log = logging.getLogger("iris_core")
 
@@ -100,7 +100,7 @@ def segment_inputs(args: argparse.Namespace, jobs: list[tuple[str, str, str | No
         inputs |= {f"reference image {k}": img, f"reference label map {k}": lab}
     for what, path in inputs.items():
         if path is not None and not Path(path).exists():
-            raise IrisError(f"{what} {path}: file not found")
+            raise InputError(f"{what} {path}: file not found")
     return inputs
 
 
@@ -151,6 +151,22 @@ def check_segment_outputs(args: argparse.Namespace, jobs: list[tuple[str, str, s
             output_folder(args.preview, "--preview", create=False)
 
 
+def check_class_names(args: argparse.Namespace, requests: list[tuple[str, int]] | None) -> None:
+    """A class asked for by a name no reference segment has (read from the label files' headers: a Slicer
+    .seg.nrrd, a DICOM SEG) is refused now, listing the names there are, not after the model is loaded."""
+    from iris_core.io.dicom_seg import segment_names
+    from iris_core.io.segmentations import find_segment, unknown_segment
+
+    if not (requests and args.reference) or args.library:
+        return
+    names: dict[int, str] = {}
+    for _, labels in args.reference:
+        names = segment_names(labels) | names  # the first reference's names first, as resolve_classes
+    unknown = [n for n, v in requests if v == 0 and find_segment(n, names) is None]
+    if unknown:
+        raise unknown_segment(unknown[0], names)
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     """Check everything the command line names (options, classes, input files, every output) before the
     heavy imports (torch, MONAI: seconds), so a mistake is refused at once; then segment, here or on a server."""
@@ -161,17 +177,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     requests = class_requests(args.classes, names_only=bool(args.library))
     inputs = segment_inputs(args, jobs)
     check_segment_outputs(args, jobs, inputs)
-    from iris_core.io.dicom_seg import segment_names
+    check_class_names(args, requests)
     from iris_core.io.imaging import probe_image
-    from iris_core.io.segmentations import find_segment, unknown_segment
-
-    if requests and args.reference and not args.library:  # a misspelt segment name, listing the names there are
-        names: dict[int, str] = {}
-        for _, labels in args.reference:
-            names = segment_names(labels) | names
-        unknown = [n for n, v in requests if v == 0 and find_segment(n, names) is None]
-        if unknown:
-            raise unknown_segment(unknown[0], names)
 
     for k, (target, _, _) in enumerate(jobs, 1):  # an unreadable target is found now, not after hours of others
         probe_image(target, f"target image {k}" if len(jobs) > 1 else "target image")
