@@ -64,8 +64,12 @@ def listed_by_result(output: str | Path) -> Callable[[Path], bool]:
 
 
 def relative_to_sidecar(path: str | Path, output: str | Path) -> str:
-    """How the sidecar of ``output`` names a file it lists: relative to its own folder (the pair can move)."""
-    return Path(os.path.relpath(Path(path).absolute(), sidecar_path(output).absolute().parent)).as_posix()
+    """How the sidecar of ``output`` names a file it lists: relative to its own folder (the pair can move); on
+    another Windows drive, where no relative path leads, in full."""
+    try:
+        return Path(os.path.relpath(Path(path).absolute(), sidecar_path(output).absolute().parent)).as_posix()
+    except ValueError:
+        return Path(path).absolute().as_posix()
 
 
 def same_file(a: Path, b: Path) -> bool:
