@@ -19,7 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from iris_core.api import resolve_model, segment
-from iris_core.commands.evaluate import parse_method, register_labels
+from iris_core.commands.evaluate import parse_method
+from iris_core.commands.registration import register_labels
 from iris_core.errors import InputError
 from iris_core.io import sampledata
 from iris_core.io.imaging import output_folder, write_image_atomic
