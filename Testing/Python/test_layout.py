@@ -219,7 +219,6 @@ MAX_FUNCTION_LINES = 80
 #: longer over the limit fails the test: take it off the list)
 LONG_FUNCTIONS = {
     "iris_core/api.py::segment": "issue [22]: one segment_target for one target (the lead)",
-    "iris_core/commands/segment.py::cmd_segment": "issue [24]: the segment command split",
     "iris_core/commands/bench_pipeline.py::pipeline_benchmark": "issue [22]: bench --pipeline on segment_target "
                                                                 "with a stage-timer hook (the lead)",
 }

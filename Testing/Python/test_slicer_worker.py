@@ -15,6 +15,7 @@ import pytest
 import slicer  # noqa: F401  slicer-core, a test dependency: missing, these tests fail rather than vanish
 
 from iris_core.options import SegmentOptions
+from iris_core.service.jobs import OWNER_FILE
 from IrisSegmentLib import parameters as p
 from IrisSegmentLib import testing
 from IrisSegmentLib.jobs import run_to_end
@@ -307,7 +308,6 @@ def served(tmp_path_factory, world):
 
     from conftest import free_port
     from iris_core.service.client import Client, ServerError
-    from iris_core.service.jobs import OWNER_FILE
     from IrisSegmentLib.remote import Server
 
     folder = tmp_path_factory.mktemp("served")
@@ -329,7 +329,7 @@ def served(tmp_path_factory, world):
             assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.3)
     relay = Relay(url)
-    # the jobs' folders; the server's own marker of its work folder (issue [19]'s crash sweep) is none of them
+    # the job folders the server keeps (its owner file, issue [19]'s sweep of a crashed server's folder, is not a job)
     yield {"relay": relay, "server": Server(relay.url, token), "jobs": lambda: sorted(
         str(q.relative_to(folder)) for q in (folder / "tmp").glob("iris-serve-*/*") if q.name != OWNER_FILE)}
     relay.server.shutdown()

@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
-    from iris_core.pipeline.device import retain_freed_memory
+    from iris_core.pipeline.allocator import (
+        retain_freed_memory,  # torch-free: the checks before any work stay quick
+    )
 
     retain_freed_memory()  # a process of our own: reuse freed memory (glibc), window after window
     try:

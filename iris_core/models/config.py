@@ -152,6 +152,15 @@ PRESETS: dict[str, Preset] = {
                     "read back onto the model grid) plus similarity to the reference's own multi-scale decoder "
                     "features (prototype).",
     ),
+    "iris-small-token-head": Preset(
+        "iris",
+        IrisConfig(channels=(8, 16, 32, 64, 128), num_block=(1, 1, 1, 1), query_tokens=4,
+                   attn_blocks=1, task_prior_slots=1, pos_embed_size=64, context_downsample=2),
+        spacing=(3.0, 3.0, 3.0),
+        window=(64, 64, 64),
+        description="The iris-small network with the published Iris head (each class's token kernel on the "
+                    "decoder's features; no memory readout): a speed reference for the many-class cost.",
+    ),
     "iris-tiny": Preset(
         "iris",
         IrisConfig(channels=(4, 8, 32, 32, 32), num_block=(1, 1, 1, 1), query_tokens=2,

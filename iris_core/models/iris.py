@@ -9,6 +9,7 @@ of each stage into a per-class kernel over the full-resolution features.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -510,7 +511,8 @@ class IrisNet(nn.Module):
             logits = logits + self.prototype_scale * (self.prototype_similarity(tokens[n]) - self.prototype_shift)
         if self.config.memory_tokens:
             half = None if positions is None else F.avg_pool3d(positions.float(), 2)
-            with torch.autocast(feats[0].device.type, enabled=False):  # positions and logits need float32
+            kind = feats[0].device.type  # autocast has no 'meta' device (the FLOP counter's copy of the network)
+            with torch.autocast(kind, enabled=False) if kind != "meta" else contextlib.nullcontext():
                 read = self.memory_readout([f.float() for f in feats], tokens[-1].float(), half)
             logits = logits + self.memory_scale * (read - 0.5)
         return logits
