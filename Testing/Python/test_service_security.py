@@ -78,7 +78,22 @@ def _submit(h: dict, token: int = 0, request: dict | None = None, **files) -> st
 LONG = {"options": {"strategy": "tuning", "tune_steps": 1000}}  # minutes on the tiny model: cancelled by the tests
 
 
+def test_every_route_is_in_the_token_tests():
+    """ROUTES is every route the server's application has: a route added later is in the token test below, not
+    left out of it. (The application is built as ``serve`` builds it; no route touches the service until called.)"""
+    from fastapi.routing import APIRoute
+
+    from iris_core.service.server import create_app
+
+    routes = {(method, r.path.replace("{job_id}", "{id}")) for r in create_app(None).routes if isinstance(r, APIRoute)
+              for method in r.methods}
+    assert routes == set(ROUTES), routes ^ set(ROUTES)
+
+
 def test_every_route_needs_a_token_and_hides_the_jobs_of_other_tokens(hostile):
+    """Each route of ROUTES (every route: the test above) with no token, a wrong one or one in the URL: 401; with
+    another token, a job of this one is exactly an id that does not exist (404, the same words), and that token's
+    DELETE and cancel leave it as it was."""
     h = hostile
     job = _submit(h)
     assert wait_job(h["url"], h["tokens"][0], job)["status"] == "done"
