@@ -25,28 +25,32 @@ HEAVY_MEMORY = 7 * 2**30
 WORKER_MEMORY = 3 * 2**30
 
 
+def workers_for(cores: int, total_memory: int) -> int:
+    """The number of xdist workers for a machine of ``cores`` physical cores and ``total_memory`` bytes: a worker
+    per core, as many as the memory holds with one heavy test among them (``HEAVY_MEMORY`` + ``WORKER_MEMORY`` for
+    each other worker), at least one. Of the machine alone: what happens to be free when a run starts is no input
+    (with the free memory, a training beside the run once made it one worker and 30 minutes)."""
+    return max(1, min(cores, 1 + (total_memory - HEAVY_MEMORY) // WORKER_MEMORY))
+
+
 def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto`` (scripts/test.sh): a worker per physical core, as many as the machine's memory holds with one
-    heavy test among them (``HEAVY_MEMORY`` + ``WORKER_MEMORY`` for each other worker), at least one. From the
-    machine's total memory, not what happens to be free when the run starts: the same machine always gets the same
-    number of workers (with the free memory, a training beside the run once made it one worker and 30 minutes)."""
+    """``-n auto`` (scripts/test.sh): :func:`workers_for` this machine's physical cores and total memory."""
     import psutil
 
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    total = psutil.virtual_memory().total
-    return max(1, min(cores, 1 + (total - HEAVY_MEMORY) // WORKER_MEMORY))
+    return workers_for(psutil.cpu_count(logical=False) or os.cpu_count() or 1, psutil.virtual_memory().total)
 
 
 @pytest.fixture(autouse=True)
 def _one_memory_heavy_test_at_a_time(request, tmp_path_factory):
     """A ``heavy_memory`` test on an xdist worker holds a lock shared by this run's workers (a file in the run's
-    base folder), so two of them never run at once; a deadline below the per-test timeout says so if one waits."""
+    base folder), so two of them never run at once; a deadline below the per-test timeout (pyproject.toml) says so
+    if one waits that long."""
     if request.node.get_closest_marker("heavy_memory") is None or not os.environ.get("PYTEST_XDIST_WORKER"):
         yield
         return
     from filelock import FileLock
 
-    with FileLock(str(tmp_path_factory.getbasetemp().parent / "heavy_memory.lock"), timeout=1200):
+    with FileLock(str(tmp_path_factory.getbasetemp().parent / "heavy_memory.lock"), timeout=600):
         yield
 
 

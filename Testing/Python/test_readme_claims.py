@@ -223,6 +223,40 @@ def test_the_copy_tests_bar_is_the_readmes_and_a_model_below_it_fails():
     assert report.passed is False and f"need >= {COPY_MIN_DICE}" in report.rule
 
 
+def test_the_test_runs_rules_are_the_readmes(request):
+    """The README's test run: pytest-timeout is installed from the project's own files (the ``test`` extra) and
+    active with the README's per-test limit; the worker count is conftest's ``workers_for`` of the machine's cores
+    and TOTAL memory with the README's figures (the free memory no input: one worker on a busy machine made the run
+    30 minutes), so the same machine always gets the same count."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    import psutil
+
+    import conftest
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    extra = [re.split(r"[<>=!~ ;\[]", r, maxsplit=1)[0].lower() for r in project["project"]["optional-dependencies"]["test"]]
+    assert "pytest-timeout" in extra and "filelock" in extra, extra
+    limit = re.search(r"Every\s+test has a limit of (\d+) s \(pytest-timeout", readme)
+    assert limit is not None and int(limit.group(1)) == project["tool"]["pytest"]["ini_options"]["timeout"]
+    assert request.config.pluginmanager.hasplugin("timeout")  # the plugin runs in this very run
+    assert float(request.config.getini("timeout")) == int(limit.group(1))
+    heavy, other = re.search(r"with (\d+) GiB for the\s+memory-heavy tests .*? and (\d+) GiB for each other worker",
+                             readme, re.S).groups()
+    assert (int(heavy) * 2**30, int(other) * 2**30) == (conftest.HEAVY_MEMORY, conftest.WORKER_MEMORY)
+    gib = 2**30
+    # cores and total memory -> workers: this 2-core 24 GB machine, a 7 GB runner, a 16 GB 4-core runner, a big one
+    for cores, total, workers in ((2, 23.4 * gib, 2), (2, 7 * gib, 1), (4, 16 * gib, 4), (8, 16 * gib, 4),
+                                  (16, 128 * gib, 16), (1, 64 * gib, 1), (4, 2 * gib, 1)):
+        assert conftest.workers_for(cores, int(total)) == workers, (cores, total / gib)
+    here = psutil.cpu_count(logical=False) or 1, psutil.virtual_memory().total
+    assert conftest.pytest_xdist_auto_num_workers(request.config) == conftest.workers_for(*here)
+
+
 def test_presets_lists_every_preset(capsys):
     from iris_core.models import PRESETS
 
