@@ -356,7 +356,9 @@ def test_item2_a_remote_run_that_fails_after_its_upload_leaves_nothing_on_the_se
 
 def test_item2_a_run_closed_during_the_final_fetch_leaves_no_work_folder(world, served):
     """close() during the final fetch: the client recreated the removed work folder to write the result (patient
-    data) into it. Now whatever the fetch wrote after the run was closed is removed again."""
+    data) into it. Now whatever the fetch wrote after the run was closed is removed again. (Two guards since issue
+    [19]'s client: it creates the folder before the download, never after, and the run removes what a fetch wrote
+    after close, RemoteProcess._remove_results; this fails when both are gone, not when one is.)"""
     scene, nodes, _, model = world
     relay = served["relay"]
     relay.hold.clear()
