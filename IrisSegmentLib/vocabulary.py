@@ -14,12 +14,9 @@ kind without a file (see ``KNOWN_KINDS``).
 from __future__ import annotations
 
 import json
-import struct
 import zipfile
 from pathlib import Path
 
-# largest safetensors header accepted (the format's own reader refuses above 100 MB)
-MAX_HEADER = 100 * 2**20
 # key names that tell a foreign state_dict's architecture (iris_core.hub.checkpoint.infer_architecture)
 HERMES_KEY = b"prior_init_fuse_2.task_prior"
 IRIS_KEY = b"task_embedding.0.task_query"
@@ -32,29 +29,14 @@ class ModelFileError(Exception):
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file, from its header alone."""
-    path = Path(path)
+    """The ``__metadata__`` of a safetensors file, from its header alone (iris_core's torch-free reader)."""
+    from iris_core.errors import CheckpointError
+    from iris_core.hub.library import safetensors_metadata as read_metadata
+
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if head.startswith(b"version "):
-                raise ModelFileError(f"{path}: a git-LFS pointer, not the model itself: fetch it with "
-                                     "'git lfs pull'")
-            if len(head) < 8:
-                raise ModelFileError(f"{path}: too short for a safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or n > size - 8:
-                raise ModelFileError(f"{path}: not a safetensors file (corrupt or truncated header)")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except OSError as exc:
-        raise ModelFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, ValueError):
-        raise ModelFileError(f"{path}: not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ModelFileError(f"{path}: not a safetensors file (its header is not a JSON object)")
-    meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}
+        return read_metadata(path)
+    except CheckpointError as exc:
+        raise ModelFileError(str(exc)) from None
 
 
 def _pth_kind(path: Path) -> str:

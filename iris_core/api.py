@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import SimpleITK as sitk
 from iris_core.errors import InputError
 from iris_core.hub import download as hub
 from iris_core.hub.checkpoint import LoadedModel, load_checkpoint, preset_model
+from iris_core.hub.download import check_model_spec  # noqa: F401  (part of the API; torch-free there)
 from iris_core.hub.hermes_vocab import (
     intensity_for,
     model_vocabulary,
@@ -30,8 +30,14 @@ from iris_core.io.imaging import (
     same_grid,
 )
 from iris_core.io.results import SegmentationResult, class_volumes, write_result
-from iris_core.io.segmentations import read_layered_segmentation, slicer_layer_count, slicer_segment_names
-from iris_core.options import SegmentOptions, strategy_for
+from iris_core.io.segmentations import (
+    find_segment,
+    read_layered_segmentation,
+    slicer_layer_count,
+    slicer_segment_names,
+    unknown_segment,
+)
+from iris_core.options import SegmentOptions, class_requests, strategy_for
 from iris_core.pipeline.embedding import TaskEmbedding, model_fingerprint
 from iris_core.pipeline.inference import ClassSpec, Engine, ProgressFn, Reference
 from iris_core.pipeline.strategies import encode_references, run_strategy
@@ -43,14 +49,6 @@ __all__ = ["Reference", "ClassSpec", "SegmentationResult", "SegmentOptions", "se
 
 log = logging.getLogger(__name__)
 
-
-
-def check_model_spec(spec: str | None) -> None:
-    """Refuse at once a model that is neither the bundled one, a preset, a known name nor an existing
-    file (without loading anything)."""
-    if not hub.names_a_model(spec):
-        raise InputError(f"model {spec}: no such file, and not a known model ({', '.join(hub.KNOWN)}) or "
-                         "preset:NAME")
 
 
 def resolve_model(spec: str | None, allow_unsafe: bool = False, device: str = "cpu") -> LoadedModel:
@@ -69,30 +67,12 @@ def resolve_model(spec: str | None, allow_unsafe: bool = False, device: str = "c
 
 
 def parse_classes(text: str | None, names_only: bool = False) -> list[ClassSpec] | None:
-    """'1,3' -> label_1, label_3; 'liver=1,spleen=2' -> named classes; None -> None (all labels).
-    With ``names_only`` (a task library, whose classes are found by name) 'liver,spleen' is accepted
-    too; the library gives the values."""
-    if not text:
-        return None
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if names_only:
-            out.append(ClassSpec(part.partition("=")[0].strip(), 0))
-            continue
-        name, _, value = part.rpartition("=") if "=" in part else ("", "", part)
-        if not re.fullmatch(r"\d+", value):
-            raise InputError(f"classes: {part!r} is not a label value or NAME=VALUE", inputs=("classes",))
-        v = int(value)
-        if v == 0:
-            raise InputError("classes: label 0 is background, not a class", inputs=("classes",))
-        out.append(ClassSpec(name.strip() or f"label_{v}", v))
-    names = [c.name for c in out]
-    if len(set(names)) != len(names):
-        raise InputError(f"classes: duplicate class names in {names}", inputs=("classes",))
-    return out
+    """'1,3' -> label_1, label_3; 'liver=1,spleen=2' -> named classes; 'brain' -> the class a reference's
+    segment of that name holds (value 0 until ``resolve_classes`` finds it); None -> None (all labels). With
+    ``names_only`` (a task library, whose classes are found by name) every item is a name; the library gives
+    the values."""
+    requests = class_requests(text, names_only)
+    return None if requests is None else [ClassSpec(name, value) for name, value in requests]
 
 
 def load_references(pairs: list[tuple[str, str]]) -> list[Reference]:
@@ -132,28 +112,45 @@ def hermes_vocabulary(loaded: LoadedModel):
 
 
 def resolve_classes(refs: list[Reference], classes: list[ClassSpec] | None) -> list[ClassSpec]:
-    """Requested classes, checked against the references; all non-zero labels when none requested, named
-    after the segments of a Slicer ``.seg.nrrd`` reference, else ``label_<value>``."""
+    """Requested classes, checked against the references; all non-zero labels when none requested. Classes
+    are named after the segments of a Slicer ``.seg.nrrd`` or DICOM SEG reference (a class asked for by value
+    too), else ``label_<value>``; a class asked for by name (value 0) takes the value of the segment of that
+    name, and a name no reference has is refused listing the names they have."""
     present: set[int] = set()
     for r in refs:
         present |= {int(v) for v in np.unique(sitk.GetArrayViewFromImage(r.labels))}
     present.discard(0)
+    names: dict[int, str] = {}
+    for r in refs:  # a segmentation file's segment names, the first reference's first
+        for v, n in r.label_names.items():
+            names.setdefault(v, n)
     if classes is None:
         if not present:
             raise InputError("the reference label maps are empty (no non-zero label)")
-        names: dict[int, str] = {}
-        for r in refs:  # a Slicer segmentation file's segment names, the first reference's first
-            for v, n in r.label_names.items():
-                names.setdefault(v, n)
         return [ClassSpec(names.get(v, f"label_{v}"), v) for v in sorted(present)]
+    classes = [_by_segment_name(c, names, present) if c.value == 0 else
+               ClassSpec(names[c.value], c.value) if c.name == f"label_{c.value}" and c.value in names else c
+               for c in classes]
+    twice = sorted({c.name for c in classes if [d.name.casefold() for d in classes].count(c.name.casefold()) > 1})
+    if twice:
+        raise InputError(f"classes: {', '.join(twice)} asked for twice (by name and by value?)", inputs=("classes",))
     # as the user spelled them: '3' for a value given alone, 'liver=3' for a named one
-    absent = [str(c.value) if c.name == f"label_{c.value}" else f"{c.name}={c.value}"
+    absent = [str(c.value) if c.name in (f"label_{c.value}", names.get(c.value)) else f"{c.name}={c.value}"
               for c in classes if c.value not in present]
     if absent:
         raise InputError(f"requested class{'es' if len(absent) > 1 else ''} {', '.join(absent)} "
                          f"{'are' if len(absent) > 1 else 'is'} absent from every reference label map (labels "
                          f"present: {', '.join(map(str, sorted(present))) or 'none'})", inputs=("classes",))
     return classes
+
+
+def _by_segment_name(requested: ClassSpec, names: dict[int, str], present: set[int]) -> ClassSpec:
+    """The class of the references' segment named ``requested.name``, with the file's spelling of the name;
+    refused listing the segment names when none has it."""
+    value = find_segment(requested.name, names)
+    if value is None:
+        raise unknown_segment(requested.name, names, present)
+    return ClassSpec(names[value], value)
 
 
 def overlapping_class_groups(refs: list[Reference], classes: list[ClassSpec]) -> list[list[int]]:

@@ -7,7 +7,6 @@ import math
 import warnings
 
 import numpy as np
-import torch
 
 
 def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -19,6 +18,7 @@ def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> tuple[float, float]:
     """(HD95, average symmetric surface distance) in mm, with voxel ``spacing`` (array axis order)."""
+    import torch  # here, with MONAI: reading the metrics module (a score's checks, a picture) needs neither
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
     p, t = pred.astype(bool), truth.astype(bool)
@@ -43,3 +43,9 @@ def segment_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, .
     return {"dice": dice_score(pred, truth), "hd95_mm": hd, "assd_mm": asd,
             "volume_pred_ml": float(pred.astype(bool).sum()) * voxel_ml,
             "volume_true_ml": float(truth.astype(bool).sum()) * voxel_ml}
+
+
+def finite_mean(values) -> float:
+    """The mean of the finite values (a distance is inf where one mask is empty); inf when none is finite."""
+    a = np.asarray(values, float)
+    return float(np.mean(a[np.isfinite(a)])) if np.isfinite(a).any() else math.inf

@@ -44,6 +44,36 @@ def strategy_for(strategy: str, classes_per_reference: list[list[str]]) -> str:
     return strategy
 
 
+def class_requests(text: str | None, names_only: bool = False) -> list[tuple[str, int]] | None:
+    """``--classes`` as (name, value) pairs, torch-free (the CLI checks it before any import): '1,3' ->
+    ('label_1', 1), ('label_3', 3); 'liver=1' -> ('liver', 1); 'brain' -> ('brain', 0), a class asked for by
+    its segment name, whose value the references (or a task library) give. ``names_only`` (a task library,
+    whose classes are found by name): every item is a name. None -> None (every class)."""
+    if not text:
+        return None
+    out: list[tuple[str, int]] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if names_only:
+            out.append((part.partition("=")[0].strip(), 0))
+            continue
+        name, _, value = (s.strip() for s in part.rpartition("=")) if "=" in part else ("", "", part)
+        if "=" in part and not (name and value.isdecimal()):
+            raise ConfigError(f"classes: {part!r} is not a label value, a segment name or NAME=VALUE (e.g. 1, "
+                              "brain or liver=1)", inputs=("classes",))
+        if not value.isdecimal():  # a segment's name (names may hold spaces and digits: 'Segment 2')
+            out.append((part, 0))
+            continue
+        if int(value) == 0:
+            raise ConfigError("classes: label 0 is background, not a class", inputs=("classes",))
+        out.append((name or f"label_{int(value)}", int(value)))
+    names = [n.casefold() for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"classes: duplicate class names in {[n for n, _ in out]}", inputs=("classes",))
+    return out
+
+
 # In-context tuning defaults. The embedding tokens are layer-normalised (elements of order 1):
 # Adam at 1e-2 moves each element by at most ~0.01 per step, so 20 steps can reshape the
 # embedding noticeably without leaving the region the decoder was trained on.

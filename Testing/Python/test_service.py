@@ -36,7 +36,7 @@ def server(tmp_path_factory, tiny_model_file, phantom_files):
                              str(folder / "libs"))
     (folder / "token0").write_text(tokens[0])
     yield {"url": url, "tokens": tokens, "token_file": folder / "token0", "proc": proc, "model": str(tiny_model_file),
-           "library": folder / "libs" / "phantom.safetensors"}
+           "library": folder / "libs" / "phantom.safetensors", "log": folder / "server.log"}
     stop_server(proc)
 
 
@@ -59,6 +59,33 @@ def test_cli_through_the_server_writes_what_a_local_run_writes(server, phantom_f
     assert [c["name"] for c in side["classes"]] == ["ball", "box"]
     assert (tmp_path / "remote.png").stat().st_size > 10_000
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_serve_says_where_it_listens_what_it_loaded_and_that_it_is_ready(server):
+    """Issue [24] item 4: ``serve`` printed nothing, even on a terminal. Its log (stderr) names each model it loaded,
+    the libraries it offers, the address it listens on, and that it is ready; never a token."""
+    log = server["log"].read_text()
+    port = server["url"].rsplit(":", 1)[1]
+    assert f"INFO listening on http://127.0.0.1:{port} (2 tokens accepted); ready for jobs" in log, log
+    assert f"INFO model {server['model']}: tiny (iris, {server['model']})" in log
+    assert "INFO model default: " in log and "task libraries offered from" in log and "phantom" in log
+    assert not any(t in log for t in server["tokens"])
+
+
+def test_a_remote_sidecar_names_the_users_files(server, phantom_files, tmp_path, capsys):
+    """Issue [24] item 4: a result segmented through a server recorded the server's names for the uploads
+    (``"target": "target.nii.gz"``, ``reference_image_0.nii.gz``); the client puts the user's back, says it wrote
+    the sidecar and names the preview it drew, as a local run's sidecar does."""
+    code = main(["segment", "--model", server["model"], "--quiet", "--reference", str(phantom_files["ref"]),
+                 str(phantom_files["ref_lab"]), "--target", str(phantom_files["tgt"]), "--output",
+                 str(tmp_path / "remote.nii.gz"), "--preview", str(tmp_path / "remote.png"), "--server", server["url"],
+                 "--token-file", str(server["token_file"])])
+    assert code == 0, capsys.readouterr().err
+    side = json.loads((tmp_path / "remote.json").read_text())
+    assert side["target"] == "tgt.nii.gz" and side["details"]["references"] == ["ref.nii.gz"]
+    assert side["written_by"].startswith("iris-segment ") and side["preview"] == "remote.png"
+    text = json.dumps(side)
+    assert "reference_image_" not in text and "reference_labels_" not in text and "target.nii" not in text
 
 
 def test_no_or_a_wrong_token_is_401_and_nothing_runs(server, phantom_files):

@@ -16,6 +16,7 @@ import slicer  # noqa: F401  slicer-core, a test dependency: missing, these test
 
 from conftest import wait_for
 from iris_core.options import SegmentOptions
+from iris_core.service.jobs import OWNER_FILE
 from IrisSegmentLib import parameters as p
 from IrisSegmentLib import testing
 from IrisSegmentLib.jobs import run_to_end
@@ -334,8 +335,9 @@ def served(tmp_path_factory, world):
             assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.3)
     relay = Relay(url)
+    # the job folders the server keeps (its owner file, issue [19]'s sweep of a crashed server's folder, is not a job)
     yield {"relay": relay, "server": Server(relay.url, token), "jobs": lambda: sorted(
-        str(q.relative_to(folder)) for q in (folder / "tmp").glob("iris-serve-*/*"))}
+        str(q.relative_to(folder)) for q in (folder / "tmp").glob("iris-serve-*/*") if q.name != OWNER_FILE)}
     relay.server.shutdown()
     proc.terminate()
     proc.wait(timeout=30)

@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
     for name in QUIET_LIBRARIES:  # their INFO lines say what they do inside, not what the user asked
         logging.getLogger(name).setLevel(logging.NOTSET if args.debug else logging.WARNING)
-    from iris_core.pipeline.device import retain_freed_memory
+    from iris_core.pipeline.allocator import (
+        retain_freed_memory,  # torch-free: the checks before any work stay quick
+    )
 
     retain_freed_memory()  # a process of our own: reuse freed memory (glibc), window after window
     try:

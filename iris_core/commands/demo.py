@@ -19,7 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from iris_core.api import resolve_model, segment
-from iris_core.commands.evaluate import parse_method, register_labels
+from iris_core.commands.evaluate import parse_method
+from iris_core.commands.registration import register_labels
 from iris_core.errors import InputError
 from iris_core.io import sampledata
 from iris_core.io.imaging import output_folder, write_image_atomic
@@ -72,9 +73,9 @@ def run_demo(out: str | Path, model: str = "default", device: str = "auto", seed
     out = Path(out)
     if registration:  # a misspelt baseline is an error now, not a warning after the segmentation
         method = parse_method(registration)
-        if method.kind not in ("ants", "elastix"):
+        if method.kind not in ("ants", "elastix", "align"):
             raise InputError(f"--registration {registration!r}: use ants:SyN, ants:Affine (or another ANTs "
-                             "transform), elastix or none")
+                             "transform), elastix, align (the pipeline's affine) or none")
     output_folder(out, "--output")
     case = demo_case(seed)
     ref, tgt = case.reference, case.target

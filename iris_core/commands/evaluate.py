@@ -11,10 +11,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import logging
-import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +21,17 @@ import numpy as np
 import SimpleITK as sitk
 
 from iris_core.api import resolve_model, segment_hermes
+from iris_core.commands.registration import register_labels
 from iris_core.errors import InputError, IrisError, reason
 from iris_core.hub.hermes_vocab import intensity_for, resolve_modality
 from iris_core.io.datasets import Dataset
+from iris_core.io.dicom_seg import segment_names
 from iris_core.io.imaging import output_folder
+from iris_core.io.outputs import write_csv
 from iris_core.io.resample import resample_to
+from iris_core.io.segmentations import matching_value
 from iris_core.io.viz import overlay_png
-from iris_core.metrics import segment_metrics
+from iris_core.metrics import finite_mean, segment_metrics
 from iris_core.options import STRATEGIES
 from iris_core.pipeline.inference import ClassSpec, Engine, Reference
 from iris_core.pipeline.strategies import encode_references, run_strategy
@@ -43,7 +45,7 @@ FAILURE_FIELDS = ["case", "method", "references", "error"]
 
 @dataclass(frozen=True)
 class Method:
-    kind: str  # iris, hermes, ants, elastix, identity
+    kind: str  # iris, hermes, ants, elastix, align, identity
     option: str = ""
     k: int = 1
 
@@ -80,9 +82,10 @@ def parse_method(text: str) -> Method:
             raise InputError(f"method {text!r}: unknown ANTs transform {transform!r}; use one of "
                              f"{', '.join(ANTS_TRANSFORMS)} (antspyx's type_of_transform)")
         return Method("ants", transform)
-    if kind in ("elastix", "identity", "hermes"):
+    if kind in ("elastix", "identity", "hermes", "align"):
         return Method(kind)
-    raise InputError(f"method {text!r}: use iris:STRATEGY[:K], hermes, ants[:SyN|Affine], elastix or identity")
+    raise InputError(f"method {text!r}: use iris:STRATEGY[:K], hermes, ants[:SyN|Affine], elastix, align "
+                     f"(the pipeline's deterministic affine) or identity")
 
 
 def choose_references(ds: Dataset, target: str, k: int, seed: int, fixed: str | None = None) -> list[str]:
@@ -102,56 +105,6 @@ def choose_references(ds: Dataset, target: str, k: int, seed: int, fixed: str | 
     return [str(x) for x in rng.choice(others, size=min(k, len(others)), replace=False)]
 
 
-def register_labels(method: Method, target: sitk.Image, ref: sitk.Image, ref_labels: sitk.Image) -> sitk.Image:
-    """Register the reference image to the target and warp its labels (generic-label interpolation)."""
-    with tempfile.TemporaryDirectory() as d:
-        paths = {}
-        for name, img in (("fixed", target), ("moving", ref), ("labels", ref_labels)):
-            paths[name] = os.path.join(d, f"{name}.nii.gz")
-            sitk.WriteImage(sitk.Cast(img, sitk.sitkFloat32) if name != "labels" else img, paths[name])
-        if method.kind == "ants":
-            try:
-                import ants
-            except ImportError:
-                raise InputError("method ants needs antspyx: pip install antspyx") from None
-            fixed, moving = ants.image_read(paths["fixed"]), ants.image_read(paths["moving"])
-            # ANTs samples its metric at random: pass a fixed --random-seed (without the package's
-            # "deterministic" mode, which would also force one thread and reseed numpy globally)
-            ants.config.set_ants_deterministic(on=False, seed_value=0)
-            # outprefix inside our temporary folder: by default antspyx writes its transforms (a SyN warp
-            # field is tens of MB) to tempfile.mktemp() names in the system temp folder and never deletes
-            # them (ants/registration/registration.py: `if outprefix == "": outprefix = mktemp()`)
-            reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=method.option or "SyN",
-                                    outprefix=os.path.join(d, "ants_"))
-            warped = ants.apply_transforms(fixed=fixed, moving=ants.image_read(paths["labels"]),
-                                           transformlist=reg["fwdtransforms"], interpolator="genericLabel")
-            out_path = os.path.join(d, "warped.nii.gz")
-            ants.image_write(warped, out_path)
-            out = sitk.ReadImage(out_path)
-        else:
-            try:
-                import itk
-            except ImportError:
-                raise InputError("method elastix needs itk-elastix: pip install itk-elastix") from None
-            fixed = itk.imread(paths["fixed"], itk.F)
-            moving = itk.imread(paths["moving"], itk.F)
-            params = itk.ParameterObject.New()
-            params.AddParameterMap(params.GetDefaultParameterMap("affine"))
-            params.AddParameterMap(params.GetDefaultParameterMap("bspline"))
-            _, tparams = itk.elastix_registration_method(fixed, moving, parameter_object=params,
-                                                         log_to_console=False)
-            for i in range(tparams.GetNumberOfParameterMaps()):
-                tparams.SetParameter(i, "FinalBSplineInterpolationOrder", "0")
-            lab = itk.imread(paths["labels"], itk.F)
-            warped = itk.transformix_filter(lab, tparams)
-            out_path = os.path.join(d, "warped.nii.gz")
-            itk.imwrite(warped, out_path)
-            out = sitk.ReadImage(out_path)
-    out = sitk.Cast(sitk.Round(sitk.Cast(out, sitk.sitkFloat32)), sitk.sitkInt32)
-    out = resample_to(out, target, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)  # exact target grid
-    return out
-
-
 class Evaluator:
     """Runs methods over a dataset; Iris reference embeddings are computed once and cached."""
 
@@ -168,6 +121,7 @@ class Evaluator:
         self._engine = None
         self._cache: dict = {}
         self._images: dict = {}
+        self._names: dict[str, dict[int, str]] = {}
 
     def _read(self, name: str) -> tuple[sitk.Image, sitk.Image]:
         if name not in self._images:
@@ -180,12 +134,39 @@ class Evaluator:
             self._engine = Engine(resolve_model(self.model_spec), device=self.device, intensity=self.ds.modality)
         return self._engine
 
-    def classes(self, ref_names: list[str]):
+    def names(self, case: str) -> dict[int, str]:
+        """A case's class names: the dataset's (dataset.json, a built-in cohort's), and over them the segment
+        names its label file holds (a Slicer .seg.nrrd, a DICOM SEG)."""
+        if case not in self._names:
+            labels = self.ds.case(case).labels
+            self._names[case] = self.ds.label_names | (segment_names(labels) if isinstance(labels, str) else {})
+        return self._names[case]
 
+    def classes(self, ref_names: list[str]) -> list[ClassSpec]:
+        """The classes of the references' label maps, named as their files (the first reference's first) or the
+        dataset name them, else ``label_<value>``."""
         values: set[int] = set()
+        names: dict[int, str] = {}
         for r in ref_names:
             values |= {int(v) for v in np.unique(sitk.GetArrayViewFromImage(self._read(r)[1])) if v}
-        return [ClassSpec(self.ds.label_names.get(v, f"label_{v}"), v) for v in sorted(values)]
+            names = self.names(r) | names
+        return [ClassSpec(names.get(v, f"label_{v}"), v) for v in sorted(values)]
+
+    def score(self, target: str, refs: list[str], pred: sitk.Image) -> list[tuple[ClassSpec, dict]]:
+        """Each class's metrics against the target's truth; a class is found in the truth by its name when the
+        references and the truth both name their classes (a .seg.nrrd's segments need not share values),
+        else by its value. Hermes (no reference): the dataset's named classes."""
+        truth = self._read(target)[1]
+        p, t = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(truth)
+        classes = self.classes(refs) if refs else [
+            ClassSpec(self.ds.label_names[v], v) for v in sorted(self.ds.label_names)]
+        out = []
+        for c in classes:
+            named = any(c.value in self.names(r) for r in refs)
+            value = matching_value(c.name if named else None, c.value, self.names(target))
+            truth_mask = t == value if value is not None else np.zeros(t.shape, bool)
+            out.append((c, segment_metrics(p == c.value, truth_mask, truth.GetSpacing()[::-1])))
+        return out
 
     def run_iris(self, method: Method, target: str, refs: list[str]) -> sitk.Image:
 
@@ -285,13 +266,8 @@ class Evaluator:
                         bar.update(1)
                     continue
                 secs = time.perf_counter() - t0
-                truth = self._read(target)[1]
-                p, t = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(truth)
-                spacing = truth.GetSpacing()[::-1]
-                classes = self.classes(refs) if refs else [
-                    ClassSpec(self.ds.label_names[v], v) for v in sorted(self.ds.label_names)]
-                for c in classes:
-                    m = segment_metrics(p == c.value, t == c.value, spacing)
+                scored = self.score(target, refs, pred)
+                for c, m in scored:
                     writer.writerow({"case": target, "method": method.name, "class": c.value,
                                      "class_name": c.name, "references": "+".join(refs) or "-",
                                      "seconds": round(secs, 3)} | {k: round(v, 5) for k, v in m.items()})
@@ -301,8 +277,8 @@ class Evaluator:
                     # a file name on every system: case names from a CSV may hold folders ('s1/image.nii.gz')
                     stem = re.sub(r"[^A-Za-z0-9._+-]+", "_", f"{target}__{'+'.join(refs)}__{method.name}")
                     overlay_png(self._read(target)[0], pred, self.out / "overlays" / f"{stem}.png",
-                                truth=truth, title=f"{target}: {method.name} (ref {'+'.join(refs)})",
-                                names=self.ds.label_names)
+                                truth=self._read(target)[1], title=f"{target}: {method.name} (ref {'+'.join(refs)})",
+                                names={c.value: c.name for c, _ in scored})
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
@@ -313,13 +289,6 @@ class Evaluator:
         else:  # a previous run's failures were retried and succeeded
             fail_path.unlink(missing_ok=True)
         return csv_path
-
-
-def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
@@ -353,9 +322,8 @@ def summarize(rows: list[dict], out_dir: Path, title: str = "", failures: list[d
             hd = np.array([float(r["hd95_mm"]) for r in sel])
             asd = np.array([float(r["assd_mm"]) for r in sel])
             sec = np.array([float(r["seconds"]) for r in sel])
-            fin = lambda a: np.mean(a[np.isfinite(a)]) if np.isfinite(a).any() else math.inf  # noqa: E731
             lines.append(f"| {c} | {m} | {len(sel)} | {d.mean():.4f} | {np.median(d):.4f} | {d.std():.4f} | "
-                         f"{fin(hd):.2f} | {fin(asd):.2f} | {sec.mean():.1f} |")
+                         f"{finite_mean(hd):.2f} | {finite_mean(asd):.2f} | {sec.mean():.1f} |")
     if len(rows) <= 300:
         lines += ["", "## Every run", "", "| target | references | class | method | Dice | HD95 (mm) | seconds |",
                   "|---|---|---|---|---|---|---|"]

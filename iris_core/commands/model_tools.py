@@ -31,12 +31,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_check_model(args: argparse.Namespace) -> int:
     """Collapse detector: ten different references on Colin27 must give ten different predictions; and the
     copy test: the reference image itself as the target must give the reference's labels back."""
-    from iris_core.api import resolve_model
-    from iris_core.checks import copy_test, standard_check
-
     if args.model and args.model_option and args.model != args.model_option:
         raise InputError(f"check-model: two models given ({args.model}, --model {args.model_option}); give one")
     args.model = args.model or args.model_option or "default"
+    from iris_core.hub.download import check_model_spec
+
+    check_model_spec(args.model)
+    if args.output:  # before the model is loaded and checked: minutes
+        from iris_core.io.outputs import output_folder
+
+        output_folder(args.output, "--output", create=False)
+    from iris_core.api import resolve_model
+    from iris_core.checks import copy_test, standard_check
+
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
     report = standard_check(loaded, device=args.device, out_dir=args.output)
     print(report.to_markdown(f"Reference sensitivity of {loaded.name}"))
@@ -65,7 +72,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"error: {raise_usage}", file=sys.stderr)
             return 2
         m = hub.KNOWN.get(args.name)
-        if m is not None and m.repo_id:
+        if m is not None and m.repo_id:  # the cache it goes to, before the download
+            from iris_core.io.outputs import output_folder
+
+            output_folder(hub.cache_folder(), "the model cache (HF_HUB_CACHE)", create=False)
             print(f"downloading {m.name} ({m.size_text()}) from {m.url}\nlicence: {m.licence}", file=sys.stderr)
         path = hub.pull(args.name, progress=not args.quiet)
         print(f"{args.name}: {path}\nverified: loads as the {hub.KNOWN[args.name].arch} layout; licence: "

@@ -5,7 +5,6 @@ Modules are imported when a command runs."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -25,6 +24,9 @@ BENCH_CLASSES = [1, 15]
 def cmd_demo(args: argparse.Namespace) -> int:
     """Six brain structures in one pass on a moved head MR with its skull, from one real reference, beside
     registration, identity and a threshold."""
+    from iris_core.io.outputs import output_folder
+
+    output_folder(args.output, "--output", create=False)  # before the imports and the data: seconds
     from iris_core.commands.demo import format_summary, run_demo
 
     progress = TerminalProgress(sys.stderr.isatty())
@@ -41,6 +43,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from iris_core.io.outputs import output_folder
+
+    output_folder(args.out, "--out", create=False)  # before the imports and the cohort are read
     from iris_core.commands.evaluate import read_rows, run_evaluation
     from iris_core.io.datasets import load_dataset
 
@@ -60,7 +65,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Existing segmentations scored against their truths (Dice, HD95, ASSD per class, names matched); every
+    file and output checked before the heavy imports."""
+    from iris_core.commands.score import check_score_args, run_score  # numpy and SimpleITK, no torch
+
+    return run_score(args, check_score_args(args))
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
+    from iris_core.hub.library import is_library_file
+    from iris_core.io.outputs import check_output_file, output_folder
+
+    output_folder(args.out, "--out", create=False)
+    check_output_file(Path(args.out) / "library.safetensors", "the task library in --out", args.overwrite,
+                      ours=is_library_file)
     from iris_core.commands.embed_map import embed_dataset
     from iris_core.io.datasets import load_dataset
 
@@ -71,6 +90,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from iris_core.io.outputs import output_folder
+
+    output_folder(args.out, "--out", create=False)  # a resumed run's folder is fine; a file or /proc is not
     from iris_core.pipeline.device import set_threads
     from iris_core.training import load_config, train
 
@@ -82,7 +104,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from iris_core.api import check_model_spec
+    from iris_core.hub.download import check_model_spec
+    from iris_core.io.outputs import check_output_file, read_record, write_json_report
+
+    if args.json:  # before the benchmark: its figures are not lost to a folder that is missing or not writable
+        check_output_file(args.json, "--json", args.overwrite, ours=lambda p: read_record(p) is not None)
+    for spec in args.model or []:
+        check_model_spec(spec)
     from iris_core.commands.bench import format_pair, format_table, pair_benchmark, run_benchmark
 
     if args.pipeline:
@@ -94,31 +122,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  compare=args.compare, precision=args.precision)
         print(format_pipeline(res))
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+            write_json_report(args.json, res)
         return 0
     if args.pair:
         res = pair_benchmark(args.model[0] if args.model else "default", repeats=args.repeats,
                              registration=not args.no_registration, threads=args.threads)
         print(format_pair(res))
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+            write_json_report(args.json, res)
         return 0
     args.model = args.model or BENCH_MODELS
-    for spec in args.model:  # before a process per model starts
-        check_model_spec(spec)
     results = run_benchmark(args.model, window=args.window, classes=tuple(args.classes or BENCH_CLASSES), repeats=args.repeats,
                             threads=args.threads, compile=args.compile)
     print(format_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json_report(args.json, results)
     return 1 if any("error" in r for r in results) else 0
 
 
 def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
-    """The options of ``demo``, ``evaluate``, ``embed``, ``train`` and ``bench``."""
-    from iris_core.options import POSTPROCESSING, PRECISIONS, SegmentOptions
-
-    default = SegmentOptions()
+    """The options of ``demo``, ``evaluate``, ``score``, ``embed``, ``train`` and ``bench``."""
+    from iris_core.options import PRECISIONS
 
     d = sub.add_parser("demo", parents=parents, help="six brain structures from one reference (Colin27) on a moved head MR with "
                                      "its skull (MNI152NLin6Asym), beside registration and a threshold")
@@ -130,35 +154,7 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
                    help="registration baseline: ants:SyN, ants:Affine, elastix or none (skipped when not installed)")
     d.set_defaults(func=cmd_demo)
 
-    e = sub.add_parser("evaluate", parents=parents, help="compare methods against manual labels over a cohort")
-    e.add_argument("--dataset", required=True,
-                   help="a built-in real cohort ('templates': brain pairs across templates; 'cross-atlas'; "
-                        "'macaque'; 'copy' and 'gyri-moved': the copy test's ten gyri on the image itself and on a "
-                        "moved copy; 'sample-pair': the Slicer sample data), an nnU-Net/MSD folder, or a CSV "
-                        "(case,image,labels or target_image,target_labels,reference_image,reference_labels)")
-    e.add_argument("--method", nargs="+", action="extend",
-                   help="iris:one-shot | iris:ensemble:K | iris:retrieval:K | iris:tuning | hermes | ants:SyN | "
-                        "ants:Affine | elastix | identity (several, or --method repeated; default: "
-                        + " ".join(EVALUATE_METHODS) + ")")
-    e.add_argument("--out", required=True, help="folder: results.csv, summary.md, boxplot.png, overlays/")
-    e.add_argument("--model", default="default")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--seed", type=int, default=0, help="seed of the reference choice")
-    e.add_argument("--reference-case", help="use this case as the one fixed reference (instead of seeded draws)")
-    e.add_argument("--hermes-model", help="Hermes model for method 'hermes' (classes by dataset.json names)")
-    e.add_argument("--hermes-modality", help="Hermes modality (default from dataset.json: CT or T1)")
-    e.add_argument("--no-overlays", action="store_true")
-    e.add_argument("--postprocess", choices=POSTPROCESSING, default=default.postprocess,
-                   help="applied to Iris and Hermes predictions")
-    e.set_defaults(func=cmd_evaluate)
-
-    m = sub.add_parser("embed", parents=parents, help="encode labelled references into a task library and draw a 2-D map")
-    m.add_argument("--dataset", required=True, help="'templates', 'atlases', an nnU-Net/MSD folder or a CSV")
-    m.add_argument("--out", required=True)
-    m.add_argument("--model", default="default")
-    m.add_argument("--device", default="auto")
-    m.add_argument("--max-cases", type=int)
-    m.set_defaults(func=cmd_embed)
+    add_cohort_parsers(sub, parents)
 
     t = sub.add_parser("train", parents=parents, help="episodic in-context training (resumes from OUT/state.pt)")
     t.add_argument("--config", help="TOML file with a [train] table (see iris_core.training.config.TrainConfig)")
@@ -178,7 +174,9 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
     b.add_argument("--classes", type=int, nargs="+", action="extend", help="class counts (default: " + " ".join(map(str, BENCH_CLASSES)) + ")")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int)
-    b.add_argument("--json", help="also write the figures as JSON")
+    b.add_argument("--json", help="also write the figures as JSON (an object: a list of figures goes under 'results')")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --json file that iris-segment did "
+                   "not write")
     b.add_argument("--pair", action="store_true",
                    help="whole-volume figures on the real template pair, optimised vs plain eager, and registration")
     b.add_argument("--no-registration", action="store_true", help="with --pair: skip the antspyx SyN baseline")
@@ -198,3 +196,57 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
     b.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="with --pipeline: float32, bfloat16 or auto (as segment --precision)")
     b.set_defaults(func=cmd_bench)
+
+
+def add_cohort_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
+    """The options of the commands over cohorts: ``evaluate``, ``score`` and ``embed``."""
+    from iris_core.options import POSTPROCESSING, SegmentOptions
+
+    default = SegmentOptions()
+
+    e = sub.add_parser("evaluate", parents=parents, help="compare methods against manual labels over a cohort")
+    e.add_argument("--dataset", required=True,
+                   help="a built-in real cohort ('templates': brain pairs across templates; 'cross-atlas'; "
+                        "'macaque'; 'copy' and 'gyri-moved': the copy test's ten gyri on the image itself and on a "
+                        "moved copy; 'sample-pair': the Slicer sample data), an nnU-Net/MSD folder, or a CSV "
+                        "(case,image,labels or target_image,target_labels,reference_image,reference_labels)")
+    e.add_argument("--method", nargs="+", action="extend",
+                   help="iris:one-shot | iris:ensemble:K | iris:retrieval:K | iris:tuning | hermes | ants:SyN | "
+                        "ants:Affine | elastix | align | identity (several, or --method repeated; default: "
+                        + " ".join(EVALUATE_METHODS) + ")")
+    e.add_argument("--out", required=True, help="folder: results.csv, summary.md, boxplot.png, overlays/")
+    e.add_argument("--model", default="default")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0, help="seed of the reference choice")
+    e.add_argument("--reference-case", help="use this case as the one fixed reference (instead of seeded draws)")
+    e.add_argument("--hermes-model", help="Hermes model for method 'hermes' (classes by dataset.json names)")
+    e.add_argument("--hermes-modality", help="Hermes modality (default from dataset.json: CT or T1)")
+    e.add_argument("--no-overlays", action="store_true")
+    e.add_argument("--postprocess", choices=POSTPROCESSING, default=default.postprocess,
+                   help="applied to Iris and Hermes predictions")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("score", parents=parents, help="score existing segmentations against their truths (Dice, "
+                       "HD95, ASSD per class, classes matched by segment name)")
+    s.add_argument("pairs", nargs="+", metavar="RESULT TRUTH",
+                   help="a result and its truth (label maps or Slicer .seg.nrrd files, the result on the truth's "
+                        "grid or part of it); several pairs; or a folder of results and a folder of truths, "
+                        "paired by name (case01_seg.nii.gz or case01.nii.gz with case01.nii.gz)")
+    s.add_argument("--classes", help="the classes to score: segment names (brain), the truth's label values "
+                   "(1,3) or NAME=VALUE (default: every class of the truth)")
+    s.add_argument("--csv", help="also write the rows as CSV")
+    s.add_argument("--json", help="also write the pairs and rows as JSON")
+    s.add_argument("--markdown", help="also write the Markdown printed")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace existing --csv/--json/--markdown files that this command did not write")
+    s.set_defaults(func=cmd_score)
+
+    m = sub.add_parser("embed", parents=parents, help="encode labelled references into a task library and draw a 2-D map")
+    m.add_argument("--dataset", required=True, help="'templates', 'atlases', an nnU-Net/MSD folder or a CSV")
+    m.add_argument("--out", required=True)
+    m.add_argument("--model", default="default")
+    m.add_argument("--device", default="auto")
+    m.add_argument("--max-cases", type=int)
+    m.add_argument("--overwrite", action="store_true", help="replace a library.safetensors in --out that is not "
+                   "a task library of iris-segment")
+    m.set_defaults(func=cmd_embed)

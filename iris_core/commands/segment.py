@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from iris_core.commands.terminal import TerminalProgress, in_cli_words
-from iris_core.errors import IrisError
+from iris_core.commands.terminal import TerminalProgress, in_cli_words, preview_title
+from iris_core.errors import InputError, IrisError
 
 log = logging.getLogger("iris_core")
 
@@ -62,8 +62,7 @@ def _volume_stem(path: str) -> str:
 def segment_jobs(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
     """(target, output, preview) per target: one target writes where --output/--preview say; several write
     ``<stem>_seg.nii.gz`` (and ``<stem>_seg.png``) into the folders --output (and --preview) name."""
-    from iris_core.io.imaging import VOLUME_EXTENSIONS
-    from iris_core.io.viz import PICTURE_EXTENSIONS
+    from iris_core.io.outputs import PICTURE_EXTENSIONS, VOLUME_EXTENSIONS
 
     if len(args.target) == 1:
         return [(args.target[0], args.output, args.preview)]
@@ -85,49 +84,116 @@ def segment_jobs(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
             for t, stem in zip(args.target, stems)]
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
-    from iris_core.api import load_references, parse_classes, resolve_classes, resolve_model, segment
-    from iris_core.io.dicom_seg import check_dicom_seg_output
-    from iris_core.io.imaging import (
-        check_output_place,
-        check_volume_output,
-        output_folder,
-        probe_image,
-        refuse_overwriting_inputs,
-    )
-    from iris_core.io.names import sidecar_path
-    from iris_core.io.results import refuse_probability_map_collisions, write_result
-    from iris_core.io.viz import check_picture_output, overlay_png
+def segment_inputs(args: argparse.Namespace, jobs: list[tuple[str, str, str | None]]) -> dict[str, str | None]:
+    """Every input file of the run, by what it is to the user ('target image 2', 'reference label map 1'),
+    checked to exist (a model named by a known name or a preset is no file; with --server, the model and the
+    task library are names the server offers); standard library alone."""
+    from iris_core.hub.download import check_model_spec
 
-    jobs = segment_jobs(args)
-    inputs = {"task library": args.library, "model file": args.model if Path(args.model).is_file() else None}
+    local = not args.server
+    if local:
+        check_model_spec(args.model)
+    inputs = {"task library": args.library if local else None,
+              "model file": args.model if local and Path(args.model).is_file() else None}
     inputs |= {(f"target image {i}" if len(jobs) > 1 else "target image"): t for i, (t, _, _) in enumerate(jobs, 1)}
     for k, (img, lab) in enumerate(args.reference or [], 1):
         inputs |= {f"reference image {k}": img, f"reference label map {k}": lab}
+    for what, path in inputs.items():
+        if path is not None and not Path(path).exists():
+            raise InputError(f"{what} {path}: file not found")
+    return inputs
+
+
+def check_segment_outputs(args: argparse.Namespace, jobs: list[tuple[str, str, str | None]],
+                          inputs: dict[str, str | None]) -> None:
+    """Every file the run would write, checked before any work: never an input, a place it can be written, and
+    an existing file replaced only when it is a result of ours (its sidecar says so) or with --overwrite."""
+    from iris_core.hub.library import is_library_file
+    from iris_core.io.names import sidecar_path
+    from iris_core.io.outputs import (
+        check_output_file,
+        check_picture_output,
+        check_volume_output,
+        is_our_result,
+        listed_by_result,
+        output_folder,
+        read_record,
+        refuse_overwriting_inputs,
+    )
+
     for target, output, preview in jobs:
         refuse_overwriting_inputs({"--output": output, "the sidecar of --output": sidecar_path(output),
                                    "--preview": preview, "--save-library": args.save_library}, inputs)
         if str(output).lower().endswith(".dcm"):  # a DICOM SEG: only of a DICOM series
+            from iris_core.io.dicom_seg import check_dicom_seg_output
+
             check_dicom_seg_output(output, target)
         else:
             check_volume_output(output, "--output")
-        check_output_place(output, "--output")
+        check_output_file(output, "--output", args.overwrite, ours=is_our_result)
+        check_output_file(sidecar_path(output), "the sidecar of --output", args.overwrite,
+                          ours=lambda p: read_record(p) is not None)
         if preview:
             check_picture_output(preview, "--preview")
-            check_output_place(preview, "--preview")
+            check_output_file(preview, "--preview", args.overwrite, ours=listed_by_result(output))
         if args.save_probabilities:  # the class names come later: refuse any input a probability map could hit
+            from iris_core.io.results import existing_probability_maps, refuse_probability_map_collisions
+
             refuse_probability_map_collisions(output, inputs)
+            for path in existing_probability_maps(output):
+                check_output_file(path, "a probability map of --output", args.overwrite,
+                                  ours=listed_by_result(output))
+    if args.save_library:
+        check_output_file(args.save_library, "--save-library", args.overwrite, ours=is_library_file)
     if len(jobs) > 1:  # made when the first target is written: a run that fails before leaves none
         output_folder(args.output, "--output", create=False)
         if args.preview:
             output_folder(args.preview, "--preview", create=False)
+
+
+def check_class_names(args: argparse.Namespace, requests: list[tuple[str, int]] | None) -> None:
+    """A class asked for by a name no reference segment has (read from the label files' headers: a Slicer
+    .seg.nrrd, a DICOM SEG) is refused now, listing the names there are, not after the model is loaded."""
+    from iris_core.io.dicom_seg import segment_names
+    from iris_core.io.segmentations import find_segment, unknown_segment
+
+    if not (requests and args.reference) or args.library:
+        return
+    names: dict[int, str] = {}
+    for _, labels in args.reference:
+        names = segment_names(labels) | names  # the first reference's names first, as resolve_classes
+    unknown = [n for n, v in requests if v == 0 and find_segment(n, names) is None]
+    if unknown:
+        raise unknown_segment(unknown[0], names)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Check everything the command line names (options, classes, input files, every output) before the
+    heavy imports (torch, MONAI: seconds), so a mistake is refused at once; then segment, here or on a server."""
+    from iris_core.options import class_requests
+
+    jobs = segment_jobs(args)
+    options = segment_options(args)
+    requests = class_requests(args.classes, names_only=bool(args.library))
+    inputs = segment_inputs(args, jobs)
+    check_segment_outputs(args, jobs, inputs)
+    check_class_names(args, requests)
+    from iris_core.io.imaging import probe_image
+
     for k, (target, _, _) in enumerate(jobs, 1):  # an unreadable target is found now, not after hours of others
         probe_image(target, f"target image {k}" if len(jobs) > 1 else "target image")
-    options = segment_options(args)
     if args.server:  # a thin client: the server segments, this writes the same outputs
         from iris_core.commands.service import segment_on_server
 
         return segment_on_server(args, jobs, options)
+    return segment_here(args, jobs, options)
+
+
+def segment_here(args: argparse.Namespace, jobs: list[tuple[str, str, str | None]], options) -> int:
+    """Segment the checked jobs on this computer (this rank's share under torchrun); several targets: one that
+    cannot be segmented is reported and the others are still done."""
+    from iris_core.api import load_references, parse_classes, resolve_classes, resolve_model
+
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     jobs, skipped = cohort_share(jobs, rank, world, args.skip_existing)
     if world > 1:  # under torchrun: on this rank's own GPU when there are GPUs
@@ -141,53 +207,29 @@ def cmd_segment(args: argparse.Namespace) -> int:
         classes = resolve_classes(references, classes)
     # the task is encoded once: later targets reuse the first one's embedding (retrieval picks references
     # per target, so it encodes again; Hermes has no embedding; a library is read again, it is small)
-    reuse, saved = None, False
+    task = {"references": references, "classes": classes, "library": args.library, "structures": args.structures}
     failed: list[tuple[str, IrisError]] = []
     done: list[dict] = []
-    for i, (target, output, preview) in enumerate(jobs, 1):
+    for i, job in enumerate(jobs, 1):
         if len(jobs) > 1:
-            log.info("target %d of %d: %s", i, len(jobs), target)
-        progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
+            log.info("target %d of %d: %s", i, len(jobs), job[0])
         try:
-            if reuse is not None:
-                result = segment(target, model=loaded, library=reuse, options=options, progress=progress)
-            else:
-                result = segment(target, references=references, classes=classes, model=loaded, library=args.library,
-                                 structures=args.structures, options=options, progress=progress)
+            result = _segment_target(args, job[0], task, loaded, options)
         except IrisError as exc:
             if len(jobs) == 1:
                 raise
             # several targets: one that cannot be segmented is reported, the others are still done
             print(f"error: target {i} of {len(jobs)}: {in_cli_words(exc)}", file=sys.stderr)
-            failed.append((target, exc))
+            failed.append((job[0], exc))
             continue
-        finally:
-            progress.close()
-        if len(jobs) > 1:
-            output_folder(args.output, "--output")
-        out, side = write_result(result, output, target)
-        if args.save_library and not saved and result.embedding is not None:  # the first target's task
+        done.append(_write_outputs(args, job, result, loaded, several=len(jobs) > 1) | {"rank": rank})
+        if args.save_library and "saved" not in task and result.embedding is not None:  # the first target's task
             from iris_core.pipeline.embedding import model_fingerprint
 
             result.embedding.save(args.save_library, model_fingerprint(loaded.model), {"model": loaded.name})
-            saved = True
-        if reuse is None and args.strategy != "retrieval" and not args.structures and not args.library:
-            reuse = result.embedding
-        if preview:
-            from iris_core.io.imaging import read_image
-
-            names = {c.value: c.name for c in result.classes}
-            if len(jobs) > 1:
-                output_folder(args.preview, "--preview")
-            overlay_png(read_image(target, "target image"), result.labels, preview,
-                        title=f"{Path(target).name}: {args.strategy}, {loaded.name}", names=names)
-        t = result.sidecar["timings_s"]
-        if args.precision != "float32":
-            print("precision: " + result.sidecar["precision"]["summary"])
-        print(f"wrote {out} ({len(result.classes)} classes, {t['total']:.1f} s on {result.sidecar['device']}) and "
-              f"{side}")
-        done.append({"target": target, "output": str(out), "rank": rank, "seconds": t["total"],
-                     "classes": result.sidecar["classes"]})
+            task["saved"] = True
+        if "reuse" not in task and args.strategy != "retrieval" and not args.structures and not args.library:
+            task["reuse"] = result.embedding
     if world > 1:
         write_cohort_summary(Path(args.output), rank, world, done, failed, skipped)
     if failed:
@@ -195,6 +237,48 @@ def cmd_segment(args: argparse.Namespace) -> int:
               + ", ".join(t for t, _ in failed), file=sys.stderr)
         return failed[0][1].exit_code
     return 0
+
+
+def _segment_target(args: argparse.Namespace, target: str, task: dict, loaded, options):
+    """One target segmented with a progress bar on a terminal: from the first target's task embedding when
+    there is one (``task['reuse']``), else from the references, library or structures."""
+    from iris_core.api import segment
+
+    progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
+    try:
+        if task.get("reuse") is not None:
+            return segment(target, model=loaded, library=task["reuse"], options=options, progress=progress)
+        return segment(target, references=task["references"], classes=task["classes"], model=loaded,
+                       library=task["library"], structures=task["structures"], options=options, progress=progress)
+    finally:
+        progress.close()
+
+
+def _write_outputs(args: argparse.Namespace, job: tuple[str, str, str | None], result, loaded, several: bool) -> dict:
+    """Write one target's label map, sidecar (naming its preview) and preview, print where; its summary."""
+    from iris_core.io.imaging import output_folder, read_image
+    from iris_core.io.outputs import relative_to_sidecar
+    from iris_core.io.results import write_result
+    from iris_core.io.viz import overlay_png
+
+    target, output, preview = job
+    if several:
+        output_folder(args.output, "--output")
+    if preview:  # the sidecar names its preview: a later run may replace both
+        result.sidecar["preview"] = relative_to_sidecar(preview, output)
+    out, side = write_result(result, output, target)
+    if preview:
+        if several:
+            output_folder(args.preview, "--preview")
+        overlay_png(read_image(target, "target image"), result.labels, preview,
+                    title=preview_title(target, result.sidecar, loaded.name),
+                    names={c.value: c.name for c in result.classes})
+    t = result.sidecar["timings_s"]
+    if args.precision != "float32":
+        print("precision: " + result.sidecar["precision"]["summary"])
+    print(f"wrote {out} ({len(result.classes)} classes, {t['total']:.1f} s on {result.sidecar['device']}) and "
+          f"{side}")
+    return {"target": target, "output": str(out), "seconds": t["total"], "classes": result.sidecar["classes"]}
 
 
 def cohort_share(jobs: list, rank: int, world: int, skip_existing: bool) -> tuple[list, list]:
@@ -303,6 +387,9 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                    help="--strategy tuning: Adam learning rate (default: %(default)s)")
     s.add_argument("--output", required=True, help="output label map on the target's grid")
     s.add_argument("--preview", help="also write a PNG with three planes of the result")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files that are not results of iris-segment (a result of ours, "
+                        "whose sidecar says so, is replaced without it; an input never is)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--compile", action="store_true", default=default.compile,
                    help="compile the network: on a CPU ahead of time, about a minute per model and input size "

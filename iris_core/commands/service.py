@@ -7,16 +7,21 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from iris_core.commands.terminal import TerminalProgress
+from iris_core.commands.terminal import TerminalProgress, preview_title
 from iris_core.errors import InputError, IrisError
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from iris_core.service.jobs import Limits
-    from iris_core.service.server import serve
-
     if not args.token_file:
         raise InputError("serve needs --token-file (one token per line): nothing runs without a token")
+    if not Path(args.token_file).is_file():
+        raise InputError(f"--token-file {args.token_file}: file not found (one token per line, 16 characters or more)")
+    if args.workdir:  # before the models load: a folder the jobs' files cannot be written in
+        from iris_core.io.outputs import output_folder
+
+        output_folder(args.workdir, "--workdir", create=False)
+    from iris_core.service.jobs import Limits
+    from iris_core.service.server import serve
     limits = Limits(max_jobs=args.max_jobs, max_jobs_per_token=args.max_jobs_per_token,
                     max_upload_mb=args.max_upload_mb, max_voxels=args.max_voxels,
                     max_job_minutes=args.max_job_minutes, token_minutes_per_hour=args.token_minutes_per_hour,
@@ -33,6 +38,7 @@ def segment_on_server(args: argparse.Namespace, jobs: list[tuple[str, str, str |
     """Each target through the server: the same outputs as a local run (label map and sidecar), written
     atomically; progress as locally; Ctrl-C cancels the job on the server."""
     from iris_core.io.names import split_volume_name
+    from iris_core.io.outputs import relative_to_sidecar
     from iris_core.service.client import Client, ServerError, read_token
 
     if not args.token_file:
@@ -63,8 +69,11 @@ def segment_on_server(args: argparse.Namespace, jobs: list[tuple[str, str, str |
             finally:
                 progress.close()
             if st["status"] != "done":
-                raise IrisError(f"target {target}: {st['status']} on the server: {st.get('error') or 'no result'}")
-            out, side, sidecar = client.fetch(job, output, forget=not (keep and first is None))
+                raise IrisError(f"target {target}: {st['status']} on the server: "
+                                f"{client.user_words(job, st.get('error') or 'no result')}")
+            # the sidecar names its preview (a later run may replace both)
+            record = {"preview": relative_to_sidecar(preview, output)} if preview else None
+            out, side, sidecar = client.fetch(job, output, forget=not (keep and first is None), record=record)
             if keep and first is None:
                 first = job
             if preview:
@@ -73,7 +82,7 @@ def segment_on_server(args: argparse.Namespace, jobs: list[tuple[str, str, str |
 
                 names = {c.get("value"): c.get("name") for c in sidecar.get("classes", [])}
                 overlay_png(read_image(target, "target image"), read_image(out, "result"), preview,
-                            title=f"{Path(target).name}: {sidecar.get('strategy')}", names=names)
+                            title=preview_title(target, sidecar), names=names)
             seconds = (sidecar.get("timings_s") or {}).get("total")
             print(f"wrote {out} ({len(sidecar.get('classes', []))} classes, "
                   f"{f'{seconds:.1f} s' if isinstance(seconds, int | float) else 'time unknown'} on "

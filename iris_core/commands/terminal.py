@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from iris_core.errors import IrisError
 
@@ -49,3 +50,9 @@ def in_cli_words(exc: IrisError) -> str:
     """A library error as this command line's user reads it: the options it concerns named after it."""
     flags = [CLI_INPUTS[i] for i in exc.inputs if i in CLI_INPUTS]
     return f"{exc} ({' or '.join(flags)})" if flags else str(exc)
+
+
+def preview_title(target: str, sidecar: dict, model: str | None = None) -> str:
+    """A preview's title: the target, the strategy the run used as its sidecar records it ('library' for a
+    task library, 'hermes' for named structures: not the --strategy asked for), the model."""
+    return f"{Path(target).name}: {sidecar.get('strategy', '?')}" + (f", {model}" if model else "")

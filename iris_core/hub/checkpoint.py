@@ -44,6 +44,7 @@ POLICY_CHOICES: dict[str, tuple[str, ...]] = {
     "reference_masks": ("soft", "nearest"),
     "blending": ("monai", "mass"),
     "labels_on": ("target", "model"),
+    "align": ("none", "affine"),
 }
 
 
@@ -92,6 +93,9 @@ class Preprocessing:
     #: keep each label's largest connected component by default; connectivity 6 (faces) or 26
     largest_component: bool = False
     connectivity: int = 26
+    #: 'affine': each reference is registered to each target first (iris_core.pipeline.align) and a model
+    #: with a position-aware memory readout weighs reference voxels by their distance after it; 'none'
+    align: str = "none"
 
     def __post_init__(self) -> None:
         """Every choice checked once, when the policy is made (a model file with an unknown value fails as it

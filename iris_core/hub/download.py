@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from iris_core.errors import CancelledError, CheckpointError
+from iris_core.errors import CancelledError, CheckpointError, InputError
 from iris_core.resources import DEFAULT_MODEL
 
 
@@ -87,6 +87,18 @@ def _manual_instructions(m: KnownModel) -> str:
             f"(or pass --model /path/to/{m.filename})")
 
 
+def cache_folder() -> Path:
+    """The folder ``pull`` downloads into: huggingface_hub's cache (``HF_HUB_CACHE``, else ``HF_HOME``/hub,
+    else ~/.cache/huggingface/hub)."""
+    try:
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+    except ImportError:
+        home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+        return Path(os.environ.get("HF_HUB_CACHE") or Path(home) / "hub")
+
+
 def cached_path(name: str, known: dict[str, KnownModel] | None = None, cache_dir: Path | None = None
                 ) -> Path | None:
     """The local file of a downloadable model (hand-placed copy first, then the hub cache), or None."""
@@ -107,6 +119,14 @@ def names_a_model(spec: str | None) -> bool:
     ``preset:NAME``, a known name (downloaded or not) or an existing file."""
     return (spec in (None, "", "default") or spec.startswith("preset:") or spec in KNOWN
             or Path(spec).is_file())
+
+
+def check_model_spec(spec: str | None) -> None:
+    """Refuse at once a model that is neither the bundled one, a preset, a known name nor an existing
+    file (without loading anything, or importing torch)."""
+    if not names_a_model(spec):
+        raise InputError(f"model {spec}: no such file, and not a known model ({', '.join(KNOWN)}) or "
+                         "preset:NAME")
 
 
 def resolve(name: str, known: dict[str, KnownModel] | None = None) -> Path:

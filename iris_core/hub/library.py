@@ -5,11 +5,15 @@ and ``TaskEmbedding.save``/``load`` write and read the same fields through it.""
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from iris_core.errors import CheckpointError
 
 LIBRARY_FORMAT = "iris-segment-library/1"
+# largest safetensors header accepted (the format's own reader refuses above 100 MB)
+MAX_HEADER = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -36,3 +40,38 @@ class LibraryInfo:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise CheckpointError(f"task library {path}: unreadable class names")
         return LibraryInfo(names, values, meta.get("model", ""), info)
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, from its header alone (no tensor read, no torch);
+    CheckpointError naming ``path`` when it is not one."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head.startswith(b"version "):
+                raise CheckpointError(f"{path}: a git-LFS pointer, not the model itself: fetch it with "
+                                      "'git lfs pull'")
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: too short for a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or n > size - 8:
+                raise CheckpointError(f"{path}: not a safetensors file (corrupt or truncated header)")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def is_library_file(path: str | Path) -> bool:
+    """True for a task library this tool wrote (its header's format says so): a later run may replace it."""
+    try:
+        return safetensors_metadata(path).get("format") == LIBRARY_FORMAT
+    except CheckpointError:
+        return False

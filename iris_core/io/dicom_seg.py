@@ -18,7 +18,12 @@ import SimpleITK as sitk
 from iris_core.errors import InputError, reason
 from iris_core.io.colours import colour_rgb
 from iris_core.io.imaging import _is_dicom_file, dicom_series_files
-from iris_core.io.segmentations import disjoint_groups
+from iris_core.io.segmentations import (
+    disjoint_groups,
+    slicer_layer_count,
+    slicer_segment_names,
+    slicer_segments,
+)
 from iris_core.io.terminology import structure_codes
 
 #: the SOP Class of a DICOM Segmentation
@@ -39,6 +44,30 @@ def is_dicom_seg(path: str | Path) -> bool:
     except Exception:  # noqa: BLE001  (any unreadable header: not a SEG)
         return False
     return str(getattr(ds, "SOPClassUID", "")) == SEGMENTATION_STORAGE
+
+
+def dicom_seg_names(path: str | Path) -> dict[int, str]:
+    """Segment k (1..K, in the SEG's order, as ``read_dicom_seg`` numbers them) -> its label, from the header."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001  (read_dicom_seg words an unreadable SEG)
+        return {}
+    return {k: str(getattr(item, "SegmentLabel", "") or f"segment_{k}")
+            for k, item in enumerate(getattr(ds, "SegmentSequence", []), start=1)}
+
+
+def segment_names(path: str | Path) -> dict[int, str]:
+    """The names a label file gives its classes, from its header alone: a 3D Slicer ``.seg.nrrd`` (label value ->
+    segment name; a layered one: segment i -> class i + 1, as ``read_layered_segmentation`` numbers them) or a
+    DICOM SEG (segment k -> class k, as ``read_dicom_seg``); {} for a plain label map. (Here, beside the DICOM
+    SEG reader, which builds on segmentations.py.)"""
+    if is_dicom_seg(path):
+        return dicom_seg_names(path)
+    if slicer_layer_count(path) > 1:
+        return {i + 1: name for i, (_, _, name) in enumerate(slicer_segments(path))}
+    return slicer_segment_names(path)
 
 
 def is_dicom_series(path: str | Path) -> bool:

@@ -14,6 +14,15 @@ import SimpleITK as sitk
 from iris_core.errors import InputError, reason
 from iris_core.io.names import publish
 
+# the output checks live in io.outputs (torch- and ITK-free); imported here, where callers have found them
+from iris_core.io.outputs import (  # noqa: F401
+    VOLUME_EXTENSIONS,
+    check_output_place,
+    check_volume_output,
+    output_folder,
+    refuse_overwriting_inputs,
+)
+
 log = logging.getLogger(__name__)
 
 GEOMETRY_TOLERANCE = 1e-3  # relative tolerance (spacing, direction) / mm (origin) for "same grid"
@@ -141,13 +150,16 @@ def nifti_nonfinite_voxels(path: Path) -> int:
 
 def check_shape(components: int, size: tuple[int, ...], name: str) -> None:
     """Refuse what the model cannot take: several components, not 3-D (a 4-D file of one volume is
-    3-D), a single slice."""
-    if components != 1:
-        raise InputError(f"{name}: has {components} components per voxel (RGB/vector); a scalar image is needed")
+    3-D), a single slice. The dimension is told first: a 2-D RGBA picture converted to grey would still be
+    refused as 2-D."""
     if len(size) == 4 and size[3] == 1:
         size = size[:3]
     if len(size) != 3:
-        raise InputError(f"{name}: is {len(size)}-D (size {tuple(size)}); a 3-D volume is needed")
+        kind = f", {components} components per voxel (RGB/vector)" if components != 1 else ""
+        raise InputError(f"{name}: is {len(size)}-D (size {tuple(size)}{kind}); a 3-D volume is needed (a picture "
+                         "or a single slice cannot be segmented in 3-D)")
+    if components != 1:
+        raise InputError(f"{name}: has {components} components per voxel (RGB/vector); a scalar image is needed")
     if min(size) < 2:
         raise InputError(f"{name}: size {tuple(size)} is a single slice; a 3-D volume is needed")
 
@@ -297,69 +309,6 @@ def labels_on_grid(labels: sitk.Image, path: str | Path, image: sitk.Image, imag
 
 def _fmt(v) -> str:
     return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links, other spellings
-    except OSError:
-        return False
-
-
-def refuse_overwriting_inputs(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
-    """Raise before any work when an output would land on an input file (same path, another spelling
-    of it, or the same file by hard link) or on another output; ``None`` entries are ignored."""
-    outs = [(what, Path(p)) for what, p in outputs.items() if p is not None]
-    ins = [(what, Path(p)) for what, p in inputs.items() if p is not None]
-    for i, (what, out) in enumerate(outs):
-        for in_what, src in ins:
-            if _same_file(out, src):
-                raise InputError(f"{what} {out} is the input {in_what} {src}: writing it would destroy the "
-                                 "input; choose another output path")
-        for other_what, other in outs[i + 1:]:
-            if _same_file(out, other):
-                raise InputError(f"{what} and {other_what} are both {out}; choose another output path")
-
-
-def output_folder(path: str | Path, what: str = "--out", create: bool = True) -> Path:
-    """Create (if needed) the folder a command writes into; a file in its place or a folder that cannot
-    be made is one clear error, not a FileExistsError traceback. ``create=False`` only checks, for a
-    command that makes the folder when it has something to write (a failed run leaves no empty one)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{what} {path}: a file, not a folder; this command writes several files into a folder")
-    if not create:
-        return path
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{what} {path}: cannot create the folder ({exc.strerror or exc})") from None
-    return path
-
-
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")  # one file holding a 3-D volume and its geometry
-def check_volume_output(path: str | Path, what: str = "output") -> None:
-    """Refuse, before any work, an output name whose format cannot hold a 3-D volume with its
-    geometry (a PNG, no extension) or that ITK would write as two files (.mhd/.nhdr + raw)."""
-    name = Path(path).name.lower()
-    if not name.endswith(VOLUME_EXTENSIONS):
-        raise InputError(f"{what} {path}: write a 3-D volume as {', '.join(VOLUME_EXTENSIONS)} "
-                         "(e.g. seg.nii.gz or seg.seg.nrrd)")
-
-
-def check_output_place(path: str | Path, what: str = "output") -> None:
-    """Refuse, before any work, an output file that could not be written where it is named: a folder of
-    that name, or a file where one of its folders should be (``--output notes.txt/seg.nii.gz``)."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{what} {path}: a folder of that name exists; name a file in it (e.g. {path / 'seg.nii.gz'})")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(f"{what} {path}: {parent} is a file, not a folder; choose another output path")
-            return
 
 
 def write_image_partial(image: sitk.Image, path: str | Path) -> Path:

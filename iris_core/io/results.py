@@ -16,8 +16,9 @@ import SimpleITK as sitk
 from iris_core.errors import InputError, reason
 from iris_core.io.colours import COLOURS
 from iris_core.io.dicom_seg import build_dicom_seg, check_dicom_seg_output
-from iris_core.io.imaging import _same_file, write_image_partial
+from iris_core.io.imaging import write_image_partial
 from iris_core.io.names import publish, sidecar_path, split_volume_name
+from iris_core.io.outputs import same_file, stamp
 
 if TYPE_CHECKING:
     from iris_core.pipeline.embedding import TaskEmbedding
@@ -88,10 +89,19 @@ def refuse_probability_map_collisions(output: str | Path, inputs: dict[str, str 
             continue
         src = Path(src)
         # case-folded: one file on Windows and macOS
-        if fnmatch.fnmatchcase(src.name.casefold(), pattern.casefold()) and _same_file(src.parent, p.parent):
+        if fnmatch.fnmatchcase(src.name.casefold(), pattern.casefold()) and same_file(src.parent, p.parent):
             raise InputError(f"the input {what} {src} is named like a probability map of the output {p} "
                              f"({pattern}): saving the probability maps could overwrite it; choose another output "
                              "path", inputs=("output",))
+
+
+def existing_probability_maps(output: str | Path) -> list[Path]:
+    """The files already in the output's folder named like its probability maps (``<stem>_prob_*<ext>``, in
+    any case): before any work (the class names are not known yet), each must be ours to be replaced."""
+    p = Path(output)
+    stem, ext = _probability_stem_ext(p)
+    pattern = f"{stem}_prob_*{ext}".casefold()
+    return sorted(f for f in p.parent.glob("*") if fnmatch.fnmatchcase(f.name.casefold(), pattern) and f.is_file())
 
 
 def with_slicer_segment_metadata(labels: sitk.Image | list[sitk.Image], classes: list[ClassSpec]) -> sitk.Image:
@@ -161,6 +171,7 @@ def write_result(result: SegmentationResult, output: str | Path, target: str | P
         side = sidecar_path(output)
         tmp = side.with_name("." + side.name + ".partial")
         staged.append((tmp, side))
+        result.sidecar = stamp(result.sidecar)  # says this tool wrote it: a later run may replace the result
         tmp.write_text(json.dumps(result.sidecar, indent=2))
         for tmp, dest in staged:
             publish(tmp, dest)

@@ -96,6 +96,37 @@ def slicer_segment_names(path: str | Path) -> dict[int, str]:
     return names
 
 
+def find_segment(name: str, names: dict[int, str]) -> int | None:
+    """The label value of the segment called ``name`` (as spelt, else ignoring case, as Slicer compares
+    segment names), None when no segment has it."""
+    for same in (lambda n: n == name, lambda n: n.casefold() == name.casefold()):
+        found = [v for v, n in names.items() if same(n)]
+        if found:
+            return found[0]
+    return None
+
+
+def matching_value(name: str | None, value: int, names: dict[int, str]) -> int | None:
+    """The value, in a label file whose segments are ``names``, of a class called ``name`` (None: a class with no
+    name of its own, ``label_<value>``) of label value ``value`` elsewhere: by name when both sides name their
+    classes (None when no segment has it), else by value."""
+    if name is not None and names:
+        return find_segment(name, names)
+    return value
+
+
+def unknown_segment(name: str, names: dict[int, str], present: set[int] | None = None) -> InputError:
+    """The error for a class asked for by a name no reference segment has: the names there are, or (plain label
+    maps) that only values can be asked for."""
+    if names:
+        return InputError(f"classes: no segment of the references is named {name!r}; their segments: "
+                          f"{', '.join(repr(n) for n in names.values())} (or give a label value, or NAME=VALUE)",
+                          inputs=("classes",))
+    values = f" (labels present: {', '.join(map(str, sorted(present))) or 'none'})" if present is not None else ""
+    return InputError(f"classes: {name!r} is not a label value, and the reference label maps name no segments"
+                      f"{values}; give label values (1,3) or NAME=VALUE (liver=1)", inputs=("classes",))
+
+
 def disjoint_groups(masks: list[np.ndarray]) -> list[list[int]]:
     """Indices of ``masks`` split into groups whose masks do not overlap (first fit, in order), so each
     group can be one label map without a structure swallowing another (one group when none overlap)."""

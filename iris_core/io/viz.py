@@ -7,18 +7,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from iris_core.errors import InputError
 from iris_core.io.colours import COLOURS
+from iris_core.io.outputs import PICTURE_EXTENSIONS, check_picture_output  # noqa: F401  (their home)
 from iris_core.metrics import dice_score
-
-PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".svg", ".pdf", ".tif", ".tiff", ".webp")  # matplotlib writes them
-
-
-def check_picture_output(path: str | Path, what: str = "picture") -> None:
-    """Refuse, before any work, a picture name matplotlib cannot write as named (it appends .png to a
-    name without extension and fails on an unknown one)."""
-    if not Path(path).name.lower().endswith(PICTURE_EXTENSIONS):
-        raise InputError(f"{what} {path}: name the picture with one of {', '.join(PICTURE_EXTENSIONS)}")
 
 
 def overlay_png(image: sitk.Image, labels: sitk.Image, path: str | Path, truth: sitk.Image | None = None,
@@ -88,7 +79,9 @@ def _save(fig, path: str | Path, title: str, rect: tuple[float, float, float, fl
     fig.tight_layout(rect=rect)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    # the title in the file's own metadata too, where its format has a field for it (PNG, PDF, SVG)
+    meta = {"Title": title} if title and path.suffix.lower() in (".png", ".pdf", ".svg") else None
+    fig.savefig(path, dpi=dpi, metadata=meta)
     plt.close(fig)
     return path
 

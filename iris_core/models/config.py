@@ -36,6 +36,8 @@ class IrisConfig:
     memory_tokens: int = 0
     memory_dim: int = 64
     memory_subvoxels: bool = False
+    memory_positions: bool = False
+    position_sigma_mm: float = 20.0
 
     # ``head_token``: which task token of each stage the head turns into the class kernel. "query"
     # (token 0, a learnt query token: the published network) or "foreground" (the last token, the
@@ -61,6 +63,12 @@ class IrisConfig:
     # (pixel shuffle) instead of upsampling one: the copy of a structure a few voxels thick keeps its shape
     # (issue [11]: a 6 mm fraction caps thin gyri, and read out through a sample it lost a third of the
     # copy test's Dice). No parameters change, so a model trained without it continues with it.
+    # ``memory_positions`` (issue [20]): each memory row also keeps its reference voxel's position (mm);
+    # once the pipeline has aligned the reference to the target (an affine registration) and mapped those
+    # positions into the target's space, the readout adds -|x - y|^2 / (2 sigma^2) to the attention logits
+    # (non-local patch-based label fusion: a reference voxel counts by its features and by how near it lies),
+    # sigma learnt from ``position_sigma_mm``. Without positions (alignment off or failed) it reads by
+    # features alone, as before.
 
     def __post_init__(self) -> None:
         if len(self.channels) != 5 or len(self.num_block) != 4:
@@ -143,6 +151,15 @@ PRESETS: dict[str, Preset] = {
                     "head: memory readout of the reference mask (matched at half resolution, its 2x2x2 sub-voxels "
                     "read back onto the model grid) plus similarity to the reference's own multi-scale decoder "
                     "features (prototype).",
+    ),
+    "iris-small-token-head": Preset(
+        "iris",
+        IrisConfig(channels=(8, 16, 32, 64, 128), num_block=(1, 1, 1, 1), query_tokens=4,
+                   attn_blocks=1, task_prior_slots=1, pos_embed_size=64, context_downsample=2),
+        spacing=(3.0, 3.0, 3.0),
+        window=(64, 64, 64),
+        description="The iris-small network with the published Iris head (each class's token kernel on the "
+                    "decoder's features; no memory readout): a speed reference for the many-class cost.",
     ),
     "iris-tiny": Preset(
         "iris",

@@ -9,6 +9,8 @@ of each stage into a per-class kernel over the full-resolution features.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from collections.abc import Sequence
 
@@ -86,60 +88,78 @@ _EMPTY_LOG_WEIGHT = -1e4  # padding rows of a memory larger than its reference: 
 
 def _memory_quotas(counts: list[int], size: int) -> list[int]:
     """How many voxels of each stratum (inside, near, far) a memory of ``size`` rows takes: the shares
-    of MEMORY_SHARES (far: the rest), a short stratum's unused rows going to the others."""
+    of MEMORY_SHARES (far: the rest), a short stratum's unused rows going to the others, the near shell
+    first: with one sample for every class (sample_memory) it holds each class's border, and thinning it
+    cost the copy test 0.010 where filling it first costs 0.0015 (issue [21])."""
     want = [int(size * MEMORY_SHARES[0]), int(size * MEMORY_SHARES[1])]
     want.append(size - sum(want))
     take = [min(c, w) for c, w in zip(counts, want)]
     spare = size - sum(take)
-    for i in (2, 1, 0):  # far first: the background is what most target voxels must match
+    for i in (1, 2, 0):
         extra = min(spare, counts[i] - take[i])
         take[i] += extra
         spare -= extra
     return take
 
 
-def sample_memory(keys: torch.Tensor, masks: torch.Tensor, size: int, values: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """Memory rows [B, K, size, C + V + 1] (key, V mask values, log importance weight) from normalised
-    keys [B, C, d, h, w] and masks [B, K, d, h, w] (fractions in [0, 1], on the keys' grid); the values
-    are ``values`` [B, K, V, d, h, w] (the mask's sub-voxels) or the fraction itself (V = 1). The voxels
-    are a stratified sample in a fixed pseudo-random order (the same reference always gives the same
-    memory); each row's weight is the number of voxels of its stratum it stands for, so that the
-    softmax over the sample estimates the softmax over every voxel. Unused rows weigh nothing."""
+def sample_memory(keys: torch.Tensor, masks: torch.Tensor, size: int, values: torch.Tensor | None = None,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Memory rows [B, K, size, C + V (+ 3) + 1] (key, V mask values, position in mm where ``positions``
+    [B, 3, d, h, w] is given, log importance weight) from normalised keys [B, C, d, h, w] and masks
+    [B, K, d, h, w] (fractions in [0, 1], on the keys' grid); the values are ``values`` [B, K, V, d, h, w]
+    (the mask's sub-voxels) or the fraction itself (V = 1).
+
+    One sample of reference voxels serves every class (issue [21]): a stratified sample, in a fixed
+    pseudo-random order (the same reference always gives the same memory), of the voxels inside any
+    class, in a shell of MEMORY_NEAR voxels around them and further away; each row's weight is the number
+    of voxels of its stratum it stands for, so that the softmax over the sample estimates the softmax over
+    every voxel for each class alike. The K classes' rows share their keys, positions and weights (only
+    the values differ), so the readout attends once for all of them. Unused rows weigh nothing."""
     b, c = keys.shape[:2]
     k = masks.shape[1]
     if values is None:
         values = masks[:, :, None]
     nv = values.shape[2]
     flat_keys = keys.flatten(2).transpose(1, 2)  # [B, N, C]
-    flat_m = masks.flatten(2)  # [B, K, N]
     flat_v = values.flatten(3).transpose(2, 3)  # [B, K, N, V]
-    n = flat_m.shape[-1]
-    fg = flat_m > 0
-    near = (F.max_pool3d(masks.float(), 2 * MEMORY_NEAR + 1, 1, MEMORY_NEAR).flatten(2) > 0) & ~fg
+    flat_p = None if positions is None else positions.flatten(2).transpose(1, 2).to(keys.dtype)  # [B, N, 3]
+    n = flat_keys.shape[1]
+    union = masks.amax(1, keepdim=True).float()  # [B, 1, d, h, w]
+    fg = union.flatten(1) > 0
+    near = (F.max_pool3d(union, 2 * MEMORY_NEAR + 1, 1, MEMORY_NEAR).flatten(1) > 0) & ~fg
     order = torch.rand(n, generator=torch.Generator().manual_seed(0)).to(keys.device)
+    npos = 0 if flat_p is None else 3
     rows = []
     for bi in range(b):
-        per_class = []
-        for ki in range(k):
-            strata = (fg[bi, ki], near[bi, ki], ~(fg[bi, ki] | near[bi, ki]))
-            counts = [int(s.sum()) for s in strata]
-            idx, logw = [], []
-            for stratum, count, take in zip(strata, counts, _memory_quotas(counts, size)):
-                if take:
-                    members = torch.nonzero(stratum).squeeze(1)
-                    idx.append(members[torch.argsort(order[members])[:take]])
-                    logw.append(torch.full((take,), math.log(count / take), device=keys.device))
-            sel = torch.cat(idx)
-            row = torch.cat([flat_keys[bi, sel], flat_v[bi, ki, sel].to(keys.dtype),
-                             torch.cat(logw)[:, None].to(keys.dtype)], dim=1)
-            if len(sel) < size:
-                pad = keys.new_zeros(size - len(sel), c + nv + 1)
-                pad[:, -1] = _EMPTY_LOG_WEIGHT
-                row = torch.cat([row, pad])
-            per_class.append(row)
-        rows.append(torch.stack(per_class))
+        strata = (fg[bi], near[bi], ~(fg[bi] | near[bi]))
+        counts = [int(s.sum()) for s in strata]
+        idx, logw = [], []
+        for stratum, count, take in zip(strata, counts, _memory_quotas(counts, size)):
+            if take:
+                members = torch.nonzero(stratum).squeeze(1)
+                idx.append(members[torch.argsort(order[members])[:take]])
+                logw.append(torch.full((take,), math.log(count / take), device=keys.device))
+        sel = torch.cat(idx)
+        m = len(sel)
+        shared = [flat_keys[bi, sel]] + ([] if flat_p is None else [flat_p[bi, sel]])
+        row = keys.new_zeros(k, size, c + nv + npos + 1)
+        row[:, :m, :c] = shared[0]
+        row[:, :m, c : c + nv] = flat_v[bi, :, sel].to(keys.dtype)
+        if npos:
+            row[:, :m, c + nv : c + nv + 3] = shared[1]
+        row[:, :m, -1] = torch.cat(logw).to(keys.dtype)
+        row[:, m:, -1] = _EMPTY_LOG_WEIGHT
+        rows.append(row)
     return torch.stack(rows)
+
+
+def split_positions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An input [B, 1, ...] (image) or [B, 4, ...] (image and each voxel's position in mm) split in two."""
+    if x.shape[1] == 1:
+        return x, None
+    if x.shape[1] != 4:
+        raise ValueError(f"an Iris input has 1 channel (image) or 4 (image, position), got {x.shape[1]}")
+    return x[:, :1], x[:, 1:]
 
 
 class PositionalEncoding(nn.Module):
@@ -353,14 +373,20 @@ class IrisNet(nn.Module):
             nn.init.orthogonal_(self.memory_key.weight.view(cfg.memory_dim, -1))
             self.memory_temperature = nn.Parameter(torch.tensor(math.log(50.0)))  # log of the softmax inverse temperature
             self.memory_scale = nn.Parameter(torch.tensor(20.0))
+            if cfg.memory_positions:  # log of the distance scale (mm) of the position term
+                self.memory_log_sigma = nn.Parameter(torch.tensor(math.log(cfg.position_sigma_mm)))
 
     def encode_task(self, reference: torch.Tensor, masks: torch.Tensor) -> list[torch.Tensor]:
         """Task embedding of K binary masks on one reference: a list, deepest stage first, of
-        [B, K, m+1, C_s] token tensors. ``reference`` is [B, 1, D, H, W], ``masks`` [B, K, D, H, W]."""
-        feats = self.encoder(reference)
-        return self.encode_task_from_features(feats, masks)
+        [B, K, m+1, C_s] token tensors. ``reference`` is [B, 1, D, H, W], ``masks`` [B, K, D, H, W]; a
+        model with ``memory_positions`` also takes [B, 4, D, H, W]: the image and each voxel's position
+        (mm), which its memory rows keep."""
+        image, positions = split_positions(reference)
+        feats = self.encoder(image)
+        return self.encode_task_from_features(feats, masks, positions)
 
-    def encode_task_from_features(self, feats: Sequence[torch.Tensor], masks: torch.Tensor) -> list[torch.Tensor]:
+    def encode_task_from_features(self, feats: Sequence[torch.Tensor], masks: torch.Tensor,
+                                  positions: torch.Tensor | None = None) -> list[torch.Tensor]:
         """As :meth:`encode_task`, from encoder features already computed. With ``reference_prototype``
         the list has one more entry, [B, K, 2, C_2 + C_1 + C_0]: the reference's decoder features at its
         last three levels (decoded with its own task tokens), averaged inside each mask (foreground) and
@@ -383,7 +409,11 @@ class IrisNet(nn.Module):
             if self.config.memory_subvoxels:  # the mask's 2x2x2 sub-voxels of each half-resolution voxel
                 b, k = masks.shape[:2]
                 values = pixel_unshuffle_3d(masks.to(keys.dtype), 2).view(b, k, 8, *keys.shape[2:])
-            tokens.append(sample_memory(keys, m, self.config.memory_tokens, values))
+            pos = None
+            if self.config.memory_positions:  # unknown positions are NaN: the readout then ignores them
+                pos = (F.avg_pool3d(positions.float(), 2) if positions is not None else
+                       keys.new_full((keys.shape[0], 3, *keys.shape[2:]), float("nan")))
+            tokens.append(sample_memory(keys, m, self.config.memory_tokens, values, pos))
         return tokens
 
     def memory_keys(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -400,38 +430,78 @@ class IrisNet(nn.Module):
         """Mask values per memory row: the 8 sub-voxels (``memory_subvoxels``) or the fraction."""
         return 8 if self.config.memory_subvoxels else 1
 
-    def memory_readout(self, feats: Sequence[torch.Tensor], memory: torch.Tensor) -> torch.Tensor:
+    def memory_readout(self, feats: Sequence[torch.Tensor], memory: torch.Tensor,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
         """Each class's mask read out at every target voxel (in [0, 1]): softmax attention of the voxel's
-        key over the class's memory rows [B, K, M, C + V + 1]. [B, K, D, H, W] on the model grid: the
-        fraction read at half resolution and upsampled, or the 8 sub-voxels read there and put in place."""
+        key over the memory rows [B, K, M, C + V (+ 3) + 1], which the K classes of a call share (one reference
+        crop: keys, positions and weights; only the mask values differ), so that one attention reads every
+        class (issue [21]: the cost hardly grows with the class count). With target
+        ``positions`` [B, 3, d, h, w] (mm, half resolution) and memory positions mapped into the target's
+        space (an aligned reference), the logits add -|x - y|^2 / (2 sigma^2): a reference voxel counts
+        for a target voxel by its features and by how near it lies after alignment (non-local label
+        fusion). [B, K, D, H, W] on the model grid: the fraction read at half resolution and upsampled, or
+        the 8 sub-voxels read there and put in place."""
         q = self.memory_keys(feats)
         b, c = q.shape[:2]
         size = q.shape[2:]
         memory = memory.to(q.dtype)
+        if memory.shape[0] != b:
+            memory = memory.expand(b, -1, -1, -1)
         k = memory.shape[1]
         nv = self.memory_values
+        npos = 3 if self.config.memory_positions else 0
         # contiguous channels last: a transposed query also sends the attention down the unfused path
-        query = (q.flatten(2).transpose(1, 2).contiguous() * self.memory_temperature.exp())[:, None].expand(b, k, -1, -1)
-        keys, logw = memory[..., :c].contiguous(), memory[..., -1].contiguous()  # strided slices: unfused path
-        # the values padded to the key width: torch's fused CPU/GPU attention kernels need equal widths
-        # (with a width-1 value it falls back to an unfused path 5x slower)
-        values = F.pad(memory[..., c : c + nv], (0, c - nv))
-        out = F.scaled_dot_product_attention(query, keys.expand(b, -1, -1, -1), values.expand(b, -1, -1, -1),
-                                             attn_mask=logw[:, :, None, :].expand(b, -1, -1, -1), scale=1.0)
+        query = q.flatten(2).transpose(1, 2).contiguous() * self.memory_temperature.exp()  # [B, N, C]
+        qpos = None
+        if npos and positions is not None:  # the memory's positions must be the target's (aligned): the engine
+            qpos = positions.to(q.dtype).flatten(2).transpose(1, 2)  # [B, N, 3]  passes positions only then
+        # every class of a call shares its memory rows (keys, positions, weights: one reference crop, see
+        # sample_memory; the engine makes a call per group of classes that share them): one attention
+        # whose values carry every class's mask values
+        head = memory[:, 0]
+        keys, logw = head[..., :c], head[..., -1]
+        vals = memory[..., c : c + nv].permute(0, 2, 1, 3).reshape(b, -1, k * nv)
+        if qpos is not None:
+            query, keys, logw = self._position_terms(query, qpos, keys, head[..., c + nv : c + nv + 3], logw)
+        width = max(query.shape[-1], vals.shape[-1])  # torch's fused CPU/GPU attention kernels: equal widths
+        query, keys = F.pad(query, (0, width - query.shape[-1])), F.pad(keys, (0, width - keys.shape[-1]))
+        vals = F.pad(vals, (0, width - vals.shape[-1]))
+        read = F.scaled_dot_product_attention(query[:, None], keys.contiguous()[:, None], vals[:, None],
+                                              attn_mask=logw[:, None, None, :].contiguous(), scale=1.0)[:, 0]
+        out = read[..., : k * nv].reshape(b, -1, k, nv).permute(0, 2, 1, 3)  # [B, K, N, V]
         full = tuple(2 * s for s in size)  # the model grid (the keys are at half its resolution)
         if nv == 8:
-            sub = out[..., :8].transpose(2, 3).reshape(b, k * 8, *size)
+            sub = out.transpose(2, 3).reshape(b, k * 8, *size)
             return pixel_shuffle_3d(sub, 2).view(b, k, *full)
         return F.interpolate(out[..., 0].reshape(b, k, *size), size=full, mode="trilinear", align_corners=False)
+
+    def _position_terms(self, query: torch.Tensor, qpos: torch.Tensor, keys: torch.Tensor, kpos: torch.Tensor,
+                        logw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-|x - y|^2 / (2 sigma^2) folded into the attention: x.y / sigma^2 as three more key dimensions,
+        -|y|^2 / (2 sigma^2) into the row weights (-|x|^2 / (2 sigma^2) is the same for every row of a
+        query: the softmax drops it). Positions centred on the window first (small numbers). A batch item
+        whose memory positions are unknown (NaN: an unaligned reference) gets no position term."""
+        known = torch.isfinite(kpos).flatten(1).all(1)[:, None, None]  # [B, 1, 1]
+        centre = qpos.mean(1, keepdim=True)
+        inv = torch.exp(-self.memory_log_sigma)
+        # unknown positions replaced before any arithmetic: NaN times the zero gradient of a discarded
+        # branch would still be NaN in the backward pass
+        kpos = torch.where(known, kpos, centre)
+        qp = torch.where(known, (qpos - centre) * inv, 0.0)
+        kp = (kpos - centre) * inv
+        return (torch.cat([query, qp], -1), torch.cat([keys, kp], -1), logw - 0.5 * (kp * kp).sum(-1))
 
     def segment(self, target: torch.Tensor, embedding: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits [B, K, D, H, W] of the K classes of ``embedding`` on ``target`` [B, 1, D, H, W].
         An embedding with batch 1 is shared by every target in the batch."""
-        return self.segment_from_features(self.encoder(target), embedding)
+        image, positions = split_positions(target)
+        return self.segment_from_features(self.encoder(image), embedding, positions)
 
-    def segment_from_features(self, feats: Sequence[torch.Tensor], embedding: Sequence[torch.Tensor]) -> torch.Tensor:
+    def segment_from_features(self, feats: Sequence[torch.Tensor], embedding: Sequence[torch.Tensor],
+                              positions: torch.Tensor | None = None) -> torch.Tensor:
         """As :meth:`segment`, from target encoder features already computed (batch 1 features are
-        shared by every embedding in a batch: one encoder pass for several single-class decodes)."""
+        shared by every embedding in a batch: one encoder pass for several single-class decodes);
+        ``positions`` [B, 3, D, H, W]: the target voxels' positions (mm), for a position-aware readout."""
         b = max(feats[0].shape[0], embedding[0].shape[0])
         feats = [f.expand(b, *f.shape[1:]) if f.shape[0] == 1 else f for f in feats]
         tokens = [e.expand(b, -1, -1, -1) if e.shape[0] == 1 else e for e in embedding]
@@ -441,7 +511,11 @@ class IrisNet(nn.Module):
         if self.config.reference_prototype:
             logits = logits + self.prototype_scale * (self.prototype_similarity(tokens[n]) - self.prototype_shift)
         if self.config.memory_tokens:
-            logits = logits + self.memory_scale * (self.memory_readout(feats, tokens[-1]) - 0.5)
+            half = None if positions is None else F.avg_pool3d(positions.float(), 2)
+            kind = feats[0].device.type  # autocast has no 'meta' device (the FLOP counter's copy of the network)
+            with torch.autocast(kind, enabled=False) if kind != "meta" else contextlib.nullcontext():
+                read = self.memory_readout([f.float() for f in feats], tokens[-1].float(), half)
+            logits = logits + self.memory_scale * (read - 0.5)
         return logits
 
     def prototype_similarity(self, proto: torch.Tensor) -> torch.Tensor:

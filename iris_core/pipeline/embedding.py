@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +23,28 @@ from iris_core.models.config import MEMORY_MIN_TOKENS
 def is_memory(t: torch.Tensor) -> bool:
     """Whether a stage tensor [K, T, C] is a memory sample rather than task tokens."""
     return t.shape[1] >= MEMORY_MIN_TOKENS
+
+
+#: a memory row is (key, mask values, [position x, y, z in mm,] log weight): the position columns of a
+#: model with a position-aware readout (``memory_positions``) are the three before the last
+POSITION_COLUMNS = slice(-4, -1)
+
+
+def memory_groups(memory: torch.Tensor, values: slice) -> list[list[int]]:
+    """The classes of a memory stage [K, M, cols] in groups that share their rows (every column but the mask
+    ``values``: keys, positions, weights; encoded from one reference crop, or merged from the same
+    references), which the network reads out in one call; first-seen order."""
+    shared = torch.ones(memory.shape[-1], dtype=torch.bool)
+    shared[values] = False
+    groups: list[list[int]] = []
+    for ki in range(memory.shape[0]):
+        for g in groups:
+            if torch.equal(memory[g[0]][:, shared], memory[ki][:, shared]):
+                g.append(ki)
+                break
+        else:
+            groups.append([ki])
+    return groups
 
 
 def merge_memories(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -75,6 +99,27 @@ class TaskEmbedding:
             raise InputError(f"classes {missing} are not in this embedding (it has {self.names})")
         idx = [self.names.index(n) for n in names]
         return TaskEmbedding([t[idx] for t in self.tokens], list(names), [self.values[i] for i in idx])
+
+    def with_positions(self, mapping: Callable[[np.ndarray], np.ndarray] | None) -> TaskEmbedding:
+        """A copy whose memory rows' positions (:data:`POSITION_COLUMNS`; a model with a position-aware
+        readout) are mapped by ``mapping`` (points [N, 3] in mm: the reference's space to the target's), or
+        made unknown (NaN: the readout then reads by features alone) where ``mapping`` is None."""
+        tokens = []
+        for t in self.tokens:
+            if is_memory(t):
+                t = t.clone()
+                pos = t[..., POSITION_COLUMNS]
+                if mapping is None:
+                    pos[:] = float("nan")
+                else:
+                    pos[:] = torch.from_numpy(mapping(pos.reshape(-1, 3).double().numpy()).reshape(pos.shape))
+            tokens.append(t)
+        return TaskEmbedding(tokens, list(self.names), list(self.values))
+
+    def has_positions(self) -> bool:
+        """Whether every memory row of every class knows its position (an aligned reference)."""
+        return any(is_memory(t) for t in self.tokens) and all(
+            bool(torch.isfinite(t[..., POSITION_COLUMNS]).all()) for t in self.tokens if is_memory(t))
 
     def vectors(self) -> torch.Tensor:
         """One flat vector per class [K, sum(T*C)] of the task tokens (memory samples left out), for

@@ -20,7 +20,7 @@ from iris_core.io.resample import crop_padded, labels_to_masks, nearest_masks
 from iris_core.options import SegmentOptions
 from iris_core.pipeline.aot import CompiledMethod
 from iris_core.pipeline.device import autocast, available_memory, check_memory, select_device, set_threads
-from iris_core.pipeline.embedding import TaskEmbedding
+from iris_core.pipeline.embedding import TaskEmbedding, is_memory, memory_groups
 from iris_core.pipeline.precision import PrecisionChooser, describe, in_bfloat16
 from iris_core.pipeline.preprocess import PreparedImage, prepare_image, reorient, volume_intensity_map
 from iris_core.pipeline.sliding import sliding_window
@@ -213,12 +213,22 @@ class Engine(BackToTarget):
     def _crop(arr: np.ndarray, box: tuple[slice, ...], fill: float) -> np.ndarray:
         return crop_padded(arr, [s.start for s in box], [s.stop - s.start for s in box], fill)
 
+    @property
+    def uses_positions(self) -> bool:
+        """Whether references are aligned to each target and the readout weighs positions (a model with a
+        position-aware memory readout whose policy aligns; issue [20])."""
+        return (self.loaded.arch == "iris" and self.policy.align != "none"
+                and bool(getattr(self.model.config, "memory_positions", False)))
+
     def reference_crop(self, prep: PreparedImage, masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image [1,1,w,w,w] and masks [1,K,w,w,w] tensors of the window around the structures."""
+        """Image [1,1,w,w,w] and masks [1,K,w,w,w] tensors of the window around the structures (image and
+        voxel positions [1,4,w,w,w] where the model weighs positions)."""
         box = self._crop_box(masks)
-        img = self._crop(prep.array, box, prep.intensity.background)
+        img = self._crop(prep.array, box, prep.intensity.background)[None]
+        if self.uses_positions:
+            img = np.concatenate([img, prep.positions([b.start for b in box], img.shape[1:])])
         m = np.stack([self._crop(mk, box, 0) for mk in masks])
-        return (torch.from_numpy(img)[None, None].to(self.device),
+        return (torch.from_numpy(img)[None].to(self.device),
                 torch.from_numpy(m.astype(np.float32))[None].to(self.device))
 
     def label_crop(self, prep: PreparedImage, masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,16 +358,29 @@ class Engine(BackToTarget):
         """Per-class probabilities [K, z, y, x] of an Iris embedding on the target's model grid."""
         self.require_arch("iris")
         tokens = tokens if tokens is not None else emb.batched(self.device)
-        k = len(emb)
-        step = self.max_classes_per_forward or k
-        if step >= k:
-            return self._sliding(prep, k, self._iris_logits(emb, 0, tokens))
-        # fewer classes per forward pass: less memory per window, one pass over the windows per chunk
-        parts = []
-        for a in range(0, k, step):
-            chunk = [t[:, a : a + step] for t in tokens]
-            parts.append(self._sliding(prep, chunk[0].shape[1], self._iris_logits(emb, a, chunk)))
-        return np.concatenate(parts)
+        positions = self.uses_positions and emb.has_positions()
+        chunks = self._class_chunks(emb)
+        if len(chunks) == 1:
+            return self._sliding(prep, len(emb), self._iris_logits(emb, 0, tokens), positions)
+        # a pass over the windows per chunk of classes: classes whose memory rows differ (other reference
+        # crops), or fewer classes per forward pass (less memory per window)
+        probs = np.empty((len(emb), *prep.array.shape), np.float32)
+        for chunk in chunks:
+            part = [t[:, chunk] for t in tokens]
+            probs[chunk] = self._sliding(prep, len(chunk), self._iris_logits(emb, chunk[0], part), positions)
+        return probs
+
+    def _class_chunks(self, emb: TaskEmbedding) -> list[list[int]]:
+        """The classes of an embedding in the groups one forward pass takes: those sharing their memory rows
+        (the readout attends once per call), at most ``max_classes_per_forward`` each."""
+        memory = next((t for t in emb.tokens if is_memory(t)), None)
+        if memory is None:
+            groups = [list(range(len(emb)))]
+        else:
+            c = self.model.config.memory_dim
+            groups = memory_groups(memory, slice(c, c + self.model.memory_values))
+        step = self.max_classes_per_forward or len(emb)
+        return [g[a : a + step] for g in groups for a in range(0, len(g), step)]
 
     def predict_tasks(self, prep: PreparedImage, task_idx: list[int], modality_idx: int) -> np.ndarray:
         """Per-task probabilities [T, z, y, x] of a Hermes model for global task indices and a modality."""
@@ -373,13 +396,16 @@ class Engine(BackToTarget):
             return self._sliding(prep, len(task_idx), self._chooser(key, self.model, fn, in_bfloat16(fn)))
         return self._sliding(prep, len(task_idx), fn)
 
-    def _sliding(self, prep: PreparedImage, k: int, logits_fn) -> np.ndarray:
+    def _sliding(self, prep: PreparedImage, k: int, logits_fn, positions: bool = False) -> np.ndarray:
         """MONAI sliding-window inference of ``logits_fn`` (windows -> [B, K, ...] logits) with
-        Gaussian blending, progress, cancel and a memory check; sigmoid probabilities on the CPU."""
+        Gaussian blending, progress, cancel and a memory check; sigmoid probabilities on the CPU. With
+        ``positions`` the windows carry each voxel's position (mm) beside the image (channels 1-3)."""
         self.check_cancel()
         check_memory(self._estimate_bytes(prep.array.shape, k), self.device, f"segmenting {prep.name}")
         t0 = time.perf_counter()
         x = torch.from_numpy(prep.array)[None, None]
+        if positions:
+            x = torch.cat([x, torch.from_numpy(prep.positions())[None]], 1)
         if self.policy.blending == "mass":
             probs = self._sliding_mass(x, prep.name, k, logits_fn)
             self.timer.add("segment", t0)
@@ -393,7 +419,7 @@ class Engine(BackToTarget):
             self.check_cancel()
             out = torch.zeros((batch.shape[0], k, *batch.shape[2:]), device=self.device)
             # windows holding nothing but background (air, padding) cannot contain a structure
-            keep = (batch.flatten(1).amax(1) > background) if self.skip_empty else torch.ones(len(batch), dtype=bool)
+            keep = (batch[:, 0].flatten(1).amax(1) > background) if self.skip_empty else torch.ones(len(batch), dtype=bool)
             self.skipped_windows += int((~keep).sum())
             if keep.any():
                 with autocast(self.device, self.amp):

@@ -77,6 +77,10 @@ class PreparedImage:
     #: the resampled image before normalisation (policies that normalise each reference crop on its own)
     raw: np.ndarray | None = None
 
+    def positions(self, start: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Positions (mm) [3, z, y, x] of the model grid's voxels, or of a box of it (first voxel, shape)."""
+        return grid_positions(self.grid, tuple(start or (0, 0, 0)), tuple(shape or self.array.shape))
+
 
 def prepare_image(image: sitk.Image, name: str, policy: Preprocessing, modality: str = "auto",
                   multiple: int = 16, target: bool = True) -> PreparedImage:
@@ -95,6 +99,21 @@ def prepare_image(image: sitk.Image, name: str, policy: Preprocessing, modality:
     img = smooth_for_downsampling(img, policy.spacing)
     res = resample_to(img, grid, sitk.sitkLinear, default=imap.lo)
     return PreparedImage(imap.apply(sitk.GetArrayViewFromImage(res)), grid, image, imap, name)
+
+
+def grid_positions(grid: sitk.Image, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """Physical positions (mm, LPS x, y, z) [3, z, y, x] of the voxels of a box of ``grid`` given by its first
+    voxel ``start`` and ``shape`` (z, y, x order; the box may reach outside the grid)."""
+    spacing = np.array(grid.GetSpacing())
+    direction = np.array(grid.GetDirection()).reshape(3, 3)
+    origin = np.array(grid.GetOrigin())
+    axes = [np.arange(s, s + n, dtype=np.float64) for s, n in zip(start[::-1], shape[::-1])]  # i, j, k
+    out = np.empty((3, *shape), np.float32)
+    for row in range(3):
+        step = direction[row] * spacing  # mm per voxel along i, j, k
+        out[row] = (origin[row] + step[2] * axes[2][:, None, None] + step[1] * axes[1][None, :, None]
+                    + step[0] * axes[0][None, None, :])
+    return out
 
 
 # -- the 'native' grid policy (the MASS authors' pipeline) -------------------------------------------

@@ -15,6 +15,7 @@ from monai.losses import DiceLoss
 
 from iris_core.errors import InputError
 from iris_core.options import STRATEGIES, TUNE_LR, TUNE_STEPS
+from iris_core.pipeline.align import AlignmentError, align_affine
 from iris_core.pipeline.embedding import TaskEmbedding, is_memory
 from iris_core.pipeline.inference import ClassSpec, Engine, Reference
 from iris_core.pipeline.preprocess import PreparedImage
@@ -56,6 +57,32 @@ def encode_references(engine: Engine, refs: list[Reference], classes: list[Class
     if missing:
         raise InputError(f"classes {missing} are in none of the references")
     return out
+
+
+def align_references(engine: Engine, target: PreparedImage, encoded: list[EncodedReference]
+                     ) -> tuple[list[EncodedReference], dict]:
+    """Each reference registered to the target (the policy's 'affine' alignment) and its memory positions
+    mapped into the target's space, for a model whose readout weighs positions; a reference whose alignment
+    fails keeps unknown positions (read by features alone) and the failure is logged and reported."""
+    if not engine.uses_positions:
+        return encoded, {}
+    out, report = [], {}
+    t0 = time.perf_counter()
+    for e in encoded:
+        engine.check_cancel()
+        engine.progress(f"Aligning reference {e.name}", len(out), len(encoded))
+        try:
+            al = align_affine(target.source, e.reference.image)
+            emb = e.embedding.with_positions(al.apply)
+            report[e.name] = al.report()
+        except AlignmentError as exc:
+            log.warning("reference %s could not be aligned to %s (%s): segmenting it unaligned, by features "
+                        "alone", e.name, target.name, exc)
+            emb = e.embedding.with_positions(None)
+            report[e.name] = {"failed": str(exc)}
+        out.append(EncodedReference(e.reference, emb, e.prepared))
+    engine.timer.add("align", t0)
+    return out, {"alignment": report}
 
 
 def held_classes(ref: Reference, classes: list[ClassSpec]) -> list[ClassSpec]:
@@ -159,6 +186,9 @@ def run_strategy(engine: Engine, target: PreparedImage, encoded: list[EncodedRef
     if strategy not in STRATEGIES:
         raise InputError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     details: dict = {"references": [e.name for e in encoded]}
+    unaligned = encoded  # in-context tuning segments the references themselves, in their own space
+    encoded, report = align_references(engine, target, encoded)
+    details.update(report)
     if strategy == "one-shot":
         emb = one_shot(encoded, classes)
     elif strategy == "ensemble":
@@ -167,6 +197,9 @@ def run_strategy(engine: Engine, target: PreparedImage, encoded: list[EncodedRef
         emb, extra = retrieval(engine, target, encoded, classes)
         details.update(extra)
     else:
-        emb, extra = tune(engine, encoded, classes, tune_steps, tune_lr)
+        emb, extra = tune(engine, unaligned, classes, tune_steps, tune_lr)
+        if engine.uses_positions:  # the memory rows are data, not tuned: the aligned ones read the target
+            emb = TaskEmbedding([a if is_memory(a) else t for t, a in zip(emb.tokens, ensemble(encoded, classes).tokens)],
+                                emb.names, emb.values)
         details.update(extra)
     return StrategyResult(engine.predict(target, emb), emb, details)

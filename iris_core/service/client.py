@@ -25,8 +25,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from iris_core.io.names import publish, sidecar_path
+from iris_core.io.outputs import stamp
 from iris_core.options import SegmentOptions
-from iris_core.service.wire import mismatch, multipart, resolve
+from iris_core.service.wire import mismatch, multipart, part_file_name, rename_parts, resolve
 
 PROTOCOL = 1
 #: a JSON answer (status, sidecar, info) is at most this long
@@ -81,6 +82,8 @@ class Client:
         except ValueError:
             self.valid, self.port = False, 0
         self.base = parts.path.rstrip("/")
+        #: job -> {name the server stores an upload under: the user's file name}, for the sidecars it writes
+        self.uploads: dict[str, dict[str, str]] = {}
         self.proxy = None
         if proxy and not is_loopback(self.host):
             p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
@@ -311,9 +314,21 @@ class Client:
         for i, (img, lab) in enumerate(references):
             files += [(f"reference_image_{i}", Path(img)), (f"reference_labels_{i}", Path(lab))]
         boundary, body = multipart(files, json.dumps(request).encode())
-        return self._job_id(self._json("POST", "/v1/jobs", body=self._fits(body),
-                                       content_type=f"multipart/form-data; boundary={boundary}", transfer=True),
-                            "POST /v1/jobs")
+        job = self._job_id(self._json("POST", "/v1/jobs", body=self._fits(body),
+                                      content_type=f"multipart/form-data; boundary={boundary}", transfer=True),
+                           "POST /v1/jobs")
+        self.uploads[job] = self._names(files)
+        return job
+
+    @staticmethod
+    def _names(files: list[tuple[str, Path]]) -> dict[str, str]:
+        """{the name the server stores each upload under: the user's file name} (wire.part_file_name)."""
+        return {stored: path.name for part, path in files if (stored := part_file_name(part, path.name))}
+
+    def user_words(self, job: str, text):
+        """The server's words about ``job`` (its sidecar, an error) with the user's file names in place of the
+        names the server stored the uploads under (``target.nii.gz``, ``reference_image_0.nrrd``)."""
+        return rename_parts(text, self.uploads.get(job, {}))
 
     def _fits(self, body: list) -> list:
         """``body``, refused here in words when over the server's advertised limit (rather than by a connection
@@ -329,9 +344,13 @@ class Client:
         """A further target for a finished ``keep_task`` job: segmented with its task, not encoding the
         references again; the new job's id."""
         boundary, body = multipart([("target", Path(target))])
-        return self._job_id(self._json("POST", f"/v1/jobs/{job}/targets", body=self._fits(body),
-                                       content_type=f"multipart/form-data; boundary={boundary}", transfer=True),
-                            f"POST /v1/jobs/{job}/targets")
+        new = self._job_id(self._json("POST", f"/v1/jobs/{job}/targets", body=self._fits(body),
+                                      content_type=f"multipart/form-data; boundary={boundary}", transfer=True),
+                           f"POST /v1/jobs/{job}/targets")
+        # the references are the first job's; the target is this one
+        kept = {k: v for k, v in self.uploads.get(job, {}).items() if not k.startswith("target.")}
+        self.uploads[new] = kept | self._names([("target", Path(target))])
+        return new
 
     def status(self, job: str) -> dict:
         st = self._json("GET", f"/v1/jobs/{job}")
@@ -355,17 +374,20 @@ class Client:
                 self.cancel(job)
             time.sleep(interval)
 
-    def fetch(self, job: str, output: str | Path, forget: bool = True) -> tuple[Path, Path, dict]:
+    def fetch(self, job: str, output: str | Path, forget: bool = True, record: dict | None = None
+              ) -> tuple[Path, Path, dict]:
         """Write the job's label map to ``output`` and its sidecar beside it (``seg.nii.gz`` -> ``seg.json``),
         each through a temporary moved into place (the label map streamed to disk, at most ``max_result_mb``);
-        then (``forget``) the server forgets the job. The server deletes its copy of the label map once sent."""
+        then (``forget``) the server forgets the job. The server deletes its copy of the label map once sent.
+        The sidecar names the user's files (not the server's names for the uploads), says this tool wrote it,
+        and holds ``record``'s fields too (the preview the caller draws)."""
         output = Path(output)
         side = sidecar_path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp_labels, tmp_side = (d.with_name(f".{d.name}.partial") for d in (output, side))
         try:
             self._call("GET", f"/v1/jobs/{job}/labels", sink=tmp_labels, transfer=True)
-            sidecar = self._json("GET", f"/v1/jobs/{job}/sidecar")
+            sidecar = stamp(self.user_words(job, self._json("GET", f"/v1/jobs/{job}/sidecar")) | (record or {}))
             tmp_side.write_text(json.dumps(sidecar, indent=2))
             publish(tmp_labels, output)
             publish(tmp_side, side)
@@ -378,3 +400,4 @@ class Client:
 
     def forget(self, job: str) -> None:
         self._call("DELETE", f"/v1/jobs/{job}")
+        self.uploads.pop(job, None)

@@ -31,8 +31,6 @@ MAX_CLASSES = 256
 MAX_LABEL = 65535
 #: the request part (JSON), bytes
 MAX_REQUEST_BYTES = 64 * 1024
-#: the file types an upload may be (its extension is all that is kept of its name)
-UPLOAD_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 OUTPUT_EXTENSIONS = (".nii.gz", ".nrrd", ".seg.nrrd")
 
 

@@ -33,6 +33,7 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
@@ -43,13 +44,8 @@ from iris_core import __version__
 from iris_core.errors import InputError, IrisError
 from iris_core.io.untrusted import check_untrusted_image
 from iris_core.service.jobs import Job, Limits, Refused, Service, release_memory
-from iris_core.service.schema import (
-    MAX_REFERENCES,
-    MAX_REQUEST_BYTES,
-    UPLOAD_EXTENSIONS,
-    parse_request,
-    request_schema,
-)
+from iris_core.service.schema import MAX_REFERENCES, MAX_REQUEST_BYTES, parse_request, request_schema
+from iris_core.service.wire import UPLOAD_EXTENSIONS, part_file_name
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +74,12 @@ def read_tokens(path: str | Path) -> list[str]:
     return tokens
 
 
-def _extension(filename: str, part: str) -> str:
-    name = (filename or "").lower()
-    ext = next((e for e in UPLOAD_EXTENSIONS if name.endswith(e)), None)
-    if ext is None:
+def _stored_name(filename: str, part: str) -> str:
+    stored = part_file_name(part, filename)
+    if stored is None:
         raise Refused(400, f"{part}: {Path(filename or '?').name[:100]!r} is not a volume file "
                            f"({', '.join(UPLOAD_EXTENSIONS)})")
-    return ext
+    return stored
 
 
 async def receive(request: Request, service: Service, folder: Path, parts: re.Pattern) -> tuple[str, dict[str, Path]]:
@@ -131,7 +126,7 @@ async def receive(request: Request, service: Service, folder: Path, parts: re.Pa
                                    "reference_labels_<i>, request)")
             if part in stored:
                 raise Refused(400, f"{part}: given twice")
-            path = folder / f"{part}{_extension(value.filename, part)}"
+            path = folder / _stored_name(value.filename, part)
             await run_in_threadpool(_copy, value.file, path)
             stored[part] = path
         return text, stored
@@ -297,14 +292,29 @@ def create_app(service: Service, docs: bool = False) -> FastAPI:
     return app
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying where it listens once its socket is bound (port 0: the port the system gave)."""
+
+    def __init__(self, config: uvicorn.Config, tokens: int):
+        super().__init__(config)
+        self.tokens = tokens
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            log.info("listening on http://%s:%d (%d token%s accepted); ready for jobs, Ctrl-C stops it", shown, port,
+                     self.tokens, "" if self.tokens == 1 else "s")
+
+
 def serve(host: str, port: int, token_file: str, models: list[str], limits: Limits, device: str = "auto",
           threads: int | None = None, libraries: str | None = None, workdir: str | None = None,
           docs: bool = False) -> None:
     """Run the server until interrupted (SIGTERM, SIGINT / Ctrl-C: every job's files are deleted on the way
-    out). A non-loopback host is allowed only with a token file (always required here), and says that TLS belongs
-    to a reverse proxy."""
-    import uvicorn
-
+    out), logging (``iris_core.service.server``, INFO) the models it loaded, the libraries it offers, where it
+    listens and that it is ready. A non-loopback host is allowed only with a token file (always required here),
+    and says that TLS belongs to a reverse proxy."""
     tokens = read_tokens(token_file)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach it needs a token; put TLS in front (a reverse proxy, "
@@ -313,9 +323,25 @@ def serve(host: str, port: int, token_file: str, models: list[str], limits: Limi
     try:
         for name in models:  # loaded once per worker, kept warm
             for dev in service.devices:
-                service.model(name, dev)
+                log.info("loading model %s for the worker on %s", name, dev)
+                loaded = service.model(name, dev)
+                log.info("model %s: %s (%s, %s)", name, loaded.name, loaded.arch, loaded.source)
         release_memory()
-        uvicorn.run(create_app(service, docs), host=host, port=port, log_level="warning",
-                    timeout_graceful_shutdown=5)
+        offered = sorted(service.offered_libraries())
+        if service.libraries is not None:
+            log.info("task libraries offered from %s: %s", service.libraries, ", ".join(offered) or "none")
+        log.info("jobs' files in %s (deleted when each job ends and when the server stops)", service.root)
+        server = _Server(uvicorn.Config(create_app(service, docs), host=host, port=port, log_level="warning",
+                                        timeout_graceful_shutdown=5), len(tokens))
+        try:
+            server.run()
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully and raises the signal again
+            pass
+        except SystemExit:  # uvicorn's way out when it cannot bind (it logged why)
+            server.started = False
+        if not server.started:
+            raise IrisError(f"serve: cannot listen on {host}:{port} (address in use by another server? the reason is "
+                            "logged above); choose another --port or --host")
     finally:
         service.close()
+    log.info("stopped; every job's files were deleted")

@@ -5,8 +5,38 @@ the user."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
+
+#: the file types an upload may be; the server keeps the part's name and this extension, nothing else of the
+#: client's file name (the client puts its user's file names back into the sidecar it writes: ``rename_parts``)
+UPLOAD_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def part_file_name(part: str, filename: str) -> str | None:
+    """The name the server stores an upload under: the part ('target', 'reference_image_0') and the known
+    extension of the client's file name (``target.nii.gz``); None for a file type it does not take."""
+    name = (filename or "").lower()
+    ext = next((e for e in UPLOAD_EXTENSIONS if name.endswith(e)), None)
+    return None if ext is None else f"{part}{ext}"
+
+
+def rename_parts(value, names: dict[str, str]):
+    """A server's record (a sidecar, an error) with the names it stored the uploads under replaced by the
+    user's file names (``{'target.nii.gz': 'case01.nii.gz'}``), in every text, in one pass."""
+    if not names:
+        return value
+    pattern = re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
+
+    def rename(v):
+        if isinstance(v, dict):
+            return {k: rename(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [rename(x) for x in v]
+        return pattern.sub(lambda m: names[m.group(0)], v) if isinstance(v, str) else v
+
+    return rename(value)
 
 
 def multipart(files: list[tuple[str, Path]], request: bytes | None = None) -> tuple[str, list]:

@@ -57,6 +57,13 @@ class TrainConfig:
     # cosine decay start again over the remaining steps; 0: one schedule over the whole run
     lr_restart_at: int = 0
     holdout: tuple[str, ...] = ("aal:1", "aal:2", "aal:37", "aal:38", "aal:77", "aal:78", "brodmann:17")
+    # issue [20]: a position-aware memory readout (the model's ``memory_positions``, its distance scale
+    # starting at ``position_sigma_mm``); each episode's reference view is aligned to its query view by the
+    # pipeline's own affine alignment (iris_core.pipeline.align), in a share ``align_prob`` of the episodes
+    # (the rest, and failed alignments, read by features alone, as the pipeline does when alignment fails)
+    memory_positions: bool = False
+    position_sigma_mm: float = 20.0
+    align_prob: float = 0.85
 
     def __post_init__(self) -> None:
         """User errors in a training config end in one ConfigError, listing every problem, before any work."""
@@ -87,6 +94,8 @@ class TrainConfig:
             lambda: None if not any(int(c) % 16 or int(c) < 16 for c in self.crop_sizes)
             else f"crop_sizes {list(self.crop_sizes)} must be multiples of 16",
             lambda: None if 0 <= self.copy_prob <= 1 else f"copy_prob must be in [0, 1], got {self.copy_prob}",
+            lambda: None if 0 <= self.align_prob <= 1 else f"align_prob must be in [0, 1], got {self.align_prob}",
+            lambda: None if self.position_sigma_mm > 0 else f"position_sigma_mm must be > 0, got {self.position_sigma_mm}",
             lambda: None if (self.lr > 0 and 0 <= self.ema < 1 and self.warmup >= 0)
             else f"lr must be > 0 (got {self.lr}), ema in [0, 1) (got {self.ema}), warmup >= 0",
             lambda: None if not self.spacing or (len(self.spacing) == 3 and min(float(v) for v in self.spacing) > 0)

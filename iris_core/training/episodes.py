@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 from iris_core.errors import ConfigError
 from iris_core.io.resample import crop_padded
+from iris_core.pipeline.align import AlignmentError, align_affine
 from iris_core.training.config import TrainConfig
 from iris_core.training.deform import random_warp
 from iris_core.training.sources import NnunetSource
@@ -44,17 +46,50 @@ def make_episode(sources: list, cfg: TrainConfig, size: int, rng: np.random.Gene
             wimg, wm = random_warp(img, masks, background, rng)
             views.append((random_intensity(wimg, rng), wm))
         (q, qm), (r, rm) = views
-    if cfg.copy_prob and rng.random() < cfg.copy_prob:
+    copy = bool(cfg.copy_prob and rng.random() < cfg.copy_prob)
+    if copy:
         q, qm = r, rm  # a copy episode: the reference's own view, cropped elsewhere below
+    mapping = _alignment(q, r, cfg, rng, copy)
     out = []
     # the query crop wanders far from the structures (they may be cut or absent: "nothing here" is a
     # valid answer); the reference crop stays centred on them
     q_jitter = int(getattr(src, "query_jitter", 0.5) * size)
-    for img, m, jitter in ((q, qm, q_jitter), (r, rm, size // 8)):
-        out += _crop_pair(img, m, size, jitter, rng)
+    own = False if mapping is False else _same  # the query's positions are its own (a model without: none)
+    for img, m, jitter, where in ((q, qm, q_jitter, own), (r, rm, size // 8, mapping)):
+        out += _crop_pair(img, m, size, jitter, rng, where, cfg)
     if cfg.same_view:
         out[:2] = out[2:]
     return tuple(out)
+
+
+def _same(points: np.ndarray) -> np.ndarray:
+    return points
+
+
+def _alignment(query: torch.Tensor, reference: torch.Tensor, cfg: TrainConfig, rng: np.random.Generator,
+               copy: bool = False):
+    """How the reference view's positions map into the query view's space for a model with a position-aware
+    readout (issue [20]): the pipeline's own affine alignment of the two views, as users run it (a copy
+    episode: the identity, which the alignment of an image with itself gives); None (positions unknown,
+    read by features alone) for a share ``1 - align_prob`` of the episodes and where the alignment fails;
+    nothing for other models."""
+    if not cfg.memory_positions:
+        return False
+    if rng.random() >= cfg.align_prob:
+        return None
+    if copy:
+        return _same
+    spacing = cfg.grid()[0]
+    try:
+        return align_affine(_as_image(query, spacing), _as_image(reference, spacing)).apply
+    except AlignmentError:
+        return None
+
+
+def _as_image(volume: torch.Tensor, spacing: tuple[float, ...]) -> sitk.Image:
+    img = sitk.GetImageFromArray(volume.numpy().astype(np.float32, copy=False))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    return img
 
 
 def make_nnunet_episode(src: NnunetSource, cfg: TrainConfig, size: int, rng: np.random.Generator
@@ -70,21 +105,37 @@ def make_nnunet_episode(src: NnunetSource, cfg: TrainConfig, size: int, rng: np.
     shared = [v for v in src.values if v != first and bool((src.cases[qi][1] == v).any())
               and bool((src.cases[ri][1] == v).any())]
     values = [first] + [int(v) for v in rng.permutation(shared)[: k - 1]]
-    out = []
-    for idx, jitter in ((qi, size // 3), (ri, size // 8)):
+    views = []
+    for idx in (qi, ri):
         img, lab, bg = src.cases[idx]
         masks = torch.stack([lab == v for v in values])
         wimg, wm = random_warp(img, masks, bg, rng)
-        wimg = random_intensity(wimg, rng)
-        out += _crop_pair(wimg, wm, size, jitter, rng)
+        views.append((random_intensity(wimg, rng), wm))
+    mapping = _alignment(views[0][0], views[1][0], cfg, rng)
+    out = []
+    own = False if mapping is False else _same
+    for (img, m), jitter, where in ((views[0], size // 3, own), (views[1], size // 8, mapping)):
+        out += _crop_pair(img, m, size, jitter, rng, where, cfg)
     return tuple(out)
 
 
-def _crop_pair(img: torch.Tensor, masks: torch.Tensor, size: int, jitter: int, rng: np.random.Generator):
+def _crop_pair(img: torch.Tensor, masks: torch.Tensor, size: int, jitter: int, rng: np.random.Generator,
+               positions=False, cfg: TrainConfig | None = None):
+    """The image [1, s, s, s] and masks [K, s, s, s] of a crop near the masks; with ``positions`` (a mapping
+    of this view's points, mm, into the query's space; None: unknown) the image carries each voxel's
+    position as channels 1-3 (x, y, z mm), as the pipeline's windows do."""
     zyx = np.argwhere(masks.any(0).numpy())
     centre = np.array(img.shape) // 2 if len(zyx) == 0 else (zyx.min(0) + zyx.max(0)) // 2
     start = centre - size // 2 + rng.integers(-jitter, jitter + 1, 3)
-    return [crop_padded(img[None], start, size, float(img.min())), crop_padded(masks.float(), start, size, 0.0)]
+    image = crop_padded(img[None], start, size, float(img.min()))
+    if positions is not False:
+        spacing = np.array(cfg.grid()[0])[::-1]  # z, y, x
+        idx = np.stack(np.meshgrid(*[np.arange(s0, s0 + size) for s0 in start], indexing="ij"), -1)
+        points = (idx * spacing)[..., ::-1].reshape(-1, 3)  # x, y, z mm, the view's own space
+        mapped = np.full_like(points, np.nan) if positions is None else positions(points)
+        where = torch.from_numpy(mapped.reshape(size, size, size, 3).transpose(3, 0, 1, 2).astype(np.float32))
+        image = torch.cat([image, where])
+    return [image, crop_padded(masks.float(), start, size, 0.0)]
 
 
 HERMES_MODALITY = {"CT": 0, "PET": 1, "MR": 2}

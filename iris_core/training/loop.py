@@ -156,10 +156,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     preset = PRESETS[cfg.preset]
     torch.manual_seed(cfg.seed)
     spacing, window = cfg.grid()
-    policy = Preprocessing(spacing=spacing, window=window)  # what the saved and exported models carry
+    # what the saved and exported models carry (a position-aware readout: the pipeline aligns first)
+    policy = Preprocessing(spacing=spacing, window=window, align="affine" if cfg.memory_positions else "none")
     sources = _build_sources(cfg, spacing)
     table = TaskTable(sources) if preset.arch == "hermes" else None
     config = preset.config
+    if cfg.memory_positions:
+        config = replace(config, memory_positions=True, position_sigma_mm=float(cfg.position_sigma_mm))
     if table is not None:
 
         config = replace(config, task_prior_slots=len(table.names))
@@ -197,9 +200,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     elif cfg.resume_point:  # a compact resume point (weights, step, history; the optimiser starts afresh)
 
         meta, tensors = read_safetensors(Path(cfg.resume_point), "resume point")
-        model.load_state_dict({k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")})
+        _load_grown(model, {k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")}, cfg.resume_point)
         ema_sd = {k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")}
-        ema.load_state_dict(ema_sd or model.state_dict())  # without EMA weights the average restarts here
+        _load_grown(ema, ema_sd or model.state_dict(), cfg.resume_point)  # no EMA weights: the average restarts
         step, history = int(meta["step"]), json.loads(meta["history"])
         log.info("started from the resume point %s at step %d (fresh optimiser state)", cfg.resume_point, step)
     net = model
@@ -296,6 +299,21 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
 
         dist.barrier()
     return out_dir / "ema.safetensors"
+
+
+#: parameters a model may gain over its resume point (they start from their initial values)
+GROWN_PARAMETERS = ("memory_log_sigma",)
+
+
+def _load_grown(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Load weights of a resume point into a model that may have gained parameters since (a position-aware
+    readout's distance scale: ``GROWN_PARAMETERS``); any other missing or unexpected key is an error."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if k not in GROWN_PARAMETERS]
+    if wrong or unexpected:
+        raise ConfigError(f"resume point {source}: does not fit this model (missing {wrong}, unexpected {unexpected})")
+    if missing:
+        log.info("resume point %s: %s start from their initial values", source, ", ".join(missing))
 
 
 def write_resume_point(state_file: str | Path, out: str | Path, with_ema: bool = True) -> Path:
