@@ -17,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 import slicer  # slicer-core, a test dependency: missing, these tests fail rather than vanish
 
+from conftest import wait_for  # noqa: E402
 from iris_core.options import SegmentOptions  # noqa: E402
 from IrisSegmentLib import testing  # noqa: E402
 from IrisSegmentLib.logic import ReferenceSpec, SegmentationLogic, SegmentRequest  # noqa: E402
@@ -311,13 +312,6 @@ def test_d10_a_segment_name_with_a_comma_can_be_requested(world):
 
 
 # -- items 2, 4, 12: the worker behind a launcher ---------------------------------------------
-def _wait(pred, timeout=120.0):
-    deadline = time.time() + timeout
-    while not pred() and time.time() < deadline:
-        time.sleep(0.05)
-    return pred()
-
-
 def _real_worker(proc: WorkerProcess):
     import psutil
 
@@ -333,7 +327,7 @@ def _worker_behind_launcher(world, tmp_path):
     run = logic.prepare(request(nodes, model))
     try:
         proc = WorkerProcess(run.job_file, launcher(tmp_path))
-        assert _wait(lambda: _real_worker(proc) is not None)
+        wait_for(lambda: _real_worker(proc), 120, "the real worker behind the launcher")
         yield proc, _real_worker(proc)
     finally:
         logic.cleanup(run)
@@ -343,9 +337,10 @@ def test_item4_worker_killed_behind_a_launcher_is_reported_as_out_of_memory(worl
     import psutil
 
     with _worker_behind_launcher(world, tmp_path) as (proc, real):
-        time.sleep(1.0)
+        # once it has said it runs (its process id): killed before, it is "could not start" instead
+        assert wait_for(lambda: proc.worker_pid, 120, "the worker's start", poll=proc.poll) == real.pid
         real.kill()  # what the OOM killer does to the real Python
-        assert _wait(lambda: (proc.poll() or True) and proc.done)
+        wait_for(lambda: proc.done, 120, "the outcome of the killed worker", poll=proc.poll)
         assert proc.proc.returncode == 1  # the launcher hides the signal
         assert proc.error is not None and "killed (most likely out of memory)" in str(proc.error)
         assert psutil.pid_exists(proc.proc.pid) is False or psutil.Process(proc.proc.pid).status() == "zombie"
@@ -356,7 +351,7 @@ def test_item2_cancel_kills_the_real_worker_behind_the_launcher(world, tmp_path)
 
     with _worker_behind_launcher(world, tmp_path) as (proc, real):
         proc.cancel()
-        assert _wait(lambda: (proc.poll() or True) and proc.done, 30)
+        wait_for(lambda: proc.done, 30, "the outcome of the cancelled worker", poll=proc.poll)
         assert proc.cancelled and proc.result is None and proc.error is None
         assert not real.is_running() or real.status() == psutil.STATUS_ZOMBIE
 
@@ -372,8 +367,8 @@ def test_item12_outcome_is_known_only_after_all_output_is_read(world, tmp_path):
         "sys.stdout.write('log line\\n' * 20000 + "
         "'IRIS-DONE {\"sidecar\": {\"ok\": 1}}\\n'); sys.stdout.flush(); sys.exit(0)"))
     proc = WorkerProcess(job, fake)
-    assert _wait(lambda: proc.proc.poll() is not None)
-    assert _wait(lambda: (proc.poll() or True) and proc.done)
+    wait_for(lambda: proc.proc.poll() is not None, 120, "the fake worker's exit")
+    wait_for(lambda: proc.done, 120, "the fake worker's outcome", poll=proc.poll)
     assert proc.error is None and proc.result == {"sidecar": {"ok": 1}}
 
 

@@ -271,22 +271,19 @@ def test_parameter_node_round_trip(world):
 
 def test_worker_killed_like_out_of_memory_is_reported(world, tmp_path):
     """A worker killed by the system (as the OOM killer does) becomes a clear message."""
-    import os
-    import signal
-    import time
+    import psutil
 
+    from conftest import wait_for
     from IrisSegmentLib.runner import WorkerProcess
 
     scene, nodes, logic, model = world
     run = logic.prepare(request(nodes, model))
     try:
         proc = WorkerProcess(run.job_file)
-        time.sleep(0.5)
-        os.kill(proc.proc.pid, signal.SIGKILL)
-        deadline = time.time() + 30
-        while proc.error is None and time.time() < deadline:
-            proc.poll()
-            time.sleep(0.05)
+        # once it has said it runs: killed before, it is "could not start" instead
+        wait_for(lambda: proc.worker_pid, 60, "the worker's start", poll=proc.poll)
+        psutil.Process(proc.proc.pid).kill()  # SIGKILL, as the OOM killer sends
+        wait_for(lambda: proc.done, 30, "the outcome of the killed worker", poll=proc.poll)
         assert proc.error is not None and "killed (most likely out of memory)" in str(proc.error)
     finally:
         logic.cleanup(run)
