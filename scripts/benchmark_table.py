@@ -73,11 +73,12 @@ def ablation(out: Path) -> list[str]:
     root = out / "ablation"
     if not root.is_dir():
         return []
-    cohorts = [c for c in COHORTS if c != "." and (root / "bundled" / c / "results.csv").is_file()]
+    cohorts = [c for c in COHORTS if c != "." and (root / "features" / c / "results.csv").is_file()]
     lines = ["", "Ablation (Iris one-shot, mean Dice; the same weights in every row):", "",
              "| variant | " + " | ".join(cohorts) + " |", "|---" * (len(cohorts) + 1) + "|"]
     for variant, what in ABLATION.items():
-        means = [cohort_means(p).get("iris:one-shot") if (p := root / variant / c / "results.csv").is_file() else None
+        folder = out if variant == "bundled" else root / variant  # everything on: the model's own rows
+        means = [cohort_means(p).get("iris:one-shot") if (p := folder / c / "results.csv").is_file() else None
                  for c in cohorts]
         lines.append(f"| {what} | " + " | ".join("-" if m is None else f"{m:.3f}" for m in means) + " |")
     align = [cohort_means(out / c / "results.csv").get("align") if (out / c / "results.csv").is_file() else None

@@ -15,7 +15,7 @@ from monai.losses import DiceLoss
 
 from iris_core.errors import InputError
 from iris_core.options import STRATEGIES, TUNE_LR, TUNE_STEPS
-from iris_core.pipeline.align import AlignmentError, align_affine
+from iris_core.pipeline.align import Alignment, AlignmentError, align_affine
 from iris_core.pipeline.embedding import TaskEmbedding, is_memory
 from iris_core.pipeline.inference import ClassSpec, Engine, Reference
 from iris_core.pipeline.preprocess import PreparedImage
@@ -72,7 +72,9 @@ def align_references(engine: Engine, target: PreparedImage, encoded: list[Encode
         engine.check_cancel()
         engine.progress(f"Aligning reference {e.name}", len(out), len(encoded))
         try:
-            al = align_affine(target.source, e.reference.image)
+            # 'identity': the position term in each image's own scanner coordinates (the ablation's row)
+            al = Alignment.identity() if engine.policy.align == "identity" else align_affine(target.source,
+                                                                                               e.reference.image)
             emb = e.embedding.with_positions(al.apply)
             report[e.name] = al.report()
         except AlignmentError as exc:
