@@ -14,6 +14,7 @@ Usage: python studies/prior_weight.py MODEL [heldout-self,heldout-mni,tissue]
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 
 import numpy as np
@@ -68,6 +69,8 @@ def pairs(name: str):
 
 def main(model: str, cohorts: list[str]) -> None:
     loaded = resolve_model(model)
+    # the model's own probabilities, without the prior its file may carry: every weight is applied below
+    loaded = dataclasses.replace(loaded, preprocessing=dataclasses.replace(loaded.preprocessing, prior_weight=0.0))
     thr = loaded.preprocessing.threshold
     print("| cohort | " + " | ".join([f"const {w}" for w in WEIGHTS] + [f"agreement {w}" for w in WEIGHTS]) + " |")
     print("|---" * (2 * len(WEIGHTS) + 1) + "|")
