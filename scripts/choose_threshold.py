@@ -27,8 +27,8 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
+from iris_core import sampledata
 from iris_core.api import resolve_model, segment
-from iris_core.io import sampledata
 from iris_core.metrics import dice_score
 from iris_core.pipeline.inference import ClassSpec, Reference
 

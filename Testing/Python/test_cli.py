@@ -193,7 +193,7 @@ def test_outputs_never_land_on_inputs(capsys, base, phantom_files, tmp_path):
 def test_real_sample_data_result_is_placed_on_target(capsys, tmp_path):
     """Colin27 brain mask as reference, the ICBM 2009a template moved off MNI space as target:
     the result lies on the moved target's grid, inside its field of view."""
-    from iris_core.io import sampledata
+    from iris_core import sampledata
     ref = sampledata.colin27("brain")
     tgt = sampledata.move_off_mni(sampledata.icbm2009a("brain"), seed=3)
     paths = {}
@@ -221,7 +221,7 @@ def test_thin_target_segments_and_names_what_it_did_not_find(capsys, caplog, tmp
     lobes: it used to fail in ITK's recursive Gaussian (which needs 4 voxels per axis) with a traceback.
     Now it runs; the classes of which no voxel was found are named in a warning with the reason to expect
     it (the slab's thickness against the model's window), and the sidecar counts each class's voxels."""
-    from iris_core.io import sampledata
+    from iris_core import sampledata
     ref = sampledata.colin27("lobes")
     mni = sampledata.mni152nlin6asym("brain")
     tgt = sampledata.move_off_mni(mni, seed=0)

@@ -13,8 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "iris_core"
 #: each part of iris_core and its layer: a module may import its own layer and those below, never above
-LAYERS = {"models": 0, "errors": 0, "options": 0, "resources": 0, "metrics": 0, "io": 1, "hub": 1, "pipeline": 2,
-          "api": 3, "checks": 3, "training": 4, "service": 4, "commands": 5}
+LAYERS = {"models": 0, "errors": 0, "options": 0, "resources": 0, "metrics": 0, "io": 1, "hub": 1, "sampledata": 1,
+          "pipeline": 2, "api": 3, "training": 4, "service": 4, "commands": 5}
 
 
 def _modules() -> dict[str, Path]:

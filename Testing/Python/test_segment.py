@@ -134,8 +134,8 @@ def test_overlapping_classes_keep_their_overlap():
     lobes; the lobes, which do not overlap each other in the reference, still share one label map (one
     lobe per voxel). The sidecar counts each class in full."""
     from conftest import dice
+    from iris_core import sampledata
     from iris_core.api import overlapping_class_groups, resolve_model, segment
-    from iris_core.io import sampledata
     from iris_core.pipeline.inference import ClassSpec, Reference
 
     lobes = sampledata.colin27("lobes")
@@ -193,7 +193,7 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    from iris_core.io import sampledata
+    from iris_core import sampledata
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = re.search(r"### Python\n\n```python\n(.*?)```", readme, re.S).group(1)
     ref = sampledata.colin27("brain")

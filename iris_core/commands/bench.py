@@ -13,11 +13,11 @@ import time
 
 import torch
 
+from iris_core import sampledata
 from iris_core.api import resolve_model
 from iris_core.commands.evaluate import Method
 from iris_core.commands.registration import register_labels
 from iris_core.errors import InputError
-from iris_core.io import sampledata
 from iris_core.metrics import dice_score
 from iris_core.models.blocks import PackedProjection, QKVCrossAttention
 from iris_core.models.iris import TaskEncoder

@@ -10,7 +10,6 @@ of each stage into a per-class kernel over the full-resolution features.
 from __future__ import annotations
 
 import contextlib
-
 import math
 from collections.abc import Sequence
 

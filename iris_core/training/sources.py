@@ -10,9 +10,9 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from iris_core import sampledata
 from iris_core.errors import ConfigError, InputError
 from iris_core.hub.checkpoint import Preprocessing
-from iris_core.io import sampledata
 from iris_core.io.datasets import load_nnunet
 from iris_core.io.resample import crop_padded, resample_to
 from iris_core.pipeline.preprocess import prepare_image
