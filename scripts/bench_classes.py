@@ -48,7 +48,7 @@ def demo_figures(model: str, threads: int) -> list[dict]:
     from iris_core import sampledata
     from iris_core.api import resolve_model, segment
     from iris_core.commands.demo import demo_case
-    from iris_core.pipeline.inference import ClassSpec, Reference
+    from iris_core.types import ClassSpec, Reference
 
     case = demo_case()
     loaded = resolve_model(model)

@@ -253,9 +253,10 @@ def test_classes_not_found_are_named_with_the_thickness_hint(caplog, tiny_model)
     import logging
 
     from iris_core.api import warn_classes_not_found
+    from iris_core.options import SegmentOptions
     from iris_core.pipeline.inference import Engine
 
-    engine = Engine(tiny_model, device="cpu")
+    engine = Engine(tiny_model, SegmentOptions(device="cpu"))
     found = [{"name": "liver", "voxels": 0}, {"name": "spleen", "voxels": 12}, {"name": "kidney", "voxels": 0}]
     thin = sitk.Image([100, 100, 3], sitk.sitkFloat32)
     thin.SetSpacing((1.0, 1.0, 3.0))
@@ -276,7 +277,7 @@ def test_reference_labels_from_slicer_named_cropped_or_layered(capsys, caplog, p
     part of the image's grid and gives the same result as the full map (it was refused); a .seg.nrrd
     whose segments overlap (several layers) is one reference per layer (it was refused as 'RGB/vector')."""
     from iris_core.io.results import with_slicer_segment_metadata
-    from iris_core.pipeline.inference import ClassSpec
+    from iris_core.types import ClassSpec
 
     lab = sitk.ReadImage(str(phantom_files["ref_lab"]))
     segs = tmp_path / "ref.seg.nrrd"  # the header fields Slicer's storage node reads and writes

@@ -28,7 +28,7 @@ from iris_core.io.resample import resample_to
 from iris_core.io.results import write_result
 from iris_core.io.viz import class_grid_png, overlay_png
 from iris_core.metrics import dice_score
-from iris_core.pipeline.inference import ClassSpec, ProgressFn
+from iris_core.types import ClassSpec, ProgressFn
 
 log = logging.getLogger(__name__)
 
