@@ -173,11 +173,10 @@ def hermes_modality(loaded: LoadedModel, options: SegmentOptions, structures: st
     return resolve_modality(options.hermes_modality)
 
 
-def run_engine(loaded: LoadedModel, options: SegmentOptions, structures: str | None = None,
+def run_engine(loaded: LoadedModel, options: SegmentOptions, modality: tuple[str, int] | None = None,
                progress: ProgressFn | None = None, cancel=None) -> Engine:
-    """The engine of a run: ``options`` as given, except that a Hermes run's 'auto' intensity policy is its
-    modality's."""
-    modality = hermes_modality(loaded, options, structures)
+    """The engine of a run: ``options`` as given, except that a Hermes run's (``modality``: its modality prior)
+    'auto' intensity policy is its modality's."""
     if modality is not None and options.intensity == "auto":
         options = dataclasses.replace(options, intensity=intensity_for(modality[0]))
     return Engine(loaded, options, progress=progress, cancel=cancel)
@@ -193,11 +192,10 @@ def hermes_task(loaded: LoadedModel, structures: str | None, modality: tuple[str
 
 
 def _task(engine: Engine, references: list[tuple[str, str]] | list[Reference] | None, classes: list[ClassSpec] | None,
-          library: str | Path | TaskEmbedding | None, structures: str | None) -> Task:
-    """What a run segments: a Hermes model's named structures, a task library (a file, or an embedding computed
-    for an earlier target) or references, encoded here."""
+          library: str | Path | TaskEmbedding | None, structures: str | None, modality: tuple[str, int] | None) -> Task:
+    """What a run segments: a Hermes model's named structures (``modality``: a Hermes run's prior), a task library
+    (a file, or an embedding computed for an earlier target) or references, encoded here."""
     loaded, options = engine.loaded, engine.options
-    modality = hermes_modality(loaded, options, structures)
     if modality is not None:
         engine.require_arch("hermes")
         if references or library:
@@ -228,7 +226,9 @@ def make_task(model: LoadedModel | str | None = None, references: list[tuple[str
     named ``structures`` resolved. Arguments as :func:`segment`'s."""
     options = SegmentOptions.from_dict(option_overrides, options)
     loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
-    return _task(run_engine(loaded, options, structures, progress, cancel), references, classes, library, structures)
+    modality = hermes_modality(loaded, options, structures)
+    engine = run_engine(loaded, options, modality, progress, cancel)
+    return _task(engine, references, classes, library, structures, modality)
 
 
 def segment(
@@ -255,30 +255,30 @@ def segment(
     ``max_classes_per_forward`` segments the classes in chunks (less memory per window, one pass over
     the windows per chunk)."""
     t_start = time.perf_counter()
+    if task is not None and (references or library or structures):
+        raise InputError("give either a task or what to segment (references, a task library, structures), not both")
     options = SegmentOptions.from_dict(option_overrides, options)
     loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
-    engine = run_engine(loaded, options, structures, progress, cancel)
+    modality = hermes_modality(loaded, options, structures)
+    engine = run_engine(loaded, options, modality, progress, cancel)
     target_img = target if isinstance(target, sitk.Image) else read_image(target, "target image")
     target_name = "target" if isinstance(target, sitk.Image) else Path(target).name
     if looks_like_labels(target_img):
         log.warning("target image %s holds few integer values, like a label map; segmenting it anyway "
                     "(was a label map given as --target?)", target_name)
-    if task is not None and (references or library or structures):
-        raise InputError("give either a task or what to segment (references, a task library, structures), not both")
-    task = task or _task(engine, references, classes, library, structures)
+    task = task or _task(engine, references, classes, library, structures, modality)
     out = segment_target(engine, task, target_img, target_name, options.postprocess, options.overlaps,
                          options.save_probabilities)
     found = class_volumes(out.layers if out.layers is not None else out.labels, task.classes)
     warn_classes_not_found(found, target_img, target_name, engine)
-    sidecar = _sidecar(engine, task, out, found, target_name) | {
-        "timings_s": {k: round(v, 3) for k, v in engine.timer.seconds.items()}
-        | {"total": round(time.perf_counter() - t_start, 3)}}
+    sidecar = _sidecar(engine, task, out, found, target_name, t_start)
     return SegmentationResult(out.labels, task.classes, out.embedding, sidecar, out.probability_maps, out.layers,
                               task.for_further_targets(out.embedding, engine))
 
 
-def _sidecar(engine: Engine, task: Task, out: TargetResult, found: list[dict], target_name: str) -> dict:
-    """A run's record beside its label map (the timings are added by the caller)."""
+def _sidecar(engine: Engine, task: Task, out: TargetResult, found: list[dict], target_name: str,
+             t_start: float) -> dict:
+    """A run's record beside its label map (``t_start``: when the run began, ``time.perf_counter``)."""
     loaded, policy = engine.loaded, engine.policy
     sidecar = {
         "target": target_name,
@@ -295,6 +295,8 @@ def _sidecar(engine: Engine, task: Task, out: TargetResult, found: list[dict], t
         "postprocess": out.postprocess,
         "options": engine.options.to_dict(),
         "precision": engine.precision_report(),
+        "timings_s": {k: round(v, 3) for k, v in engine.timer.seconds.items()}
+        | {"total": round(time.perf_counter() - t_start, 3)},
         "details": out.details,
     }
     if out.layers is not None:
