@@ -20,7 +20,7 @@ from IrisSegmentLib import parameters as p
 from IrisSegmentLib.dependencies import InstallGuard
 from IrisSegmentLib.dialogs import user_action
 from IrisSegmentLib.install import ensure_dependencies
-from IrisSegmentLib.logic import module_logic
+from IrisSegmentLib.logic import SegmentationLogic, module_settings
 from IrisSegmentLib.models import FILE_CHOICE, consent_text, model_choices, needs_download
 from IrisSegmentLib.testing import register_sample_data, run_module_tests
 
@@ -38,10 +38,10 @@ class IrisSegment(ScriptedLoadableModule):
         slicer.app.connect("startupCompleted()", register_sample_data)
 
 
-class IrisSegmentLogic(ScriptedLoadableModuleLogic):  # the parameter node and the Qt-free logic
+class IrisSegmentLogic(SegmentationLogic, ScriptedLoadableModuleLogic):  # Segment/Compare + the parameter node
     def __init__(self):
-        super().__init__()
-        self.core = module_logic(slicer.mrmlScene)  # the warm local worker, spoken to over its pipes
+        SegmentationLogic.__init__(self, slicer.mrmlScene, **module_settings())  # the warm local worker
+        ScriptedLoadableModuleLogic.__init__(self)  # its super().__init__() is object's (SegmentationLogic is first)
 
 
 class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -75,7 +75,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Also run when Slicer quits: kill the worker, remove its work folder (patient images), stop the warm one."""
         self._closeJob()
         if self.logic is not None:
-            self.logic.core.close()
+            self.logic.close()
         self.removeObservers()
 
     def enter(self):
@@ -220,7 +220,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return self.onDownload(key)
             if req.server is not None or self._ensureDependencies():  # dialogs, pip: no wait cursor over them
                 with slicer.util.WaitCursor():  # only while the volumes are exported
-                    job = self.logic.core.start_segment(req)
+                    job = self.logic.start_segment(req)
                 self._startJob(job)
 
     def onDownload(self, key):
@@ -230,7 +230,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.stageLabel.text = "Not downloaded; Segment with this model asks again."
         elif self._ensureDependencies():  # the worker downloads with huggingface_hub
             with user_action("Could not start the download."):
-                self._startJob(self.logic.core.start_download(key))
+                self._startJob(self.logic.start_download(key))
 
     def _startJob(self, job):
         self._job, self.ui.progressBar.value, self.ui.stageLabel.text = job, 0, "Starting..."
@@ -260,7 +260,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if outcome.status == "failed":
                     slicer.util.errorDisplay(f"{outcome.stage}\n\n{outcome.error}", detailedText="\n".join(outcome.log))
                 elif outcome.node is not None:  # for Compare and reuse; the next run makes a new node
-                    self._node.SetNodeReferenceID("Result", outcome.node.GetID())
+                    p.record_result(self._node, outcome.node)
                 if outcome.warnings:  # e.g. a reference segment cut by its volume: not only in the collapsed Log
                     slicer.util.warningDisplay("\n\n".join(outcome.warnings), windowTitle="IrisSegment: check this")
             self.updateGUIFromParameterNode()
@@ -287,7 +287,7 @@ class IrisSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with user_action("Compare failed.", wait_cursor=True):
             result = self._node.GetNodeReference("Result") or self.ui.outputSelector.currentNode()
-            table = self.logic.core.compare_to_table(result, self.ui.manualSelector.currentNode(),
+            table = self.logic.compare_to_table(result, self.ui.manualSelector.currentNode(),
                                                      self.ui.targetSelector.currentNode())
             self.ui.compareTableView.setMRMLTableNode(table)
 

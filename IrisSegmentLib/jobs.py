@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .runner import WorkerCancelled, WorkerError, WorkerEvent, WorkerProcess, deliver
+from .scene import SceneError
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Outcome:
 
 class Job:
     """A started worker with what it needs to be finished and cleaned up (see the module docstring).
-    Segment runs come from ``IrisSegmentLogic.start_segment``, downloads from ``start_download``."""
+    Segment runs come from ``SegmentationLogic.start_segment``, downloads from ``start_download``."""
 
     def __init__(self, process: WorkerProcess, logic=None, run=None, download: str | None = None,
                  folder: Path | None = None):
@@ -113,9 +114,6 @@ class Job:
         return self.outcome
 
     def _import(self, sidecar: dict) -> Outcome:
-        from .logic import result_summary
-        from .scene import SceneError
-
         try:
             node = self.logic.finish(self.run, sidecar)
         except SceneError as exc:
@@ -138,6 +136,23 @@ class Job:
         finally:
             if self.folder is not None:
                 shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def result_summary(sidecar: dict) -> list[str]:
+    """What the Log shows after a run (from the worker's sidecar): the time, model and device, the classes
+    of which no voxel was found, and the precision the windows ran in when it was not the default
+    (``--precision auto``'s check and why)."""
+    model = (sidecar.get("model") or {}).get("name", "?")
+    n = len(sidecar.get("classes", []))
+    lines = [f"segmented {n} class{'' if n == 1 else 'es'} with {model} on {sidecar.get('device', '?')} in "
+             f"{sidecar.get('timings_s', {}).get('total', 0.0):.1f} s"]
+    missing = [c.get("name", "?") for c in sidecar.get("classes", []) if c.get("voxels") == 0]
+    if missing:
+        lines.append(f"not found in the target (no voxel): {', '.join(missing)}")
+    prec = sidecar.get("precision") or {}
+    if (sidecar.get("options") or {}).get("precision", "float32") != "float32" and prec.get("summary"):
+        lines.append("precision: " + prec["summary"])
+    return lines
 
 
 def run_to_end(job: Job, progress: Callable[[str, int, int], None] | None = None,

@@ -113,8 +113,9 @@ class PreparedRun:
 scene_unchanged = nodes_removed_after  # reading arrays must not change the user's scene
 
 
-class IrisSegmentLogic:
-    """Qt-free logic of the IrisSegment module (usable from the Python console and tests)."""
+class SegmentationLogic:
+    """Segment and Compare on an MRML scene, without Qt: the module's logic (IrisSegment.py's IrisSegmentLogic is
+    this class plus Slicer's parameter-node helpers), usable alone from the Python console and the tests."""
 
     def __init__(self, scene=None, python: str | None = None, workdir: str | Path | None = None,
                  server=None, warm: bool = False, idle: float | None = None):
@@ -400,30 +401,19 @@ class IrisSegmentLogic:
         return table
 
 
-def module_logic(scene=None) -> IrisSegmentLogic:
-    """The logic as the module's widget builds it (IrisSegment.py): on ``scene`` (Slicer's by default), the worker
-    through Slicer's Python launcher (``runner.python_executable``), kept warm between clicks. The tests of the
-    Slicer-like environment build it here too, so they run what a clinician's click runs."""
+def module_settings() -> dict:
+    """How the module configures its logic (IrisSegment.py's IrisSegmentLogic): the worker through Slicer's Python
+    launcher (``runner.python_executable``), kept warm between clicks."""
     from .runner import python_executable
 
-    return IrisSegmentLogic(scene, python=python_executable(), warm=True)
+    return {"python": python_executable(), "warm": True}
 
 
-def result_summary(sidecar: dict) -> list[str]:
-    """What the Log shows after a run (from the worker's sidecar): the time, model and device, the classes
-    of which no voxel was found, and the precision the windows ran in when it was not the default
-    (``--precision auto``'s check and why)."""
-    model = (sidecar.get("model") or {}).get("name", "?")
-    n = len(sidecar.get("classes", []))
-    lines = [f"segmented {n} class{'' if n == 1 else 'es'} with {model} on {sidecar.get('device', '?')} in "
-             f"{sidecar.get('timings_s', {}).get('total', 0.0):.1f} s"]
-    missing = [c.get("name", "?") for c in sidecar.get("classes", []) if c.get("voxels") == 0]
-    if missing:
-        lines.append(f"not found in the target (no voxel): {', '.join(missing)}")
-    prec = sidecar.get("precision") or {}
-    if (sidecar.get("options") or {}).get("precision", "float32") != "float32" and prec.get("summary"):
-        lines.append("precision: " + prec["summary"])
-    return lines
+def module_logic(scene=None) -> SegmentationLogic:
+    """The logic as the module's widget builds it (``module_settings``), on ``scene`` (Slicer's by default), without
+    Slicer's parameter-node helpers: the tests of the Slicer-like environment build it here, so they run what a
+    clinician's click runs."""
+    return SegmentationLogic(scene, **module_settings())
 
 
 def fill_table(table_node, rows: list[dict]) -> None:

@@ -14,6 +14,17 @@ names as a JSON list): when a saved scene is imported into a non-empty one, vtkM
 node IDs and remaps node references, but never the IDs written inside a parameter string, so rows kept as
 IDs in JSON (the 'References' parameter of earlier versions, still read once and converted) pointed at
 other nodes.
+
+Why by hand and not with Slicer's ``parameterNodeWrapper`` (issue [22]): the wrapper imports Qt when it is
+imported (Base/Python/slicer/parameterNodeWrapper at v5.10.0: ``import qt`` at the top of serializers.py, whose
+``ObservedQColor(qt.QColor)`` is defined at import, and of wrapper.py; guiConnectors.py imports ctk and qt;
+``__init__.py`` imports them all), and slicer-core, where this package is tested and where the warm worker runs,
+ships neither Qt nor the wrapper (its ``slicer`` package holds ``util`` and the MRML classes only). Declared here,
+it would break "IrisSegmentLib never imports qt" and every scene test; declared in the widget, the defaults would
+be written twice and tested nowhere. So the plain parameters are one table (``DEFAULTS``, ``OPTION_PARAMETERS``:
+their defaults are ``SegmentOptions``'), read and written as the wrapper's serializers store them (strings, node
+references by role), and the references table uses the scheme of the wrapper's ListSerializer (a node reference
+per element, and a count).
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from iris_core.options import SegmentOptions
 
 from .logic import ReferenceSpec, SegmentRequest
 from .models import FILE_CHOICE, model_spec
-from .scene import SceneError
+from .scene import SceneError, scalar_volumes, volume_of_segmentation
 
 #: parameter name -> SegmentOptions field
 OPTION_PARAMETERS = {"Strategy": "strategy", "Device": "device", "TuneSteps": "tune_steps",
@@ -206,55 +217,6 @@ def reuse_result(scene, node) -> dict:
 
 
 # -- first choices for a new scene --------------------------------------------------------------------
-def volume_of_segmentation(scene, seg_node):
-    """The scalar volume a segmentation belongs to: its reference image geometry node reference (set by
-    vtkMRMLSegmentationNode::SetReferenceImageGeometryParameterFromVolumeNode: a segmentation read from a
-    file has none), else the volume whose grid equals the segmentation's reference image geometry (which a
-    .seg.nrrd file stores); None when neither tells."""
-    import slicer
-
-    ref = seg_node.GetNodeReference(seg_node.GetReferenceImageGeometryReferenceRole())
-    if ref is not None:
-        return ref
-    geometry = seg_node.GetSegmentation().GetConversionParameter(
-        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
-    if not geometry:
-        return None
-    for vol in _scalar_volumes(scene):
-        if vol.GetImageData() is not None and _same_geometry(geometry, _geometry_of(vol)):
-            return vol
-    return None
-
-
-def _geometry_of(volume) -> str:
-    import slicer
-    import vtk
-
-    m = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(m)
-    return slicer.vtkSegmentationConverter.SerializeImageGeometry(m, volume.GetImageData())
-
-
-def _same_geometry(a: str, b: str, tol: float = 1e-3) -> bool:
-    """Two serialized image geometries (16 matrix elements, then the extent) agree within ``tol``."""
-    try:
-        x = [float(v) for v in a.strip(";").split(";")]
-        y = [float(v) for v in b.strip(";").split(";")]
-    except ValueError:
-        return False
-    return len(x) == len(y) and all(abs(p - q) <= tol for p, q in zip(x, y))
-
-
-def _scalar_volumes(scene) -> list:
-    """Scalar volumes of the scene in the order they were added (label map volumes left out)."""
-    out = []
-    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
-        n = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
-        if not n.IsA("vtkMRMLLabelMapVolumeNode"):
-            out.append(n)
-    return out
-
-
 def default_reference_row(scene, target, rows: list[dict] | None = None) -> dict | None:
     """The next reference row to offer: the first segmentation with segments that is not already a row, whose
     volume is known (``volume_of_segmentation``) and is not the target (a segmentation drawn on the target is
@@ -277,7 +239,7 @@ def fill_first_choices(scene, node) -> None:
     rows = reference_rows(node)
     if node.GetNodeReference("Target") is None:
         taken = {id(r["volume"]) for r in rows}
-        volumes = [v for v in _scalar_volumes(scene) if id(v) not in taken]
+        volumes = [v for v in scalar_volumes(scene) if id(v) not in taken]
         if volumes:
             node.SetNodeReferenceID("Target", volumes[-1].GetID())
     target = node.GetNodeReference("Target")

@@ -336,3 +336,53 @@ def check_output(output_node) -> None:
                          "representation); the result is a binary labelmap and cannot be written into it: choose "
                          "'Create new segmentation', or change its source representation in the Segmentations "
                          "module")
+
+
+# -- which volume a segmentation belongs to (the module's first choices, "edit, then reuse") ----------
+def volume_of_segmentation(scene, seg_node):
+    """The scalar volume a segmentation belongs to: its reference image geometry node reference (set by
+    vtkMRMLSegmentationNode::SetReferenceImageGeometryParameterFromVolumeNode: a segmentation read from a
+    file has none), else the volume whose grid equals the segmentation's reference image geometry (which a
+    .seg.nrrd file stores); None when neither tells."""
+    import slicer
+
+    ref = seg_node.GetNodeReference(seg_node.GetReferenceImageGeometryReferenceRole())
+    if ref is not None:
+        return ref
+    geometry = seg_node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    if not geometry:
+        return None
+    for vol in scalar_volumes(scene):
+        if vol.GetImageData() is not None and _same_geometry(geometry, _geometry_of(vol)):
+            return vol
+    return None
+
+
+def _geometry_of(volume) -> str:
+    import slicer
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    return slicer.vtkSegmentationConverter.SerializeImageGeometry(m, volume.GetImageData())
+
+
+def _same_geometry(a: str, b: str, tol: float = 1e-3) -> bool:
+    """Two serialized image geometries (16 matrix elements, then the extent) agree within ``tol``."""
+    try:
+        x = [float(v) for v in a.strip(";").split(";")]
+        y = [float(v) for v in b.strip(";").split(";")]
+    except ValueError:
+        return False
+    return len(x) == len(y) and all(abs(p - q) <= tol for p, q in zip(x, y))
+
+
+def scalar_volumes(scene) -> list:
+    """Scalar volumes of the scene in the order they were added (label map volumes left out)."""
+    out = []
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        n = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        if not n.IsA("vtkMRMLLabelMapVolumeNode"):
+            out.append(n)
+    return out

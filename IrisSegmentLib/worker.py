@@ -151,7 +151,7 @@ def release_memory() -> None:
 
 def run_job(job: dict, progress=None, cancel=None, models: Models | None = None) -> dict:
     """Execute a job: a segmentation ``{"inputs": {...}, "options": {...}}`` (written by
-    ``logic.IrisSegmentLogic.prepare``; options as ``SegmentOptions.to_dict``), or a model download
+    ``logic.SegmentationLogic.prepare``; options as ``SegmentOptions.to_dict``), or a model download
     ``{"action": "pull", "model": ...}``; returns the sidecar. ``progress(stage, done, total)`` reports,
     ``cancel()`` true stops the run (iris_core's CancelledError), ``models`` keeps the model loaded."""
     progress = progress or (lambda stage, done, total: emit(PREFIX_PROGRESS, {"stage": stage, "done": done,

@@ -187,8 +187,8 @@ def warp_smooth(sample: Sample, seed: int = 0, max_mm: float = 3.0, smooth_mm: f
 
 #: How the 724 NeuroMaps labels of inia19 are grouped into the macaque check's structures. The
 #: labels' names file is not shipped with mricron-data (and was not found elsewhere here), so the
-#: groups are rules on the label map itself, checked by overlay (Resources/Models/eval/macaque):
-#: the map codes the two sides of a structure as v and 1000 + v, and every value below 1000 lies
+#: groups are rules on the label map itself, checked by overlay (scripts/model_card_eval.sh's macaque
+#: overlays): the map codes the two sides of a structure as v and 1000 + v, and every value below 1000 lies
 #: left of the midline (centroids checked in ``inia19``).
 INIA19_GROUPS = {
     1: ("cerebellum", "labels centred more than 22 mm behind and 2 mm below the origin (the posterior "

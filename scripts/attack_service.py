@@ -102,92 +102,117 @@ def chunked(port: int, token: str, total: int) -> tuple[int, int]:
     return (int(answer.split()[1]) if answer.startswith(b"HTTP/") else 0), sent
 
 
+class MemoryLog:
+    """The server's resident memory as table rows: each row its RSS now and the highest RSS sampled (every 50 ms,
+    in a thread) since the row before."""
+
+    def __init__(self, proc: subprocess.Popen):
+        import psutil
+
+        self.proc, self.server, self.rows, self.peak = proc, psutil.Process(proc.pid), [], 0.0
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while self.proc.poll() is None:
+            try:
+                self.peak = max(self.peak, self.server.memory_info().rss / 2**20)
+            except psutil.Error:
+                return
+            time.sleep(0.05)
+
+    def row(self, stage: str, note: str = "") -> None:
+        now = self.server.memory_info().rss / 2**20
+        self.rows.append((stage, now, max(self.peak, now), note))
+        self.peak = 0.0
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (IrisSegmentLib.warm's, which this script used, went with issue [18]'s
+    pipe worker)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, folder: Path) -> tuple[subprocess.Popen | None, int, str]:
+    """``iris-segment serve`` on the CPU with a 20 MB upload limit and its work folder in ``folder``, answering:
+    (process, port, token); None for the process when it exited (its log in ``folder``/server.log)."""
+    from iris_core.service.client import Client, ServerError
+
+    token = secrets.token_hex(16)
+    (folder / "tokens").write_text(token + "\n")
+    (folder / "tokens").chmod(0o600)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "iris_core.commands.cli", "serve", "--port", str(port),
+                             "--token-file", str(folder / "tokens"), "--models", model, "--device", "cpu",
+                             "--threads", "1", "--max-jobs", "2", "--max-upload-mb", "20", "--workdir",
+                             str(folder / "work")], stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT)
+    while True:
+        try:
+            Client(f"http://127.0.0.1:{port}", token, timeout=5).info()
+            return proc, port, token
+        except ServerError:
+            if proc.poll() is not None:
+                return None, port, token
+            time.sleep(0.5)
+
+
+def attack(name: str, parts: dict, port: int, token: str, model: str, target: Path, refs: list) -> str:
+    """One attack of the battery, on top of a valid job's upload; the server's answer in words."""
+    if name == "300 MB chunked":
+        status, sent = chunked(port, token, 300 * 2**20)
+        return f"HTTP {status}, {sent / 2**20:.0f} MB sent before the answer"
+    parts = {"request": json.dumps({"model": model}), "target": ("t.nrrd", target.read_bytes()),
+             "reference_image_0": ("r.nrrd", refs[0][0].read_bytes()),
+             "reference_labels_0": ("l.seg.nrrd", refs[0][1].read_bytes()), **parts}
+    body, ctype = multipart(parts)
+    return f"HTTP {post(port, token, body, ctype)}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--idle", type=float, default=60, help="seconds idle after the jobs")
     args = ap.parse_args(argv)
 
-    import psutil
-
     from iris_core.resources import SAMPLE_DATA
-    from iris_core.service.client import Client, ServerError
-    from IrisSegmentLib.warm import free_port
+    from iris_core.service.client import Client
 
     folder = Path(tempfile.mkdtemp(prefix="iris-attack-"))
-    token = secrets.token_hex(16)
-    (folder / "tokens").write_text(token + "\n")
-    (folder / "tokens").chmod(0o600)
-    port = free_port()
     work = folder / "work"
-    proc = subprocess.Popen([sys.executable, "-m", "iris_core.commands.cli", "serve", "--port", str(port),
-                             "--token-file", str(folder / "tokens"), "--models", args.model, "--device", "cpu",
-                             "--threads", "1", "--max-jobs", "2", "--max-upload-mb", "20", "--workdir", str(work)],
-                            stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT)
-    server = psutil.Process(proc.pid)
-    url = f"http://127.0.0.1:{port}"
-    client = Client(url, token, timeout=5)
-    while True:
-        try:
-            client.info()
-            break
-        except ServerError:
-            if proc.poll() is not None:
-                print((folder / "server.log").read_text())
-                return 1
-            time.sleep(0.5)
-    rows = []
-    peak = [0.0]
-
-    def sample() -> None:  # the highest RSS since the last row, every 50 ms
-        while proc.poll() is None:
-            try:
-                peak[0] = max(peak[0], server.memory_info().rss / 2**20)
-            except psutil.Error:
-                return
-            time.sleep(0.05)
-
-    threading.Thread(target=sample, daemon=True).start()
-
-    def rss(stage: str, note: str = "") -> None:
-        now = server.memory_info().rss / 2**20
-        rows.append((stage, now, max(peak[0], now), note))
-        peak[0] = 0.0
-
+    proc, port, token = start_server(args.model, folder)
+    if proc is None:
+        print((folder / "server.log").read_text())
+        return 1
+    memory = MemoryLog(proc)
     time.sleep(2)
-    rss("idle after start")
+    memory.row("idle after start")
     target, refs = SAMPLE_DATA / "ICBM2009a-moved.nrrd", [(SAMPLE_DATA / "Colin27.nrrd", SAMPLE_DATA / "Colin27.seg.nrrd")]
-    client = Client(url, token, timeout=60)
+    client = Client(f"http://127.0.0.1:{port}", token, timeout=60)
     for i in range(3):
         job = client.submit(target, refs, model=args.model)
         st = client.wait(job)
         assert st["status"] == "done", st
         client.fetch(job, folder / f"seg{i}.nii.gz")
-        rss(f"after job {i + 1}")
+        memory.row(f"after job {i + 1}")
     time.sleep(args.idle)
-    rss(f"after 3 jobs and {args.idle:g} s idle")
+    memory.row(f"after 3 jobs and {args.idle:g} s idle")
     for round_ in (1, 2):
         for name, parts in battery().items():
             t0 = time.perf_counter()
-            if name == "300 MB chunked":
-                status, sent = chunked(port, token, 300 * 2**20)
-                what = f"HTTP {status}, {sent / 2**20:.0f} MB sent before the answer"
-            else:
-                parts = {"request": json.dumps({"model": args.model}), "target": ("t.nrrd", target.read_bytes()),
-                         "reference_image_0": ("r.nrrd", refs[0][0].read_bytes()),
-                         "reference_labels_0": ("l.seg.nrrd", refs[0][1].read_bytes()), **parts}
-                body, ctype = multipart(parts)
-                what = f"HTTP {post(port, token, body, ctype)}"
+            what = attack(name, parts, port, token, args.model, target, refs)
             if round_ == 1:
-                rss(f"attack: {name}", f"{what}, {time.perf_counter() - t0:.2f} s")
-        rss(f"after the battery, round {round_}")
+                memory.row(f"attack: {name}", f"{what}, {time.perf_counter() - t0:.2f} s")
+        memory.row(f"after the battery, round {round_}")
     ok = client.info()["server"] == "iris-segment"
     left = [str(p.relative_to(work)) for p in work.rglob("*") if p.name != ".iris-serve-owner" and p.is_file()]
     proc.terminate()
     proc.wait(timeout=60)
     after = sorted(p.name for p in work.iterdir()) if work.exists() else []
     print("| stage | server RSS, MB | peak since the row above, MB | answer |\n|---|---|---|---|")
-    for stage, mb, high, note in rows:
+    for stage, mb, high, note in memory.rows:
         print(f"| {stage} | {mb:,.0f} | {high:,.0f} | {note} |")
     print(f"\nserver answers after the battery: {ok}; job files in its work folder: {left or 'none'}; "
           f"after SIGTERM: {after or 'empty'}")

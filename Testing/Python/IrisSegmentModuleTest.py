@@ -26,7 +26,7 @@ class IrisSegmentModuleTest(unittest.TestCase):
         import slicer
 
         from IrisSegmentLib import parameters, testing
-        from IrisSegmentLib.logic import IrisSegmentLogic
+        from IrisSegmentLib.logic import SegmentationLogic
 
         nodes = testing.load_sample_pair(slicer.mrmlScene)
         self.assertEqual(nodes["reference_seg"].GetSegmentation().GetNthSegment(0).GetName(), "brain")
@@ -34,7 +34,7 @@ class IrisSegmentModuleTest(unittest.TestCase):
         parameters.set_defaults(node)
         node.SetNodeReferenceID("Target", nodes["target"].GetID())
         parameters.add_reference(slicer.mrmlScene, node, nodes["reference"], nodes["reference_seg"])
-        logic = IrisSegmentLogic(slicer.mrmlScene)
+        logic = SegmentationLogic(slicer.mrmlScene)
         run = logic.prepare(parameters.request_from_parameters(slicer.mrmlScene, node))
         try:
             job = json.loads(open(str(run.job_file)).read())
@@ -69,10 +69,14 @@ class IrisSegmentModuleTest(unittest.TestCase):
 
         self.assertTrue(hasattr(slicer.modules, "irissegment"), "IrisSegment did not load: see the Python errors")
         from IrisSegmentLib import parameters, testing
+        from IrisSegmentLib.logic import SegmentationLogic
 
         nodes = testing.load_sample_pair(slicer.mrmlScene)
         slicer.util.selectModule("IrisSegment")
         widget = slicer.modules.IrisSegmentWidget
+        # one logic object: Segment/Compare (IrisSegmentLib) and Slicer's parameter node, nothing reached through it
+        self.assertIsInstance(widget.logic, SegmentationLogic)
+        self.assertIs(widget.logic.scene, slicer.mrmlScene)
         node = widget.logic.getParameterNode()
         self.assertIs(node.GetNodeReference("Target"), nodes["target"])
         self.assertEqual(widget.ui.referencesTable.rowCount, 1)
@@ -96,7 +100,6 @@ class IrisSegmentModuleTest(unittest.TestCase):
         import psutil
 
         from IrisSegmentLib import testing
-        from IrisSegmentLib.logic import IrisSegmentLogic
 
         nodes = testing.load_sample_pair(slicer.mrmlScene)
         slicer.util.selectModule("IrisSegment")
@@ -113,7 +116,7 @@ class IrisSegmentModuleTest(unittest.TestCase):
             result = node.GetNodeReference("Result")
             self.assertIsNotNone(result, f"{click} Segment: {widget.ui.stageLabel.text}")
             testing.check_result(result, nodes["target"], nodes["reference_seg"])
-            dice = IrisSegmentLogic(slicer.mrmlScene).compare(result, nodes["manual"], nodes["target"])[0]["dice"]
+            dice = widget.logic.compare(result, nodes["manual"], nodes["target"])[0]["dice"]
             self.assertGreater(dice, 0.5)
             logging.info("IrisSegment self-test: %s Segment %.1f s, Dice %.3f", click, time.perf_counter() - t0, dice)
             slicer.mrmlScene.RemoveNode(result)

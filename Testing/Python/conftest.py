@@ -17,18 +17,41 @@ COMPAT = ROOT / "Testing" / "Data" / "compat"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-#: what one pytest-xdist worker may need at its peak: the MASS parity tests segment with the full-size
-#: network (the engine's own memory check asks for about 6.1 GiB there) and the compile tests build AOT packages
-WORKER_MEMORY = 7 * 2**30
+#: what the memory-heavy tests (marked ``heavy_memory``) need at their peak: the MASS parity tests segment with the
+#: full-size network (the engine's own memory check asks for about 6.1 GiB there). Only one of them runs at a time
+#: whatever the number of workers (``_one_memory_heavy_test_at_a_time``).
+HEAVY_MEMORY = 7 * 2**30
+#: what any other test needs at its peak, a worker's own share beside the one heavy test
+WORKER_MEMORY = 3 * 2**30
+
+
+def workers_for(cores: int, total_memory: int) -> int:
+    """The number of xdist workers for a machine of ``cores`` physical cores and ``total_memory`` bytes: a worker
+    per core, as many as the memory holds with one heavy test among them (``HEAVY_MEMORY`` + ``WORKER_MEMORY`` for
+    each other worker), at least one. Of the machine alone: what happens to be free when a run starts is no input
+    (with the free memory, a training beside the run once made it one worker and 30 minutes)."""
+    return max(1, min(cores, 1 + (total_memory - HEAVY_MEMORY) // WORKER_MEMORY))
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto`` (scripts/test.sh): a worker per physical core, no more than the available memory holds
-    (``WORKER_MEMORY`` each), at least one."""
+    """``-n auto`` (scripts/test.sh): :func:`workers_for` this machine's physical cores and total memory."""
     import psutil
 
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    return max(1, min(cores, int(psutil.virtual_memory().available // WORKER_MEMORY)))
+    return workers_for(psutil.cpu_count(logical=False) or os.cpu_count() or 1, psutil.virtual_memory().total)
+
+
+@pytest.fixture(autouse=True)
+def _one_memory_heavy_test_at_a_time(request, tmp_path_factory):
+    """A ``heavy_memory`` test on an xdist worker holds a lock shared by this run's workers (a file in the run's
+    base folder), so two of them never run at once; a deadline below the per-test timeout (pyproject.toml) says so
+    if one waits that long."""
+    if request.node.get_closest_marker("heavy_memory") is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(str(tmp_path_factory.getbasetemp().parent / "heavy_memory.lock"), timeout=600):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -169,6 +192,38 @@ def save_in_authors_format(state_dict: dict, path: Path, window: int, overlap: f
     torch.save({"model_state_dict": {f"module.{k}": v for k, v in state_dict.items()},
                 "config": {**config, "evaluation": {"window_size": [window] * 3, "overlap": overlap}}}, path)
     return path
+
+
+@pytest.fixture
+def closed_port():
+    """A port on 127.0.0.1 that refuses connections for the test's duration: bound by this process and never
+    listening, so nothing else can listen there meanwhile (a well-known port such as 9 may have a listener)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        yield port
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05, poll=None):
+    """Call ``predicate`` until it returns something true (returned) or ``timeout`` seconds pass (an
+    AssertionError naming ``what``); ``poll`` (a job's or a process's poll) is called before each look. The tests'
+    one way to wait for an event: never an unbounded loop, never a sleep standing in for the event."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if poll is not None:
+            poll()
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(interval)
 
 
 def free_port() -> int:

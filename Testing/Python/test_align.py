@@ -24,7 +24,8 @@ from iris_core.types import ClassSpec, Reference
 
 
 def warped_labels(labels: sitk.Image, target: sitk.Image, al: Alignment) -> np.ndarray:
-    """Reference labels brought onto the target grid through an alignment (reference -> target map)."""
+    """Reference labels brought onto the target grid through an alignment (reference -> target map), written
+    out here from the matrix (not through the code's own inverse)."""
     inv = np.linalg.inv(al.matrix)
     tr = sitk.AffineTransform(3)
     tr.SetMatrix(inv.ravel().tolist())
@@ -57,6 +58,13 @@ def test_alignment_of_the_shipped_sample_pair_recovers_the_move(sample_pair):
     np.testing.assert_array_equal(first.offset, again.offset)
     report = first.report()
     assert report["seconds"] > 0 and len(report["matrix"]) == 3 and 1.0 <= report["grid_mm"] <= 4.0
+    # evaluate's deterministic affine baseline ('align') is this alignment's label map, on the target grid
+    from iris_core.commands.evaluate import parse_method
+    from iris_core.commands.registration import register_labels
+
+    baseline = register_labels(parse_method("align"), tgt, ref, ref_lab)
+    assert baseline.GetSize() == tgt.GetSize() and baseline.GetOrigin() == tgt.GetOrigin()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(baseline) > 0, aligned)
 
 
 def test_alignment_maps_points_as_the_inverse_of_a_known_move():

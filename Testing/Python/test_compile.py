@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from iris_core.errors import ConfigError
 from iris_core.hub.checkpoint import load_checkpoint
 from iris_core.models.config import IrisConfig
 from iris_core.models.iris import IrisNet
-from iris_core.pipeline.aot import CompiledMethod, prune_cache
+from iris_core.pipeline.aot import BUILD_PREFIX, CompiledMethod, prune_cache
 
 
 def _mass_like(seed: int = 0) -> IrisNet:
@@ -44,6 +45,20 @@ def _segment_args(phantom_files, model, out) -> list[str]:
             "--output", str(out)]
 
 
+def _files_seen_while(proc: subprocess.Popen, folder: Path, pattern: str, timeout: float) -> set[Path]:
+    """The files matching ``pattern`` in ``folder`` at any moment while ``proc`` runs (looked at every 50 ms;
+    a build's files live for seconds), until it ends or ``timeout`` (then it is killed)."""
+    seen: set[Path] = set()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the process did not end within {timeout} s")
+        seen.update(p.relative_to(folder) for p in folder.glob(pattern) if p.is_file())
+        time.sleep(0.05)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def compiled_cache(tmp_path_factory):
     """One cache for this module: the packages the CLI builds are the ones the other tests load."""
@@ -61,9 +76,22 @@ def test_compile_builds_once_per_machine_and_gives_the_uncompiled_labels(tmp_pat
     code = ("import locale, sys; locale.setlocale(locale.LC_CTYPE, 'C'); "
             "assert locale.getpreferredencoding(False) != 'UTF-8'; from iris_core.commands.cli import main; "
             f"sys.exit(main({[*_segment_args(phantom_files, mass_like_file, tmp_path / 'compiled.nii.gz'), '--compile']!r}))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                          env={**os.environ, "IRIS_SEGMENT_COMPILED": str(cache)})
-    assert proc.returncode == 0 and "could not be compiled" not in proc.stderr, proc.stderr[-2000:]
+    # the build's own files go to a build- folder in our cache, not to inductor's default in the system's
+    # temporary folder (TMPDIR here: an empty folder of the test's, and no TORCHINDUCTOR_CACHE_DIR): seen there
+    # while the build runs, and nothing of the build in the temporary folder afterwards. Only inductor's
+    # precompiled headers are there: torch keeps them in its default folder on purpose, "global, rather than
+    # ignored by fresh_cache" (torch 2.13 _inductor/codecache.py, _HEADER_DIR), reused by later builds
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "IRIS_SEGMENT_COMPILED": str(cache), "TMPDIR": str(system_tmp)})
+    build_files = _files_seen_while(proc, cache, f"{BUILD_PREFIX}*/**/*", timeout=900)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0 and "could not be compiled" not in stderr, stderr[-2000:]
+    assert any(p.suffix in (".cpp", ".so", ".o") for p in build_files), sorted(build_files)[:20]
+    left = [p.relative_to(system_tmp) for p in system_tmp.rglob("*") if p.is_file()]
+    assert all(p.parts[0].startswith("torchinductor_") and p.parts[1] == "precompiled_headers" for p in left), left[:20]
     packages = sorted(cache.glob("*.pt2"))
     assert [p.name.split("-")[0] for p in packages] == ["encode_task", "segment"], packages
     eager = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "eager.nii.gz")))
@@ -77,7 +105,7 @@ def test_compile_builds_once_per_machine_and_gives_the_uncompiled_labels(tmp_pat
     # removed after, and the caller's setting comes back
     import torch._inductor.utils  # noqa: F401  (importing inductor sets its default folder itself)
 
-    from iris_core.pipeline.aot import BUILD_PREFIX, _build_files_in
+    from iris_core.pipeline.aot import _build_files_in
 
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     (tmp_path / "builds").mkdir()

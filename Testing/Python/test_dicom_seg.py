@@ -141,9 +141,13 @@ def test_reference_from_a_dcmqi_seg_gives_what_its_label_map_gives(series, tmp_p
                 device="cpu")
 
 
-def test_oblique_anisotropic_series_keeps_its_geometry(tmp_path, tiny_model, capsys):
+def test_oblique_anisotropic_series_keeps_its_geometry(tmp_path, tiny_model, capsys, caplog):
     """An oblique series of 1.8 x 1.4 x 3.5 mm voxels: read as the volume it is, and the SEG written from the CLI
-    lies on it (dcmqi's reading equals the NIfTI output of the same options, on the same grid)."""
+    lies on it (dcmqi's reading equals the NIfTI output of the same options, on the same grid, class by class:
+    the model finds both, so the comparison cannot be empty). highdicom's INFO lines (one per DICOM module it
+    copies) are shown with --debug only."""
+    import logging
+
     img, _ = phantom(size=(40, 44, 20), spacing=(1.8, 1.4, 3.5), direction=oblique_direction(),
                      origin=(-20.0, -5.0, 0.0), seed=2)
     folder = write_dicom_series(img, tmp_path / "oblique")
@@ -157,25 +161,55 @@ def test_oblique_anisotropic_series_keeps_its_geometry(tmp_path, tiny_model, cap
     from iris_core.hub.checkpoint import save_checkpoint
 
     model = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model.model, tiny_model.preprocessing, info={})
+    args = ["segment", "--model", str(model), "--device", "cpu", "--quiet", "--target", str(folder), "--reference",
+            str(tmp_path / "ref.nii.gz"), str(tmp_path / "ref_lab.nii.gz"), "--classes", "ball=1,box=2", "--output"]
     outputs = {}
     for ext in (".nii.gz", ".dcm"):
-        code = main(["segment", "--model", str(model), "--device", "cpu", "--quiet", "--target", str(folder),
-                     "--reference", str(tmp_path / "ref.nii.gz"), str(tmp_path / "ref_lab.nii.gz"), "--classes",
-                     "ball=1,box=2", "--output", str(tmp_path / f"out{ext}")])
+        with caplog.at_level(logging.INFO):
+            code = main([*args, str(tmp_path / f"out{ext}")])
         assert code == 0, capsys.readouterr().err
         outputs[ext] = tmp_path / f"out{ext}"
+    assert not [r for r in caplog.records if r.name.startswith("highdicom")]
     nifti = sitk.ReadImage(str(outputs[".nii.gz"]))
     assert np.allclose(nifti.GetDirection(), img.GetDirection(), atol=1e-4)
     back = dcmqi_segments(outputs[".dcm"], tmp_path / "dcmqi")
-    assert set(back) <= {"ball", "box"}
     labels = sitk.GetArrayFromImage(nifti)
+    assert set(back) == {"ball", "box"} and (labels == 1).any() and (labels == 2).any(), set(back)
     for name, value in (("ball", 1), ("box", 2)):
-        if name in back:
-            assert np.allclose(back[name].GetDirection(), img.GetDirection(), atol=1e-3)
-            assert np.array_equal(on_grid(back[name], nifti) > 0, labels == value), name
-        else:  # dcmqi leaves out a segment with no voxel
-            assert not (labels == value).any()
+        assert np.allclose(back[name].GetDirection(), img.GetDirection(), atol=1e-3)
+        assert np.array_equal(on_grid(back[name], nifti) > 0, labels == value), name
     shutil.rmtree(tmp_path / "dcmqi")
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        assert main(["--debug", *args, str(tmp_path / "debug.dcm")]) == 0
+    assert any(r.name.startswith("highdicom") and r.levelno == logging.INFO for r in caplog.records)
+
+
+def test_a_series_without_a_frame_of_reference_is_refused_before_any_work(tmp_path, tiny_model_file, capsys):
+    """A SEG must share its images' Frame of Reference UID; a series without one (here one file of twenty lost
+    it) is refused before anything is read or segmented, naming the file and what to write instead, and nothing
+    is written. (It used to segment, then fail in highdicom with a ValueError traceback.)"""
+    img, _ = phantom(size=(40, 44, 20), spacing=(1.8, 1.4, 3.5), seed=2)
+    folder = write_dicom_series(img, tmp_path / "series")
+    stripped = sorted(folder.iterdir())[7]
+    ds = pydicom.dcmread(stripped)
+    del ds.FrameOfReferenceUID
+    ds.save_as(stripped)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = main(["segment", "--model", str(tiny_model_file), "--device", "cpu", "--target", str(folder),
+                 "--reference", str(SAMPLE_DATA / "Colin27.nrrd"), str(SAMPLE_DATA / "Colin27.seg.nrrd"),
+                 "--output", str(out / "seg.dcm")])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert captured.err.startswith(f"error: output {out / 'seg.dcm'}: the target's DICOM series {folder} has no "
+                                   f"Frame of Reference UID (file {stripped.name}"), captured.err
+    assert "write .nii.gz, .nrrd or .seg.nrrd instead" in captured.err and "Traceback" not in captured.err
+    assert "Segmenting" not in captured.err + captured.out and not list(out.iterdir())
+    # the same series as NIfTI output is segmented (the frame of reference is the SEG's need only)
+    assert main(["segment", "--model", str(tiny_model_file), "--device", "cpu", "--quiet", "--target", str(folder),
+                 "--reference", str(SAMPLE_DATA / "Colin27.nrrd"), str(SAMPLE_DATA / "Colin27.seg.nrrd"),
+                 "--output", str(out / "seg.nii.gz")]) == 0
 
 
 def test_evaluate_takes_dicom_seg_truth(series, tmp_path, capsys):

@@ -47,3 +47,27 @@ def test_export_refuses_a_threshold_outside_0_1(tmp_path):
     with pytest.raises(SystemExit, match="--threshold must be in"):
         export(FIXTURE, tmp_path / "x.safetensors", "--memory", 4096, "--threshold", 1.5)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_variant_keeps_the_choices_and_changes_only_the_policy_named(tmp_path):
+    """The model card's ablation variants (issue [20]): --keep-choices keeps memory sample and threshold, --align
+    and --prior-weight change those policy fields alone; a prior without an alignment is refused as the file is
+    made, not when it runs."""
+    base = tmp_path / "base.safetensors"
+    export(FIXTURE, base, "--memory", 8192, "--threshold", 0.4, "--align", "affine", "--prior-weight", 7)
+    src = resolve_model(str(base))
+    assert src.preprocessing.align == "affine" and src.preprocessing.prior_weight == 7
+    for options, align, weight in ((["--align", "identity", "--prior-weight", 0], "identity", 0.0),
+                                   (["--prior-weight", 0], "affine", 0.0)):
+        out = tmp_path / f"{align}-{weight}.safetensors"
+        export(base, out, "--keep-choices", *options)
+        got = resolve_model(str(out))
+        assert got.model.config.memory_tokens == 8192 and got.preprocessing.threshold == pytest.approx(0.4)
+        assert (got.preprocessing.align, got.preprocessing.prior_weight) == (align, weight)
+        rest = {k: v for k, v in got.preprocessing.to_dict().items() if k not in ("align", "prior_weight")}
+        assert rest == {k: v for k, v in src.preprocessing.to_dict().items() if k not in ("align", "prior_weight")}
+    from iris_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prior_weight"):
+        export(base, tmp_path / "bad.safetensors", "--keep-choices", "--align", "none")
+    assert not (tmp_path / "bad.safetensors").exists()

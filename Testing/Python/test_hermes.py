@@ -92,13 +92,13 @@ def test_hermes_known_structures_on_mrml_scene(hermes_model, dataset):
 
     from iris_core.options import SegmentOptions
     from IrisSegmentLib import testing
-    from IrisSegmentLib.logic import IrisSegmentLogic, SegmentRequest
+    from IrisSegmentLib.logic import SegmentationLogic, SegmentRequest
     from IrisSegmentLib.standalone import init_scene
 
     scene = init_scene()
     target = testing.load_volume(dataset / "imagesTr" / "h_000_0000.nii.gz", "phantom")
     before = testing.node_ids(scene)
-    node = IrisSegmentLogic(scene).segment(SegmentRequest(target, [], structures="liver,left kidney",
+    node = SegmentationLogic(scene).segment(SegmentRequest(target, [], structures="liver,left kidney",
                                                           model=str(hermes_model),
                                                           options=SegmentOptions(hermes_modality="T1", device="cpu")))
     seg = node.GetSegmentation()

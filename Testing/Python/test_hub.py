@@ -115,14 +115,14 @@ def test_pull_refuses_a_file_of_another_layout(tmp_path, tiny_pth, tiny_model, m
         server.close()
 
 
-def test_offline_pull_and_missing_model_say_where_to_put_a_hand_download(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+def test_offline_pull_and_missing_model_say_where_to_put_a_hand_download(tmp_path, monkeypatch, closed_port):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")  # a hub that cannot be reached
     monkeypatch.setenv("IRIS_SEGMENT_MODELS", str(tmp_path / "manual"))
     with pytest.raises(CheckpointError) as err:
         hub.pull("mass-base", progress=False, cache_dir=tmp_path / "hf")
     msg = str(err.value)
     assert "by hand" in msg and str(tmp_path / "manual" / "mass_base.pth") in msg
-    assert "http://127.0.0.1:9/StanfordAIMI/MASS/resolve/main/mass_base.pth" in msg
+    assert f"http://127.0.0.1:{closed_port}/StanfordAIMI/MASS/resolve/main/mass_base.pth" in msg
     with pytest.raises(CheckpointError, match="models pull mass-base"):
         hub.resolve("mass-base")
     # a copy put there by hand is found

@@ -10,7 +10,7 @@ import torch
 from conftest import phantom
 from iris_core.errors import InputError, ResourceError
 from iris_core.io.imaging import read_image, read_labels, write_image_atomic
-from iris_core.pipeline.device import select_device, set_threads
+from iris_core.pipeline.device import choose_device, select_device, set_threads
 
 
 def write_dicom_series(image: sitk.Image, folder, series: str = "2", description: str = "", prefix: str = "") -> None:
@@ -80,13 +80,36 @@ def test_float_labels_with_fractions_are_refused(tmp_path):
         read_labels(tmp_path / "f.nii.gz", img, "phantom")
 
 
+@pytest.mark.parametrize("cuda,mps,auto", [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"),
+                                           (False, False, "cpu")])
+def test_device_choice_on_every_kind_of_machine(cuda, mps, auto):
+    """The decision on a machine with CUDA and Apple's GPU, with one of them, and with neither: 'auto' prefers
+    CUDA, then MPS, then the CPU; a device asked for by name is given only where it exists."""
+    assert choose_device("auto", cuda, mps) == auto
+    assert choose_device("cpu", cuda, mps) == "cpu"
+    for name in ("cuda", "cuda:1"):
+        if cuda:
+            assert choose_device(name, cuda, mps) == name
+        else:
+            with pytest.raises(ResourceError, match=f"device '{name}' requested but CUDA is not available"):
+                choose_device(name, cuda, mps)
+    if mps:
+        assert choose_device("mps", cuda, mps) == "mps"
+    else:
+        with pytest.raises(ResourceError, match="Apple MPS is not available"):
+            choose_device("mps", cuda, mps)
+    for name in ("tpu", "gpu", "cuda1", ""):
+        with pytest.raises(ResourceError, match="unknown device"):
+            choose_device(name, cuda, mps)
+
+
 def test_device_choice_and_threads():
-    assert select_device("cpu").type == "cpu"
-    # auto: CUDA when this machine has it, else Apple's GPU, else the CPU (what this machine has decides)
+    """select_device asks torch what this machine has (here: whatever it is) and decides as choose_device."""
     mps = getattr(torch.backends, "mps", None)
-    expected = "cuda" if torch.cuda.is_available() else "mps" if mps and mps.is_available() else "cpu"
-    assert select_device("auto").type == expected
-    if not torch.cuda.is_available():
+    here = torch.cuda.is_available(), bool(mps and mps.is_available())
+    assert select_device("auto") == torch.device(choose_device("auto", *here))
+    assert select_device("cpu").type == "cpu"
+    if not here[0]:
         with pytest.raises(ResourceError, match="CUDA is not available"):
             select_device("cuda")
     with pytest.raises(ResourceError, match="unknown device"):

@@ -182,6 +182,7 @@ def test_evaluate_scores_what_segment_writes_under_the_mass_policy(tmp_path, pha
 # -- parity with the authors' pipeline -------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.heavy_memory
 @pytest.mark.parametrize("case", ["mr", "ct"])
 def test_mass_checkpoint_reproduces_the_authors_pipeline(case, tmp_path, mass_rule_checkpoint):
     """The authors' format checkpoint through the public CLI, every option at its default: the same

@@ -128,29 +128,62 @@ def test_compare_counts_labels_as_the_policy_decides_them():
 def test_engine_precisions_on_a_real_network(phantom_files, tiny_model):
     """float32 is the reference; bfloat16 really runs in bfloat16 (different, close probabilities:
     an untrained network has a few near-ties, so the bound is on the mean and the labels, not the
-    largest single difference); 'auto' on this CPU gives float32 or a checked decision."""
+    largest single difference); 'auto' checks the first window on a CPU with native bfloat16 (its decision is
+    its figures', and a further target runs in the precision decided), and never tries bfloat16 on one without
+    (that path through the engine, on any CPU: test_auto_without_native_bfloat16_through_the_cli)."""
     import SimpleITK as sitk
 
     ref = Reference(sitk.ReadImage(str(phantom_files["ref"])), sitk.ReadImage(str(phantom_files["ref_lab"])), "ref")
     target = sitk.ReadImage(str(phantom_files["tgt"]))
     classes = [ClassSpec("ball", 1), ClassSpec("box", 2)]
-    probs, reports = {}, {}
+    probs, later, reports = {}, {}, {}
     for precision in ("float32", "bfloat16", "auto"):
         engine = Engine(tiny_model, SegmentOptions(device="cpu", threads=2, precision=precision))
         prep = engine.prepare(target, "tgt")
         emb = engine.encode(ref, classes)
         probs[precision] = engine.predict(prep, emb)
-        engine.predict(prep, emb)  # a further target: the same decision, no second check
+        later[precision] = engine.predict(prep, emb)  # a further target: the same decision, no second check
         reports[precision] = engine.precision_report()
     diff = np.abs(probs["bfloat16"] - probs["float32"])
     assert 0 < diff.mean() < 1e-2 and reports["bfloat16"]["precision"] == "bfloat16"
     assert np.mean((probs["bfloat16"] > 0.5) == (probs["float32"] > 0.5)) > 0.99
     assert reports["float32"] == {"precision": "float32", "summary": "float32"}
     auto = reports["auto"]
-    if auto["precision"] == "float32":  # auto keeps float32's own results, voxel for voxel
-        assert np.array_equal(probs["auto"], probs["float32"])
-    if not native_bf16():
-        assert auto["precision"] == "float32" and "no native bfloat16" in auto["check"]["reasons"][0]
+    check = PrecisionCheck.from_dict(auto["check"])
+    assert np.array_equal(probs["auto"], probs["float32"])  # the checked window keeps float32's result
+    if native_bf16():
+        assert check.seconds_bfloat16 > 0 and check.mean_difference > 0 and check.agreement < 1  # bf16 really ran
+        decided = PrecisionCheck.from_dict(auto["check"])
+        assert auto["precision"] == decided.decide() and decided.reasons == check.reasons
+        assert auto["summary"] == check.summary() and auto["precision"] in auto["summary"]
+    else:
+        assert auto["precision"] == "float32" and check.reasons == ["this CPU has no native bfloat16 arithmetic"]
+        assert check.seconds_bfloat16 == 0
+    assert np.array_equal(later["auto"], probs[auto["precision"]])  # the further target: the decided precision
+
+
+def test_auto_without_native_bfloat16_through_the_cli(phantom_files, tiny_model_file, tmp_path):
+    """The engine asks oneDNN whether this CPU computes bfloat16 natively: with oneDNN limited to AVX2
+    (ONEDNN_MAX_CPU_ISA, oneDNN's own switch: such a CPU has no bfloat16 instructions) 'auto' keeps float32
+    without running a window in bfloat16, and says why, in the sidecar and on the terminal."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "a.nii.gz"
+    args = ["segment", "--model", str(tiny_model_file), "--device", "cpu", "--quiet", "--reference",
+            str(phantom_files["ref"]), str(phantom_files["ref_lab"]), "--target", str(phantom_files["tgt"]),
+            "--output", str(out), "--precision", "auto"]
+    code = ("import sys; from iris_core.pipeline.precision import native_bf16; "
+            "assert not native_bf16(), 'oneDNN still reports native bfloat16'; "
+            f"from iris_core.commands.cli import main; sys.exit(main({args!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    side = json.loads((tmp_path / "a.json").read_text())["precision"]
+    assert side["precision"] == "float32" and side["check"]["seconds_bfloat16"] == 0, side
+    assert side["check"]["reasons"] == ["this CPU has no native bfloat16 arithmetic"]
+    assert "precision: float32: this CPU has no native bfloat16 arithmetic" in proc.stdout
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -205,7 +238,7 @@ def test_cli_precision(capsys, phantom_files, tiny_model_file, tmp_path):
     assert side["options"]["precision"] == "auto" and side["precision"]["precision"] in ("float32", "bfloat16")
     assert "precision: " + side["precision"]["summary"] in out.out
     # Slicer's Log shows the same line (from the worker's sidecar)
-    from IrisSegmentLib.logic import result_summary
+    from IrisSegmentLib.jobs import result_summary
 
     lines = result_summary(side)
     assert lines[0].startswith("segmented 2 classes with ") and lines[-1] == "precision: " + side["precision"]["summary"]

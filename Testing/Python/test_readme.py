@@ -65,10 +65,31 @@ def test_python_quick_start_runs_as_written(tmp_path):
     assert out.stdout.startswith("[('brain', ") and (work / "out/quick/brain_api.json").is_file()
 
 
+MODEL_CARD = ROOT / "Resources" / "Models" / "iris-default.md"
+
+
 def test_readme_cites_nothing_outside_the_repository():
-    """Users have only the repository: no ``../`` path, and every relative link resolves."""
+    """Users have only the repository: no ``../`` path in the README, and every relative link of the README, the
+    docs and the model card resolves inside the repository."""
     assert "../" not in README  # no path above the repository
-    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+    for doc in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), MODEL_CARD]:
         for link in re.findall(r"\]\(([^)#]+)\)", doc.read_text(encoding="utf-8")):
             if not link.startswith(("http://", "https://")):
                 assert (doc.parent / link).exists(), f"{doc.name}: broken link {link}"
+                assert (doc.parent / link).resolve().is_relative_to(ROOT), f"{doc.name}: {link} leaves the repository"
+
+
+def test_the_model_card_evidence_is_what_git_keeps_of_its_evaluation():
+    """Issue [22]: the card's evidence lives under docs/model-card/ and every file the card or the README links
+    there is kept by git when scripts/model_card_eval.sh writes it anew (the root .gitignore keeps the summaries
+    of that folder only; what Resources/Models may hold: test_layout.py)."""
+    linked = [(doc.parent / link).resolve() for doc in (MODEL_CARD, ROOT / "README.md")
+              for link in re.findall(r"\]\(([^)#]+)\)", doc.read_text(encoding="utf-8"))]
+    evidence = [f for f in linked if f.is_file() and f.is_relative_to(ROOT / "docs" / "model-card")]
+    assert len(evidence) >= 10 and any(f.suffix == ".png" for f in evidence), evidence
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *map(str, evidence)], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    assert not ignored, f"the model card links files git would not keep: {ignored}"
+    out = subprocess.run(["git", "check-ignore", "--no-index", "docs/model-card/eval/copy/results.csv",
+                          "docs/model-card/eval/copy/overlays/x.png"], cwd=ROOT, capture_output=True, text=True)
+    assert len(out.stdout.split()) == 2, "per-case evaluation outputs would be committed"

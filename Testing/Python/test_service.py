@@ -98,13 +98,19 @@ def test_no_or_a_wrong_token_is_401_and_nothing_runs(server, phantom_files):
 
 
 def test_a_job_is_visible_to_its_own_token_only(server, phantom_files):
+    """Through the client: another token's status and cancel of a job are the 404 of an id that does not exist
+    (the same words, the id aside), and its cancel does not cancel it."""
     mine, theirs = (Client(server["url"], t) for t in server["tokens"])
     job = mine.submit(phantom_files["tgt"], [(phantom_files["ref"], phantom_files["ref_lab"])], model=server["model"])
-    with pytest.raises(ServerError, match=f"no job {job}") as err:
-        theirs.status(job)
-    assert err.value.status == 404
-    with pytest.raises(ServerError):
-        theirs.cancel(job)
+    unknown = "0" * 32
+    for call_of in (theirs.status, theirs.cancel):
+        answers = []
+        for job_id in (job, unknown):
+            with pytest.raises(ServerError) as err:
+                call_of(job_id)
+            assert err.value.status == 404, (call_of.__name__, str(err.value))
+            answers.append(str(err.value).replace(job_id, "ID"))
+        assert answers[0] == answers[1] and "no job ID" in answers[0], (call_of.__name__, answers)
     assert mine.wait(job)["status"] == "done"
 
 
@@ -184,7 +190,7 @@ def test_slicer_logic_segments_through_the_server_on_a_real_scene(server):
 
     from iris_core.options import SegmentOptions
     from IrisSegmentLib import testing
-    from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest
+    from IrisSegmentLib.logic import ReferenceSpec, SegmentationLogic, SegmentRequest
     from IrisSegmentLib.runner import WorkerError
     from IrisSegmentLib.standalone import init_scene
 
@@ -192,13 +198,13 @@ def test_slicer_logic_segments_through_the_server_on_a_real_scene(server):
     nodes = testing.load_sample_pair(scene)
     req = SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], nodes["reference_seg"])],
                          model=server["model"], options=SegmentOptions(device="cpu", threads=2))
-    local = IrisSegmentLogic(scene).segment(req)
-    remote = IrisSegmentLogic(scene, server=(server["url"], server["tokens"][1])).segment(req)
+    local = SegmentationLogic(scene).segment(req)
+    remote = SegmentationLogic(scene, server=(server["url"], server["tokens"][1])).segment(req)
     a, b = _scene_arrays(local, nodes["target"]), _scene_arrays(remote, nodes["target"])
     assert list(a) == list(b) == ["brain"] and np.array_equal(a["brain"], b["brain"])
     before = testing.node_ids(scene)
     with pytest.raises(WorkerError, match="no valid token"):
-        IrisSegmentLogic(scene, server=(server["url"], "wrong-token-0123456789abcdef")).segment(req)
+        SegmentationLogic(scene, server=(server["url"], "wrong-token-0123456789abcdef")).segment(req)
     assert testing.node_ids(scene) == before
 
 
@@ -207,7 +213,7 @@ def test_server_killed_mid_run_is_a_clear_message_and_the_scene_is_unchanged(tmp
 
     from iris_core.options import SegmentOptions
     from IrisSegmentLib import testing
-    from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest
+    from IrisSegmentLib.logic import ReferenceSpec, SegmentationLogic, SegmentRequest
     from IrisSegmentLib.runner import WorkerError
     from IrisSegmentLib.standalone import init_scene
 
@@ -220,7 +226,7 @@ def test_server_killed_mid_run_is_a_clear_message_and_the_scene_is_unchanged(tmp
         before = testing.node_ids(scene)
         req = SegmentRequest(nodes["target"], [ReferenceSpec(nodes["reference"], nodes["reference_seg"])],
                              options=SegmentOptions(device="cpu", strategy="tuning", tune_steps=500))
-        logic = IrisSegmentLogic(scene, server=(url, token))
+        logic = SegmentationLogic(scene, server=(url, token))
         killed = []
 
         def progress(stage, done, total):

@@ -5,7 +5,6 @@ the fix (item numbers are the issue's)."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,11 @@ import SimpleITK as sitk
 import slicer  # slicer-core, a test dependency: missing, these tests fail rather than vanish
 from test_slicer_faults import _load_pair, copy_segmentation, node_ids, seg_array  # noqa: E402
 
+from conftest import wait_for  # noqa: E402
 from iris_core.options import SegmentOptions  # noqa: E402
 from IrisSegmentLib import parameters  # noqa: E402
-from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest  # noqa: E402
-from IrisSegmentLib.scene import SceneError, add_labels_as_segmentation, segment_masks  # noqa: E402
+from IrisSegmentLib.logic import ReferenceSpec, SegmentationLogic, SegmentRequest  # noqa: E402
+from IrisSegmentLib.scene import SceneError, add_labels_as_segmentation, segment_masks, volume_of_segmentation  # noqa: E402
 from IrisSegmentLib.standalone import init_scene  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def world(tmp_path_factory, tiny_model):
     model = save_checkpoint(tmp_path_factory.mktemp("fast") / "fast.safetensors", tiny_model.model,
                             Preprocessing(spacing=(6.0, 6.0, 6.0), window=(32, 32, 32)))
     scene = init_scene()
-    logic = IrisSegmentLogic(scene, workdir=tmp_path_factory.mktemp("work"))
+    logic = SegmentationLogic(scene, workdir=tmp_path_factory.mktemp("work"))
     return scene, _load_pair(scene), logic, str(model)
 
 
@@ -176,11 +176,7 @@ def test_item5_closing_a_running_job_kills_the_worker_and_removes_the_work_folde
     job = logic.start_segment(request(nodes, model))
     folder = job.folder
     assert (folder / "target.nrrd").is_file()
-    deadline = time.monotonic() + 60
-    while job.process.worker_pid is None and time.monotonic() < deadline:
-        job.poll()
-        time.sleep(0.05)
-    pid = job.process.worker_pid
+    pid = wait_for(lambda: job.process.worker_pid, 60, "the worker's start", poll=job.poll)
     assert pid is not None and psutil.pid_exists(pid)
     job.close()  # what the widget's cleanup() does (also when Slicer quits)
     job.close()  # twice is safe
@@ -192,8 +188,10 @@ def test_item5_closing_a_running_job_kills_the_worker_and_removes_the_work_folde
 def test_item20_an_exception_in_a_progress_callback_kills_the_worker_and_cleans_up(world):
     scene, nodes, logic, model = world
     seen = {}
+    workers = []
 
     def progress(stage, done, total):
+        workers.extend(p for p in psutil.Process().children(recursive=True) if p.pid not in started)
         raise KeyboardInterrupt("the user pressed Ctrl+C")
 
     def log_line(line):
@@ -204,9 +202,9 @@ def test_item20_an_exception_in_a_progress_callback_kills_the_worker_and_cleans_
     started = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(KeyboardInterrupt):
         logic.segment(request(nodes, model), progress=progress, log_line=log_line)
-    time.sleep(0.5)
-    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in started and p.is_running()
-            and p.status() != psutil.STATUS_ZOMBIE]
+    assert workers, "no worker was running when the callback raised"
+    # killed before the exception reaches the caller (the runner waits for the kill): none left, at once
+    left = [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, left
     assert set(logic.workdir_root.iterdir()) == folders  # no work folder with patient images
     assert node_ids(scene) == before
@@ -226,7 +224,7 @@ def test_item8_first_choices_on_the_sample_pair():
     parameters.fill_first_choices(scene, node)
     assert node.GetNodeReference("Target") is nodes["target"]
     assert parameters.reference_rows(node) == [{"volume": nodes["reference"], "segmentation": seg, "segments": []}]
-    assert parameters.volume_of_segmentation(scene, nodes["manual"]) is nodes["target"]
+    assert volume_of_segmentation(scene, nodes["manual"]) is nodes["target"]
     parameters.add_default_row(scene, node)  # nothing else to offer: an empty row
     assert parameters.reference_rows(node)[1] == {"volume": None, "segmentation": None, "segments": []}
 
@@ -351,9 +349,7 @@ def test_item18_a_result_that_cannot_be_written_is_a_clear_message(world):
 def test_item19_work_folder_gone_before_the_import(world):
     scene, nodes, logic, model = world
     job = logic.start_segment(request(nodes, model))
-    while not job.done:
-        job.poll()
-        time.sleep(0.05)
+    wait_for(lambda: job.done, 300, "the segmentation job's end", poll=job.poll)
     import shutil
 
     shutil.rmtree(job.folder)

@@ -17,9 +17,10 @@ import pytest
 import SimpleITK as sitk
 import slicer  # slicer-core, a test dependency: missing, these tests fail rather than vanish
 
+from conftest import wait_for  # noqa: E402
 from iris_core.options import SegmentOptions  # noqa: E402
 from IrisSegmentLib import testing  # noqa: E402
-from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest  # noqa: E402
+from IrisSegmentLib.logic import ReferenceSpec, SegmentationLogic, SegmentRequest  # noqa: E402
 from IrisSegmentLib.runner import WorkerError, WorkerProcess, run_worker  # noqa: E402
 from IrisSegmentLib.scene import SceneError  # noqa: E402
 from IrisSegmentLib.standalone import init_scene  # noqa: E402
@@ -55,7 +56,7 @@ def world(tmp_path_factory, tiny_model):
     model = save_checkpoint(tmp_path_factory.mktemp("fast") / "fast.safetensors", tiny_model.model,
                             Preprocessing(spacing=(6.0, 6.0, 6.0), window=(32, 32, 32)))
     scene = init_scene()
-    return scene, _load_pair(scene), IrisSegmentLogic(scene), str(model)
+    return scene, _load_pair(scene), SegmentationLogic(scene), str(model)
 
 
 def request(nodes, model, output=None):
@@ -224,7 +225,7 @@ def test_d6_unusable_work_folder_is_a_clear_message(world, tmp_path):
     scene, nodes, _, model = world
     not_a_folder = tmp_path / "a-file"
     not_a_folder.write_text("x")
-    logic = IrisSegmentLogic(scene, workdir=not_a_folder)
+    logic = SegmentationLogic(scene, workdir=not_a_folder)
     before = node_ids(scene)
     with pytest.raises(SceneError, match="work folder.*a-file"):
         logic.prepare(request(nodes, model))
@@ -311,13 +312,6 @@ def test_d10_a_segment_name_with_a_comma_can_be_requested(world):
 
 
 # -- items 2, 4, 12: the worker behind a launcher ---------------------------------------------
-def _wait(pred, timeout=120.0):
-    deadline = time.time() + timeout
-    while not pred() and time.time() < deadline:
-        time.sleep(0.05)
-    return pred()
-
-
 def _real_worker(proc: WorkerProcess):
     import psutil
 
@@ -333,7 +327,7 @@ def _worker_behind_launcher(world, tmp_path):
     run = logic.prepare(request(nodes, model))
     try:
         proc = WorkerProcess(run.job_file, launcher(tmp_path))
-        assert _wait(lambda: _real_worker(proc) is not None)
+        wait_for(lambda: _real_worker(proc), 120, "the real worker behind the launcher")
         yield proc, _real_worker(proc)
     finally:
         logic.cleanup(run)
@@ -343,9 +337,10 @@ def test_item4_worker_killed_behind_a_launcher_is_reported_as_out_of_memory(worl
     import psutil
 
     with _worker_behind_launcher(world, tmp_path) as (proc, real):
-        time.sleep(1.0)
+        # once it has said it runs (its process id): killed before, it is "could not start" instead
+        assert wait_for(lambda: proc.worker_pid, 120, "the worker's start", poll=proc.poll) == real.pid
         real.kill()  # what the OOM killer does to the real Python
-        assert _wait(lambda: (proc.poll() or True) and proc.done)
+        wait_for(lambda: proc.done, 120, "the outcome of the killed worker", poll=proc.poll)
         assert proc.proc.returncode == 1  # the launcher hides the signal
         assert proc.error is not None and "killed (most likely out of memory)" in str(proc.error)
         assert psutil.pid_exists(proc.proc.pid) is False or psutil.Process(proc.proc.pid).status() == "zombie"
@@ -356,7 +351,7 @@ def test_item2_cancel_kills_the_real_worker_behind_the_launcher(world, tmp_path)
 
     with _worker_behind_launcher(world, tmp_path) as (proc, real):
         proc.cancel()
-        assert _wait(lambda: (proc.poll() or True) and proc.done, 30)
+        wait_for(lambda: proc.done, 30, "the outcome of the cancelled worker", poll=proc.poll)
         assert proc.cancelled and proc.result is None and proc.error is None
         assert not real.is_running() or real.status() == psutil.STATUS_ZOMBIE
 
@@ -372,8 +367,8 @@ def test_item12_outcome_is_known_only_after_all_output_is_read(world, tmp_path):
         "sys.stdout.write('log line\\n' * 20000 + "
         "'IRIS-DONE {\"sidecar\": {\"ok\": 1}}\\n'); sys.stdout.flush(); sys.exit(0)"))
     proc = WorkerProcess(job, fake)
-    assert _wait(lambda: proc.proc.poll() is not None)
-    assert _wait(lambda: (proc.poll() or True) and proc.done)
+    wait_for(lambda: proc.proc.poll() is not None, 120, "the fake worker's exit")
+    wait_for(lambda: proc.done, 120, "the fake worker's outcome", poll=proc.poll)
     assert proc.error is None and proc.result == {"sidecar": {"ok": 1}}
 
 

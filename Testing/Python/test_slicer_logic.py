@@ -10,7 +10,7 @@ import slicer  # slicer-core, a test dependency: missing, these tests fail rathe
 
 from iris_core.options import SegmentOptions  # noqa: E402
 from IrisSegmentLib import testing  # noqa: E402
-from IrisSegmentLib.logic import IrisSegmentLogic, ReferenceSpec, SegmentRequest  # noqa: E402
+from IrisSegmentLib.logic import ReferenceSpec, SegmentationLogic, SegmentRequest  # noqa: E402
 from IrisSegmentLib.runner import WorkerCancelled, WorkerError  # noqa: E402
 from IrisSegmentLib.scene import (  # noqa: E402
     SceneError,
@@ -26,7 +26,7 @@ from IrisSegmentLib.standalone import init_scene  # noqa: E402
 def world(tmp_path_factory, tiny_model_file):
     scene = init_scene()
     nodes = testing.build_scene(scene, tmp_path_factory.mktemp("scene"))
-    return scene, nodes, IrisSegmentLogic(scene), str(tiny_model_file)
+    return scene, nodes, SegmentationLogic(scene), str(tiny_model_file)
 
 
 def request(nodes, model, **options):
@@ -60,7 +60,7 @@ def test_segment_compare_save_reload(world, tmp_path):
     assert scene.GetNumberOfNodes() > before
     import json
 
-    from IrisSegmentLib.logic import result_summary
+    from IrisSegmentLib.jobs import result_summary
 
     side = json.loads(result.GetAttribute("IrisSegment.Sidecar"))
     assert side["target"] == nodes["target"].GetName()  # not the deleted work file
@@ -271,22 +271,19 @@ def test_parameter_node_round_trip(world):
 
 def test_worker_killed_like_out_of_memory_is_reported(world, tmp_path):
     """A worker killed by the system (as the OOM killer does) becomes a clear message."""
-    import os
-    import signal
-    import time
+    import psutil
 
+    from conftest import wait_for
     from IrisSegmentLib.runner import WorkerProcess
 
     scene, nodes, logic, model = world
     run = logic.prepare(request(nodes, model))
     try:
         proc = WorkerProcess(run.job_file)
-        time.sleep(0.5)
-        os.kill(proc.proc.pid, signal.SIGKILL)
-        deadline = time.time() + 30
-        while proc.error is None and time.time() < deadline:
-            proc.poll()
-            time.sleep(0.05)
+        # once it has said it runs: killed before, it is "could not start" instead
+        wait_for(lambda: proc.worker_pid, 60, "the worker's start", poll=proc.poll)
+        psutil.Process(proc.proc.pid).kill()  # SIGKILL, as the OOM killer sends
+        wait_for(lambda: proc.done, 30, "the outcome of the killed worker", poll=proc.poll)
         assert proc.error is not None and "killed (most likely out of memory)" in str(proc.error)
     finally:
         logic.cleanup(run)

@@ -32,8 +32,8 @@ def test_choices_default_mass_base_file_and_consent(tmp_path, monkeypatch):
         model_spec("file")
 
 
-def test_download_fails_clearly_offline_and_cancels(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+def test_download_fails_clearly_offline_and_cancels(tmp_path, monkeypatch, closed_port):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")  # a hub that cannot be reached
     monkeypatch.setenv("IRIS_SEGMENT_MODELS", str(tmp_path / "manual"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(WorkerError, match="by hand"):
@@ -42,18 +42,21 @@ def test_download_fails_clearly_offline_and_cancels(tmp_path, monkeypatch):
         download_in_worker("mass-base", cancel=lambda: True, workdir=tmp_path)
 
 
-def test_start_download_returns_at_once_and_polls_like_a_segment_run(tmp_path, monkeypatch):
+def test_start_download_returns_at_once_and_polls_like_a_segment_run(tmp_path, monkeypatch, closed_port):
     """The widget's path: start, poll from a timer (here a loop), Cancel or an error at the end."""
 
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")  # a hub that cannot be reached
     monkeypatch.setenv("IRIS_SEGMENT_MODELS", str(tmp_path / "manual"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ValueError):
         start_download("default", workdir=tmp_path)
     proc = start_download("mass-base", workdir=tmp_path)
-    # the outcome is known only through poll(): the GUI thread never waits for the worker
-    assert not proc.done
-    assert proc.wait(timeout=120), "the failing download did not end within 120 s"
+    # it returned while its worker runs (the GUI thread never waits for it) ...
+    assert proc.proc.poll() is None, "start_download returned only once its worker had ended"
+    # ... and the outcome is known only through poll(): once the worker has ended, not before a poll
+    proc.proc.wait(timeout=120)
+    assert not proc.done and proc.error is None
+    assert proc.wait(timeout=120), "the failing download's outcome was not known within 120 s of its end"
     assert proc.error is not None and "by hand" in str(proc.error)
     proc = start_download("mass-base", workdir=tmp_path)
     proc.cancel()

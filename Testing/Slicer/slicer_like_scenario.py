@@ -60,8 +60,9 @@ def module_imports() -> list[str]:
 
 
 def widget_logic(scene):
-    """The logic exactly as the widget builds it (IrisSegment.py's IrisSegmentLogic); on code from before
-    ``module_logic`` existed, as that code's widget built it."""
+    """The logic exactly as the widget builds it (IrisSegment.py's IrisSegmentLogic: ``module_logic``'s settings, plus
+    Slicer's parameter-node helpers that need the application); on code from before ``module_logic`` existed, as that
+    code's widget built it (its Qt-free class was then named IrisSegmentLogic too)."""
     try:
         from IrisSegmentLib.logic import module_logic
     except ImportError:

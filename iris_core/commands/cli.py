@@ -12,6 +12,8 @@ from iris_core.commands.terminal import in_cli_words
 from iris_core.errors import IrisError
 
 log = logging.getLogger("iris_core")
+#: libraries whose INFO logs are shown only with --debug (highdicom: a line per DICOM module it copies into a SEG)
+QUIET_LIBRARIES = ("highdicom",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
+    for name in QUIET_LIBRARIES:  # their INFO lines say what they do inside, not what the user asked
+        logging.getLogger(name).setLevel(logging.NOTSET if args.debug else logging.WARNING)
     from iris_core.pipeline.allocator import (
         retain_freed_memory,  # torch-free: the checks before any work stay quick
     )

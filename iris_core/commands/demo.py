@@ -73,9 +73,9 @@ def run_demo(out: str | Path, model: str = "default", device: str = "auto", seed
     out = Path(out)
     if registration:  # a misspelt baseline is an error now, not a warning after the segmentation
         method = parse_method(registration)
-        if method.kind not in ("ants", "elastix"):
+        if method.kind not in ("ants", "elastix", "align"):
             raise InputError(f"--registration {registration!r}: use ants:SyN, ants:Affine (or another ANTs "
-                             "transform), elastix or none")
+                             "transform), elastix, align (the pipeline's affine) or none")
     output_folder(out, "--output")
     case = demo_case(seed)
     ref, tgt = case.reference, case.target

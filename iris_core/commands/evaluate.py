@@ -47,7 +47,7 @@ FAILURE_FIELDS = ["case", "method", "references", "error"]
 
 @dataclass(frozen=True)
 class Method:
-    kind: str  # iris, hermes, ants, elastix, identity
+    kind: str  # iris, hermes, ants, elastix, align, identity
     option: str = ""
     k: int = 1
 
@@ -84,9 +84,10 @@ def parse_method(text: str) -> Method:
             raise InputError(f"method {text!r}: unknown ANTs transform {transform!r}; use one of "
                              f"{', '.join(ANTS_TRANSFORMS)} (antspyx's type_of_transform)")
         return Method("ants", transform)
-    if kind in ("elastix", "identity", "hermes"):
+    if kind in ("elastix", "identity", "hermes", "align"):
         return Method(kind)
-    raise InputError(f"method {text!r}: use iris:STRATEGY[:K], hermes, ants[:SyN|Affine], elastix or identity")
+    raise InputError(f"method {text!r}: use iris:STRATEGY[:K], hermes, ants[:SyN|Affine], elastix, align "
+                     f"(the pipeline's deterministic affine) or identity")
 
 
 def choose_references(ds: Dataset, target: str, k: int, seed: int, fixed: str | None = None) -> list[str]:

@@ -13,7 +13,16 @@ from iris_core.io.resample import resample_to
 
 
 def register_labels(method, target: sitk.Image, ref: sitk.Image, ref_labels: sitk.Image) -> sitk.Image:
-    """Register the reference image to the target and warp its labels (generic-label interpolation)."""
+    """Register the reference image to the target and warp its labels (generic-label interpolation); method
+    ``align``: the pipeline's own deterministic affine alignment (iris_core.pipeline.align), labels nearest
+    neighbour."""
+    if method.kind == "align":
+        from iris_core.pipeline.align import AlignmentError, align_affine
+
+        try:
+            return align_affine(target, ref).warp_labels(ref_labels, target)
+        except AlignmentError as exc:
+            raise RuntimeError(f"alignment failed: {exc}") from exc  # evaluate reports it per case, as ANTs'
     with tempfile.TemporaryDirectory() as d:
         paths = {}
         for name, img in (("fixed", target), ("moving", ref), ("labels", ref_labels)):

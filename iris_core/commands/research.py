@@ -212,7 +212,7 @@ def add_cohort_parsers(sub, parents: list[argparse.ArgumentParser]) -> None:
                         "(case,image,labels or target_image,target_labels,reference_image,reference_labels)")
     e.add_argument("--method", nargs="+", action="extend",
                    help="iris:one-shot | iris:ensemble:K | iris:retrieval:K | iris:tuning | hermes | ants:SyN | "
-                        "ants:Affine | elastix | identity (several, or --method repeated; default: "
+                        "ants:Affine | elastix | align | identity (several, or --method repeated; default: "
                         + " ".join(EVALUATE_METHODS) + ")")
     e.add_argument("--out", required=True, help="folder: results.csv, summary.md, boxplot.png, overlays/")
     e.add_argument("--model", default="default")

@@ -78,11 +78,24 @@ def is_dicom_series(path: str | Path) -> bool:
 
 def check_dicom_seg_output(output: str | Path, target: str | Path) -> None:
     """Refuse, before any work, a ``.dcm`` output for a target that is not a DICOM series (a SEG describes
-    the frames of a DICOM series; a NIfTI or NRRD target has none to reference)."""
-    if str(output).lower().endswith(".dcm") and not is_dicom_series(target):
+    the frames of a DICOM series; a NIfTI or NRRD target has none to reference), or for a series without a
+    Frame of Reference UID: a SEG shares its images' frame of reference (highdicom refuses to write one without
+    it), and one made up here would tie the SEG to no image's space."""
+    if not str(output).lower().endswith(".dcm"):
+        return
+    if not is_dicom_series(target):
         raise InputError(f"output {output}: a DICOM SEG references the target's DICOM series, and the target "
                          f"{target} is not one (a DICOM folder or a file of the series); write .nii.gz, .nrrd or "
                          ".seg.nrrd instead", inputs=("output",))
+    import pydicom
+
+    for name in dicom_series_files(Path(target), "target image"):  # the headers only
+        ds = pydicom.dcmread(name, stop_before_pixels=True, specific_tags=["FrameOfReferenceUID"])
+        if not str(getattr(ds, "FrameOfReferenceUID", "") or "").strip():
+            raise InputError(f"output {output}: the target's DICOM series {target} has no Frame of Reference UID "
+                             f"(file {Path(name).name}: tag (0020,0052) missing or empty), and a DICOM SEG must "
+                             "share its images' frame of reference; write .nii.gz, .nrrd or .seg.nrrd instead, or "
+                             "export the series again with its Frame of Reference UID", inputs=("output",))
 
 
 def _series(target: str | Path, what: str) -> tuple[list[str], list]:

@@ -46,6 +46,21 @@ class Alignment:
         """Points [..., 3] (mm) of the reference mapped into the target's space."""
         return points @ self.matrix.T + self.offset
 
+    def target_to_reference(self) -> sitk.AffineTransform:
+        """The SimpleITK transform that resamples reference images onto a target grid (it maps target
+        positions to reference positions: this map's inverse)."""
+        inverse = np.linalg.inv(self.matrix)
+        tr = sitk.AffineTransform(3)
+        tr.SetMatrix(inverse.ravel().tolist())
+        tr.SetTranslation((-inverse @ self.offset).tolist())
+        return tr
+
+    def warp_labels(self, labels: sitk.Image, target: sitk.Image) -> sitk.Image:
+        """The reference's label map resampled onto the target's grid through this alignment (nearest
+        neighbour): the alignment alone as a segmenter, the deterministic affine baseline of ``evaluate``."""
+        return sitk.Resample(labels, target, self.target_to_reference(), sitk.sitkNearestNeighbor, 0,
+                             labels.GetPixelID())
+
     @staticmethod
     def identity() -> Alignment:
         return Alignment(np.eye(3), np.zeros(3))

@@ -16,21 +16,26 @@ from iris_core.options import DEVICES  # the table lives with the options (torch
 from iris_core.pipeline.allocator import retain_freed_memory, retained_free_bytes, trim_freed_memory  # noqa: F401
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """CUDA, then MPS, then CPU for 'auto'; a requested device that is absent is an error."""
+def choose_device(name: str, cuda: bool, mps: bool) -> str:
+    """The device ``name`` stands for on a machine where CUDA and Apple MPS are (or are not) available:
+    'auto' is CUDA, then MPS, then the CPU; a requested device that is absent, or an unknown name, is a
+    ResourceError saying what to use instead. Pure (the availability is given), so every branch is tested on
+    any machine; :func:`select_device` asks torch."""
     if name not in DEVICES and not name.startswith("cuda:"):
         raise ResourceError(f"unknown device {name!r}; use one of {', '.join(DEVICES)} or cuda:N")
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps and mps.is_available())
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if has_mps else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if name.startswith("cuda") and not cuda:
         raise ResourceError(f"device {name!r} requested but CUDA is not available here; use --device cpu or auto")
-    if name == "mps" and not has_mps:
+    if name == "mps" and not mps:
         raise ResourceError("device 'mps' requested but Apple MPS is not available here; use --device cpu or auto")
-    return torch.device(name)
+    return name
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """:func:`choose_device` with what this machine has (torch's own CUDA and MPS checks)."""
+    mps = getattr(torch.backends, "mps", None)
+    return torch.device(choose_device(name, torch.cuda.is_available(), bool(mps and mps.is_available())))
 
 
 def set_threads(threads: int | None) -> None:

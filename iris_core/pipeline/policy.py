@@ -18,7 +18,7 @@ POLICY_CHOICES: dict[str, tuple[str, ...]] = {
     "reference_masks": ("soft", "nearest"),
     "blending": ("monai", "mass"),
     "labels_on": ("target", "model"),
-    "align": ("none", "affine"),
+    "align": ("none", "affine", "identity"),
 }
 
 
@@ -68,8 +68,14 @@ class Preprocessing:
     largest_component: bool = False
     connectivity: int = 26
     #: 'affine': each reference is registered to each target first (iris_core.pipeline.align) and a model
-    #: with a position-aware memory readout weighs reference voxels by their distance after it; 'none'
+    #: with a position-aware memory readout weighs reference voxels by their distance after it; 'none';
+    #: 'identity': distances in each image's own scanner coordinates, no registration (the ablation's
+    #: "position term without alignment")
     align: str = "none"
+    #: with an alignment: the weight of the aligned reference's labels as a prior on the logits on the target
+    #: grid, scaled by local image agreement (iris_core.pipeline.prior; chosen with studies/prior_weight.py);
+    #: 0 turns it off
+    prior_weight: float = 0.0
 
     def __post_init__(self) -> None:
         """Every choice checked once, when the policy is made (a model file with an unknown value fails as it
@@ -80,6 +86,8 @@ class Preprocessing:
             raise ConfigError(f"pipeline policy connectivity {self.connectivity!r}: use 6 or 26")
         if len(self.spacing) != 3 or min(self.spacing) <= 0 or len(self.window) != 3 or min(self.window) < 1:
             raise ConfigError(f"pipeline policy spacing {self.spacing} / window {self.window}: three positive values")
+        if self.prior_weight < 0 or (self.prior_weight and self.align == "none"):
+            raise ConfigError(f"pipeline policy prior_weight {self.prior_weight}: >= 0, and only with an alignment")
         if not 0 <= self.overlap < 1 or not 0 < self.threshold < 1:
             raise ConfigError(f"pipeline policy overlap {self.overlap} / threshold {self.threshold}: in [0, 1) / (0, 1)")
 
@@ -141,8 +149,15 @@ class Preprocessing:
 
     @property
     def aligns(self) -> bool:
-        """'affine': each reference is registered to each target first (iris_core.pipeline.align)."""
+        """'affine' or 'identity': reference positions are put in each target's space (registered, or as they
+        are in the scanner's coordinates) for a position-aware readout."""
         return self.align != "none"
+
+    @property
+    def registers(self) -> bool:
+        """'affine': each reference is registered to each target first (iris_core.pipeline.align); 'identity'
+        keeps each image's own scanner coordinates."""
+        return self.align == "affine"
 
     def postprocess_of(self, asked: str | None) -> str:
         """The post-processing a run applies: ``asked`` ('none', 'largest'), or the policy's when None."""

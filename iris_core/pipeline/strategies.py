@@ -15,7 +15,7 @@ from monai.losses import DiceLoss
 
 from iris_core.errors import InputError
 from iris_core.options import STRATEGIES, TUNE_LR, TUNE_STEPS
-from iris_core.pipeline.align import AlignmentError, align_affine
+from iris_core.pipeline.align import Alignment, AlignmentError, align_affine
 from iris_core.pipeline.embedding import TaskEmbedding, is_memory
 from iris_core.pipeline.inference import Engine
 from iris_core.pipeline.preprocess import PreparedImage
@@ -76,7 +76,8 @@ def align_references(engine: Engine, target: PreparedImage, encoded: list[Encode
         engine.check_cancel()
         engine.progress(f"Aligning reference {e.name}", len(out), len(encoded))
         try:
-            al = align_affine(target.source, e.reference.image)
+            # not registered ('identity'): the position term in each image's own scanner coordinates (the ablation's row)
+            al = align_affine(target.source, e.reference.image) if engine.policy.registers else Alignment.identity()
             emb = e.embedding.with_positions(al.apply)
             report[e.name] = al.report()
         except AlignmentError as exc:

@@ -138,43 +138,8 @@ class Client:
         timer.daemon = True
         timer.start()
         try:
-            pieces = [body] if isinstance(body, bytes) else list(body or [])
-            length = sum(len(p) if isinstance(p, bytes) else Path(p).stat().st_size for p in pieces)
-            conn.putrequest(method, self.base + path, skip_accept_encoding=True)
-            conn.putheader("Authorization", f"Bearer {self.token}")
-            if content_type:
-                conn.putheader("Content-Type", content_type)
-            if body is not None:
-                conn.putheader("Content-Length", str(length))
-            conn.endheaders()
-            opened.append(conn.sock)
-            try:
-                for piece in pieces:
-                    if isinstance(piece, bytes):
-                        conn.send(piece)
-                    else:
-                        with open(piece, "rb") as f:
-                            while chunk := f.read(2**20):
-                                conn.send(chunk)
-            except OSError:
-                if expired.is_set():
-                    raise
-                # the server answered before the upload ended (413, 429) and closed: its answer, if it came
-                resp = conn.getresponse()
-                raise self._refusal(resp) if resp.status >= 400 else ServerError(
-                    f"server {self.url}: closed the connection during the upload", resp.status) from None
-            resp = conn.getresponse()
-            if 300 <= resp.status < 400:
-                raise ServerError(f"server {self.url}: answered {path} with a redirect to "
-                                  f"{resp.getheader('Location', '?')!r}, not followed (the token goes to the address "
-                                  "given only): give the address it points to", resp.status)
-            if resp.status >= 400:
-                raise self._refusal(resp)
-            announced = resp.getheader("Content-Length", "")
-            if announced.isdigit() and int(announced) > cap:
-                raise ServerError(f"server {self.url}: its answer to {path} is {int(announced) / 2**20:.0f} MB, over "
-                                  f"this client's limit of {cap / 2**20:.0f} MB", resp.status)
-            data = self._read(resp, path, cap, sink)
+            resp = self._send(conn, method, path, body, content_type, opened, expired)
+            data = self._answer(resp, path, cap, sink)
             if expired.is_set():  # the deadline's shutdown ends the body early: not an answer
                 raise OSError("deadline")
             return data
@@ -194,6 +159,53 @@ class Client:
             if resp is not None:
                 resp.close()
             conn.close()
+
+    def _send(self, conn: http.client.HTTPConnection, method: str, path: str, body: list | bytes | None,
+              content_type: str | None, opened: list[socket.socket], expired: threading.Event
+              ) -> http.client.HTTPResponse:
+        """Send the request (its socket appended to ``opened``: the deadline shuts it) and return the answer. A
+        server that answers before the upload ended (413, 429) and closes: its refusal, if it came."""
+        pieces = [body] if isinstance(body, bytes) else list(body or [])
+        length = sum(len(p) if isinstance(p, bytes) else Path(p).stat().st_size for p in pieces)
+        conn.putrequest(method, self.base + path, skip_accept_encoding=True)
+        conn.putheader("Authorization", f"Bearer {self.token}")
+        if content_type:
+            conn.putheader("Content-Type", content_type)
+        if body is not None:
+            conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        opened.append(conn.sock)
+        try:
+            for piece in pieces:
+                if isinstance(piece, bytes):
+                    conn.send(piece)
+                else:
+                    with open(piece, "rb") as f:
+                        while chunk := f.read(2**20):
+                            conn.send(chunk)
+        except OSError:
+            if expired.is_set():
+                raise
+            with conn.getresponse() as resp:
+                raise self._refusal(resp) if resp.status >= 400 else ServerError(
+                    f"server {self.url}: closed the connection during the upload", resp.status) from None
+        return conn.getresponse()
+
+    def _answer(self, resp: http.client.HTTPResponse, path: str, cap: int, sink: Path | None) -> bytes:
+        """The answer's body (``_read``) once it is known to be one: a redirect is not followed (the token goes to
+        the address given only), a refusal is raised in the server's words, a body announced over ``cap`` is
+        refused before it is read."""
+        if 300 <= resp.status < 400:
+            raise ServerError(f"server {self.url}: answered {path} with a redirect to "
+                              f"{resp.getheader('Location', '?')!r}, not followed (the token goes to the address "
+                              "given only): give the address it points to", resp.status)
+        if resp.status >= 400:
+            raise self._refusal(resp)
+        announced = resp.getheader("Content-Length", "")
+        if announced.isdigit() and int(announced) > cap:
+            raise ServerError(f"server {self.url}: its answer to {path} is {int(announced) / 2**20:.0f} MB, over "
+                              f"this client's limit of {cap / 2**20:.0f} MB", resp.status)
+        return self._read(resp, path, cap, sink)
 
     def _read(self, resp: http.client.HTTPResponse, path: str, cap: int, sink: Path | None) -> bytes:
         """The body, read as it comes (``read1``: the deadline's shutdown ends a wait) up to ``cap`` bytes."""

@@ -34,7 +34,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -162,40 +162,78 @@ def create_app(service: Service, docs: bool = False) -> FastAPI:
 
     app = FastAPI(title="iris-segment", version=__version__, lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
+    app.add_exception_handler(Refused, _refused)
+    app.include_router(_submit_routes(service))
+    app.include_router(_job_routes(service))
+    return app
 
-    @app.exception_handler(Refused)
-    async def refused(request: Request, exc: Refused) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
-        if exc.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse({"detail": str(exc)}, exc.status, headers=headers)
 
-    def owner(request: Request) -> str:
-        """The caller's token digest; 401 without a valid token (in the header only, never the query)."""
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        found = service.owner(token)
-        if found is None:
-            raise Refused(401, "no valid token: send 'Authorization: Bearer TOKEN' with a token of the server's "
-                               "token file")
-        return found
+async def _refused(request: Request, exc: Refused) -> JSONResponse:
+    """A refusal as its status and a JSON ``detail``; 401 says how to authenticate, 429 when to retry."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"detail": str(exc)}, exc.status, headers=headers)
 
-    @app.get("/v1/info")
+
+def _owner(service: Service, request: Request) -> str:
+    """The caller's token digest; 401 without a valid token (in the header only, never the query)."""
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    found = service.owner(token)
+    if found is None:
+        raise Refused(401, "no valid token: send 'Authorization: Bearer TOKEN' with a token of the server's "
+                           "token file")
+    return found
+
+
+@asynccontextmanager
+async def _new_job_folder(service: Service, owner: str):
+    """A new job's id and folder, once ``owner`` is admitted (before any upload is read); the folder and what it
+    holds are removed when the request fails or is cancelled on the way."""
+    service.admit(owner)
+    job_id = uuid.uuid4().hex
+    folder = service.root / job_id
+    folder.mkdir()
+    try:
+        yield job_id, folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _references(stored: dict[str, Path]) -> list[tuple[Path, Path]]:
+    """The uploaded (image, labels) pairs in their order; refused when a pair lacks a half or the numbering has a
+    gap (every part but the target must be a reference's)."""
+    refs = []
+    for i in range(MAX_REFERENCES):
+        img, lab = stored.get(f"reference_image_{i}"), stored.get(f"reference_labels_{i}")
+        if img is None and lab is None:
+            break
+        if img is None or lab is None:
+            raise Refused(400, f"reference {i}: give both reference_image_{i} and reference_labels_{i}")
+        refs.append((img, lab))
+    if len(refs) * 2 + 1 != len(stored):
+        raise Refused(400, f"references: number them from 0 without gaps, at most {MAX_REFERENCES}")
+    return refs
+
+
+def _submit_routes(service: Service) -> APIRouter:
+    """The handshake and the routes that submit work: a job, a further target of a kept task."""
+    router = APIRouter()
+
+    @router.get("/v1/info")
     def info(request: Request) -> dict:
-        owner(request)
+        _owner(service, request)
         return {"server": "iris-segment", "version": __version__, "protocol": PROTOCOL, "models": service.models,
                 "device": service.device, "workers": service.devices, "max_upload_mb": service.limits.max_upload_mb,
                 "max_jobs": service.limits.max_jobs, "limits": service.limits.public(),
                 "libraries": sorted(service.offered_libraries()), "request_schema": request_schema()}
 
-    @app.post("/v1/jobs", status_code=202)
+    @router.post("/v1/jobs", status_code=202)
     async def create(request: Request) -> dict:
-        me = owner(request)
-        service.admit(me)  # before reading the upload
-        job_id = uuid.uuid4().hex
-        folder = service.root / job_id
-        folder.mkdir()
-        try:
+        me = _owner(service, request)
+        async with _new_job_folder(service, me) as (job_id, folder):
             text, stored = await receive(request, service, folder, PART)
             try:
                 req = parse_request(text)
@@ -204,16 +242,7 @@ def create_app(service: Service, docs: bool = False) -> FastAPI:
             service.check_model(req.model)
             if "target" not in stored:
                 raise Refused(400, "target: missing")
-            refs = []
-            for i in range(MAX_REFERENCES):
-                img, lab = stored.get(f"reference_image_{i}"), stored.get(f"reference_labels_{i}")
-                if img is None and lab is None:
-                    break
-                if img is None or lab is None:
-                    raise Refused(400, f"reference {i}: give both reference_image_{i} and reference_labels_{i}")
-                refs.append((img, lab))
-            if len(refs) * 2 + 1 != len(stored):
-                raise Refused(400, f"references: number them from 0 without gaps, at most {MAX_REFERENCES}")
+            refs = _references(stored)
             library = service.library(req.library) if req.library else None
             if not refs and library is None:
                 raise Refused(400, "no reference: give reference_image_0 and reference_labels_0, or name a task "
@@ -221,24 +250,17 @@ def create_app(service: Service, docs: bool = False) -> FastAPI:
             classes = service.parse_classes(req)
             await run_in_threadpool(check_images, stored, service.limits.max_voxels)
             service.submit(Job(job_id, me, folder, req, stored["target"], refs, library, classes))
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
         return {"job": job_id}
 
-    @app.post("/v1/jobs/{job_id}/targets", status_code=202)
+    @router.post("/v1/jobs/{job_id}/targets", status_code=202)
     async def further_target(job_id: str, request: Request) -> dict:
         """A further target for a finished job kept with ``keep_task``: segmented with its task embedding (the
         references are not encoded again); a new job of the same token."""
-        me = owner(request)
+        me = _owner(service, request)
         first = service.job(job_id, me)
         if first.embedding is None:
             raise Refused(409, f"job {job_id} keeps no task (submit it with keep_task, and let it finish)")
-        service.admit(me)
-        new_id = uuid.uuid4().hex
-        folder = service.root / new_id
-        folder.mkdir()
-        try:
+        async with _new_job_folder(service, me) as (new_id, folder):
             _, stored = await receive(request, service, folder, re.compile("target"))
             if "target" not in stored:
                 raise Refused(400, "target: missing")
@@ -246,18 +268,22 @@ def create_app(service: Service, docs: bool = False) -> FastAPI:
             req = first.request.model_copy(update={"keep_task": False})
             first.touched = time.monotonic()  # kept while it is used
             service.submit(Job(new_id, me, folder, req, stored["target"], task=first.embedding, parent=first))
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
         return {"job": new_id}
 
-    @app.get("/v1/jobs/{job_id}")
-    def status(job_id: str, request: Request) -> dict:
-        return service.job(job_id, owner(request)).public()
+    return router
 
-    @app.post("/v1/jobs/{job_id}/cancel")
+
+def _job_routes(service: Service) -> APIRouter:
+    """The routes of a submitted job: its status, cancel, its results, forgetting it (another token's job: 404)."""
+    router = APIRouter()
+
+    @router.get("/v1/jobs/{job_id}")
+    def status(job_id: str, request: Request) -> dict:
+        return service.job(job_id, _owner(service, request)).public()
+
+    @router.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str, request: Request) -> dict:
-        job = service.job(job_id, owner(request))
+        job = service.job(job_id, _owner(service, request))
         job.cancel.set()
         with service.lock:
             if job.status == "queued":
@@ -267,16 +293,16 @@ def create_app(service: Service, docs: bool = False) -> FastAPI:
             service.remove(job)
         return job.public()
 
-    @app.get("/v1/jobs/{job_id}/sidecar")
+    @router.get("/v1/jobs/{job_id}/sidecar")
     def sidecar(job_id: str, request: Request) -> JSONResponse:
-        job = service.job(job_id, owner(request))
+        job = service.job(job_id, _owner(service, request))
         if job.status != "done" or job.sidecar is None:
             raise Refused(409, f"job {job.id} is {job.status}, no result to fetch")
         return JSONResponse(job.sidecar)
 
-    @app.get("/v1/jobs/{job_id}/labels")
+    @router.get("/v1/jobs/{job_id}/labels")
     def labels(job_id: str, request: Request) -> FileResponse:
-        job = service.job(job_id, owner(request))
+        job = service.job(job_id, _owner(service, request))
         if job.status != "done":
             raise Refused(409, f"job {job.id} is {job.status}, no result to fetch")
         if job.fetched or job.output is None or not job.output.is_file():
@@ -284,12 +310,12 @@ def create_app(service: Service, docs: bool = False) -> FastAPI:
         return FileResponse(job.output, media_type="application/octet-stream", filename=job.output.name,
                             background=BackgroundTask(service.fetched, job))
 
-    @app.delete("/v1/jobs/{job_id}")
+    @router.delete("/v1/jobs/{job_id}")
     def delete(job_id: str, request: Request) -> dict:
-        service.forget(service.job(job_id, owner(request)))
+        service.forget(service.job(job_id, _owner(service, request)))
         return {"job": job_id, "status": "removed"}
 
-    return app
+    return router
 
 
 class _Server(uvicorn.Server):

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -147,12 +147,86 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+@dataclass
+class _Run:
+    """What the phases of one training run share: the networks (``net`` is ``model`` or its DDP wrapper), the
+    optimiser, the task sources and, for the files it writes, the policy and metadata the models carry."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    device: torch.device
+    arch: str
+    policy: Preprocessing
+    sources: list
+    table: TaskTable | None
+    out_dir: Path
+    net: torch.nn.Module | None = None
+
+    @property
+    def state_path(self) -> Path:
+        return self.out_dir / "state.pt"
+
+    def meta(self, cfg: TrainConfig, name: str, step: int) -> dict:
+        """What a saved or exported model carries: its name, the training config, the step, the Hermes task
+        modalities."""
+        mod_names = {0: "CT", 1: "PET", 2: "T1 MRI"}
+        modalities = [mod_names[e[3]] for e in self.table.entries] if self.table is not None else []
+        return {"name": name, "train_config": asdict(cfg), "steps": step, "task_modalities": modalities}
+
+    @property
+    def names(self) -> list[str]:
+        return self.table.names if self.table is not None else []
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = None) -> Path:
     """Train (or resume) in ``out_dir``; export the EMA model to ``export`` at the end. Under torchrun
     every rank draws its own episodes (seeded by rank), gradients are averaged by DDP, rank 0 saves."""
     rank, world = _distributed()
+    run = _set_up(cfg, output_folder(out_dir), world)
+    step, history = _resume(cfg, run)
+    run.net = run.model
+    if world > 1:
+        # find_unused_parameters: the prototype-head presets keep the (unused) token classifier's weights
+        run.net = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device] if run.device.type == "cuda" else None, find_unused_parameters=True)
+    rng = np.random.default_rng([cfg.seed, step, rank])
+    val_set = (validation_set(run.sources, run.table, cfg, min(cfg.crop_sizes)) if rank == 0 and cfg.val_episodes
+               else [])
+    check_case = standard_case(run.policy) if rank == 0 and cfg.check_model and run.arch == "iris" else None
+    dice = DiceLoss(sigmoid=True)
+    t_run = time.perf_counter()
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        size = int(rng.choice(cfg.crop_sizes, p=cfg.crop_probs))
+        loss, k, t_data = _episode_loss(run, cfg, size, rng, dice)
+        _optimise(run, cfg, loss, step)
+        step += 1
+        history.append({"step": step, "loss": loss.item(), "lr": _lr(step - 1, cfg), "k": k, "size": size,
+                        "sec": time.perf_counter() - t0, "data_sec": t_data - t0})
+        if step % 10 == 0 and rank == 0:
+            recent = history[-10:]
+            log.info("step %d loss %.4f  %.2f s/step (data %.2f)  %.2f episodes/s  RSS %.0f MB", step,
+                     np.mean([h["loss"] for h in recent]), np.mean([h["sec"] for h in recent]),
+                     np.mean([h["data_sec"] for h in recent]),
+                     cfg.batch * world / np.mean([h["sec"] for h in recent]), _peak_rss_mb())
+        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+            _evaluate(run, history, step, val_set, check_case)
+            _save(run, cfg, history, step)
+    if rank == 0:
+        log.info("trained %d steps in %.0f s", step, time.perf_counter() - t_run)
+        if export:
+            save_checkpoint(export, run.ema, run.policy, run.names,
+                            run.meta(cfg, f"{cfg.preset} (step {step})", step), half=True)
+    if world > 1:
+        import torch.distributed as dist
 
-    out_dir = output_folder(out_dir)
+        dist.barrier()
+    return run.out_dir / "ema.safetensors"
+
+
+def _set_up(cfg: TrainConfig, out_dir: Path, world: int) -> _Run:
+    """The run's task sources, its model and EMA copy on the device, and its optimiser (seeded by ``cfg.seed``)."""
     preset = PRESETS[cfg.preset]
     torch.manual_seed(cfg.seed)
     spacing, window = cfg.grid()
@@ -164,141 +238,118 @@ def train(cfg: TrainConfig, out_dir: str | Path, export: str | Path | None = Non
     if cfg.memory_positions:
         config = replace(config, memory_positions=True, position_sigma_mm=float(cfg.position_sigma_mm))
     if table is not None:
-
         config = replace(config, task_prior_slots=len(table.names))
     model = build_model(preset.arch, config).train()
     ema = build_model(preset.arch, config).eval()
     ema.load_state_dict(model.state_dict())
     for p in ema.parameters():
         p.requires_grad_(False)
-
     device = select_device(cfg.device if world == 1 or not torch.cuda.is_available() else
-                           f"cuda:{int(__import__('os').environ.get('LOCAL_RANK', 0))}")
+                           f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     model.to(device)
     ema.to(device)
     if device.type == "cuda" and cfg.amp:
         model.to(memory_format=torch.channels_last_3d)
     _set_checkpointing(model, cfg.checkpointing)
     if cfg.optimizer == "lamb":
-
         opt = Lamb(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adamw or lamb")
-    state_path = out_dir / "state.pt"
-    step = 0
-    history: list[dict] = []
-    if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-        history = json.loads(state["history"])
-        log.info("resumed at step %d", step)
-    elif cfg.resume_point:  # a compact resume point (weights, step, history; the optimiser starts afresh)
+    return _Run(model, ema, opt, device, preset.arch, policy, sources, table, out_dir)
 
+
+def _resume(cfg: TrainConfig, run: _Run) -> tuple[int, list[dict]]:
+    """The step and history to go on from: the run's own ``state.pt`` (weights, EMA, optimiser), else the config's
+    compact resume point (weights, step, history; the optimiser starts afresh), else step 0."""
+    if run.state_path.is_file():
+        state = torch.load(run.state_path, map_location=run.device, weights_only=True)
+        run.model.load_state_dict(state["model"])
+        run.ema.load_state_dict(state["ema"])
+        run.opt.load_state_dict(state["opt"])
+        log.info("resumed at step %d", int(state["step"]))
+        return int(state["step"]), json.loads(state["history"])
+    if cfg.resume_point:
         meta, tensors = read_safetensors(Path(cfg.resume_point), "resume point")
-        _load_grown(model, {k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")}, cfg.resume_point)
+        _load_grown(run.model, {k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")},
+                    cfg.resume_point)
         ema_sd = {k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")}
-        _load_grown(ema, ema_sd or model.state_dict(), cfg.resume_point)  # no EMA weights: the average restarts
-        step, history = int(meta["step"]), json.loads(meta["history"])
+        _load_grown(run.ema, ema_sd or run.model.state_dict(), cfg.resume_point)  # no EMA weights: the average restarts
+        step = int(meta["step"])
         log.info("started from the resume point %s at step %d (fresh optimiser state)", cfg.resume_point, step)
-    net = model
-    if world > 1:
-        # find_unused_parameters: the prototype-head presets keep the (unused) token classifier's weights
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                        find_unused_parameters=True)
-    rng = np.random.default_rng([cfg.seed, step, rank])
-    val_set = validation_set(sources, table, cfg, min(cfg.crop_sizes)) if rank == 0 and cfg.val_episodes else []
-    check_case = None
-    if rank == 0 and cfg.check_model and preset.arch == "iris":
+        return step, json.loads(meta["history"])
+    return 0, []
 
-        check_case = standard_case(policy)
-    dice = DiceLoss(sigmoid=True)
-    meta = {"name": f"{cfg.preset} step {{}}", "train_config": asdict(cfg)}
-    names = table.names if table is not None else []
-    mod_names = {0: "CT", 1: "PET", 2: "T1 MRI"}
-    task_modalities = [mod_names[e[3]] for e in table.entries] if table is not None else []
-    t_run = time.perf_counter()
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        size = int(rng.choice(cfg.crop_sizes, p=cfg.crop_probs))
-        if table is None:
-            q, qm, r, rm = (t.to(device) for t in _iris_batch(sources, cfg, size, rng))
-            t_data = time.perf_counter() - t0
-            with autocast(device, cfg.amp):
-                logits = net(q, r, rm).float()
-            loss = dice(logits, qm) + F.binary_cross_entropy_with_logits(logits, qm)
-            k = qm.shape[1]
-        else:
-            x, m, tasks, mods = (t.to(device) for t in _hermes_batch(sources, table, cfg, size, rng))
-            t_data = time.perf_counter() - t0
-            with autocast(device, cfg.amp):
-                logits, mod_logits = (o.float() for o in net(x, tasks, mods))
-            loss = dice(logits, m) + F.binary_cross_entropy_with_logits(logits, m)
-            loss = loss + cfg.modality_loss_weight * F.cross_entropy(mod_logits, mods[:, 0])
-            k = m.shape[1]
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - cfg.ema)
-            for be, bm in zip(ema.buffers(), model.buffers()):
-                be.copy_(bm)
-        step += 1
-        history.append({"step": step, "loss": loss.item(), "lr": _lr(step - 1, cfg), "k": k, "size": size,
-                        "sec": time.perf_counter() - t0, "data_sec": t_data})
-        if step % 10 == 0 and rank == 0:
-            recent = history[-10:]
-            log.info("step %d loss %.4f  %.2f s/step (data %.2f)  %.2f episodes/s  RSS %.0f MB", step,
-                     np.mean([h["loss"] for h in recent]), np.mean([h["sec"] for h in recent]),
-                     np.mean([h["data_sec"] for h in recent]),
-                     cfg.batch * world / np.mean([h["sec"] for h in recent]), _peak_rss_mb())
-        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
-            if val_set:
-                history[-1].update(validation_scores(ema, val_set, device, preset.arch))
-                log.info("step %d held-out validation Dice %.4f, with the other classes' truth %.4f (EMA, %d "
-                         "fixed episodes)", step, history[-1]["val_dice"], history[-1].get("val_swap", float("nan")),
-                         len(val_set))
-            if check_case is not None:
 
-                report = reference_sensitivity(ema, *check_case, device=device)
-                history[-1].update({"check_own": report.own_dice, "check_other": report.other_dice,
-                                    "check_identified": report.identified, "check_passed": report.passed})
-                report.to_json(out_dir / "check.json")
-                (out_dir / "check.md").write_text(report.to_markdown(f"Reference sensitivity at step {step}") + "\n",
-                                                   encoding="utf-8")
-                report.plot(out_dir / "check.png", f"EMA model, step {step}")
-                log.info("step %d check-model %s: %s", step, "PASSED" if report.passed else "FAILED", report.rule)
-                copy = copy_test(LoadedModel(ema, preset.arch, ema.config, policy, "training EMA model",
-                                             info={"name": f"EMA model, step {step}"}), device=str(device),
-                                 out_dir=out_dir)
-                history[-1].update({"copy_dice": copy.mean_dice, "copy_passed": copy.passed})
-                log.info("step %d copy test %s: %s", step, "PASSED" if copy.passed else "FAILED", copy.rule)
-            tmp = state_path.with_suffix(".partial")
-            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "step": step, "history": json.dumps(history), "config": json.dumps(asdict(cfg))}, tmp)
-            tmp.replace(state_path)
-            plot_history(history, out_dir / "curve.png")
-            save_checkpoint(out_dir / "ema.safetensors", ema, policy, names,
-                            meta | {"name": meta["name"].format(step), "steps": step, "task_modalities": task_modalities})
-    if rank == 0:
-        log.info("trained %d steps in %.0f s", step, time.perf_counter() - t_run)
-        if export:
-            save_checkpoint(export, ema, policy, names,
-                            meta | {"name": f"{cfg.preset} (step {step})", "steps": step,
-                                    "task_modalities": task_modalities}, half=True)
-    if world > 1:
-        import torch.distributed as dist
+def _episode_loss(run: _Run, cfg: TrainConfig, size: int, rng: np.random.Generator,
+                  dice: DiceLoss) -> tuple[torch.Tensor, int, float]:
+    """One batch of episodes of crop ``size`` through the network: (loss, classes per episode, the time the batch
+    was on the device: ``time.perf_counter()`` then)."""
+    if run.table is None:
+        q, qm, r, rm = (t.to(run.device) for t in _iris_batch(run.sources, cfg, size, rng))
+        t_data = time.perf_counter()
+        with autocast(run.device, cfg.amp):
+            logits = run.net(q, r, rm).float()
+        return dice(logits, qm) + F.binary_cross_entropy_with_logits(logits, qm), qm.shape[1], t_data
+    x, m, tasks, mods = (t.to(run.device) for t in _hermes_batch(run.sources, run.table, cfg, size, rng))
+    t_data = time.perf_counter()
+    with autocast(run.device, cfg.amp):
+        logits, mod_logits = (o.float() for o in run.net(x, tasks, mods))
+    loss = dice(logits, m) + F.binary_cross_entropy_with_logits(logits, m)
+    return loss + cfg.modality_loss_weight * F.cross_entropy(mod_logits, mods[:, 0]), m.shape[1], t_data
 
-        dist.barrier()
-    return out_dir / "ema.safetensors"
+
+def _optimise(run: _Run, cfg: TrainConfig, loss: torch.Tensor, step: int) -> None:
+    """One optimiser step at ``step``'s learning rate (gradients clipped), then the EMA follows the model."""
+    for g in run.opt.param_groups:
+        g["lr"] = _lr(step, cfg)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip)
+    run.opt.step()
+    with torch.no_grad():
+        for pe, pm in zip(run.ema.parameters(), run.model.parameters()):
+            pe.lerp_(pm, 1 - cfg.ema)
+        for be, bm in zip(run.ema.buffers(), run.model.buffers()):
+            be.copy_(bm)
+
+
+def _evaluate(run: _Run, history: list[dict], step: int, val_set: list, check_case) -> None:
+    """At a save, the EMA model's figures into the last history entry: held-out validation Dice (own truth and the
+    other classes'), and for Iris check-model and the copy test (their reports written to the run's folder)."""
+    if val_set:
+        history[-1].update(validation_scores(run.ema, val_set, run.device, run.arch))
+        log.info("step %d held-out validation Dice %.4f, with the other classes' truth %.4f (EMA, %d "
+                 "fixed episodes)", step, history[-1]["val_dice"], history[-1].get("val_swap", float("nan")),
+                 len(val_set))
+    if check_case is None:
+        return
+    report = reference_sensitivity(run.ema, *check_case, device=run.device)
+    history[-1].update({"check_own": report.own_dice, "check_other": report.other_dice,
+                        "check_identified": report.identified, "check_passed": report.passed})
+    report.to_json(run.out_dir / "check.json")
+    (run.out_dir / "check.md").write_text(report.to_markdown(f"Reference sensitivity at step {step}") + "\n",
+                                          encoding="utf-8")
+    report.plot(run.out_dir / "check.png", f"EMA model, step {step}")
+    log.info("step %d check-model %s: %s", step, "PASSED" if report.passed else "FAILED", report.rule)
+    copy = copy_test(LoadedModel(run.ema, run.arch, run.ema.config, run.policy, "training EMA model",
+                                 info={"name": f"EMA model, step {step}"}), device=str(run.device),
+                     out_dir=run.out_dir)
+    history[-1].update({"copy_dice": copy.mean_dice, "copy_passed": copy.passed})
+    log.info("step %d copy test %s: %s", step, "PASSED" if copy.passed else "FAILED", copy.rule)
+
+
+def _save(run: _Run, cfg: TrainConfig, history: list[dict], step: int) -> None:
+    """The run's state (``state.pt``, replaced whole: an interrupted save leaves the previous one), its curve and
+    its EMA model (``ema.safetensors``)."""
+    tmp = run.state_path.with_suffix(".partial")
+    torch.save({"model": run.model.state_dict(), "ema": run.ema.state_dict(), "opt": run.opt.state_dict(),
+                "step": step, "history": json.dumps(history), "config": json.dumps(asdict(cfg))}, tmp)
+    tmp.replace(run.state_path)
+    plot_history(history, run.out_dir / "curve.png")
+    save_checkpoint(run.out_dir / "ema.safetensors", run.ema, run.policy, run.names,
+                    run.meta(cfg, f"{cfg.preset} step {step}", step))
 
 
 #: parameters a model may gain over its resume point (they start from their initial values)

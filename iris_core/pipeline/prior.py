@@ -1,0 +1,71 @@
+"""Label fusion after alignment (issue [20]): the aligned reference's labels as a prior on the model's logits,
+weighted voxel by voxel by how well the aligned reference image agrees with the target there.
+
+The model's readout works on a coarse grid (its memory positions are compared at half the model grid), so a
+structure defined by where it lies is capped by that grid even when the alignment is near perfect; the
+aligned label map has the target's own resolution. Patch-based label fusion (Coupé et al., NeuroImage 2011)
+trusts a reference where its image looks like the target's: here the local normalised cross-correlation
+(Gaussian window) of the target and the aligned reference image, clipped to [0, 1], scales the prior, so
+that a moved copy of the reference takes the aligned labels almost as they are while tissue that the
+alignment misplaces keeps the model's answer. The fused probability of class k is
+``sigmoid(logit(p_k) + weight * s * (2 q_k - 1))`` with ``q_k`` the aligned reference's (linearly
+interpolated) share of class k and ``s`` the agreement; the weight is a policy field chosen on held-out
+tasks (scripts/choose_threshold.py --prior), never on the benchmark.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from iris_core.pipeline.align import Alignment
+
+#: the Gaussian window (mm, standard deviation) of the local agreement
+AGREEMENT_SIGMA_MM = 3.0
+
+
+def local_agreement(target: sitk.Image, warped: sitk.Image, sigma_mm: float = AGREEMENT_SIGMA_MM) -> np.ndarray:
+    """Local normalised cross-correlation of two images on the same grid (Gaussian window of ``sigma_mm``),
+    clipped to [0, 1]: 1 where the aligned reference looks like the target, 0 where it does not or is flat."""
+    t = sitk.Cast(target, sitk.sitkFloat32)
+    r = sitk.Cast(warped, sitk.sitkFloat32)
+
+    def mean(x: sitk.Image) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(x, sigma_mm))
+
+    mt, mr = mean(t), mean(r)
+    cov = mean(t * r) - mt * mr
+    var = (mean(t * t) - mt * mt) * (mean(r * r) - mr * mr)
+    out = cov / np.sqrt(np.clip(var, 1e-12, None))
+    out[var <= 1e-12] = 0.0  # flat on either side (background, outside the reference): no evidence
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+class AlignedPrior:
+    """One aligned reference's evidence on the target grid: its agreement map, and its labels' shares."""
+
+    def __init__(self, target: sitk.Image, reference_image: sitk.Image, reference_labels: sitk.Image,
+                 alignment: Alignment):
+        self.transform = alignment.target_to_reference()
+        self.target = target
+        self.labels = reference_labels
+        warped = sitk.Resample(sitk.Cast(reference_image, sitk.sitkFloat32), target, self.transform,
+                               sitk.sitkLinear, 0.0)
+        self.agreement = local_agreement(target, warped)
+
+    def share(self, value: int) -> np.ndarray:
+        """The aligned reference's share of label ``value`` at each target voxel (linear interpolation of its
+        indicator), in [0, 1]."""
+        indicator = sitk.Cast(self.labels == int(value), sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(sitk.Resample(indicator, self.target, self.transform, sitk.sitkLinear, 0.0))
+
+
+def fuse(probability: np.ndarray, priors: list[AlignedPrior], value: int, weight: float) -> np.ndarray:
+    """Class ``value``'s probabilities on the target grid with the aligned references' labels as a prior on the
+    logit (the mean of the references' priors); unchanged with no prior or a weight of 0."""
+    if not priors or weight <= 0:
+        return probability
+    p = np.clip(probability.astype(np.float32), 1e-6, 1 - 1e-6)
+    logit = np.log(p) - np.log1p(-p)
+    prior = sum(pr.agreement * (2 * pr.share(value) - 1) for pr in priors) / len(priors)
+    return (1 / (1 + np.exp(-np.clip(logit + weight * prior, -60, 60)))).astype(np.float32)
