@@ -13,9 +13,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = [*(ROOT / "iris_core").rglob("*.py"), *(ROOT / "IrisSegmentLib").glob("*.py"), ROOT / "IrisSegment.py",
            *(ROOT / "scripts").glob("*.py")]
 SOURCES = [*PRODUCT, *(ROOT / "Testing" / "Python").glob("*.py")]
-#: scripts/bf16_regions.py, a one-issue study that replaced the engine's window function, is deleted on branch
-#: issue-22 (the repository clean-up); until that branch is merged it is not read here
-LEAVING = {ROOT / "scripts" / "bf16_regions.py"}
 #: the stage that turns a target's probabilities into what a run writes (pipeline/to_target.py: BackToTarget)
 LABELS = {"labels", "to_target", "to_target_layers", "probability_maps"}
 #: the stages that make a target's probabilities: the windows and the strategies that call them
@@ -57,7 +54,7 @@ def assemblies(sources=PRODUCT, root: Path = ROOT) -> dict[str, list[str]]:
     probabilities (call a predict stage), by file."""
     found: dict[str, list[str]] = {}
     for path in sources:
-        if path in LEAVING or not path.is_file():
+        if not path.is_file():
             continue
         where = path.relative_to(root).as_posix()
         for name, fn in _functions(path):
@@ -102,7 +99,7 @@ def engine_attribute_sets(sources=SOURCES, root: Path = ROOT) -> list[str]:
     out = []
     for path in sources:
         where = path.relative_to(root).as_posix()
-        if path in LEAVING or not path.is_file() or where == "iris_core/pipeline/inference.py":
+        if not path.is_file() or where == "iris_core/pipeline/inference.py":
             continue
         for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(
