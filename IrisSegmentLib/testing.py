@@ -19,7 +19,7 @@ def write_sample_files(folder: str | Path) -> dict[str, Path]:
     """Colin27 T1 + brain mask (reference) and the ICBM 2009a template moved off MNI space with its
     brain mask (target, truth), as NRRD files in ``folder`` (full resolution; needs Debian
     mricron-data and nilearn: the small shipped pair is ``load_sample_pair``)."""
-    from iris_core.io import sampledata
+    from iris_core import sampledata
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ref = sampledata.colin27("brain")

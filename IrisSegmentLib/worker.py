@@ -161,7 +161,7 @@ def run_job(job: dict, progress=None, cancel=None, models: Models | None = None)
     from iris_core.api import segment
     from iris_core.io.results import write_result
     from iris_core.options import SegmentOptions
-    from iris_core.pipeline.inference import ClassSpec
+    from iris_core.types import ClassSpec
 
     inputs = job.get("inputs") or {}
     if not inputs.get("target") or not inputs.get("output"):

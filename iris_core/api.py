@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,8 @@ from iris_core.io.imaging import (
     looks_like_labels,
     read_image,
     read_labels,
-    same_grid,
 )
-from iris_core.io.results import SegmentationResult, class_volumes, write_result
+from iris_core.io.results import class_volumes, write_result
 from iris_core.io.segmentations import (
     find_segment,
     read_layered_segmentation,
@@ -37,18 +35,25 @@ from iris_core.io.segmentations import (
     slicer_segment_names,
     unknown_segment,
 )
-from iris_core.options import SegmentOptions, class_requests, strategy_for
+from iris_core.options import SegmentOptions, class_requests
 from iris_core.pipeline.embedding import TaskEmbedding, model_fingerprint
-from iris_core.pipeline.inference import ClassSpec, Engine, ProgressFn, Reference
-from iris_core.pipeline.strategies import encode_references, run_strategy
+from iris_core.pipeline.inference import Engine
+from iris_core.pipeline.task import (
+    EmbeddingTask,
+    HermesTask,
+    ReferenceTask,
+    TargetResult,
+    Task,
+    segment_target,
+)
 from iris_core.resources import DEFAULT_MODEL
+from iris_core.types import ClassSpec, ProgressFn, Reference, SegmentationResult
 
 #: the public API (write_result lives in io.results and is offered here too, beside segment)
-__all__ = ["Reference", "ClassSpec", "SegmentationResult", "SegmentOptions", "segment", "write_result",
+__all__ = ["Reference", "ClassSpec", "SegmentationResult", "SegmentOptions", "segment", "make_task", "write_result",
            "resolve_model", "load_references", "parse_classes", "resolve_classes", "check_model_spec"]
 
 log = logging.getLogger(__name__)
-
 
 
 def resolve_model(spec: str | None, allow_unsafe: bool = False, device: str = "cpu") -> LoadedModel:
@@ -153,79 +158,77 @@ def _by_segment_name(requested: ClassSpec, names: dict[int, str], present: set[i
     return ClassSpec(names[value], value)
 
 
-def overlapping_class_groups(refs: list[Reference], classes: list[ClassSpec]) -> list[list[int]]:
-    """The class values in groups such that classes whose voxels overlap in some reference (label maps of
-    one image: a Slicer segmentation's layers, a structure inside another) fall in different groups and
-    the others share one (first fit in class order): within a group the result has one class per voxel,
-    across groups classes may overlap as the references do. One group when nothing overlaps."""
-    values = [c.value for c in classes]
-    conflicts: dict[int, set[int]] = {v: set() for v in values}
-    for i, a in enumerate(refs):
-        for b in refs[i + 1:]:
-            if not same_grid(a.labels, b.labels) or not (
-                    a.image is b.image or np.array_equal(sitk.GetArrayViewFromImage(a.image),
-                                                         sitk.GetArrayViewFromImage(b.image))):
-                continue  # label maps of different images say nothing of overlaps
-            la, lb = sitk.GetArrayViewFromImage(a.labels), sitk.GetArrayViewFromImage(b.labels)
-            both = (la > 0) & (lb > 0)
-            for x, y in np.unique(np.stack([la[both], lb[both]]), axis=1).T.tolist() if both.any() else []:
-                if x != y and x in conflicts and y in conflicts:
-                    conflicts[x].add(y)
-                    conflicts[y].add(x)
-    groups: list[list[int]] = []
-    for v in values:
-        for g in groups:
-            if not conflicts[v] & set(g):
-                g.append(v)
-                break
-        else:
-            groups.append([v])
-    return groups
+def hermes_modality(loaded: LoadedModel, options: SegmentOptions, structures: str | None) -> tuple[str, int] | None:
+    """The Hermes modality prior (name, slot) a run of this model needs (None: an Iris run); named structures
+    are refused for an Iris model, before asking for a modality."""
+    if structures is not None and loaded.arch != "hermes":
+        raise InputError(f"{loaded.source} is an {loaded.arch} model; named structures need a Hermes model "
+                         "(an Iris model segments from references or a task library)",
+                         inputs=("structures", "references", "library"))
+    if loaded.arch != "hermes" and not structures:
+        return None
+    if not options.hermes_modality:
+        raise InputError("a Hermes model needs the target's modality: CT, PET, T1, T2 or cine",
+                         inputs=("hermes_modality",))
+    return resolve_modality(options.hermes_modality)
 
 
-@dataclass
-class _Run:
-    """What one segmentation mode produced, before mapping back to the target grid."""
-
-    prep: object
-    probabilities: np.ndarray
-    classes: list[ClassSpec]
-    embedding: TaskEmbedding | None
-    strategy: str
-    details: dict
+def run_engine(loaded: LoadedModel, options: SegmentOptions, modality: tuple[str, int] | None = None,
+               progress: ProgressFn | None = None, cancel=None) -> Engine:
+    """The engine of a run: ``options`` as given, except that a Hermes run's (``modality``: its modality prior)
+    'auto' intensity policy is its modality's."""
+    if modality is not None and options.intensity == "auto":
+        options = dataclasses.replace(options, intensity=intensity_for(modality[0]))
+    return Engine(loaded, options, progress=progress, cancel=cancel)
 
 
-def segment_hermes(engine: Engine, loaded: LoadedModel, target_img: sitk.Image, target_name: str,
-                    structures: str | None, modality: tuple[str, int]) -> _Run:
-    """Hermes: the named structures of the model's vocabulary, no reference."""
-
+def hermes_task(loaded: LoadedModel, structures: str | None, modality: tuple[str, int],
+                values: list[int] | None = None) -> HermesTask:
+    """Hermes: the named structures of the model's vocabulary (class values ``values``, default 1, 2, ...)."""
     if not structures:
         raise InputError("a Hermes model needs the structures to segment (names from its vocabulary)",
                          inputs=("structures",))
-    tasks = resolve_structures(structures, hermes_vocabulary(loaded), modality[0])
-    prep = engine.prepare(target_img, target_name)
-    probs = engine.predict_tasks(prep, [t.index for t in tasks], modality[1])
-    details = {"tasks": [{"index": t.index, "dataset": t.dataset, "name": t.name} for t in tasks],
-               "modality": modality[0]}
-    return _Run(prep, probs, [ClassSpec(t.name, i + 1) for i, t in enumerate(tasks)], None, "hermes", details)
+    return HermesTask(resolve_structures(structures, hermes_vocabulary(loaded), modality[0]), modality, values)
 
 
-def _segment_library(engine: Engine, loaded: LoadedModel, target_img: sitk.Image, target_name: str,
-                     library: str | Path | TaskEmbedding, classes: list[ClassSpec] | None) -> _Run:
-    """Iris from a saved task library (all its classes, or the requested names), no reference; or from a
-    task embedding in memory (one computed for an earlier target of the same model)."""
-    if isinstance(library, TaskEmbedding):
-        emb = library
-        prep = engine.prepare(target_img, target_name)
-        return _Run(prep, engine.predict(prep, emb), [ClassSpec(n, v) for n, v in zip(emb.names, emb.values)], emb,
-                    "library", {"embedding": "computed for an earlier target, reused"})
-    emb = TaskEmbedding.load(library, model_fingerprint(loaded.model))
-    if classes:
-        emb = emb.select([c.name for c in classes])
-    prep = engine.prepare(target_img, target_name)
-    probs = engine.predict(prep, emb)
-    return _Run(prep, probs, [ClassSpec(n, v) for n, v in zip(emb.names, emb.values)], emb, "library",
-                {"library": str(library)})
+def _task(engine: Engine, references: list[tuple[str, str]] | list[Reference] | None, classes: list[ClassSpec] | None,
+          library: str | Path | TaskEmbedding | None, structures: str | None, modality: tuple[str, int] | None) -> Task:
+    """What a run segments: a Hermes model's named structures (``modality``: a Hermes run's prior), a task library
+    (a file, or an embedding computed for an earlier target) or references, encoded here."""
+    loaded, options = engine.loaded, engine.options
+    if modality is not None:
+        engine.require_arch("hermes")
+        if references or library:
+            raise InputError("a Hermes model segments named structures: give structures, not references",
+                             inputs=("structures",))
+        return hermes_task(loaded, structures, modality)
+    if library is not None:
+        if references:
+            raise InputError("give either references or a task library, not both")
+        if isinstance(library, TaskEmbedding):
+            return EmbeddingTask(library, {"embedding": "computed for an earlier target, reused"})
+        emb = TaskEmbedding.load(library, model_fingerprint(loaded.model))
+        return EmbeddingTask(emb.select([c.name for c in classes]) if classes else emb, {"library": str(library)})
+    if not references:
+        raise InputError("no reference given: give a reference image with its label map, or a task library",
+                         inputs=("references", "library"))
+    refs = references if isinstance(references[0], Reference) else load_references(references)
+    return ReferenceTask.encode(engine, refs, resolve_classes(refs, classes), options.strategy, options.tune_steps,
+                                options.tune_lr)
+
+
+def make_task(model: LoadedModel | str | None = None, references: list[tuple[str, str]] | list[Reference] | None = None,
+              classes: list[ClassSpec] | None = None, library: str | Path | TaskEmbedding | None = None,
+              structures: str | None = None, options: SegmentOptions | None = None, progress: ProgressFn | None = None,
+              cancel=None, **option_overrides) -> Task:
+    """What to segment, computed once for any number of targets (``segment(target, task=...)``): the references
+    read, checked and encoded (``classes``: all theirs when None), a task library read, or a Hermes model's
+    named ``structures`` resolved. Arguments as :func:`segment`'s."""
+    options = SegmentOptions.from_dict(option_overrides, options)
+    loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
+    modality = hermes_modality(loaded, options, structures)
+    engine = run_engine(loaded, options, modality, progress, cancel)
+    return _task(engine, references, classes, library, structures, modality)
 
 
 def segment(
@@ -238,11 +241,13 @@ def segment(
     options: SegmentOptions | None = None,
     progress: ProgressFn | None = None,
     cancel=None,
+    task: Task | None = None,
     **option_overrides,
 ) -> SegmentationResult:
     """Segment every class of the references (or of a task library) on ``target`` in one pass; with a
-    Hermes model, the named ``structures``. How to run is ``options`` (a SegmentOptions), with keyword
-    overrides of its fields: ``segment(t, refs, strategy="ensemble", device="cpu")``.
+    Hermes model, the named ``structures``; or the classes of a ``task`` made earlier (:func:`make_task`, or a
+    result's ``task``: the references are not encoded again). How to run is ``options`` (a SegmentOptions), with
+    keyword overrides of its fields: ``segment(t, refs, strategy="ensemble", device="cpu")``.
 
     The model's policy decides the pipeline (ours, or the MASS authors' for MASS/Iris checkpoints);
     ``overlap`` and ``postprocess`` left None follow it ('largest' for MASS checkpoints).
@@ -250,67 +255,35 @@ def segment(
     ``max_classes_per_forward`` segments the classes in chunks (less memory per window, one pass over
     the windows per chunk)."""
     t_start = time.perf_counter()
+    if task is not None and (references or library or structures):
+        raise InputError("give either a task or what to segment (references, a task library, structures), not both")
     options = SegmentOptions.from_dict(option_overrides, options)
     loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
-    hermes_modality = None
-    if structures is not None and loaded.arch != "hermes":  # before asking for a Hermes modality
-        raise InputError(f"{loaded.source} is an {loaded.arch} model; named structures need a Hermes model "
-                         "(an Iris model segments from references or a task library)",
-                         inputs=("structures", "references", "library"))
-    if loaded.arch == "hermes" or structures:
-
-        if not options.hermes_modality:
-            raise InputError("a Hermes model needs the target's modality: CT, PET, T1, T2 or cine",
-                             inputs=("hermes_modality",))
-        hermes_modality = resolve_modality(options.hermes_modality)
-        if options.intensity == "auto":
-            options = dataclasses.replace(options, intensity=intensity_for(hermes_modality[0]))
-    engine = Engine(loaded, options, progress=progress, cancel=cancel)
+    modality = hermes_modality(loaded, options, structures)
+    engine = run_engine(loaded, options, modality, progress, cancel)
     target_img = target if isinstance(target, sitk.Image) else read_image(target, "target image")
     target_name = "target" if isinstance(target, sitk.Image) else Path(target).name
     if looks_like_labels(target_img):
         log.warning("target image %s holds few integer values, like a label map; segmenting it anyway "
                     "(was a label map given as --target?)", target_name)
-    refs: list[Reference] = []
-    if structures is not None or loaded.arch == "hermes":
-        engine.require_arch("hermes")
-        if references or library:
-            raise InputError("a Hermes model segments named structures: give structures, not references",
-                             inputs=("structures",))
-        run = segment_hermes(engine, loaded, target_img, target_name, structures, hermes_modality)
-    elif library is not None:
-        if references:
-            raise InputError("give either references or a task library, not both")
-        run = _segment_library(engine, loaded, target_img, target_name, library, classes)
-    else:
-        if not references:
-            raise InputError("no reference given: give a reference image with its label map, or a task library",
-                             inputs=("references", "library"))
-        refs = references if isinstance(references[0], Reference) else load_references(references)
-        classes = resolve_classes(refs, classes)
-        prep = engine.prepare(target_img, target_name)
-        encoded = encode_references(engine, refs, classes)
-        strategy = strategy_for(options.strategy, [e.embedding.names for e in encoded])
-        if strategy != options.strategy:
-            log.info("several references hold the same class: the context ensemble instead of one-shot")
-        result = run_strategy(engine, prep, encoded, classes, strategy, options.tune_steps, options.tune_lr)
-        run = _Run(prep, result.probabilities, classes, result.embedding, strategy, result.details)
-    prep, classes, emb, strategy, details = run.prep, run.classes, run.embedding, run.strategy, run.details
-    values = [c.value for c in classes]
-    policy = loaded.preprocessing
-    postprocess = engine.postprocess_of(options.postprocess)
-    labels = engine.labels(run.probabilities, prep, values, postprocess)
-    prob_maps = engine.probability_maps(run.probabilities, prep) if options.save_probabilities else None
-    layers = None
-    if options.overlaps:  # one label map per group of classes that may overlap each other
-        groups = overlapping_class_groups(refs, classes) if refs else [values]
-        layers = [labels] if len(groups) == 1 else engine.labels(run.probabilities, prep, values, postprocess, groups)
-    found = class_volumes(layers if layers is not None else labels, classes)
+    task = task or _task(engine, references, classes, library, structures, modality)
+    out = segment_target(engine, task, target_img, target_name, options.postprocess, options.overlaps,
+                         options.save_probabilities)
+    found = class_volumes(out.layers if out.layers is not None else out.labels, task.classes)
     warn_classes_not_found(found, target_img, target_name, engine)
+    sidecar = _sidecar(engine, task, out, found, target_name, t_start)
+    return SegmentationResult(out.labels, task.classes, out.embedding, sidecar, out.probability_maps, out.layers,
+                              task.for_further_targets(out.embedding, engine))
+
+
+def _sidecar(engine: Engine, task: Task, out: TargetResult, found: list[dict], target_name: str,
+             t_start: float) -> dict:
+    """A run's record beside its label map (``t_start``: when the run began, ``time.perf_counter``)."""
+    loaded, policy = engine.loaded, engine.policy
     sidecar = {
         "target": target_name,
         "classes": found,
-        "strategy": strategy,
+        "strategy": task.strategy,
         "model": {"name": loaded.name, "source": loaded.source, "arch": loaded.arch},
         "device": str(engine.device),
         "pipeline": policy.name,
@@ -319,16 +292,16 @@ def segment(
         "memory_samples": getattr(getattr(loaded.model, "config", None), "memory_tokens", 0) or None,
         "window": list(engine.window),
         "overlap": engine.overlap,
-        "postprocess": postprocess,
-        "options": options.to_dict(),
+        "postprocess": out.postprocess,
+        "options": engine.options.to_dict(),
         "precision": engine.precision_report(),
         "timings_s": {k: round(v, 3) for k, v in engine.timer.seconds.items()}
         | {"total": round(time.perf_counter() - t_start, 3)},
-        "details": details,
+        "details": out.details,
     }
-    if layers is not None:
-        sidecar["layers"] = len(layers)  # label maps needed to hold the classes' overlaps
-    return SegmentationResult(labels, classes, emb, sidecar, prob_maps, layers)
+    if out.layers is not None:
+        sidecar["layers"] = len(out.layers)  # label maps needed to hold the classes' overlaps
+    return sidecar
 
 
 def warn_classes_not_found(found: list[dict], target: sitk.Image, target_name: str, engine: Engine) -> None:

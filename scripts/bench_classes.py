@@ -45,10 +45,10 @@ def window_figures(model: str, threads: int, repeats: int) -> list[dict]:
 
 def demo_figures(model: str, threads: int) -> list[dict]:
     """Segmentation and total seconds of 1, 6 and 15 classes on the demo pair, one pass each."""
+    from iris_core import sampledata
     from iris_core.api import resolve_model, segment
     from iris_core.commands.demo import demo_case
-    from iris_core.io import sampledata
-    from iris_core.pipeline.inference import ClassSpec, Reference
+    from iris_core.types import ClassSpec, Reference
 
     case = demo_case()
     loaded = resolve_model(model)

@@ -27,10 +27,10 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
+from iris_core import sampledata
 from iris_core.api import resolve_model, segment
-from iris_core.io import sampledata
 from iris_core.metrics import dice_score
-from iris_core.pipeline.inference import ClassSpec, Reference
+from iris_core.types import ClassSpec, Reference
 
 #: the trainer's held-out AAL parcels (training config ``holdout``: aal:37, 38, 77, 78) without the precentral
 #: gyri, which the copy test holds; Brodmann area 17 from the Brodmann map

@@ -58,7 +58,7 @@ def write_segmentation(labels_path: Path, volume_path: Path, out: Path, name: st
 
 
 def main() -> None:
-    from iris_core.io import sampledata
+    from iris_core import sampledata
     OUT.mkdir(parents=True, exist_ok=True)
     colin = sampledata.colin27("brain")
     img, lab = downsample(colin.image, colin.labels, SPACING)

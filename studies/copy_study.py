@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from iris_core.api import resolve_model
-from iris_core.checks import copy_case
 from iris_core.models.iris import pixel_shuffle_3d, pixel_unshuffle_3d, sample_memory
+from iris_core.training.checks import copy_case
 
 
 def dice(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:

@@ -13,7 +13,7 @@ import dataclasses
 import time
 
 from iris_core.api import resolve_model
-from iris_core.checks import copy_test
+from iris_core.training.checks import copy_test
 
 
 def floats(s: str) -> list[float]:

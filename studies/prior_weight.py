@@ -20,13 +20,13 @@ import sys
 import numpy as np
 import SimpleITK as sitk
 
+from iris_core import sampledata
 from iris_core.api import resolve_model, segment
-from iris_core.io import sampledata
 from iris_core.io.resample import resample_to
 from iris_core.metrics import dice_score
 from iris_core.pipeline.align import align_affine
-from iris_core.pipeline.inference import ClassSpec, Reference
 from iris_core.pipeline.prior import AlignedPrior, fuse
+from iris_core.types import ClassSpec, Reference
 
 sys.path.insert(0, "scripts")
 from choose_threshold import tuning_reference  # noqa: E402

@@ -78,10 +78,10 @@ def evaluate_model(name: str, path: str, out: Path) -> dict:
     import torch
 
     from iris_core.api import resolve_model
-    from iris_core.checks import standard_check
     from iris_core.commands.bench import whole_brain_speed
     from iris_core.commands.evaluate import read_rows, run_evaluation
     from iris_core.io.datasets import cross_atlas_pairs, macaque_pairs
+    from iris_core.training.checks import standard_check
 
     loaded = resolve_model(path)
     spacing = tuple(loaded.preprocessing.spacing)

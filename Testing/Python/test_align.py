@@ -19,8 +19,8 @@ from iris_core.models.config import PRESETS
 from iris_core.models.iris import sample_memory
 from iris_core.pipeline.align import Alignment, AlignmentError, align_affine
 from iris_core.pipeline.embedding import POSITION_COLUMNS, TaskEmbedding, memory_groups
-from iris_core.pipeline.inference import ClassSpec, Reference
 from iris_core.resources import SAMPLE_DATA
+from iris_core.types import ClassSpec, Reference
 
 
 def warped_labels(labels: sitk.Image, target: sitk.Image, al: Alignment) -> np.ndarray:
@@ -227,3 +227,33 @@ def test_embedding_positions_are_mapped_or_made_unknown():
                                torch.tensor([10.0, 0.0, -3.0]).expand_as(before[..., POSITION_COLUMNS]))
     torch.testing.assert_close(after[..., :-4], before[..., :-4])
     assert not emb.with_positions(None).has_positions()
+
+
+def test_each_further_target_is_aligned_to_itself(tmp_path, phantom_files):
+    """Issue [22]: `segment --target A B` with a model that aligns each reference to its target: B reuses the
+    references as encoded (encoded once) and is aligned to B itself (its sidecar reports its own alignment), so its
+    labels are voxel for voxel those of segmenting B alone. Before, B reused the embedding computed for A, its
+    memory positions mapped into A's space."""
+    import json
+    import shutil
+
+    from iris_core.commands.cli import main
+
+    model = aligning(preset_model("iris-tiny"))
+    path = save_checkpoint(tmp_path / "m.safetensors", model.model, model.preprocessing, info={"name": "pos"})
+    moved = sitk.ReadImage(str(phantom_files["ref"]))  # B: the reference image itself, 15 mm away
+    moved.SetOrigin(tuple(np.array(moved.GetOrigin()) + [15.0, -10.0, 6.0]))
+    (tmp_path / "b").mkdir()
+    sitk.WriteImage(moved, str(tmp_path / "b" / "moved.nii.gz"))
+    shutil.copy(phantom_files["tgt"], tmp_path / "b" / "first.nii.gz")
+    base = ["segment", "--model", str(path), "--device", "cpu", "--quiet", "--reference", str(phantom_files["ref"]),
+            str(phantom_files["ref_lab"])]
+    assert main([*base, "--target", str(tmp_path / "b" / "first.nii.gz"), str(tmp_path / "b" / "moved.nii.gz"),
+                 "--output", str(tmp_path / "segs")]) == 0
+    assert main([*base, "--target", str(tmp_path / "b" / "moved.nii.gz"), "--output", str(tmp_path / "alone.nii.gz")]) == 0
+    side = json.loads((tmp_path / "segs" / "moved_seg.json").read_text())
+    offset = side["details"]["alignment"]["ref.nii.gz"]["offset_mm"]
+    np.testing.assert_allclose(offset, [15.0, -10.0, 6.0], atol=2.0)
+    together = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "segs" / "moved_seg.nii.gz")))
+    alone = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "alone.nii.gz")))
+    assert together.any() and np.array_equal(together, alone)

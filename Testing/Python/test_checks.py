@@ -1,4 +1,4 @@
-"""The collapse detector (iris_core.checks): it fails the bundled collapsed model and a model that
+"""The collapse detector (iris_core.training.checks): it fails the bundled collapsed model and a model that
 ignores its reference by construction, passes an oracle that returns the truth, and computes its
 figures right."""
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from conftest import dice
-from iris_core.checks import move_rigid, reference_sensitivity
+from iris_core.training.checks import move_rigid, reference_sensitivity
 
 
 def _shapes(shape=(32, 48, 32)) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -193,7 +193,7 @@ def test_copy_reference_is_ten_bilateral_gyri_on_colin27s_grid():
     Colin27's own grid (the target is that image)."""
     import SimpleITK as sitk
 
-    from iris_core.checks import COPY_STRUCTURES, copy_labels
+    from iris_core.training.checks import COPY_STRUCTURES, copy_labels
 
     image, labels, names = copy_labels()
     assert names == list(COPY_STRUCTURES) and len(names) == 10

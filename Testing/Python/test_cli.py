@@ -193,7 +193,7 @@ def test_outputs_never_land_on_inputs(capsys, base, phantom_files, tmp_path):
 def test_real_sample_data_result_is_placed_on_target(capsys, tmp_path):
     """Colin27 brain mask as reference, the ICBM 2009a template moved off MNI space as target:
     the result lies on the moved target's grid, inside its field of view."""
-    from iris_core.io import sampledata
+    from iris_core import sampledata
     ref = sampledata.colin27("brain")
     tgt = sampledata.move_off_mni(sampledata.icbm2009a("brain"), seed=3)
     paths = {}
@@ -221,7 +221,7 @@ def test_thin_target_segments_and_names_what_it_did_not_find(capsys, caplog, tmp
     lobes: it used to fail in ITK's recursive Gaussian (which needs 4 voxels per axis) with a traceback.
     Now it runs; the classes of which no voxel was found are named in a warning with the reason to expect
     it (the slab's thickness against the model's window), and the sidecar counts each class's voxels."""
-    from iris_core.io import sampledata
+    from iris_core import sampledata
     ref = sampledata.colin27("lobes")
     mni = sampledata.mni152nlin6asym("brain")
     tgt = sampledata.move_off_mni(mni, seed=0)
@@ -253,9 +253,10 @@ def test_classes_not_found_are_named_with_the_thickness_hint(caplog, tiny_model)
     import logging
 
     from iris_core.api import warn_classes_not_found
+    from iris_core.options import SegmentOptions
     from iris_core.pipeline.inference import Engine
 
-    engine = Engine(tiny_model, device="cpu")
+    engine = Engine(tiny_model, SegmentOptions(device="cpu"))
     found = [{"name": "liver", "voxels": 0}, {"name": "spleen", "voxels": 12}, {"name": "kidney", "voxels": 0}]
     thin = sitk.Image([100, 100, 3], sitk.sitkFloat32)
     thin.SetSpacing((1.0, 1.0, 3.0))
@@ -276,7 +277,7 @@ def test_reference_labels_from_slicer_named_cropped_or_layered(capsys, caplog, p
     part of the image's grid and gives the same result as the full map (it was refused); a .seg.nrrd
     whose segments overlap (several layers) is one reference per layer (it was refused as 'RGB/vector')."""
     from iris_core.io.results import with_slicer_segment_metadata
-    from iris_core.pipeline.inference import ClassSpec
+    from iris_core.types import ClassSpec
 
     lab = sitk.ReadImage(str(phantom_files["ref_lab"]))
     segs = tmp_path / "ref.seg.nrrd"  # the header fields Slicer's storage node reads and writes

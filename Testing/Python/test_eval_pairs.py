@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import dice
-from iris_core.io import sampledata
+from iris_core import sampledata
 from iris_core.io.resample import resample_to
 
 

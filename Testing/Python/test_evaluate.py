@@ -323,7 +323,7 @@ def test_built_in_copy_and_sample_pair_cohorts(tmp_path, tiny_model_file):
 
 @pytest.mark.slow
 def test_evaluate_scores_exactly_what_segment_writes_with_the_bundled_model(tmp_path):
-    """Issue [13]: segment and evaluate reach labels through one function (Engine.labels), so a researcher's
+    """Issue [13]: segment and evaluate reach labels through one function (segment_target), so a researcher's
     figures are those of the label maps users get: the shipped Slicer pair, the bundled model, every option at
     its default, voxel for voxel (the MASS pipeline's case is in test_mass_pipeline)."""
     import numpy as np

@@ -8,11 +8,13 @@ import SimpleITK as sitk
 import torch
 
 from conftest import dice, oblique_direction, phantom
-from iris_core.hub.checkpoint import Preprocessing
+from iris_core.errors import InputError
 from iris_core.io.resample import labels_to_masks, model_grid, physical_bounds
 from iris_core.models.iris import _linear_interp_matrix, masked_mean_of_upsampled
-from iris_core.pipeline.inference import Engine
+from iris_core.pipeline.policy import Preprocessing
 from iris_core.pipeline.preprocess import prepare_image
+from iris_core.pipeline.to_target import BackToTarget
+from iris_core.types import Timer
 
 
 def test_model_grid_covers_oblique_anisotropic_image():
@@ -25,14 +27,14 @@ def test_model_grid_covers_oblique_anisotropic_image():
     assert np.all(glo <= lo + 1e-6) and np.all(ghi >= hi - 1e-6)
 
 
-def test_round_trip_onto_exact_target_grid(tiny_model):
+def test_round_trip_onto_exact_target_grid():
     """Mask -> model grid -> back onto an oblique, anisotropic target: same geometry, Dice > 0.9."""
     img, lab = phantom(size=(50, 44, 22), spacing=(1.1, 1.4, 3.3), direction=oblique_direction(30),
                        origin=(12.0, -40.0, 7.5))
-    eng = Engine(tiny_model, device="cpu")
-    prep = prepare_image(img, "t", Preprocessing(spacing=(1.5, 1.5, 1.5)), "MR")
+    policy = Preprocessing(spacing=(1.5, 1.5, 1.5))
+    prep = prepare_image(img, "t", policy, "MR")
     probs = labels_to_masks(lab, prep.grid, [1, 2]).astype(np.float32)
-    out = eng.to_target(probs, prep, [1, 2])
+    out = BackToTarget(policy, Timer()).to_target(probs, prep, [1, 2])
     assert out.GetSize() == img.GetSize()
     assert np.allclose(out.GetSpacing(), img.GetSpacing())
     assert np.allclose(out.GetOrigin(), img.GetOrigin())
@@ -130,7 +132,9 @@ def test_up_block_under_bfloat16_autocast_is_as_accurate_as_the_published_form()
 
 
 def test_largest_component_postprocessing():
-    from iris_core.pipeline.postprocess import postprocess
+    """'largest' keeps each class's largest component; the policy resolves a run's choice (None: its own,
+    'largest' for MASS models) and refuses an unknown one."""
+    from iris_core.pipeline.postprocess import keep_largest_component
 
     arr = np.zeros((20, 20, 20), np.uint8)
     arr[2:10, 2:10, 2:10] = 1
@@ -138,7 +142,11 @@ def test_largest_component_postprocessing():
     arr[12:14, 2:4, 2:4] = 2
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((2.0, 1.0, 1.5))
-    out = postprocess(img, [1, 2], "largest")
+    assert Preprocessing().postprocess_of(None) == "none" and Preprocessing.mass().postprocess_of(None) == "largest"
+    assert Preprocessing.mass().postprocess_of("none") == "none"
+    with pytest.raises(InputError, match="unknown post-processing 'biggest'"):
+        Preprocessing().postprocess_of("biggest")
+    out = keep_largest_component(img, [1, 2])
     res = sitk.GetArrayFromImage(out)
     assert (res == 1).sum() == 8**3 and (res == 2).sum() == 8 and out.GetSpacing() == img.GetSpacing()
-    assert np.array_equal(sitk.GetArrayFromImage(postprocess(img, [1, 2], "none")), arr)
+

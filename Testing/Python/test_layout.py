@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "iris_core"
 SLICER_LIB = ROOT / "IrisSegmentLib"
 #: each part of iris_core and its layer: a module may import its own layer and those below, never above; the
-#: Slicer side's Qt-free package sits above all of iris_core (iris_core never imports it)
-LAYERS = {"models": 0, "errors": 0, "options": 0, "resources": 0, "metrics": 0, "io": 1, "hub": 1, "pipeline": 2,
-          "api": 3, "checks": 3, "training": 4, "service": 4, "commands": 5}
+#: Slicer side's Qt-free package sits above all of iris_core (iris_core never imports it). The pipeline's policy
+#: is plain data the hub loads with a model: its one module below its package's layer
+LAYERS = {"models": 0, "errors": 0, "options": 0, "resources": 0, "metrics": 0, "types": 0, "pipeline.policy": 0,
+          "io": 1, "hub": 1, "sampledata": 1, "pipeline": 2, "api": 3, "training": 4, "service": 4, "commands": 5}
 SLICER_LAYER = 6
 #: what each package may never import, deferred imports and ``if TYPE_CHECKING:`` blocks included
 FORBIDDEN = {"iris_core": {"slicer", "qt", "vtk", "ctk"}, "IrisSegmentLib": {"qt", "ctk"}}
@@ -72,7 +73,8 @@ def _graph() -> dict[str, set[str]]:
 def _layer(module: str) -> int:
     if module.startswith("IrisSegmentLib"):
         return SLICER_LAYER
-    return LAYERS[module.split(".")[1]] if module != "iris_core" else 0
+    parts = module.split(".")[1:]  # the longest listed prefix: 'pipeline.policy' before 'pipeline'
+    return next((LAYERS[".".join(parts[:n])] for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in LAYERS), 0)
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str]:
@@ -217,13 +219,9 @@ def test_no_file_over_450_lines_outside_models():
 MAX_FUNCTION_LINES = 80
 #: functions over the limit, each until the work named beside it shrinks it (a function listed here that is no
 #: longer over the limit fails the test: take it off the list)
-LONG_FUNCTIONS = {
-    "iris_core/api.py::segment": "issue [22]: one segment_target for one target (the lead)",
-    "iris_core/commands/bench_pipeline.py::pipeline_benchmark": "issue [22]: bench --pipeline on segment_target "
-                                                                "with a stage-timer hook (the lead)",
-}
+LONG_FUNCTIONS: dict[str, str] = {}
 #: folders whose functions are not measured until the work named beside them lands
-LONG_FUNCTION_FOLDERS = {"iris_core/pipeline": "issue [22]: the task object, window runner, segment_target (the lead)"}
+LONG_FUNCTION_FOLDERS: dict[str, str] = {}
 
 
 def _function_lengths(node: ast.AST, prefix: str = ""):

@@ -12,7 +12,8 @@ import torch
 
 from conftest import COMPAT, phantom, save_in_authors_format
 from iris_core.commands.cli import main as cli
-from iris_core.hub.checkpoint import Preprocessing, load_checkpoint, save_checkpoint
+from iris_core.hub.checkpoint import load_checkpoint, save_checkpoint
+from iris_core.pipeline.policy import Preprocessing
 from iris_core.pipeline.postprocess import largest_component
 from iris_core.pipeline.preprocess import body_box, native_grid, prepare_native
 from iris_core.pipeline.sliding import gaussian_weights, sliding_window, window_boxes, window_starts
@@ -132,14 +133,16 @@ def test_probability_maps_through_the_cli_one_per_class_named_after_it(tmp_path,
 
 def test_max_classes_per_forward_gives_each_chunk_what_it_gives_alone(phantom_files, tiny_model):
     from iris_core.api import load_references
-    from iris_core.pipeline.inference import ClassSpec, Engine
+    from iris_core.options import SegmentOptions
+    from iris_core.pipeline.inference import Engine
+    from iris_core.types import ClassSpec
 
     ref = load_references([(phantom_files["ref"], phantom_files["ref_lab"])])[0]
-    whole = Engine(tiny_model, device="cpu")
+    whole = Engine(tiny_model, SegmentOptions(device="cpu"))
     classes = [ClassSpec("a", 1), ClassSpec("b", 2)]
     emb = whole.encode(ref, classes)
     prep = whole.prepare(sitk.ReadImage(str(phantom_files["tgt"])), "t")
-    chunked = Engine(tiny_model, device="cpu", max_classes_per_forward=1).predict(prep, emb)
+    chunked = Engine(tiny_model, SegmentOptions(device="cpu", max_classes_per_forward=1)).predict(prep, emb)
     assert chunked.shape[0] == 2
     for i, c in enumerate(classes):
         alone = whole.predict(prep, emb.select([c.name]))

@@ -17,8 +17,8 @@ import SimpleITK as sitk
 
 from iris_core.commands.cli import main
 from iris_core.io.results import with_slicer_segment_metadata
-from iris_core.pipeline.inference import ClassSpec
 from iris_core.resources import SAMPLE_DATA
+from iris_core.types import ClassSpec
 
 PROC = Path("/proc")  # a folder nothing can be written in, whoever runs the tests (root too)
 needs_proc = pytest.mark.skipif(not PROC.is_dir(), reason="/proc: Linux")

@@ -17,7 +17,7 @@ from iris_core.commands.cli import main
 from iris_core.errors import ConfigError
 from iris_core.options import SegmentOptions
 from iris_core.pipeline.aot import CompiledMethod
-from iris_core.pipeline.inference import ClassSpec, Engine, Reference
+from iris_core.pipeline.inference import Engine
 from iris_core.pipeline.precision import (
     MIN_AGREEMENT,
     PrecisionCheck,
@@ -28,6 +28,7 @@ from iris_core.pipeline.precision import (
     native_bf16,
     window_labels,
 )
+from iris_core.types import ClassSpec, Reference
 
 
 def _task_window(loaded, case, edge: int | None = None):
@@ -35,7 +36,7 @@ def _task_window(loaded, case, edge: int | None = None):
     segment of the Colin27 lobes."""
     ref, tgt = case.reference, case.target
     classes = [ClassSpec(n, v) for v, n in sorted(ref.label_names.items())]
-    engine = Engine(loaded, device="cpu", threads=2)
+    engine = Engine(loaded, SegmentOptions(device="cpu", threads=2))
     prep = engine.prepare(tgt.image, "target")
     tokens = engine.encode(Reference(ref.image, ref.labels, "colin27"), classes).batched("cpu")
     w = [edge or n for n in engine.window]
@@ -137,7 +138,7 @@ def test_engine_precisions_on_a_real_network(phantom_files, tiny_model):
     classes = [ClassSpec("ball", 1), ClassSpec("box", 2)]
     probs, later, reports = {}, {}, {}
     for precision in ("float32", "bfloat16", "auto"):
-        engine = Engine(tiny_model, device="cpu", threads=2, precision=precision)
+        engine = Engine(tiny_model, SegmentOptions(device="cpu", threads=2, precision=precision))
         prep = engine.prepare(target, "tgt")
         emb = engine.encode(ref, classes)
         probs[precision] = engine.predict(prep, emb)

@@ -212,7 +212,7 @@ def test_the_copy_tests_bar_is_the_readmes_and_a_model_below_it_fails():
     from pathlib import Path
 
     from iris_core.api import resolve_model
-    from iris_core.checks import COPY_MIN_DICE, copy_test
+    from iris_core.training.checks import COPY_MIN_DICE, copy_test
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     stated = re.search(r"labels back \(mean Dice < ([0-9.]+)\) fails it", readme)

@@ -11,9 +11,11 @@ import torch
 
 from iris_core.api import load_references, resolve_classes, segment
 from iris_core.io.results import write_result
+from iris_core.options import SegmentOptions
 from iris_core.pipeline.embedding import TaskEmbedding, model_fingerprint
-from iris_core.pipeline.inference import ClassSpec, Engine
+from iris_core.pipeline.inference import Engine
 from iris_core.pipeline.strategies import STRATEGIES, encode_references, ensemble, one_shot
+from iris_core.types import ClassSpec
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -39,7 +41,7 @@ def test_ensemble_is_the_mean_and_embeddings_are_reused(phantom_files, tiny_mode
     refs = load_references([(phantom_files["ref"], phantom_files["ref_lab"]),
                             (phantom_files["tgt"], phantom_files["tgt_lab"])])
     classes = resolve_classes(refs, None)
-    eng = Engine(tiny_model, device="cpu")
+    eng = Engine(tiny_model, SegmentOptions(device="cpu"))
     enc = encode_references(eng, refs, classes)
     ens = ensemble(enc, classes)
     for s in range(len(ens.tokens)):
@@ -59,7 +61,7 @@ def test_ensemble_is_the_mean_and_embeddings_are_reused(phantom_files, tiny_mode
 
 def test_one_decoder_pass_gives_all_classes(phantom_files, tiny_model):
     refs = load_references([(phantom_files["ref"], phantom_files["ref_lab"])])
-    eng = Engine(tiny_model, device="cpu", overlap=0.0)
+    eng = Engine(tiny_model, SegmentOptions(device="cpu", overlap=0.0))
     emb = eng.encode(refs[0], [ClassSpec("a", 1), ClassSpec("b", 2)])
     prep = eng.prepare(sitk.ReadImage(str(phantom_files["tgt"])), "t")
     passes = []
@@ -116,7 +118,7 @@ def test_probability_map_names_stay_distinct_on_any_file_system():
     """One file per class even where names differ only in characters a file name cannot hold or only in
     case (Windows and macOS file systems ignore case)."""
     from iris_core.io.results import probability_paths
-    from iris_core.pipeline.inference import ClassSpec
+    from iris_core.types import ClassSpec
 
     plain = probability_paths("out/seg.nii.gz", [ClassSpec("left caudate", 1), ClassSpec("liver", 2)])
     assert [p.name for p in plain] == ["seg_prob_left_caudate.nii.gz", "seg_prob_liver.nii.gz"]
@@ -134,9 +136,10 @@ def test_overlapping_classes_keep_their_overlap():
     lobes; the lobes, which do not overlap each other in the reference, still share one label map (one
     lobe per voxel). The sidecar counts each class in full."""
     from conftest import dice
-    from iris_core.api import overlapping_class_groups, resolve_model, segment
-    from iris_core.io import sampledata
-    from iris_core.pipeline.inference import ClassSpec, Reference
+    from iris_core import sampledata
+    from iris_core.api import resolve_model, segment
+    from iris_core.io.segmentations import overlapping_class_groups
+    from iris_core.types import ClassSpec, Reference
 
     lobes = sampledata.colin27("lobes")
     brain = sampledata.colin27("brain")
@@ -176,7 +179,7 @@ def test_output_names_ignore_the_extensions_case():
     from iris_core.commands.segment import _volume_stem
     from iris_core.io.names import sidecar_path
     from iris_core.io.results import probability_paths
-    from iris_core.pipeline.inference import ClassSpec
+    from iris_core.types import ClassSpec
 
     for out, side in [("o/seg.nii.gz", "seg.json"), ("o/SEG.NII.GZ", "SEG.json"), ("o/x.Seg.Nrrd", "x.json"),
                       ("o/y.MHA", "y.json"), ("o/plain", "plain.json")]:
@@ -193,7 +196,7 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    from iris_core.io import sampledata
+    from iris_core import sampledata
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = re.search(r"### Python\n\n```python\n(.*?)```", readme, re.S).group(1)
     ref = sampledata.colin27("brain")
@@ -235,20 +238,23 @@ def test_reference_box_covers_the_whole_volume_where_the_network_takes_it(tiny_m
     padded evenly, up to the network's largest input, else as much as it takes around the classes."""
     import dataclasses
 
+    from iris_core.pipeline.crops import ReferenceCrops
     from iris_core.pipeline.inference import Engine
 
-    eng = Engine(tiny_model, device="cpu")
-    assert eng.policy.reference_crop == "volume" and eng.largest_reference == 64  # iris-tiny: 32 x 2
+    eng = Engine(tiny_model, SegmentOptions(device="cpu"))
+    crops = eng.crops
+    assert crops.policy.reference_crop == "volume" and crops.largest_reference == 64  # iris-tiny: 32 x 2
     masks = np.zeros((1, 48, 40, 32), bool)
     masks[0, 20:30, 10:20, 5:9] = True
-    box = eng._crop_box(masks)
+    box = crops.box(masks)
     assert [(s.start, s.stop) for s in box] == [(0, 48), (-4, 44), (0, 32)]  # whole, 40 padded to 48 evenly
     big = np.zeros((1, 48, 200, 32), bool)
     big[0, 20:30, 150:170, 5:9] = True
-    box = eng._crop_box(big)
+    box = crops.box(big)
     assert box[1].stop - box[1].start == 64 and box[1].start <= 150 and box[1].stop >= 170 and box[1].stop <= 200
-    eng.policy = dataclasses.replace(eng.policy, reference_crop="union")
-    assert [s.stop - s.start for s in eng._crop_box(masks)] == list(eng.window)
+    union = ReferenceCrops(dataclasses.replace(crops.policy, reference_crop="union"), crops.window, crops.divisor,
+                           crops.largest_reference, "auto", False, crops.device)
+    assert [s.stop - s.start for s in union.box(masks)] == list(eng.window)
 
 
 @pytest.mark.parametrize("target", ["Colin27", "ICBM2009a-moved"])

@@ -338,8 +338,8 @@ def test_cli_seg_nrrd_keeps_overlapping_classes_as_slicer_layers(tmp_path, capsy
 
     import SimpleITK as sitk
 
+    from iris_core import sampledata
     from iris_core.commands.cli import main
-    from iris_core.io import sampledata
 
     lobes, brain = sampledata.colin27("lobes"), sampledata.colin27("brain")
     target = sampledata.move_off_mni(sampledata.mni152nlin6asym("brain"), seed=0)

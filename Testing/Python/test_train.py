@@ -77,7 +77,7 @@ def test_evaluation_only_data_is_refused():
     """The macaque template is the held-out species check: no config can train on it, by name, as a file or
     inside a dataset, and each refusal is the evaluation-only rule's (not an unknown name's)."""
     from iris_core.errors import InputError
-    from iris_core.io.sampledata import MRICRON_TEMPLATES
+    from iris_core.sampledata import MRICRON_TEMPLATES
     from iris_core.training import TrainConfig
     from iris_core.training.sources import _build_sources
 

@@ -13,17 +13,20 @@ import time
 
 import torch
 
+from iris_core import sampledata
 from iris_core.api import resolve_model
 from iris_core.commands.evaluate import Method
 from iris_core.commands.registration import register_labels
 from iris_core.errors import InputError
-from iris_core.io import sampledata
 from iris_core.metrics import dice_score
 from iris_core.models.blocks import PackedProjection, QKVCrossAttention
 from iris_core.models.iris import TaskEncoder
+from iris_core.options import SegmentOptions
 from iris_core.pipeline.aot import CompiledMethod
 from iris_core.pipeline.device import peak_rss_mb
-from iris_core.pipeline.inference import ClassSpec, Engine, Reference
+from iris_core.pipeline.inference import Engine
+from iris_core.pipeline.task import EmbeddingTask, segment_target
+from iris_core.types import ClassSpec, Reference
 
 
 def _measure(model_spec: str, window: int, classes: list[int], repeats: int, threads: int | None,
@@ -147,7 +150,7 @@ def pair_benchmark(model_spec: str = "default", repeats: int = 3, registration: 
 
     def run_all(reference: bool) -> dict:
         _set_reference_path(model, reference)
-        eng = Engine(loaded, device="cpu", skip_empty=not reference)
+        eng = Engine(loaded, SegmentOptions(device="cpu"), skip_empty=not reference)
         r = Reference(ref.image, ref.labels, "colin27")
         emb, t_enc = _timed(lambda: eng.encode(r, [ClassSpec("brain", 1)]), repeats)
         out = {"encode_reference_s": t_enc}
@@ -161,14 +164,12 @@ def pair_benchmark(model_spec: str = "default", repeats: int = 3, registration: 
         per_target, labels = [], []
         for t in targets:
             t0 = time.perf_counter()
-            prep = eng.prepare(t.image, t.name)
-            probs = eng.predict(prep, emb)
-            lab = eng.labels(probs, prep, [1])
+            lab = segment_target(eng, EmbeddingTask(emb), t.image, t.name).labels
             per_target.append(time.perf_counter() - t0)
             labels.append(lab)
         out["whole_volume_first_target_s"] = per_target[0]
         out["per_additional_target_s"] = statistics.median(per_target[1:])
-        out["skipped_windows"] = eng.skipped_windows
+        out["skipped_windows"] = eng.windows.skipped
         out["dice"] = [dice_score(sitk.GetArrayFromImage(lab) > 0, sitk.GetArrayFromImage(t.labels) > 0)
                        for lab, t in zip(labels, targets)]
         out["_logits"] = logits1
@@ -251,14 +252,13 @@ def whole_brain_speed(model_spec: str = "default", repeats: int = 3, threads: in
     loaded = resolve_model(model_spec)
     ref = sampledata.colin27("brain")
     target = sampledata.icbm2009a("brain")
-    eng = Engine(loaded, device="cpu")
+    eng = Engine(loaded, SegmentOptions(device="cpu"))
     t0 = time.perf_counter()
     emb = eng.encode(Reference(ref.image, ref.labels, "colin27"), [ClassSpec("brain", 1)])
     encode_s = time.perf_counter() - t0
 
     def one_target():
-        prep = eng.prepare(target.image, target.name)
-        return eng.labels(eng.predict(prep, emb), prep, [1])
+        return segment_target(eng, EmbeddingTask(emb), target.image, target.name).labels
 
     c0 = time.process_time()
     _, wall = _timed(one_target, repeats)

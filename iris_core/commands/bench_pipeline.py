@@ -13,8 +13,9 @@ from pathlib import Path
 from iris_core.api import load_references, resolve_classes, resolve_model
 from iris_core.errors import InputError
 from iris_core.io.imaging import read_image
+from iris_core.options import SegmentOptions
 from iris_core.pipeline.inference import Engine
-from iris_core.pipeline.strategies import encode_references, one_shot
+from iris_core.pipeline.task import ReferenceTask, segment_target
 from iris_core.resources import MASS_PIPELINE_FIXTURE
 
 log = logging.getLogger(__name__)
@@ -67,17 +68,10 @@ def window_gflop(loaded, window: tuple[int, ...], tokens: list) -> float | None:
         return None
 
 
-def pipeline_benchmark(model: str, target: str | None = None, references: list[tuple[str, str]] | None = None,
-                       intensity: str = "auto", compile: bool = False, threads: int | None = None,
-                       further_targets: int = 1, compare: str | None = None, precision: str = "float32") -> dict:
-    """Seconds per stage of segmenting ``target`` from ``references`` end to end (default: the MASS
-    fixture's MR case), then of each of ``further_targets`` more targets (the same file again) with
-    the references' embedding reused; peak RSS in MB. ``compare``: a label map on the target grid
-    (default with the fixture: the authors' own output) whose agreement with the first target's labels
-    is reported, so that a speed figure always comes with the labels it produced."""
-    import torch
-
-
+def _fixture_run(target: str | None, references: list[tuple[str, str]] | None, compare: str | None,
+                 intensity: str) -> tuple[str, list[tuple[str, str]], str | None, str]:
+    """The run's target, references, label map to compare with and intensity policy: the MASS fixture's MR case
+    (compared with the authors' own output) when no target is given."""
     if target is None:
         if not (FIXTURE / "mr_target.nii.gz").is_file():
             raise InputError(f"no --target given and the fixture {FIXTURE} is absent")
@@ -87,74 +81,99 @@ def pipeline_benchmark(model: str, target: str | None = None, references: list[t
         intensity = "MR" if intensity == "auto" else intensity
     if not references:
         raise InputError("bench --pipeline needs --reference IMAGE LABELS with --target")
+    return target, references, compare, intensity
+
+
+class StageClock:
+    """The benchmark's ears on the pipeline: the engine's stage seconds (its ``on_stage`` hook) and the time of
+    each window (its progress hook: a window ends where the next 'Segmenting' step is reported; the first
+    window counts from the end of the stage before it, the target's preparation)."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+        self.windows: list[float] = []
+        self.last = time.perf_counter()
+
+    def on_stage(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+        self.last = time.perf_counter()
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if not stage.startswith("Segmenting"):  # e.g. compiling: counted in the window it delays
+            return
+        now = time.perf_counter()
+        if done > 0:
+            self.windows.append(now - self.last)
+        self.last = now
+
+
+def pipeline_benchmark(model: str, target: str | None = None, references: list[tuple[str, str]] | None = None,
+                       intensity: str = "auto", compile: bool = False, threads: int | None = None,
+                       further_targets: int = 1, compare: str | None = None, precision: str = "float32") -> dict:
+    """Seconds per stage of segmenting ``target`` from ``references`` end to end (default: the MASS
+    fixture's MR case), then of each of ``further_targets`` more targets (the same file again) with
+    the references' encoding reused; peak RSS in MB. ``compare``: a label map on the target grid
+    (default with the fixture: the authors' own output) whose agreement with the first target's labels
+    is reported, so that a speed figure always comes with the labels it produced."""
+    target, references, compare, intensity = _fixture_run(target, references, compare, intensity)
     other = read_image(compare, "label map to compare with") if compare else None  # outside the timings
     t_start, cpu_start = time.perf_counter(), time.process_time()
+    clock = StageClock()
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         loaded = resolve_model(model)
         t_load = time.perf_counter() - t0
-        engine = Engine(loaded, device="cpu", threads=threads, intensity=intensity, compile=compile,
-                        precision=precision)
-        window_times: list[float] = []
-        last = [time.perf_counter()]
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if not stage.startswith("Segmenting"):  # e.g. compiling: counted in the window it delays
-                return
-            now = time.perf_counter()
-            if done > 0:
-                window_times.append(now - last[0])
-            last[0] = now
-
-        engine.progress = progress
+        options = SegmentOptions(device="cpu", threads=threads, intensity=intensity, compile=compile,
+                                 precision=precision)
+        engine = Engine(loaded, options, progress=clock.progress, on_stage=clock.on_stage)
         refs = load_references(references)
         classes = resolve_classes(refs, None)
         img = read_image(target, "target image")
         if other is not None and other.GetSize() != img.GetSize():  # checked before minutes of work
             raise InputError(f"{compare}: {other.GetSize()} voxels, the target has {img.GetSize()}")
         t0 = time.perf_counter()
-        prep = engine.prepare(img, Path(target).name)
-        t_prep = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        emb = one_shot(encode_references(engine, refs, classes), classes)
+        task = ReferenceTask.encode(engine, refs, classes)
         t_enc = time.perf_counter() - t0
-        values = [c.value for c in classes]
-        t0 = last[0] = time.perf_counter()
-        probs = engine.predict(prep, emb)
-        t_seg = time.perf_counter() - t0
-        first_windows = list(window_times)
-        t0 = time.perf_counter()
-        labels = engine.labels(probs, prep, values)
-        t_back = time.perf_counter() - t0
-        first_total = time.perf_counter() - t_start
-        first_cpu = time.process_time() - cpu_start
+        clock.stages.clear()
+        first = segment_target(engine, task, img, Path(target).name)
+        stages, first_windows = dict(clock.stages), list(clock.windows)
+        first_total, first_cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
         further = []
         for _ in range(further_targets):
-            t0 = last[0] = time.perf_counter()
-            p2 = engine.prepare(img, Path(target).name)
-            engine.labels(engine.predict(p2, emb), p2, values)
+            t0 = time.perf_counter()
+            segment_target(engine, task, img, Path(target).name)
             further.append(time.perf_counter() - t0)
-    packages = engine.compiled_packages()  # --compile on a CPU: which compiled networks were built or loaded
-    gflop = window_gflop(loaded, engine.window, emb.batched("cpu")) if loaded.arch == "iris" else None
+    seconds = {"load_model": t_load, "prepare_target": stages.get("prepare", 0.0),
+               "prepare_and_encode_references": t_enc, "windows_total": stages.get("segment", 0.0),
+               "back_to_target_grid": stages.get("resample_back", 0.0), "first_target_total": first_total}
+    return _report(loaded, engine, first, target, classes, seconds, first_windows, first_cpu, further, mem.peak,
+                   other, compare)
+
+
+def _report(loaded, engine: Engine, first, target: str, classes: list, seconds: dict, windows: list[float],
+            first_cpu: float, further: list[float], peak: int, other, compare: str | None) -> dict:
+    """The figures of :func:`pipeline_benchmark`, with the agreement of the first target's labels with
+    ``other`` (a label map on the target grid)."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    gflop = window_gflop(loaded, engine.window, first.embedding.batched("cpu")) if loaded.arch == "iris" else None
     agreement = None
     if other is not None:
-        import numpy as np
-        import SimpleITK as sitk
-
-        same = np.mean(sitk.GetArrayViewFromImage(labels) == sitk.GetArrayViewFromImage(other))
+        same = np.mean(sitk.GetArrayViewFromImage(first.labels) == sitk.GetArrayViewFromImage(other))
         agreement = {"file": str(compare), "same_label_share": float(same)}
     return {
         "model": loaded.name, "pipeline": loaded.preprocessing.name, "target": str(target),
-        "classes": len(classes), "threads": torch.get_num_threads(), "compile": compile,
-        "model_grid": list(prep.array.shape), "window": list(engine.window), "windows": len(first_windows),
-        "seconds": {"load_model": t_load, "prepare_target": t_prep, "prepare_and_encode_references": t_enc,
-                    "windows_total": t_seg, "back_to_target_grid": t_back, "first_target_total": first_total},
-        "window_s": {"first": first_windows[0] if first_windows else None,
-                     "mean_rest": (sum(first_windows[1:]) / len(first_windows[1:])) if len(first_windows) > 1 else None},
+        "classes": len(classes), "threads": torch.get_num_threads(), "compile": engine.options.compile,
+        "model_grid": list(first.prepared.array.shape), "window": list(engine.window), "windows": len(windows),
+        "seconds": seconds,
+        "window_s": {"first": windows[0] if windows else None,
+                     "mean_rest": (sum(windows[1:]) / len(windows[1:])) if len(windows) > 1 else None},
         "first_target_cpu_s": first_cpu,
         "further_target_s": further,
-        "peak_rss_mb": mem.peak / 2**20,
-        "compiled_packages": packages,
+        "peak_rss_mb": peak / 2**20,
+        "compiled_packages": engine.compiled_packages(),  # --compile on a CPU: which were built or loaded
         "precision": engine.precision_report(),
         "window_gflop": gflop,
         "agreement": agreement,

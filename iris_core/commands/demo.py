@@ -18,17 +18,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from iris_core import sampledata
 from iris_core.api import resolve_model, segment
 from iris_core.commands.evaluate import parse_method
 from iris_core.commands.registration import register_labels
 from iris_core.errors import InputError
-from iris_core.io import sampledata
 from iris_core.io.imaging import output_folder, write_image_atomic
 from iris_core.io.resample import resample_to
 from iris_core.io.results import write_result
 from iris_core.io.viz import class_grid_png, overlay_png
 from iris_core.metrics import dice_score
-from iris_core.pipeline.inference import ClassSpec, ProgressFn
+from iris_core.types import ClassSpec, ProgressFn
 
 log = logging.getLogger(__name__)
 

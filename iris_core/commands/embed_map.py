@@ -15,8 +15,10 @@ from iris_core.errors import InputError
 from iris_core.io.datasets import Dataset
 from iris_core.io.imaging import output_folder
 from iris_core.io.resample import labels_to_masks
+from iris_core.options import SegmentOptions
 from iris_core.pipeline.embedding import TaskEmbedding, is_memory, model_fingerprint
-from iris_core.pipeline.inference import ClassSpec, Engine, Reference
+from iris_core.pipeline.inference import Engine
+from iris_core.types import ClassSpec, Reference
 
 
 def embed_dataset(ds: Dataset, out_dir: str | Path, model: str = "default", device: str = "auto",
@@ -25,7 +27,7 @@ def embed_dataset(ds: Dataset, out_dir: str | Path, model: str = "default", devi
 
     out = output_folder(out_dir)
     loaded = resolve_model(model)
-    eng = Engine(loaded, device=device, intensity=ds.modality)
+    eng = Engine(loaded, SegmentOptions(device=device, intensity=ds.modality))
     parts, meta = [], []
     cases = ds.cases[:max_cases] if max_cases else ds.cases
     for i, case in enumerate(cases):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from iris_core.api import resolve_model, segment_hermes
+from iris_core.api import hermes_task, resolve_model
 from iris_core.commands.registration import register_labels
 from iris_core.errors import InputError, IrisError, reason
 from iris_core.hub.hermes_vocab import intensity_for, resolve_modality
@@ -32,9 +32,11 @@ from iris_core.io.resample import resample_to
 from iris_core.io.segmentations import matching_value
 from iris_core.io.viz import overlay_png
 from iris_core.metrics import finite_mean, segment_metrics
-from iris_core.options import STRATEGIES
-from iris_core.pipeline.inference import ClassSpec, Engine, Reference
-from iris_core.pipeline.strategies import encode_references, run_strategy
+from iris_core.options import STRATEGIES, SegmentOptions
+from iris_core.pipeline.inference import Engine
+from iris_core.pipeline.strategies import encode_references
+from iris_core.pipeline.task import ReferenceTask, segment_target
+from iris_core.types import ClassSpec, Reference
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +130,10 @@ class Evaluator:
             self._images[name] = self.ds.case(name).read()
         return self._images[name]
 
-    def engine(self):
+    def engine(self) -> Engine:
         if self._engine is None:
-
-            self._engine = Engine(resolve_model(self.model_spec), device=self.device, intensity=self.ds.modality)
+            options = SegmentOptions(device=self.device, intensity=self.ds.modality)
+            self._engine = Engine(resolve_model(self.model_spec), options)
         return self._engine
 
     def names(self, case: str) -> dict[int, str]:
@@ -169,18 +171,18 @@ class Evaluator:
         return out
 
     def run_iris(self, method: Method, target: str, refs: list[str]) -> sitk.Image:
-
+        """The label map segment writes for ``target`` from the references with the method's strategy; each
+        reference is encoded once for the whole cohort."""
         eng = self.engine()
         classes = self.classes(refs)
         encoded = []
-        for r in refs:  # each reference encoded once for the whole cohort
+        for r in refs:
             key = (r, tuple(c.value for c in classes))
             if key not in self._cache:
                 self._cache[key] = encode_references(eng, [Reference(*self._read(r), r)], classes)
             encoded += self._cache[key]
-        tprep = eng.prepare(self._read(target)[0], target)
-        result = run_strategy(eng, tprep, encoded, classes, method.option)
-        return eng.labels(result.probabilities, tprep, [c.value for c in classes], self.postprocess)
+        task = ReferenceTask(classes, method.option, encoded)
+        return segment_target(eng, task, self._read(target)[0], target, self.postprocess).labels
 
     def run_hermes(self, target: str) -> sitk.Image:
         """Hermes segments the dataset's named classes (names from dataset.json looked up in the model's
@@ -189,20 +191,20 @@ class Evaluator:
         if not self.hermes_spec:
             raise InputError("method hermes needs --hermes-model FILE")
         if self._hermes is None:
+            values = sorted(self.ds.label_names)
+            if not values:
+                raise InputError(f"dataset {self.ds.name}: method hermes needs label names (dataset.json)")
             loaded = resolve_model(self.hermes_spec)
             modality = resolve_modality(self.hermes_modality or {"CT": "CT", "MR": "T1"}.get(self.ds.modality, "CT"))
-            self._hermes = (Engine(loaded, device=self.device, intensity=intensity_for(modality[0])), loaded, modality)
-        eng, loaded, modality = self._hermes
-        values = sorted(self.ds.label_names)
-        if not values:
-            raise InputError(f"dataset {self.ds.name}: method hermes needs label names (dataset.json)")
-        run = segment_hermes(eng, loaded, self._read(target)[0], target,
-                             ",".join(self.ds.label_names[v] for v in values), modality)
-        return eng.labels(run.probabilities, run.prep, values, self.postprocess)
+            options = SegmentOptions(device=self.device, intensity=intensity_for(modality[0]))
+            task = hermes_task(loaded, ",".join(self.ds.label_names[v] for v in values), modality, values)
+            self._hermes = (Engine(loaded, options), task)
+        eng, task = self._hermes
+        return segment_target(eng, task, self._read(target)[0], target, self.postprocess).labels
 
     def predict(self, method: Method, target: str, refs: list[str]) -> sitk.Image:
         timg = self._read(target)[0]
-        if method.kind in ("iris", "hermes"):  # the label map segment writes (Engine.labels: one way to labels)
+        if method.kind in ("iris", "hermes"):  # the label map segment writes (segment_target: one way to labels)
             return self.run_iris(method, target, refs) if method.kind == "iris" else self.run_hermes(target)
         rimg, rlab = self._read(refs[0])
         if method.kind == "identity":

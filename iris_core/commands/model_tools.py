@@ -42,7 +42,7 @@ def cmd_check_model(args: argparse.Namespace) -> int:
 
         output_folder(args.output, "--output", create=False)
     from iris_core.api import resolve_model
-    from iris_core.checks import copy_test, standard_check
+    from iris_core.training.checks import copy_test, standard_check
 
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
     report = standard_check(loaded, device=args.device, out_dir=args.output)

@@ -190,26 +190,26 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def segment_here(args: argparse.Namespace, jobs: list[tuple[str, str, str | None]], options) -> int:
-    """Segment the checked jobs on this computer (this rank's share under torchrun); several targets: one that
-    cannot be segmented is reported and the others are still done."""
-    from iris_core.api import load_references, parse_classes, resolve_classes, resolve_model
+    """Segment the checked jobs on this computer (this rank's share under torchrun): the task is made once (the
+    references read, checked and encoded before any target), then each target segmented with it; several
+    targets: one that cannot be segmented is reported and the others are still done."""
+    from iris_core.api import make_task, parse_classes, resolve_model
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     jobs, skipped = cohort_share(jobs, rank, world, args.skip_existing)
     if world > 1:  # under torchrun: on this rank's own GPU when there are GPUs
         options = cohort_device(options)
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
-    classes = parse_classes(args.classes, names_only=bool(args.library))
-    references = [tuple(r) for r in args.reference or []]
-    if references and len(jobs) > 1 and loaded.arch != "hermes" and not args.structures and not args.library:
-        # read and checked once, before any target: a wrong reference fails now, not once per target
-        references = load_references(references)
-        classes = resolve_classes(references, classes)
-    # the task is encoded once: later targets reuse the first one's embedding (retrieval picks references
-    # per target, so it encodes again; Hermes has no embedding; a library is read again, it is small)
-    task = {"references": references, "classes": classes, "library": args.library, "structures": args.structures}
+    progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
+    try:
+        task = make_task(loaded, [tuple(r) for r in args.reference or []],
+                         parse_classes(args.classes, names_only=bool(args.library)), args.library, args.structures,
+                         options, progress)
+    finally:
+        progress.close()
     failed: list[tuple[str, IrisError]] = []
     done: list[dict] = []
+    saved = False
     for i, job in enumerate(jobs, 1):
         if len(jobs) > 1:
             log.info("target %d of %d: %s", i, len(jobs), job[0])
@@ -223,13 +223,12 @@ def segment_here(args: argparse.Namespace, jobs: list[tuple[str, str, str | None
             failed.append((job[0], exc))
             continue
         done.append(_write_outputs(args, job, result, loaded, several=len(jobs) > 1) | {"rank": rank})
-        if args.save_library and "saved" not in task and result.embedding is not None:  # the first target's task
+        if args.save_library and not saved and result.embedding is not None:  # the first target's task
             from iris_core.pipeline.embedding import model_fingerprint
 
             result.embedding.save(args.save_library, model_fingerprint(loaded.model), {"model": loaded.name})
-            task["saved"] = True
-        if "reuse" not in task and args.strategy != "retrieval" and not args.structures and not args.library:
-            task["reuse"] = result.embedding
+            saved = True
+        task = result.task  # the embedding where it is the same for every target, else the references as encoded
     if world > 1:
         write_cohort_summary(Path(args.output), rank, world, done, failed, skipped)
     if failed:
@@ -239,17 +238,13 @@ def segment_here(args: argparse.Namespace, jobs: list[tuple[str, str, str | None
     return 0
 
 
-def _segment_target(args: argparse.Namespace, target: str, task: dict, loaded, options):
-    """One target segmented with a progress bar on a terminal: from the first target's task embedding when
-    there is one (``task['reuse']``), else from the references, library or structures."""
+def _segment_target(args: argparse.Namespace, target: str, task, loaded, options):
+    """One target segmented with the run's task, with a progress bar on a terminal."""
     from iris_core.api import segment
 
     progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
     try:
-        if task.get("reuse") is not None:
-            return segment(target, model=loaded, library=task["reuse"], options=options, progress=progress)
-        return segment(target, references=task["references"], classes=task["classes"], model=loaded,
-                       library=task["library"], structures=task["structures"], options=options, progress=progress)
+        return segment(target, model=loaded, task=task, options=options, progress=progress)
     finally:
         progress.close()
 

@@ -13,7 +13,7 @@ import json
 import logging
 import pickle
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from iris_core.errors import CheckpointError, ConfigError
+from iris_core.errors import CheckpointError
 from iris_core.io.names import publish
 from iris_core.models import PRESETS, build_model, config_from_dict, config_to_dict
 from iris_core.models.config import HermesConfig, IrisConfig
-from iris_core.options import check_choice
+from iris_core.pipeline.policy import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -34,111 +34,6 @@ FORMAT = "iris-segment/1"
 # Wrapper keys of foreign training checkpoints, most preferred first (EMA weights infer best).
 STATE_DICT_KEYS = ("ema_state_dict", "ema_model_state_dict", "ema_model", "model_state_dict", "state_dict", "model", "net")
 PREFIXES = ("module.", "_orig_mod.", "model.")
-
-
-#: the pipeline's swappable parts: each string field of the policy and its values (ours first)
-POLICY_CHOICES: dict[str, tuple[str, ...]] = {
-    "grid": ("physical", "native"),
-    "modality_rule": ("iris", "mass"),
-    "reference_crop": ("volume", "union", "per-label"),
-    "reference_masks": ("soft", "nearest"),
-    "blending": ("monai", "mass"),
-    "labels_on": ("target", "model"),
-    "align": ("none", "affine", "identity"),
-}
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """The inference policy of a model: every choice of the pipeline around the network, from reading
-    the image to writing the label map. ``Preprocessing()`` is this project's own pipeline (our
-    models); :meth:`mass` is the pipeline of the MASS authors' ``inference.py`` (``mass_base.pth``
-    and any foreign Iris checkpoint). Stored in our checkpoint format, so a converted or fine-tuned
-    MASS model keeps it."""
-
-    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    window: tuple[int, int, int] = (128, 128, 128)
-    ct_window: tuple[float, float] = (-990.0, 500.0)
-    mr_percentiles: tuple[float, float] = (0.5, 99.5)
-    #: 'iris-segment' (ours) or 'mass' (the authors' inference.py); a label for humans and sidecars
-    name: str = "iris-segment"
-    #: orientation code applied first ('RAS' with sitk.DICOMOrient); '' keeps the file's
-    orientation: str = ""
-    #: 'physical': identity-direction grid over the physical extent, sizes a multiple of 16, anti-aliased;
-    #: 'native': same origin and direction, size round(size * spacing / new spacing), no smoothing
-    grid: str = "physical"
-    #: modality guess of 'auto': 'iris' (1st percentile < -500 -> CT) or 'mass' (0.5/99.5 percentiles)
-    modality_rule: str = "iris"
-    #: target body crop margin (z, y, x voxels); empty: no body crop
-    body_margin: tuple[int, ...] = ()
-    ct_body_threshold: float = -500.0
-    #: reference crops: 'volume' (the whole reference volume, padded to a multiple of 16, when the network takes
-    #: it; else as much of it around the classes as it takes), 'union' (all classes in one sliding-window-sized
-    #: window, volume-normalised) or 'per-label' (one window per label centred on its box, zero-padded,
-    #: normalised on the crop). 'volume' because cutting the reference changes its features (instance norms see
-    #: other statistics): the copy test lost 0.16 Dice to a 64^3 crop of a whole head (issue [11])
-    reference_crop: str = "volume"
-    #: reference label maps onto the model grid: 'soft' (anti-aliased, >= 0.5) or 'nearest'
-    reference_masks: str = "soft"
-    #: sliding window: 'monai' (background padding, MONAI Gaussian) or 'mass' (zero padding at the
-    #: far end, separable Gaussian sigma 0.125 x edge normalised to max 1)
-    blending: str = "monai"
-    overlap: float = 0.5
-    #: windows holding only background are skipped (their output is taken as 0)
-    skip_empty: bool = True
-    threshold: float = 0.5
-    #: labels decided 'target' (probabilities resampled linearly, then argmax) or 'model' (on the model
-    #: grid, then nearest neighbour onto the target grid)
-    labels_on: str = "target"
-    #: keep each label's largest connected component by default; connectivity 6 (faces) or 26
-    largest_component: bool = False
-    connectivity: int = 26
-    #: 'affine': each reference is registered to each target first (iris_core.pipeline.align) and a model
-    #: with a position-aware memory readout weighs reference voxels by their distance after it; 'none';
-    #: 'identity': distances in each image's own scanner coordinates, no registration (the ablation's
-    #: "position term without alignment")
-    align: str = "none"
-    #: with an alignment: the weight of the aligned reference's labels as a prior on the logits on the target
-    #: grid, scaled by local image agreement (iris_core.pipeline.prior; chosen with studies/prior_weight.py);
-    #: 0 turns it off
-    prior_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        """Every choice checked once, when the policy is made (a model file with an unknown value fails as it
-        loads, not in the middle of a run)."""
-        for name, allowed in POLICY_CHOICES.items():
-            check_choice(getattr(self, name), allowed, f"pipeline policy {name}")
-        if self.connectivity not in (6, 26):
-            raise ConfigError(f"pipeline policy connectivity {self.connectivity!r}: use 6 or 26")
-        if len(self.spacing) != 3 or min(self.spacing) <= 0 or len(self.window) != 3 or min(self.window) < 1:
-            raise ConfigError(f"pipeline policy spacing {self.spacing} / window {self.window}: three positive values")
-        if self.prior_weight < 0 or (self.prior_weight and self.align == "none"):
-            raise ConfigError(f"pipeline policy prior_weight {self.prior_weight}: >= 0, and only with an alignment")
-        if not 0 <= self.overlap < 1 or not 0 < self.threshold < 1:
-            raise ConfigError(f"pipeline policy overlap {self.overlap} / threshold {self.threshold}: in [0, 1) / (0, 1)")
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v
-                      for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    @classmethod
-    def mass(cls) -> Preprocessing:
-        """The MASS authors' pipeline (Stanford-AIMI/MASS inference.py, every option at its default);
-        see README: MASS checkpoints."""
-        return cls(spacing=(1.5, 1.5, 1.5), window=(128, 128, 128), ct_window=(-991.0, 500.0),
-                   mr_percentiles=(2.0, 98.0), name="mass", orientation="RAS", grid="native",
-                   modality_rule="mass", body_margin=(16, 32, 32), ct_body_threshold=-500.0,
-                   reference_crop="per-label", reference_masks="nearest", blending="mass", overlap=0.5,
-                   skip_empty=False, threshold=0.5, labels_on="model", largest_component=True,
-                   connectivity=6)
-
-
-#: the inference policy object (one frozen dataclass; ``Preprocessing`` is its historical name)
-Policy = Preprocessing
 
 
 @dataclass

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from iris_core import sampledata
 from iris_core.errors import InputError
-from iris_core.io import sampledata
 from iris_core.io.dicom_seg import dicom_seg_truth, is_dicom_seg
 from iris_core.io.imaging import read_image, read_labels
 from iris_core.resources import SAMPLE_DATA

@@ -6,9 +6,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -19,26 +17,7 @@ from iris_core.io.dicom_seg import build_dicom_seg, check_dicom_seg_output
 from iris_core.io.imaging import write_image_partial
 from iris_core.io.names import publish, sidecar_path, split_volume_name
 from iris_core.io.outputs import same_file, stamp
-
-if TYPE_CHECKING:
-    from iris_core.pipeline.embedding import TaskEmbedding
-    from iris_core.pipeline.inference import ClassSpec
-
-
-@dataclass
-class SegmentationResult:
-    """What a segmentation run returns: the label map on the target grid, its classes, the task embedding
-    used (None for Hermes), the sidecar's record, and optionally probability maps and overlapping layers."""
-
-    labels: sitk.Image
-    classes: list[ClassSpec]
-    embedding: TaskEmbedding | None
-    sidecar: dict = field(default_factory=dict)
-    #: with ``save_probabilities``: one float32 map per class (same order as ``classes``), target grid
-    probabilities: list[sitk.Image] | None = None
-    #: with ``overlaps``: each class on its own, as label maps (target grid), one per group of classes that do
-    #: not overlap; ``labels`` still holds one class per voxel (the most probable)
-    layers: list[sitk.Image] | None = None
+from iris_core.types import ClassSpec, SegmentationResult
 
 
 def class_volumes(labels: sitk.Image | list[sitk.Image], classes: list[ClassSpec]) -> list[dict]:

@@ -1,15 +1,17 @@
 """3D Slicer segmentation files (.seg.nrrd): their segments, names and layers (segments that overlap are
-stored in several layers), and the grouping of masks into layers that do not overlap."""
+stored in several layers), and the one grouping of masks (and of classes) into layers that do not overlap."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from iris_core.errors import InputError
-from iris_core.io.imaging import _unreadable, labels_on_grid
+from iris_core.io.imaging import _unreadable, labels_on_grid, same_grid
+from iris_core.types import ClassSpec, Reference
 
 
 def _seg_nrrd_header(path: str | Path) -> sitk.ImageFileReader | None:
@@ -127,9 +129,11 @@ def unknown_segment(name: str, names: dict[int, str], present: set[int] | None =
                       f"{values}; give label values (1,3) or NAME=VALUE (liver=1)", inputs=("classes",))
 
 
-def disjoint_groups(masks: list[np.ndarray]) -> list[list[int]]:
+def disjoint_groups(masks: Iterable[np.ndarray]) -> list[list[int]]:
     """Indices of ``masks`` split into groups whose masks do not overlap (first fit, in order), so each
-    group can be one label map without a structure swallowing another (one group when none overlap)."""
+    group can be one label map without a structure swallowing another (one group when none overlap). The one
+    grouping: a segmentation's layers (Slicer, DICOM SEG) and classes that may overlap
+    (:func:`overlapping_class_groups`). ``masks`` may be a generator: one is held at a time."""
     groups: list[list[int]] = []
     unions: list[np.ndarray] = []
     for i, m in enumerate(masks):
@@ -142,3 +146,29 @@ def disjoint_groups(masks: list[np.ndarray]) -> list[list[int]]:
             groups.append([i])
             unions.append(m.copy())
     return groups
+
+
+def overlapping_class_groups(refs: list[Reference], classes: list[ClassSpec]) -> list[list[int]]:
+    """The class values in groups such that classes whose voxels overlap in some reference (label maps of
+    one image: a Slicer segmentation's layers, a structure inside another) fall in different groups and
+    the others share one (:func:`disjoint_groups`, first fit in class order): within a group the result has one
+    class per voxel, across groups classes may overlap as the references do. One group when nothing overlaps.
+    A class's mask is where any label map of an image shown by several references holds it (label maps of
+    different images say nothing of overlaps)."""
+    images: list[list[Reference]] = []  # the references of one image (same grid, same voxels)
+    for r in refs:
+        for same in images:
+            first = same[0]
+            if same_grid(first.labels, r.labels) and (first.image is r.image or np.array_equal(
+                    sitk.GetArrayViewFromImage(first.image), sitk.GetArrayViewFromImage(r.image))):
+                same.append(r)
+                break
+        else:
+            images.append([r])
+    shared = [same for same in images if len(same) > 1]
+
+    def mask(value: int) -> np.ndarray:
+        return np.concatenate([np.logical_or.reduce([sitk.GetArrayViewFromImage(r.labels) == value for r in same])
+                               .ravel() for same in shared]) if shared else np.zeros(0, bool)
+
+    return [[classes[i].value for i in g] for g in disjoint_groups(mask(c.value) for c in classes)]

@@ -46,11 +46,11 @@ from torch import nn
 
 from iris_core.errors import ConfigError
 from iris_core.pipeline.precision import in_bfloat16
+from iris_core.types import ProgressFn
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the package's contents change meaning
-ProgressFn = Callable[[str, int, int], None]
 
 
 def cache_dir() -> Path:
@@ -329,3 +329,52 @@ def prune_cache(directory: Path, keep: Path | None = None, budget: int | None = 
         removed.append(p)
         log.info("removed the least recently used compiled package %s (cache over %d MB)", p.name, budget >> 20)
     return removed
+
+
+def compile_segment(model: nn.Module) -> Callable:
+    """``model.segment`` compiled by inductor with frozen weights (constant folding, prepacked
+    convolutions); same outputs within float rounding. Used on GPUs; on a CPU the engine uses the
+    ahead-of-time compiled, disk-cached form (:class:`CompiledMethod`), whose compile is paid once per machine."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "iris-segment" / "inductor"))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    inductor_config.fx_graph_cache = True
+    return torch.compile(model.segment, dynamic=False)
+
+
+class Networks:
+    """The network functions an Iris engine runs reference crops and windows through: the model's own; with
+    ``compile`` on a CPU, compiled ahead of time and cached on disk (about a minute per method and input size,
+    once per machine; later runs load it in a second; a memory model's encoder stays as it is: its memory
+    sample is data-dependent, not exportable); with ``compile`` on a GPU, ``torch.compile`` (once per process).
+    The windows' bfloat16 form is built on first use (a CPU without native bfloat16 never needs it)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, compile: bool, progress: ProgressFn):
+        self.model, self.progress = model, progress
+        self.encode, self.segment = model.encode_task, model.segment
+        self._bfloat16: Callable | None = None
+        if compile and device.type == "cpu":
+            self.segment = CompiledMethod(model, "segment", list_arg=True, progress=progress)
+            if not model.config.memory_tokens:
+                self.encode = CompiledMethod(model, "encode_task", progress=progress)
+        elif compile:
+            self.segment = compile_segment(model)
+
+    def segment_bfloat16(self) -> Callable:
+        """``segment`` in bfloat16: a bfloat16 package of its own when compiled on a CPU, else under autocast."""
+        if self._bfloat16 is None:
+            if isinstance(self.segment, CompiledMethod):
+                self._bfloat16 = CompiledMethod(self.model, "segment", list_arg=True, progress=self.progress,
+                                                precision="bfloat16")
+            else:
+                self._bfloat16 = in_bfloat16(self.model.segment)
+        return self._bfloat16
+
+    def packages(self) -> dict[str, list[str]]:
+        """Which compiled networks (``compile`` on a CPU) were built in this process and which were loaded."""
+        out: dict[str, list[str]] = {"built": [], "loaded": []}
+        for fn in (self.encode, self.segment, self._bfloat16):
+            for kind in out:
+                out[kind] += [p.name for p in getattr(fn, kind, [])]
+        return out

@@ -1,13 +1,12 @@
-"""Post-processing of label maps on the target grid."""
+"""The one connected-component filter and the 'largest' post-processing of label maps (which post-processing a
+run applies: ``Policy.postprocess_of``; where: ``BackToTarget``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
 
-from iris_core.errors import InputError
 from iris_core.io.resample import array_to_image
-from iris_core.options import POSTPROCESSING
 
 
 def largest_component(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
@@ -37,13 +36,3 @@ def keep_largest_component(labels: sitk.Image, values: list[int], connectivity: 
         if mask.any():
             out[largest_component(mask, connectivity)] = v
     return array_to_image(out, labels)
-
-
-def postprocess(labels: sitk.Image, values: list[int], method: str = "none", connectivity: int = 26) -> sitk.Image:
-    """Apply a named post-processing ('none' or 'largest', with the component connectivity)."""
-    if method == "none":
-        return labels
-    if method == "largest":
-        return keep_largest_component(labels, values, connectivity)
-
-    raise InputError(f"unknown post-processing {method!r}; use one of {', '.join(POSTPROCESSING)}")

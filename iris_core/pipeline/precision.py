@@ -188,6 +188,40 @@ class PrecisionChooser:
         return out
 
 
+class TaskPrecisions:
+    """The precision an engine's windows run in, per task: ``float32`` runs the network as given; otherwise one
+    :class:`PrecisionChooser` per task and class chunk (``key``), so an 'auto' decision made on the first target's
+    first window holds for every further target of the task (``owner``: the task's object; a new one decides
+    again)."""
+
+    def __init__(self, mode: str, threshold: float):
+        self.mode, self.threshold = mode, threshold
+        self._choosers: dict[object, tuple[object, PrecisionChooser]] = {}
+
+    def choose(self, key: object, owner: object, float32: Callable[[torch.Tensor], torch.Tensor],
+               bfloat16: Callable[[], Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The function a task's windows go through: ``float32``, or the task's chooser between it and
+        ``bfloat16()`` (built only here, where bfloat16 may run)."""
+        if self.mode == "float32":
+            return float32
+        half = bfloat16()
+        entry = self._choosers.get(key)
+        if entry is None or entry[0] is not owner:
+            entry = self._choosers[key] = (owner, PrecisionChooser(self.mode, float32, half, self.threshold))
+        chooser = entry[1]
+        chooser.float32, chooser.bfloat16 = float32, half  # this call's tokens, the task's decision
+        return chooser
+
+    def report(self) -> dict:
+        """The precision the windows ran in, and for 'auto' the check behind it (per task)."""
+        reports = [c.report() for _, c in self._choosers.values()]
+        if not reports:
+            report = {"precision": self.mode}
+        else:
+            report = reports[0] if len(reports) == 1 else {"precision": self.mode, "tasks": reports}
+        return report | {"summary": describe(report)}  # one line for the CLI and Slicer's Log
+
+
 def describe(report: dict) -> str:
     """One line of an engine's ``precision_report`` (per task when there are several)."""
     tasks = report.get("tasks") or [report]

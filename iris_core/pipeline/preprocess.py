@@ -9,11 +9,11 @@ import SimpleITK as sitk
 import torch
 
 from iris_core.errors import InputError
-from iris_core.hub.checkpoint import Preprocessing
 from iris_core.io.imaging import check_finite
 from iris_core.io.resample import model_grid, model_grid_geometry, resample_to, smooth_for_downsampling
 from iris_core.options import INTENSITY_POLICIES, check_choice
 from iris_core.pipeline.device import check_memory
+from iris_core.pipeline.policy import Preprocessing
 from iris_core.pipeline.postprocess import largest_component
 
 
@@ -86,7 +86,7 @@ def prepare_image(image: sitk.Image, name: str, policy: Preprocessing, modality:
                   multiple: int = 16, target: bool = True) -> PreparedImage:
     """Normalise intensities, anti-alias and resample ``image`` onto its model grid (the policy's
     'native' grid: see :func:`prepare_native`)."""
-    if policy.grid == "native":
+    if policy.native_grid:
         return prepare_native(image, name, policy, modality, body_crop=target)
     size, _ = model_grid_geometry(image, policy.spacing, multiple)
     # model grid as uint8 + float32 resampled + float32 normalised, plus the source as float32
@@ -135,7 +135,7 @@ def _modality(arr: np.ndarray, modality: str, policy: Preprocessing) -> str:
     check_choice(modality, INTENSITY_POLICIES, "intensity policy", InputError)
     if modality != "auto":
         return modality
-    return guess_modality_mass(arr) if policy.modality_rule == "mass" else guess_modality(arr)
+    return guess_modality_mass(arr) if policy.mass_modality_rule else guess_modality(arr)
 
 
 def volume_intensity_map(arr: np.ndarray, modality: str, policy: Preprocessing, eps: float = 1e-6) -> IntensityMap:

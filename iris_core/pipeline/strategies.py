@@ -17,8 +17,9 @@ from iris_core.errors import InputError
 from iris_core.options import STRATEGIES, TUNE_LR, TUNE_STEPS
 from iris_core.pipeline.align import Alignment, AlignmentError, align_affine
 from iris_core.pipeline.embedding import TaskEmbedding, is_memory
-from iris_core.pipeline.inference import ClassSpec, Engine, Reference
+from iris_core.pipeline.inference import Engine
 from iris_core.pipeline.preprocess import PreparedImage
+from iris_core.types import ClassSpec, Reference
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StrategyResult:
+    """A target's probabilities [K, z, y, x] on its model grid, the embedding they came from (None: Hermes) and
+    what the strategy reports for the sidecar."""
+
     probabilities: np.ndarray
-    embedding: TaskEmbedding
+    embedding: TaskEmbedding | None
     details: dict = field(default_factory=dict)
 
 
@@ -72,9 +76,8 @@ def align_references(engine: Engine, target: PreparedImage, encoded: list[Encode
         engine.check_cancel()
         engine.progress(f"Aligning reference {e.name}", len(out), len(encoded))
         try:
-            # 'identity': the position term in each image's own scanner coordinates (the ablation's row)
-            al = Alignment.identity() if engine.policy.align == "identity" else align_affine(target.source,
-                                                                                               e.reference.image)
+            # not registered ('identity'): the position term in each image's own scanner coordinates (the ablation's row)
+            al = align_affine(target.source, e.reference.image) if engine.policy.registers else Alignment.identity()
             emb = e.embedding.with_positions(al.apply)
             report[e.name] = al.report()
         except AlignmentError as exc:
@@ -123,7 +126,7 @@ def retrieval(engine: Engine, target: PreparedImage, encoded: list[EncodedRefere
             chosen[c.name] = r.name
             parts.append(e.select([c.name]))
             continue
-        img, m = engine.reference_crop(target, mask[None].astype(np.uint8))
+        img, m = engine.crops.reference(target, mask[None].astype(np.uint8))
         own = engine.encode_crop(img, m)
         own_vec = torch.cat([t[0, 0].float().cpu().flatten() for t in own if not is_memory(t[0])])
         sims = [float(F.cosine_similarity(own_vec, e.select([c.name]).vectors()[0], dim=0)) for _, e in candidates]
@@ -152,8 +155,8 @@ def tune(engine: Engine, encoded: list[EncodedReference], classes: list[ClassSpe
     for e in encoded:
         emb = e.embedding
         idx = [start.names.index(n) for n in emb.names]
-        masks = engine.reference_masks(e.reference, e.prepared, [ClassSpec(n, v) for n, v in zip(emb.names, emb.values)])
-        img, m = engine.reference_crop(e.prepared, masks)
+        masks = engine.crops.masks(e.reference, e.prepared, [ClassSpec(n, v) for n, v in zip(emb.names, emb.values)])
+        img, m = engine.crops.reference(e.prepared, masks)
         crops.append((img.clone(), m.clone(), idx))
     losses = []
     t0 = time.perf_counter()
@@ -181,10 +184,10 @@ def tune(engine: Engine, encoded: list[EncodedReference], classes: list[ClassSpe
 
 
 def run_strategy(engine: Engine, target: PreparedImage, encoded: list[EncodedReference], classes: list[ClassSpec],
-                 strategy: str = "one-shot", tune_steps: int = TUNE_STEPS, tune_lr: float = TUNE_LR
-                 ) -> StrategyResult:
-    """Segment ``target`` from already-encoded references with the chosen strategy (the one dispatch:
-    the API and evaluation both call it; evaluation reuses encodings across targets)."""
+                 strategy: str = "one-shot", tuned: tuple[TaskEmbedding, dict] | None = None) -> StrategyResult:
+    """Segment ``target`` from already-encoded references with the chosen strategy (the one dispatch, called by
+    ``pipeline.task.ReferenceTask`` for each target); ``tuned``: the task's in-context tuned embedding and its
+    report (:func:`tune`, computed once per task)."""
     if strategy not in STRATEGIES:
         raise InputError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     details: dict = {"references": [e.name for e in encoded]}
@@ -199,7 +202,7 @@ def run_strategy(engine: Engine, target: PreparedImage, encoded: list[EncodedRef
         emb, extra = retrieval(engine, target, encoded, classes)
         details.update(extra)
     else:
-        emb, extra = tune(engine, unaligned, classes, tune_steps, tune_lr)
+        emb, extra = tuned if tuned is not None else tune(engine, unaligned, classes)
         if engine.uses_positions:  # the memory rows are data, not tuned: the aligned ones read the target
             emb = TaskEmbedding([a if is_memory(a) else t for t, a in zip(emb.tokens, ensemble(encoded, classes).tokens)],
                                 emb.names, emb.values)

@@ -1,6 +1,7 @@
 """Back to the target: probabilities on the model grid -> the label map (or probability maps) on the exact
-target grid, decided where the model's policy decides, then post-processed. The one way to labels: segment,
-evaluate and the benchmarks all come through :meth:`BackToTarget.labels`."""
+target grid, decided where the model's policy decides, then post-processed. One object built from the policy
+and the run's stage timer (as nnU-Net's export functions take their plans), used by ``segment_target``: the one
+way to labels, so an evaluation scores exactly what segment writes."""
 
 from __future__ import annotations
 
@@ -9,16 +10,29 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-from iris_core.errors import InputError
 from iris_core.io.resample import array_to_image, resample_to
-from iris_core.options import POSTPROCESSING, check_choice
+from iris_core.pipeline.policy import Policy
 from iris_core.pipeline.postprocess import keep_largest_component, largest_component
 from iris_core.pipeline.preprocess import PreparedImage
+from iris_core.types import Timer
 
 
 class BackToTarget:
-    """The engine's last stage. Needs ``policy`` (the model's pipeline policy) and ``timer`` (seconds per
-    stage) on the object it is part of."""
+    """The pipeline's last stage for one model policy; its seconds go to ``timer`` ('resample_back')."""
+
+    def __init__(self, policy: Policy, timer: Timer):
+        self.policy, self.timer = policy, timer
+
+    def labels(self, probs: np.ndarray, prep: PreparedImage, values: list[int], postprocess: str = "none",
+               groups: list[list[int]] | None = None) -> sitk.Image | list[sitk.Image]:
+        """The label map a run writes, from its probabilities: on the exact target grid, one class per voxel,
+        decided where the policy decides (``labels_on``), then ``postprocess`` ('none', 'largest': with the
+        policy's connectivity; ``Policy.postprocess_of`` resolves the run's choice). With ``groups`` (classes that
+        may overlap), one label map per group."""
+        largest = postprocess == "largest"
+        if groups is not None:
+            return self.to_target_layers(probs, prep, values, groups, largest=largest)
+        return self.to_target(probs, prep, values, largest=largest)
 
     def to_target(self, probs: np.ndarray, prep: PreparedImage, values: list[int], threshold: float | None = None,
                   largest: bool = False) -> sitk.Image:
@@ -27,7 +41,7 @@ class BackToTarget:
         policy's connectivity). Where labels are decided follows the policy's ``labels_on``."""
         t0 = time.perf_counter()
         threshold = self.policy.threshold if threshold is None else threshold
-        if self.policy.labels_on == "model":
+        if self.policy.labels_on_model_grid:
             out = self._labels_on_model_grid(probs, prep, values, threshold, largest)
             self.timer.add("resample_back", t0)
             return out
@@ -44,25 +58,6 @@ class BackToTarget:
             out = keep_largest_component(out, values, self.policy.connectivity)
         self.timer.add("resample_back", t0)
         return out
-
-    def labels(self, probs: np.ndarray, prep: PreparedImage, values: list[int], postprocess: str | None = None,
-               groups: list[list[int]] | None = None) -> sitk.Image | list[sitk.Image]:
-        """The label map a run writes, from its probabilities: on the exact target grid, one class per voxel,
-        decided where the policy decides (``labels_on``), then ``postprocess`` ('none', 'largest'; None: the
-        policy's, 'largest' for MASS models, with the policy's connectivity). With ``groups`` (classes that may
-        overlap), one label map per group. The one way to labels: segment, evaluate and the benchmarks call it,
-        so an evaluation scores exactly what segment writes."""
-        largest = self.postprocess_of(postprocess) == "largest"
-        if groups is not None:
-            return self.to_target_layers(probs, prep, values, groups, largest=largest)
-        return self.to_target(probs, prep, values, largest=largest)
-
-    def postprocess_of(self, postprocess: str | None) -> str:
-        """The post-processing a run applies: ``postprocess``, or the policy's when None."""
-
-        how = ("largest" if self.policy.largest_component else "none") if postprocess is None else postprocess
-        check_choice(how, POSTPROCESSING, "post-processing", InputError)
-        return how
 
     def to_target_layers(self, probs: np.ndarray, prep: PreparedImage, values: list[int], groups: list[list[int]],
                          threshold: float | None = None, largest: bool = False) -> list[sitk.Image]:
@@ -100,10 +95,7 @@ class BackToTarget:
 
     def probability_maps(self, probs: np.ndarray, prep: PreparedImage) -> list[sitk.Image]:
         """One float32 probability image per class on the exact target grid (linear, outside: 0)."""
-        out = []
-        for p in probs:
-            out.append(array_to_image(self._probability_on_target(p, prep), prep.source))
-        return out
+        return [array_to_image(self._probability_on_target(p, prep), prep.source) for p in probs]
 
 
 def _label_dtype(values: list[int]) -> type:

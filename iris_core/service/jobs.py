@@ -209,7 +209,7 @@ class Service:
             raise Refused(400, f"model {name!r} is not served here (served: {', '.join(self.models)})")
 
     def parse_classes(self, req: JobRequest) -> list | None:
-        from iris_core.pipeline.inference import ClassSpec
+        from iris_core.types import ClassSpec
 
         if isinstance(req.classes, list):
             return [ClassSpec(c.name, c.value) for c in req.classes]

@@ -2,8 +2,9 @@
 
 ``config`` (TrainConfig, TOML), ``sources`` (templates, nnU-Net datasets, class-agnostic
 clusters, procedural and label-to-image synthetic volumes), ``episodes`` (reference and
-query views, crops, batches), ``loop`` (resumable training, EMA, validation, export).
-Imported only by ``iris-segment train``: segmentation never needs it.
+query views, crops, batches), ``loop`` (resumable training, EMA, validation, export),
+``checks`` (does a model follow its reference: the checks a training runs at each save, and
+``iris-segment check-model``). Imported by ``train`` and ``check-model``: segmentation never needs it.
 """
 
 from iris_core.training.config import TrainConfig, load_config

@@ -15,11 +15,9 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from iris_core.checks import copy_test, reference_sensitivity, standard_case
 from iris_core.errors import ConfigError
 from iris_core.hub.checkpoint import (
     LoadedModel,
-    Preprocessing,
     read_safetensors,
     save_checkpoint,
     write_safetensors,
@@ -29,6 +27,8 @@ from iris_core.metrics import dice_score
 from iris_core.models import PRESETS, build_model
 from iris_core.models.blocks import DownBlock, UpBlock
 from iris_core.pipeline.device import autocast, select_device
+from iris_core.pipeline.policy import Preprocessing
+from iris_core.training.checks import copy_test, reference_sensitivity, standard_case
 from iris_core.training.config import TrainConfig
 from iris_core.training.episodes import TaskTable, _hermes_batch, _iris_batch
 from iris_core.training.optim import Lamb

@@ -10,11 +10,11 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from iris_core import sampledata
 from iris_core.errors import ConfigError, InputError
-from iris_core.hub.checkpoint import Preprocessing
-from iris_core.io import sampledata
 from iris_core.io.datasets import load_nnunet
 from iris_core.io.resample import crop_padded, resample_to
+from iris_core.pipeline.policy import Preprocessing
 from iris_core.pipeline.preprocess import prepare_image
 from iris_core.training.config import TrainConfig
 from iris_core.training.synth import random_label_map, relabel_groups, synthesize_image, warp_labels

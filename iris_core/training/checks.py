@@ -24,17 +24,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from iris_core import sampledata
 from iris_core.api import resolve_model, segment
 from iris_core.errors import InputError
 from iris_core.hub.checkpoint import LoadedModel
-from iris_core.io import sampledata
 from iris_core.io.resample import labels_to_masks
-from iris_core.io.sampledata import COPY_STRUCTURES, aal_values, copy_labels
 from iris_core.metrics import dice_score
 from iris_core.pipeline.device import select_device
 from iris_core.pipeline.embedding import is_memory
-from iris_core.pipeline.inference import ClassSpec, Reference
 from iris_core.pipeline.preprocess import prepare_image
+from iris_core.sampledata import COPY_STRUCTURES, aal_values, copy_labels
+from iris_core.types import ClassSpec, Reference
 
 # The verdict's rule (see SensitivityReport.passed): every threshold in one place.
 MIN_IDENTIFIED = 0.7  # share of classes whose prediction overlaps its own truth more than any other truth

@@ -1,4 +1,6 @@
-"""Real labelled sample data that ships inside packages (see README, "Sample data").
+"""Real labelled sample data that ships inside packages (see README, "Sample data"), and the structures defined
+on it: the AAL regions grouped into lobes, the copy test's ten gyri, the structures two atlases share, the macaque
+template's groups. Domain data, beside the io it reads files with (``iris_core.io``), not in it.
 
 - Colin27 (Debian ``mricron-data``): T1 with skull, brain mask (``ch2bet`` > 0), AAL parcellation.
 - ICBM 2009a symmetric (PyPI ``nilearn``): brain-extracted T1, brain mask, grey/white matter maps.
