@@ -289,6 +289,9 @@ def _sidecar(engine: Engine, task: Task, out: TargetResult, found: list[dict], t
         "pipeline": policy.name,
         "spacing_mm": list(policy.spacing),
         "threshold": policy.threshold,  # the model file's label threshold (issue [11]: stored per model)
+        # issue [20]: how references meet the target (alignment, its aligned-label prior's weight)
+        "align": policy.align if engine.uses_positions else "none",
+        "prior_weight": policy.prior_weight if engine.uses_positions and policy.registers else 0.0,
         "memory_samples": getattr(getattr(loaded.model, "config", None), "memory_tokens", 0) or None,
         "window": list(engine.window),
         "overlap": engine.overlap,

@@ -34,10 +34,12 @@ def local_agreement(target: sitk.Image, warped: sitk.Image, sigma_mm: float = AG
         return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(x, sigma_mm))
 
     mt, mr = mean(t), mean(r)
-    cov = mean(t * r) - mt * mr
-    var = (mean(t * t) - mt * mt) * (mean(r * r) - mr * mr)
-    out = cov / np.sqrt(np.clip(var, 1e-12, None))
-    out[var <= 1e-12] = 0.0  # flat on either side (background, outside the reference): no evidence
+    vt, vr = mean(t * t) - mt * mt, mean(r * r) - mr * mr
+    # flat on either side (background, outside the reference, the inside of a uniform structure): no evidence.
+    # Relative to each image's own variance: in a flat region E[x^2] - E[x]^2 is rounding noise of either sign
+    flat = (vt <= 1e-4 * float(vt.mean()) + 1e-12) | (vr <= 1e-4 * float(vr.mean()) + 1e-12)
+    out = (mean(t * r) - mt * mr) / np.sqrt(np.where(flat, 1.0, vt * vr))
+    out[flat] = 0.0
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 

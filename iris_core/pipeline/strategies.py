@@ -19,6 +19,7 @@ from iris_core.pipeline.align import Alignment, AlignmentError, align_affine
 from iris_core.pipeline.embedding import TaskEmbedding, is_memory
 from iris_core.pipeline.inference import Engine
 from iris_core.pipeline.preprocess import PreparedImage
+from iris_core.pipeline.prior import AlignedPrior
 from iris_core.types import ClassSpec, Reference
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class StrategyResult:
     probabilities: np.ndarray
     embedding: TaskEmbedding | None
     details: dict = field(default_factory=dict)
+    #: the aligned references' labels as a prior on the target grid (the policy's prior_weight; issue [20])
+    priors: list[AlignedPrior] = field(default_factory=list)
 
 
 @dataclass
@@ -42,6 +45,8 @@ class EncodedReference:
     reference: Reference
     embedding: TaskEmbedding
     prepared: PreparedImage
+    #: where the reference was aligned to a target (align_references): the map of its positions into the target's
+    alignment: Alignment | None = None
 
     @property
     def name(self) -> str:
@@ -83,9 +88,9 @@ def align_references(engine: Engine, target: PreparedImage, encoded: list[Encode
         except AlignmentError as exc:
             log.warning("reference %s could not be aligned to %s (%s): segmenting it unaligned, by features "
                         "alone", e.name, target.name, exc)
-            emb = e.embedding.with_positions(None)
+            emb, al = e.embedding.with_positions(None), None
             report[e.name] = {"failed": str(exc)}
-        out.append(EncodedReference(e.reference, emb, e.prepared))
+        out.append(EncodedReference(e.reference, emb, e.prepared, al))
     engine.timer.add("align", t0)
     return out, {"alignment": report}
 
@@ -207,4 +212,19 @@ def run_strategy(engine: Engine, target: PreparedImage, encoded: list[EncodedRef
             emb = TaskEmbedding([a if is_memory(a) else t for t, a in zip(emb.tokens, ensemble(encoded, classes).tokens)],
                                 emb.names, emb.values)
         details.update(extra)
-    return StrategyResult(engine.predict(target, emb), emb, details)
+    probabilities = engine.predict(target, emb)
+    used = set(details.get("retrieved", {}).values()) or {e.name for e in encoded}
+    return StrategyResult(probabilities, emb, details, aligned_priors(engine, target, [e for e in encoded
+                                                                                        if e.name in used]))
+
+
+def aligned_priors(engine: Engine, target: PreparedImage, encoded: list[EncodedReference]) -> list[AlignedPrior]:
+    """The aligned references' labels as priors on the target grid, where the policy weighs them (prior_weight > 0)
+    and the reference was registered to the target (not 'identity', not a failed alignment)."""
+    if not (engine.policy.prior_weight > 0 and engine.policy.registers and engine.uses_positions):
+        return []
+    t0 = time.perf_counter()
+    out = [AlignedPrior(target.source, e.reference.image, e.reference.labels, e.alignment)
+           for e in encoded if e.alignment is not None]
+    engine.timer.add("prior", t0)
+    return out

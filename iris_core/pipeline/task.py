@@ -155,10 +155,11 @@ def segment_target(engine: Engine, task: Task, image: sitk.Image, name: str, pos
     values = [c.value for c in task.classes]
     how = engine.policy.postprocess_of(postprocess)
     back = engine.back_to_target
-    labels = back.labels(run.probabilities, prep, values, how)
+    labels = back.labels(run.probabilities, prep, values, how, priors=run.priors)
     layers = None
     if overlaps:
         groups = task.groups()
-        layers = [labels] if len(groups) == 1 else back.labels(run.probabilities, prep, values, how, groups)
-    maps = back.probability_maps(run.probabilities, prep) if probability_maps else None
+        layers = [labels] if len(groups) == 1 else back.labels(run.probabilities, prep, values, how, groups,
+                                                               priors=run.priors)
+    maps = back.probability_maps(run.probabilities, prep, values, run.priors) if probability_maps else None
     return TargetResult(prep, run.probabilities, labels, run.embedding, run.details, how, layers, maps)

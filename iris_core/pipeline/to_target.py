@@ -6,6 +6,7 @@ way to labels, so an evaluation scores exactly what segment writes."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -14,6 +15,7 @@ from iris_core.io.resample import array_to_image, resample_to
 from iris_core.pipeline.policy import Policy
 from iris_core.pipeline.postprocess import keep_largest_component, largest_component
 from iris_core.pipeline.preprocess import PreparedImage
+from iris_core.pipeline.prior import AlignedPrior, fuse
 from iris_core.types import Timer
 
 
@@ -24,18 +26,20 @@ class BackToTarget:
         self.policy, self.timer = policy, timer
 
     def labels(self, probs: np.ndarray, prep: PreparedImage, values: list[int], postprocess: str = "none",
-               groups: list[list[int]] | None = None) -> sitk.Image | list[sitk.Image]:
+               groups: list[list[int]] | None = None, priors: Sequence[AlignedPrior] = ()
+               ) -> sitk.Image | list[sitk.Image]:
         """The label map a run writes, from its probabilities: on the exact target grid, one class per voxel,
         decided where the policy decides (``labels_on``), then ``postprocess`` ('none', 'largest': with the
         policy's connectivity; ``Policy.postprocess_of`` resolves the run's choice). With ``groups`` (classes that
-        may overlap), one label map per group."""
+        may overlap), one label map per group. ``priors``: the aligned references' labels, fused into each class's
+        probabilities on the target grid with the policy's prior_weight (iris_core.pipeline.prior)."""
         largest = postprocess == "largest"
         if groups is not None:
-            return self.to_target_layers(probs, prep, values, groups, largest=largest)
-        return self.to_target(probs, prep, values, largest=largest)
+            return self.to_target_layers(probs, prep, values, groups, largest=largest, priors=priors)
+        return self.to_target(probs, prep, values, largest=largest, priors=priors)
 
     def to_target(self, probs: np.ndarray, prep: PreparedImage, values: list[int], threshold: float | None = None,
-                  largest: bool = False) -> sitk.Image:
+                  largest: bool = False, priors: Sequence[AlignedPrior] = ()) -> sitk.Image:
         """Label map on the exact target grid: per voxel the most probable class above ``threshold``
         (default: the policy's); ``largest`` keeps each label's largest connected component (the
         policy's connectivity). Where labels are decided follows the policy's ``labels_on``."""
@@ -49,7 +53,7 @@ class BackToTarget:
         best = np.full(target.GetSize()[::-1], threshold, dtype=np.float32)
         labels = np.zeros(target.GetSize()[::-1], dtype=np.int32)
         for k, v in enumerate(values):
-            pt = self._probability_on_target(probs[k], prep)
+            pt = self._probability_on_target(probs[k], prep, priors, v)
             win = pt > best
             labels[win] = v
             best[win] = pt[win]
@@ -60,12 +64,13 @@ class BackToTarget:
         return out
 
     def to_target_layers(self, probs: np.ndarray, prep: PreparedImage, values: list[int], groups: list[list[int]],
-                         threshold: float | None = None, largest: bool = False) -> list[sitk.Image]:
+                         threshold: float | None = None, largest: bool = False,
+                         priors: Sequence[AlignedPrior] = ()) -> list[sitk.Image]:
         """Label maps on the exact target grid, one per group of class values: within a group one class
         per voxel (as ``to_target``), across groups none decides for another, so classes of different
         groups may overlap (a structure inside another, as the references drew them)."""
         index = {v: k for k, v in enumerate(values)}
-        return [self.to_target(probs[[index[v] for v in group]], prep, list(group), threshold, largest)
+        return [self.to_target(probs[[index[v] for v in group]], prep, list(group), threshold, largest, priors)
                 for group in groups]
 
     def _labels_on_model_grid(self, probs: np.ndarray, prep: PreparedImage, values: list[int], threshold: float,
@@ -88,14 +93,20 @@ class BackToTarget:
         img = array_to_image(labels, prep.grid)
         return resample_to(img, prep.source, sitk.sitkNearestNeighbor, 0, img.GetPixelID())
 
-    def _probability_on_target(self, p: np.ndarray, prep: PreparedImage) -> np.ndarray:
+    def _probability_on_target(self, p: np.ndarray, prep: PreparedImage, priors: Sequence[AlignedPrior] = (),
+                               value: int = 0) -> np.ndarray:
         img = array_to_image(np.ascontiguousarray(p, dtype=np.float32), prep.grid)
         # a copy: an array view of a temporary image would point into freed memory
-        return sitk.GetArrayFromImage(resample_to(img, prep.source, sitk.sitkLinear, 0.0))
+        out = sitk.GetArrayFromImage(resample_to(img, prep.source, sitk.sitkLinear, 0.0))
+        return fuse(out, list(priors), value, self.policy.prior_weight)
 
-    def probability_maps(self, probs: np.ndarray, prep: PreparedImage) -> list[sitk.Image]:
-        """One float32 probability image per class on the exact target grid (linear, outside: 0)."""
-        return [array_to_image(self._probability_on_target(p, prep), prep.source) for p in probs]
+    def probability_maps(self, probs: np.ndarray, prep: PreparedImage, values: list[int] | None = None,
+                         priors: Sequence[AlignedPrior] = ()) -> list[sitk.Image]:
+        """One float32 probability image per class on the exact target grid (linear, outside: 0), the aligned
+        references' prior fused in as for the labels (``values``: the classes' label values, needed with it)."""
+        values = list(values) if values is not None else [0] * len(probs)
+        return [array_to_image(self._probability_on_target(p, prep, priors, v), prep.source)
+                for p, v in zip(probs, values)]
 
 
 def _label_dtype(values: list[int]) -> type:
