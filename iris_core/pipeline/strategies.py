@@ -11,7 +11,6 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 
 from iris_core.errors import InputError
 from iris_core.options import STRATEGIES, TUNE_LR, TUNE_STEPS
@@ -155,6 +154,8 @@ def tune(engine: Engine, encoded: list[EncodedReference], classes: list[ClassSpe
     tokens = [t.clone().to(engine.device) if is_memory(t) else torch.nn.Parameter(t.clone().to(engine.device))
               for t in start.tokens]
     opt = torch.optim.Adam([t for t in tokens if isinstance(t, torch.nn.Parameter)], lr=lr)
+    from monai.losses import DiceLoss  # in-context tuning only: MONAI stays off the inference path
+
     dice = DiceLoss(sigmoid=True)
     crops = []
     for e in encoded:

@@ -1,6 +1,7 @@
 """Window runners: a target's sliding windows, placed and blended as the model's policy says, chosen once per
 engine as an object (as MONAI composes a splitter and a merger into one inferer): MONAI's
-``sliding_window_inference``, or the MASS authors' layout (:mod:`iris_core.pipeline.sliding`). Either takes the
+``sliding_window_inference`` layout (written out in :mod:`iris_core.pipeline.sliding`, checked against MONAI's own
+function by Testing/Python/test_sliding.py: importing MONAI costs a CLI start about 2 s), or the MASS authors'. Either takes the
 volume [1, C, z, y, x] and a function of a batch of windows -> [B, K, ...] logits, and returns the blended
 sigmoid probabilities [K, z, y, x] on the CPU."""
 
@@ -10,11 +11,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from iris_core.pipeline.device import autocast
 from iris_core.pipeline.policy import Policy
-from iris_core.pipeline.sliding import sliding_window
+from iris_core.pipeline.sliding import sliding_window, sliding_window_monai
 from iris_core.types import ProgressFn
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -76,10 +76,7 @@ class MonaiWindows(WindowRunner):
             return out
 
         with torch.inference_mode():
-            probs = sliding_window_inference(
-                x, self.window, self.sw_batch, predictor, overlap=self.overlap, mode="gaussian",
-                padding_mode="constant", cval=background, sw_device=self.device, device="cpu",
-            )
+            probs = sliding_window_monai(x, self.window, self.sw_batch, self.overlap, predictor, cval=background)
         return probs[0].numpy()
 
 
