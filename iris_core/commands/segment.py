@@ -193,9 +193,12 @@ def segment_here(args: argparse.Namespace, jobs: list[tuple[str, str, str | None
     """Segment the checked jobs on this computer (this rank's share under torchrun): the task is made once (the
     references read, checked and encoded before any target), then each target segmented with it; several
     targets: one that cannot be segmented is reported and the others are still done."""
-    # the first line a user sees, before the imports of torch and the model (seconds; issue [21])
-    log.info("inputs checked (%d target%s, %d reference%s): loading the model %s", len(jobs),
-             "s" * (len(jobs) != 1), len(args.reference or []), "s" * (len(args.reference or []) != 1), args.model)
+    # the first line a user sees, before the imports of torch and the model (seconds; issue [21]); a terminal
+    # draws bars instead of log lines
+    if not sys.stderr.isatty() or args.quiet:
+            log.info("inputs checked (%d target%s, %d reference%s): loading the model %s", len(jobs),
+                 "s" * (len(jobs) != 1), len(args.reference or []), "s" * (len(args.reference or []) != 1),
+                 args.model)
     from iris_core.api import make_task, parse_classes, resolve_model
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

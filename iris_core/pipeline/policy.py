@@ -73,7 +73,7 @@ class Preprocessing:
     #: "position term without alignment")
     align: str = "none"
     #: with an alignment: the weight of the aligned reference's labels as a prior on the logits on the target
-    #: grid, scaled by local image agreement (iris_core.pipeline.prior; chosen with studies/prior_weight.py);
+    #: grid, scaled by local image agreement (iris_core.pipeline.prior; chosen on held-out tasks: the model card);
     #: 0 turns it off
     prior_weight: float = 0.0
 

@@ -30,7 +30,11 @@ def local_agreement(target: sitk.Image, warped: sitk.Image, sigma_mm: float = AG
     t = sitk.Cast(target, sitk.sitkFloat32)
     r = sitk.Cast(warped, sitk.sitkFloat32)
 
+    small = min(target.GetSize()) < 4  # the recursive filter needs four voxels along every axis
+
     def mean(x: sitk.Image) -> np.ndarray:
+        if small:
+            return sitk.GetArrayFromImage(sitk.DiscreteGaussian(x, sigma_mm**2, useImageSpacing=True))
         return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(x, sigma_mm))
 
     mt, mr = mean(t), mean(r)
@@ -54,6 +58,12 @@ class AlignedPrior:
         warped = sitk.Resample(sitk.Cast(reference_image, sitk.sitkFloat32), target, self.transform,
                                sitk.sitkLinear, 0.0)
         self.agreement = local_agreement(target, warped)
+        self.values = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(reference_labels))}
+
+    def holds(self, value: int) -> bool:
+        """Whether the reference draws label ``value`` at all (a reference without it says nothing about it:
+        several references may hold different classes)."""
+        return int(value) in self.values
 
     def share(self, value: int) -> np.ndarray:
         """The aligned reference's share of label ``value`` at each target voxel (linear interpolation of its
@@ -64,7 +74,8 @@ class AlignedPrior:
 
 def fuse(probability: np.ndarray, priors: list[AlignedPrior], value: int, weight: float) -> np.ndarray:
     """Class ``value``'s probabilities on the target grid with the aligned references' labels as a prior on the
-    logit (the mean of the references' priors); unchanged with no prior or a weight of 0."""
+    logit (the mean of the priors of the references that hold the class); unchanged with none or a weight of 0."""
+    priors = [pr for pr in priors if pr.holds(value)]
     if not priors or weight <= 0:
         return probability
     p = np.clip(probability.astype(np.float32), 1e-6, 1 - 1e-6)

@@ -8,7 +8,7 @@ Held-out cohorts (none in the benchmark; the parcels are the trainer's held-out 
   heldout-mni   the same parcels onto moved MNI152NLin6Asym heads (seeds 7, 8), truth the parcels' MNI positions
   tissue        ICBM 2009a grey/white matter onto moved Colin27 and MNI152NLin6Asym brains, truth each brain's own
                 two-threshold Otsu classes: structures defined by their intensity, where registration misleads
-Usage: python studies/prior_weight.py MODEL [heldout-self,heldout-mni,tissue]
+Usage: python studies/label_prior_weight.py MODEL [heldout-self,heldout-mni,tissue]
 """
 
 from __future__ import annotations
