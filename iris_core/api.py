@@ -50,7 +50,7 @@ from iris_core.resources import DEFAULT_MODEL
 from iris_core.types import ClassSpec, ProgressFn, Reference, SegmentationResult
 
 #: the public API (write_result lives in io.results and is offered here too, beside segment)
-__all__ = ["Reference", "ClassSpec", "SegmentationResult", "SegmentOptions", "segment", "make_task", "write_result",
+__all__ = ["Reference", "ClassSpec", "SegmentationResult", "SegmentOptions", "segment", "write_result",
            "resolve_model", "load_references", "parse_classes", "resolve_classes", "check_model_spec"]
 
 log = logging.getLogger(__name__)
@@ -217,20 +217,6 @@ def _task(engine: Engine, references: list[tuple[str, str]] | list[Reference] | 
                                 options.tune_lr)
 
 
-def make_task(model: LoadedModel | str | None = None, references: list[tuple[str, str]] | list[Reference] | None = None,
-              classes: list[ClassSpec] | None = None, library: str | Path | TaskEmbedding | None = None,
-              structures: str | None = None, options: SegmentOptions | None = None, progress: ProgressFn | None = None,
-              cancel=None, **option_overrides) -> Task:
-    """What to segment, computed once for any number of targets (``segment(target, task=...)``): the references
-    read, checked and encoded (``classes``: all theirs when None), a task library read, or a Hermes model's
-    named ``structures`` resolved. Arguments as :func:`segment`'s."""
-    options = SegmentOptions.from_dict(option_overrides, options)
-    loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
-    modality = hermes_modality(loaded, options, structures)
-    engine = run_engine(loaded, options, modality, progress, cancel)
-    return _task(engine, references, classes, library, structures, modality)
-
-
 def segment(
     target: str | Path | sitk.Image,
     references: list[tuple[str, str]] | list[Reference] | None = None,
@@ -245,8 +231,8 @@ def segment(
     **option_overrides,
 ) -> SegmentationResult:
     """Segment every class of the references (or of a task library) on ``target`` in one pass; with a
-    Hermes model, the named ``structures``; or the classes of a ``task`` made earlier (:func:`make_task`, or a
-    result's ``task``: the references are not encoded again). How to run is ``options`` (a SegmentOptions), with
+    Hermes model, the named ``structures``; or the classes of a ``task`` an earlier result left (its ``task``: the
+    references are not encoded again). How to run is ``options`` (a SegmentOptions), with
     keyword overrides of its fields: ``segment(t, refs, strategy="ensemble", device="cpu")``.
 
     The model's policy decides the pipeline (ours, or the MASS authors' for MASS/Iris checkpoints);

@@ -190,29 +190,29 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def segment_here(args: argparse.Namespace, jobs: list[tuple[str, str, str | None]], options) -> int:
-    """Segment the checked jobs on this computer (this rank's share under torchrun): the task is made once (the
-    references read, checked and encoded before any target), then each target segmented with it; several
-    targets: one that cannot be segmented is reported and the others are still done."""
+    """Segment the checked jobs on this computer (this rank's share under torchrun): the first target from the
+    references (or library, or structures), each further one with the task the first left (the references are
+    not encoded again); several targets: one that cannot be segmented is reported and the others are still done."""
     # the first line a user sees, before the imports of torch and the model (seconds; issue [21]); a terminal
     # draws bars instead of log lines
     if not sys.stderr.isatty() or args.quiet:
-            log.info("inputs checked (%d target%s, %d reference%s): loading the model %s", len(jobs),
+        log.info("inputs checked (%d target%s, %d reference%s): loading the model %s", len(jobs),
                  "s" * (len(jobs) != 1), len(args.reference or []), "s" * (len(args.reference or []) != 1),
                  args.model)
-    from iris_core.api import make_task, parse_classes, resolve_model
+    from iris_core.api import load_references, parse_classes, resolve_classes, resolve_model
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     jobs, skipped = cohort_share(jobs, rank, world, args.skip_existing)
     if world > 1:  # under torchrun: on this rank's own GPU when there are GPUs
         options = cohort_device(options)
     loaded = resolve_model(args.model, allow_unsafe=args.trust_checkpoint)
-    progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
-    try:
-        task = make_task(loaded, [tuple(r) for r in args.reference or []],
-                         parse_classes(args.classes, names_only=bool(args.library)), args.library, args.structures,
-                         options, progress)
-    finally:
-        progress.close()
+    classes = parse_classes(args.classes, names_only=bool(args.library))
+    references = [tuple(r) for r in args.reference or []]
+    if references and len(jobs) > 1 and loaded.arch != "hermes" and not args.structures and not args.library:
+        # read and checked once, before any target: a wrong reference fails now, not once per target
+        references = load_references(references)
+        classes = resolve_classes(references, classes)
+    what = {"references": references, "classes": classes, "library": args.library, "structures": args.structures}
     failed: list[tuple[str, IrisError]] = []
     done: list[dict] = []
     saved = False
@@ -220,7 +220,7 @@ def segment_here(args: argparse.Namespace, jobs: list[tuple[str, str, str | None
         if len(jobs) > 1:
             log.info("target %d of %d: %s", i, len(jobs), job[0])
         try:
-            result = _segment_target(args, job[0], task, loaded, options)
+            result = _segment_target(args, job[0], what, loaded, options)
         except IrisError as exc:
             if len(jobs) == 1:
                 raise
@@ -234,7 +234,8 @@ def segment_here(args: argparse.Namespace, jobs: list[tuple[str, str, str | None
 
             result.embedding.save(args.save_library, model_fingerprint(loaded.model), {"model": loaded.name})
             saved = True
-        task = result.task  # the embedding where it is the same for every target, else the references as encoded
+        if "task" not in what and args.strategy != "retrieval":  # retrieval encodes again for each target
+            what = {"task": result.task}
     if world > 1:
         write_cohort_summary(Path(args.output), rank, world, done, failed, skipped)
     if failed:
@@ -244,13 +245,14 @@ def segment_here(args: argparse.Namespace, jobs: list[tuple[str, str, str | None
     return 0
 
 
-def _segment_target(args: argparse.Namespace, target: str, task, loaded, options):
-    """One target segmented with the run's task, with a progress bar on a terminal."""
+def _segment_target(args: argparse.Namespace, target: str, what: dict, loaded, options):
+    """One target segmented with a progress bar on a terminal: from ``what`` a run segments (the references,
+    library or structures; or the task an earlier target left: ``what['task']``)."""
     from iris_core.api import segment
 
     progress = TerminalProgress(sys.stderr.isatty() and not args.quiet)
     try:
-        return segment(target, model=loaded, task=task, options=options, progress=progress)
+        return segment(target, model=loaded, options=options, progress=progress, **what)
     finally:
         progress.close()
 

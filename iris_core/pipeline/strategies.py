@@ -80,7 +80,7 @@ def align_references(engine: Engine, target: PreparedImage, encoded: list[Encode
         engine.check_cancel()
         engine.progress(f"Aligning reference {e.name}", len(out), len(encoded))
         try:
-            # not registered ('identity'): the position term in each image's own scanner coordinates (the ablation's row)
+            # not registered ('identity'): positions in each image's own scanner coordinates (the ablation's row)
             al = align_affine(target.source, e.reference.image) if engine.policy.registers else Alignment.identity()
             emb = e.embedding.with_positions(al.apply)
             report[e.name] = al.report()
