@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--align", choices=("none", "identity", "affine"),
                     help="the policy's alignment of references to targets (issue [20]; default: the input's)")
     ap.add_argument("--prior-weight", type=float, help="the policy's aligned-label prior weight (issue [20]; "
-                                                       "chosen with studies/label_prior_weight.py; default: the input's)")
+                                                       "chosen on held-out tasks: the model card; default: the input's)")
     ap.add_argument("--keep-choices", action="store_true",
                     help="keep the input model file's memory sample and threshold (a variant of a bundled model: "
                          "the model card's ablation)")

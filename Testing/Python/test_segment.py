@@ -165,10 +165,12 @@ def test_overlapping_classes_keep_their_overlap():
     single = sitk.GetArrayFromImage(res.labels)
     assert ((brain_map == 7) & (lobe_map > 0)).sum() > 0.9 * (lobe_map > 0).sum()  # the lobes lie inside it
     assert dice(brain_map == 7, truth) > 0.9
-    # one label per voxel, the brain (the more probable) swallows the lobes: measured 439,056 lobe voxels with
-    # overlaps, 136,498 without (two lobes gone), brain Dice 0.947 with, 0.853 without
+    # one label per voxel, the brain (where the more probable) takes lobe voxels and the lobes take brain voxels:
+    # measured with the bundled model of issue [20] (aligned-label prior): 437,450 lobe voxels with overlaps,
+    # 247,920 without, brain Dice 0.944 with, 0.722 without (issue [11]'s model: 439,056 and 136,498 lobe voxels,
+    # brain Dice 0.947 and 0.853)
     in_single = int(((single > 0) & (single < 7)).sum())
-    assert in_single < 0.5 * (lobe_map > 0).sum()
+    assert in_single < 0.8 * (lobe_map > 0).sum()
     assert dice(single == 7, truth) < dice(brain_map == 7, truth) - 0.05
 
 
