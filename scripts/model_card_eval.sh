@@ -62,7 +62,7 @@ if [[ "${REGISTRATION_ONLY:-0}" == 1 ]]; then exit 0; fi
 ABL="$OUT/ablation"
 mkdir -p "$ABL/models"
 # (the fourth row, everything on, is MODEL's own iris:one-shot rows above)
-declare -A VARIANT=([features]="--align none" [unaligned]="--align identity --prior-weight 0"
+declare -A VARIANT=([features]="--align none --prior-weight 0" [unaligned]="--align identity --prior-weight 0"
                     [aligned]="--prior-weight 0")
 for v in features unaligned aligned; do
     # shellcheck disable=SC2086  # the options are words
