@@ -54,7 +54,10 @@ def _files_seen_while(proc: subprocess.Popen, folder: Path, pattern: str, timeou
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"the process did not end within {timeout} s")
-        seen.update(p.relative_to(folder) for p in folder.glob(pattern) if p.is_file())
+        try:
+            seen.update(p.relative_to(folder) for p in folder.glob(pattern) if p.is_file())
+        except FileNotFoundError:  # a build folder removed between listing and scanning it: look again
+            pass
         time.sleep(0.05)
     return seen
 
