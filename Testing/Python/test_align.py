@@ -16,7 +16,7 @@ from iris_core.hub.checkpoint import LoadedModel, preset_model, save_checkpoint
 from iris_core.io.resample import resample_to
 from iris_core.models import build_model
 from iris_core.models.config import PRESETS
-from iris_core.models.iris import sample_memory
+from iris_core.models.iris import grouped_readout, sample_memory
 from iris_core.pipeline.align import Alignment, AlignmentError, align_affine
 from iris_core.pipeline.embedding import POSITION_COLUMNS, TaskEmbedding, memory_groups
 from iris_core.resources import SAMPLE_DATA
@@ -170,6 +170,46 @@ def test_joint_readout_equals_one_class_at_a_time_on_shared_rows():
         joint = net.memory_readout(feats, memory)
         single = torch.cat([net.memory_readout(feats, memory[:, k : k + 1]) for k in range(3)], 1)
     torch.testing.assert_close(joint, single, atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_readout_is_the_softmax_over_every_row():
+    """The readout by groups of rows (one fused attention per class group, issue [21]) is the plain softmax over
+    all rows: rows in no mask, rows on a border between two classes, padding rows that weigh nothing."""
+    g = torch.Generator().manual_seed(3)
+    n, m, w, k, nv = 300, 90, 12, 4, 8
+    query = torch.randn(n, w, generator=g) * 3
+    keys = torch.randn(m, w, generator=g)
+    logw = torch.randn(m, generator=g)
+    logw[80:] = -1e4  # padding
+    values = torch.zeros(k, m, nv)
+    for c in range(k):  # rows 20c..20c+20 carry class c; each block's last rows share a border with the next class
+        values[c, 20 * c : 20 * c + 20] = torch.rand(20, nv, generator=g)
+        if c + 1 < k:
+            values[c + 1, 20 * c + 17 : 20 * c + 20] = torch.rand(3, nv, generator=g)
+    # rows 80..89: background / padding
+    attn = torch.softmax(query @ keys.T + logw, dim=-1)
+    expected = torch.einsum("nm,kmv->nkv", attn, values).reshape(n, k * nv)
+    torch.testing.assert_close(grouped_readout(query, keys, logw, values), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_many_class_readout_by_groups_equals_one_attention_with_positions():
+    """Twelve adjacent parcels and an aligned reference (position term): the inference readout (by groups)
+    gives what the training formulation (one attention, every class's values side by side) gives, batch of two."""
+    net = position_model()
+    img, _, pos = twin_blobs()
+    zz = torch.arange(32)[:, None, None].expand(32, 32, 32)
+    yy = torch.arange(32)[None, :, None].expand(32, 32, 32)
+    parcels = torch.stack([((zz // 8 == i % 4) & (yy // 11 == i // 4) & (yy < 30)).float() for i in range(12)])[None]
+    with torch.no_grad():
+        tokens = net.encode_task(torch.cat([img, pos], 1), parcels)
+        feats = [torch.cat([f, f.flip(-1)]) for f in net.encoder(img)]
+        half = torch.nn.functional.avg_pool3d(torch.cat([pos, pos]), 2)
+        by_groups = net.memory_readout(feats, tokens[-1], half)
+        with torch.enable_grad():  # training's path: one attention
+            joint = net.memory_readout(feats, tokens[-1], half).detach()
+    assert by_groups.shape == (2, 12, 32, 32, 32)
+    torch.testing.assert_close(by_groups, joint, atol=1e-5, rtol=1e-4)
+    assert float(by_groups[0].sum(0).max()) < 1.0 + 1e-4  # shares of one softmax
 
 
 def aligning(model: LoadedModel) -> LoadedModel:

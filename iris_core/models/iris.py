@@ -152,6 +152,56 @@ def sample_memory(keys: torch.Tensor, masks: torch.Tensor, size: int, values: to
     return torch.stack(rows)
 
 
+def _flash_cpu():
+    """torch's fused CPU attention that also returns each query's log-sum-exp (None where this torch lacks it)."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _padded_attention(op, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, logw: torch.Tensor):
+    """(output [N, V], log-sum-exp [N]) of one fused attention of query [N, W] over keys [M, W] with values
+    [M, V] and row weights ``logw`` [M]; the fused kernel wants equal widths, so all three are padded to the
+    widest."""
+    width = max(query.shape[-1], values.shape[-1])
+    pad = [F.pad(t, (0, width - t.shape[-1]))[None, None].contiguous() for t in (query, keys, values)]
+    out, lse = op(*pad, attn_mask=logw[None, None, None, :].contiguous(), scale=1.0)
+    return out[0, 0, :, : values.shape[-1]], lse.reshape(-1)
+
+
+def grouped_readout(query: torch.Tensor, keys: torch.Tensor, logw: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of query [N, W] over memory rows (keys [M, W], log weights [M]) reading values
+    [K, M, V]: [N, K * V] (class-major), exactly what one attention with the K classes' values side by side
+    computes, at about the cost of one class (issue [21]).
+
+    The rows are split by the class whose mask they carry most (rows in no mask form one group that only
+    adds to the normaliser); each group is one fused attention whose values are only the classes present in
+    it (a class and, at its border, a neighbour), which returns its own log-sum-exp; the groups' outputs are
+    then weighted by their share of the whole softmax. One fused attention with K * V values costs about
+    K * V / W times one class (the kernel pads the query to the values' width); the groups together cost
+    about one attention of width W over all rows."""
+    op = _flash_cpu()
+    k, m, nv = values.shape
+    mass = values.sum(-1)  # [K, M]
+    owner = torch.where(mass.amax(0) > 0, mass.argmax(0) + 1, 0)
+    owner[logw <= _EMPTY_LOG_WEIGHT / 2] = -1  # padding rows: never attended
+    outs, lses = [], []
+    for g in owner.unique().tolist():
+        if g < 0:
+            continue
+        rows = torch.nonzero(owner == g).squeeze(1)
+        present = torch.nonzero((mass[:, rows] > 0).any(1)).squeeze(1)  # [P] classes carried by these rows
+        vals = values[present][:, rows].permute(1, 0, 2).reshape(len(rows), -1)  # [rows, P * V]
+        out, lse = _padded_attention(op, query, keys[rows], vals, logw[rows])
+        cols = (present[:, None] * nv + torch.arange(nv, device=values.device)).reshape(-1)
+        outs.append((out, cols))
+        lses.append(lse)
+    total = torch.logsumexp(torch.stack(lses), 0)  # [N]: the whole softmax's normaliser
+    read = query.new_zeros(query.shape[0], k * nv)
+    for (out, cols), lse in zip(outs, lses):
+        if len(cols):
+            read.index_add_(1, cols, out * torch.exp(lse - total)[:, None])
+    return read
+
+
 def split_positions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An input [B, 1, ...] (image) or [B, 4, ...] (image and each voxel's position in mm) split in two."""
     if x.shape[1] == 1:
@@ -459,14 +509,19 @@ class IrisNet(nn.Module):
         # whose values carry every class's mask values
         head = memory[:, 0]
         keys, logw = head[..., :c], head[..., -1]
-        vals = memory[..., c : c + nv].permute(0, 2, 1, 3).reshape(b, -1, k * nv)
         if qpos is not None:
             query, keys, logw = self._position_terms(query, qpos, keys, head[..., c + nv : c + nv + 3], logw)
-        width = max(query.shape[-1], vals.shape[-1])  # torch's fused CPU/GPU attention kernels: equal widths
-        query, keys = F.pad(query, (0, width - query.shape[-1])), F.pad(keys, (0, width - keys.shape[-1]))
-        vals = F.pad(vals, (0, width - vals.shape[-1]))
-        read = F.scaled_dot_product_attention(query[:, None], keys.contiguous()[:, None], vals[:, None],
-                                              attn_mask=logw[:, None, None, :].contiguous(), scale=1.0)[:, 0]
+        if k > 1 and query.device.type == "cpu" and not torch.is_grad_enabled() and _flash_cpu() is not None:
+            # inference on the CPU: one fused attention per group of rows (grouped_readout), the same numbers
+            values = memory[..., c : c + nv]
+            read = torch.stack([grouped_readout(query[i], keys[i], logw[i], values[i]) for i in range(b)])
+        else:
+            vals = memory[..., c : c + nv].permute(0, 2, 1, 3).reshape(b, -1, k * nv)
+            width = max(query.shape[-1], vals.shape[-1])  # torch's fused CPU/GPU attention kernels: equal widths
+            query, keys = F.pad(query, (0, width - query.shape[-1])), F.pad(keys, (0, width - keys.shape[-1]))
+            vals = F.pad(vals, (0, width - vals.shape[-1]))
+            read = F.scaled_dot_product_attention(query[:, None], keys.contiguous()[:, None], vals[:, None],
+                                                  attn_mask=logw[:, None, None, :].contiguous(), scale=1.0)[:, 0]
         out = read[..., : k * nv].reshape(b, -1, k, nv).permute(0, 2, 1, 3)  # [B, K, N, V]
         full = tuple(2 * s for s in size)  # the model grid (the keys are at half its resolution)
         if nv == 8:
@@ -530,7 +585,7 @@ class IrisNet(nn.Module):
             p = F.normalize(proto[..., start : start + c].to(level.dtype), dim=-1)
             start += c
             f = F.normalize(level, dim=1)
-            cos = torch.einsum("bcdhw,bkc->bkdhw", f, p[:, :, 0]) - torch.einsum("bcdhw,bkc->bkdhw", f, p[:, :, 1])
+            cos = torch.einsum("bcdhw,bkc->bkdhw", f, p[:, :, 0] - p[:, :, 1])  # cos(f, fg) - cos(f, bg): one product
             if cos.shape[2:] != full:
                 cos = F.interpolate(cos, size=full, mode="trilinear", align_corners=False)
             total = total + cos
