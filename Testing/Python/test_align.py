@@ -16,7 +16,7 @@ from iris_core.hub.checkpoint import LoadedModel, preset_model, save_checkpoint
 from iris_core.io.resample import resample_to
 from iris_core.models import build_model
 from iris_core.models.config import PRESETS
-from iris_core.models.iris import grouped_readout, sample_memory
+from iris_core.models.iris import box_max, grouped_readout, sample_memory
 from iris_core.pipeline.align import Alignment, AlignmentError, align_affine
 from iris_core.pipeline.embedding import POSITION_COLUMNS, TaskEmbedding, memory_groups
 from iris_core.resources import SAMPLE_DATA
@@ -170,6 +170,15 @@ def test_joint_readout_equals_one_class_at_a_time_on_shared_rows():
         joint = net.memory_readout(feats, memory)
         single = torch.cat([net.memory_readout(feats, memory[:, k : k + 1]) for k in range(3)], 1)
     torch.testing.assert_close(joint, single, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("radius", [1, 3])
+def test_box_max_is_max_pooling(radius):
+    """The separable box maximum (reference shells, the memory's near stratum) is max_pool3d's, on soft masks
+    touching every face of an odd-shaped grid."""
+    x = torch.rand(2, 3, 11, 9, 7, generator=torch.Generator().manual_seed(radius))
+    x[x < 0.6] = 0
+    assert torch.equal(box_max(x, radius), torch.nn.functional.max_pool3d(x, 2 * radius + 1, 1, radius))
 
 
 def test_grouped_readout_is_the_softmax_over_every_row():

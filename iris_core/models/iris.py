@@ -85,6 +85,17 @@ MEMORY_NEAR = 3
 _EMPTY_LOG_WEIGHT = -1e4  # padding rows of a memory larger than its reference: never attended
 
 
+def box_max(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """The maximum over a (2r+1)^3 cube around each voxel of [B, C, D, H, W]: F.max_pool3d with stride 1,
+    computed as one max_pool1d per axis (a box's maximum is separable; torch's 1-d pooling keeps no indices
+    when nothing needs a gradient): the same numbers, 11x faster on a 128^3 window of 15 masks (issue [21])."""
+    for dim in (2, 3, 4):
+        moved = x.movedim(dim, -1)
+        shape = moved.shape
+        x = F.max_pool1d(moved.reshape(-1, 1, shape[-1]), 2 * radius + 1, 1, radius).reshape(shape).movedim(-1, dim)
+    return x.contiguous()
+
+
 def _memory_quotas(counts: list[int], size: int) -> list[int]:
     """How many voxels of each stratum (inside, near, far) a memory of ``size`` rows takes: the shares
     of MEMORY_SHARES (far: the rest), a short stratum's unused rows going to the others, the near shell
@@ -125,7 +136,7 @@ def sample_memory(keys: torch.Tensor, masks: torch.Tensor, size: int, values: to
     n = flat_keys.shape[1]
     union = masks.amax(1, keepdim=True).float()  # [B, 1, d, h, w]
     fg = union.flatten(1) > 0
-    near = (F.max_pool3d(union, 2 * MEMORY_NEAR + 1, 1, MEMORY_NEAR).flatten(1) > 0) & ~fg
+    near = (box_max(union, MEMORY_NEAR).flatten(1) > 0) & ~fg
     order = torch.rand(n, generator=torch.Generator().manual_seed(0)).to(keys.device)
     npos = 0 if flat_p is None else 3
     rows = []
@@ -448,7 +459,7 @@ class IrisNet(nn.Module):
                 m = F.adaptive_avg_pool3d(masks.to(level.dtype), level.shape[2:])
                 # the background prototype is local: a shell around the structure, not the whole crop, so
                 # that the structure is told apart from the tissue next to it (not from air)
-                shell = (F.max_pool3d(m, 2 * radius + 1, 1, radius) - m).clamp(min=0)
+                shell = (box_max(m, radius) - m).clamp(min=0)
                 protos.append(torch.stack([_masked_mean(level, m), _masked_mean(level, shell)], dim=2))
             tokens.append(torch.cat(protos, dim=-1))
         if self.config.memory_tokens:
