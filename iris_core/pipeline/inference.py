@@ -23,7 +23,7 @@ from iris_core.pipeline.embedding import TaskEmbedding, is_memory, memory_groups
 from iris_core.pipeline.precision import TaskPrecisions, in_bfloat16
 from iris_core.pipeline.preprocess import PreparedImage, prepare_image
 from iris_core.pipeline.to_target import BackToTarget
-from iris_core.pipeline.windows import window_runner
+from iris_core.pipeline.windows import fitted_window, window_runner
 from iris_core.types import ClassSpec, ProgressFn, Reference, StageFn, Timer
 
 
@@ -58,8 +58,14 @@ class Engine:
         self.progress = progress or _no_progress
         self.cancel = cancel or (lambda: False)
         self.timer = Timer(on_stage=on_stage)
+        # a window the user gave is used as given, and --compile keeps one (a compiled package per input shape);
+        # else the policy may fit one window to a small target
+        self.fit_window = 0 if options.window or options.compile else self.policy.fit_window
+        if self.fit_window % self.divisor:
+            raise InputError(f"{loaded.source}: the policy's fit_window {self.fit_window} is not a multiple of "
+                             f"{self.divisor}")
         self.windows = window_runner(self.policy, self.window, self.overlap, self.device, amp, self.progress,
-                                     self.check_cancel, self.sw_batch, skip_empty)
+                                     self.check_cancel, self.sw_batch, skip_empty, self.fit_window)
         self.back_to_target = BackToTarget(self.policy, self.timer)
         self.crops = ReferenceCrops(self.policy, self.window, self.divisor, self._largest_reference(),
                                     options.intensity, self.uses_positions, self.device)
@@ -205,13 +211,15 @@ class Engine:
         self.timer.add("segment", t0)
         return probs
 
-    def _window_bytes(self) -> int:
-        """Rough activation memory of one window: ~24 float32 maps of the first stage's channels."""
-        return int(np.prod(self.window)) * self.model.config.channels[0] * 4 * 24
+    def _window_bytes(self, window: tuple[int, ...] | None = None) -> int:
+        """Rough activation memory of one window (the engine's, or ``window``): ~24 float32 maps of the first
+        stage's channels."""
+        return int(np.prod(window or self.window)) * self.model.config.channels[0] * 4 * 24
 
     def _estimate_bytes(self, shape: tuple[int, ...], k: int) -> int:
         """Volume-sized arrays (input, K probabilities, blending weights) plus the windows in flight."""
-        return int(np.prod(shape)) * 4 * (2 * k + 3) + self._window_bytes() * self.sw_batch
+        window = fitted_window(tuple(shape), self.window, self.fit_window)
+        return int(np.prod(shape)) * 4 * (2 * k + 3) + self._window_bytes(window) * self.sw_batch
 
 
 class _Bound:

@@ -31,15 +31,28 @@ def monai_window_count(shape: tuple[int, ...], roi: tuple[int, ...], overlap: fl
     return n
 
 
+def fitted_window(shape: tuple[int, ...], window: tuple[int, ...], fit: int) -> tuple[int, ...]:
+    """The window for a volume of ``shape``: along each axis the volume spans at most ``fit`` voxels, one window
+    as long as the volume (never shorter than ``window``: the network's trained size; the model grid's sizes are
+    already multiples of the network's divisor); elsewhere ``window``. ``fit`` 0: ``window``."""
+    return tuple(max(w, s) if 0 < s <= fit else w for s, w in zip(shape, window))
+
+
 class WindowRunner:
     """What both layouts share: the window, the overlap, where the network runs, progress and cancel."""
 
     skipped = 0  # windows not run (MONAI's layout, background only)
 
     def __init__(self, window: tuple[int, int, int], overlap: float, device: torch.device, amp: bool,
-                 progress: ProgressFn, check_cancel: Callable[[], None]):
+                 progress: ProgressFn, check_cancel: Callable[[], None], fit: int = 0):
         self.window, self.overlap, self.device, self.amp = window, overlap, device, amp
-        self.progress, self.check_cancel = progress, check_cancel
+        self.progress, self.check_cancel, self.fit = progress, check_cancel, fit
+        self.last_window = window  # the window of the last volume (fitted_window)
+
+    def roi(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The window used over a volume of ``shape`` (the policy's fit_window; remembered for the sidecar)."""
+        self.last_window = fitted_window(tuple(shape), self.window, self.fit)
+        return self.last_window
 
     def __call__(self, x: torch.Tensor, k: int, logits_fn: LogitsFn, name: str, background: float) -> np.ndarray:
         """Blended probabilities [K, z, y, x] of ``logits_fn`` over the volume ``x`` (padded with ``background``
@@ -58,7 +71,8 @@ class MonaiWindows(WindowRunner):
         self.skipped = 0
 
     def __call__(self, x: torch.Tensor, k: int, logits_fn: LogitsFn, name: str, background: float) -> np.ndarray:
-        total = monai_window_count(x.shape[2:], self.window, self.overlap)
+        roi = self.roi(x.shape[2:])
+        total = monai_window_count(x.shape[2:], roi, self.overlap)
         done = [0]
 
         def predictor(batch: torch.Tensor) -> torch.Tensor:
@@ -76,7 +90,7 @@ class MonaiWindows(WindowRunner):
             return out
 
         with torch.inference_mode():
-            probs = sliding_window_monai(x, self.window, self.sw_batch, self.overlap, predictor, cval=background)
+            probs = sliding_window_monai(x, roi, self.sw_batch, self.overlap, predictor, cval=background)
         return probs[0].numpy()
 
 
@@ -93,14 +107,15 @@ class MassWindows(WindowRunner):
             self.progress(f"Segmenting {name}", done, total)
 
         with torch.inference_mode():
-            return sliding_window(x, self.window, self.overlap, k, probs_fn, on_window)[0].numpy()
+            return sliding_window(x, self.roi(x.shape[2:]), self.overlap, k, probs_fn, on_window)[0].numpy()
 
 
 def window_runner(policy: Policy, window: tuple[int, int, int], overlap: float, device: torch.device, amp: bool,
                   progress: ProgressFn, check_cancel: Callable[[], None], sw_batch: int = 1,
-                  skip_empty: bool = True) -> WindowRunner:
-    """The runner of the policy's layout ('mass' or MONAI's), built once per engine."""
-    common = (window, overlap, device, amp, progress, check_cancel)
+                  skip_empty: bool = True, fit: int = 0) -> WindowRunner:
+    """The runner of the policy's layout ('mass' or MONAI's), built once per engine; ``fit``: the policy's
+    fit_window (0 where the user gave a window)."""
+    common = (window, overlap, device, amp, progress, check_cancel, fit)
     if policy.mass_blending:
         return MassWindows(*common)
     return MonaiWindows(*common, sw_batch=sw_batch, skip_empty=skip_empty and policy.skip_empty)
