@@ -278,6 +278,7 @@ def _sidecar(engine: Engine, task: Task, out: TargetResult, found: list[dict], t
         # issue [20]: how references meet the target (alignment, its aligned-label prior's weight)
         "align": policy.align if engine.uses_positions else "none",
         "prior_weight": policy.prior_weight if engine.uses_positions and policy.registers else 0.0,
+        "prior_power": policy.prior_power,
         "memory_samples": getattr(getattr(loaded.model, "config", None), "memory_tokens", 0) or None,
         "window": list(engine.windows.last_window),  # fitted to the target where the policy says (fit_window)
         "overlap": engine.overlap,

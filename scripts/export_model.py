@@ -4,7 +4,8 @@ with scripts/choose_threshold.py, never on the copy test or the benchmark; how t
 was set: the model card). Issue [11].
 
 Usage: python scripts/export_model.py runs/c20/ema.safetensors Resources/Models/iris-default.safetensors \
-           --memory 16384 --threshold 0.35 [--align affine] [--prior-weight 10] [--fit-window 96]
+           --memory 16384 --threshold 0.35 [--align affine] [--prior-weight 10] [--prior-power 1] \
+           [--fit-window 96]
        python scripts/export_model.py default variant.safetensors --keep-choices --align none   (a variant)
 The file records where the choices came from (info "inference_choices"); the weights are the EMA's.
 """
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="the policy's alignment of references to targets (issue [20]; default: the input's)")
     ap.add_argument("--prior-weight", type=float, help="the policy's aligned-label prior weight (issue [20]; "
                                                        "chosen on held-out tasks: the model card; default: the input's)")
+    ap.add_argument("--prior-power", type=float, help="the policy's agreement power in the prior's weight "
+                                                     "(studies/prior_power.py; default: the input's)")
     ap.add_argument("--fit-window", type=int, help="the policy's fit_window: one window for a target grid up to this "
                                                    "edge (issue [21]; 0: off; default: the input's)")
     ap.add_argument("--keep-choices", action="store_true",
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         changes["align"] = args.align
     if args.prior_weight is not None:
         changes["prior_weight"] = args.prior_weight
+    if args.prior_power is not None:
+        changes["prior_power"] = args.prior_power
     if args.fit_window is not None:
         changes["fit_window"] = args.fit_window
     policy = dataclasses.replace(loaded.preprocessing, **changes)
@@ -62,13 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     info["name"] = f"{info.get('train_config', {}).get('preset', 'iris-small')} (step {steps})"
     info["inference_choices"] = {"memory_tokens": args.memory, "threshold": args.threshold,
                                  "align": policy.align, "prior_weight": policy.prior_weight,
-                                 "fit_window": policy.fit_window,
+                                 "prior_power": policy.prior_power, "fit_window": policy.fit_window,
                                  "trained_with_memory_tokens": trained_with,
                                  "chosen_by": previous.get("chosen_by", args.chosen_by) if args.keep_choices
                                  else args.chosen_by}
     path = save_checkpoint(args.out, model, policy, loaded.class_names, info, half=True)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {info['name']}, memory sample {args.memory}, "
-          f"threshold {args.threshold}, align {policy.align}, prior weight {policy.prior_weight}, "
+          f"threshold {args.threshold}, align {policy.align}, prior weight {policy.prior_weight} (power "
+          f"{policy.prior_power}), "
           f"fit window {policy.fit_window}")
 
 

@@ -349,3 +349,28 @@ def test_prior_fusion_and_local_agreement():
     np.testing.assert_allclose(fused[~sure], 0.5, atol=1e-6)
     prior.agreement = np.zeros_like(prior.agreement)
     np.testing.assert_allclose(fuse(p, [prior], 1, 5.0), p, atol=1e-6)
+
+
+def test_prior_power_keeps_the_weight_where_the_images_match_and_drops_it_where_they_only_resemble():
+    """w * s**p: at agreement 1 the power changes nothing, at 0.5 a power of 4 leaves an eighth of the pull of
+    p = 1 (the logit moves by w / 16 instead of w / 2); the policy refuses a power <= 0."""
+    from iris_core.errors import ConfigError
+    from iris_core.pipeline.policy import Preprocessing
+    from iris_core.pipeline.prior import AlignedPrior, fuse
+
+    img, lab = phantom(seed=3)
+    prior = AlignedPrior(img, img, lab, Alignment.identity())
+    share = prior.share(1)
+    prior.agreement = np.where(np.arange(share.size).reshape(share.shape) % 2 == 0, 1.0, 0.5).astype(np.float32)
+    p = np.full(share.shape, 0.5, np.float32)
+    inside, full = share > 0.99, prior.agreement == 1.0
+
+    def logit(x):
+        return np.log(x) - np.log1p(-x)
+
+    one, four = fuse(p, [prior], 1, 8.0), fuse(p, [prior], 1, 8.0, power=4)
+    np.testing.assert_allclose(four[inside & full], one[inside & full])
+    np.testing.assert_allclose(logit(one[inside & ~full]), 4.0, rtol=1e-4)
+    np.testing.assert_allclose(logit(four[inside & ~full]), 0.5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="prior_power"):
+        Preprocessing(align="affine", prior_weight=10, prior_power=0)

@@ -76,6 +76,9 @@ class Preprocessing:
     #: grid, scaled by local image agreement (iris_core.pipeline.prior; chosen on held-out tasks: the model card);
     #: 0 turns it off
     prior_weight: float = 0.0
+    #: the agreement's power in that weight (``w * s**p``; studies/prior_power.py): the higher, the more the prior
+    #: is kept to where the aligned reference matches the target (a moved copy) and off a different subject's tissue
+    prior_power: float = 1.0
     #: a target whose model grid spans at most this many voxels along an axis gets one window along it, as long
     #: as the grid (never shorter than ``window``) instead of overlapping ``window``-sized ones: each voxel is
     #: computed once instead of up to 2^3 times (issue [21]; the bundled model's 96: a 3 mm head in one window,
@@ -93,6 +96,8 @@ class Preprocessing:
             raise ConfigError(f"pipeline policy spacing {self.spacing} / window {self.window}: three positive values")
         if self.prior_weight < 0 or (self.prior_weight and self.align == "none"):
             raise ConfigError(f"pipeline policy prior_weight {self.prior_weight}: >= 0, and only with an alignment")
+        if self.prior_power <= 0:
+            raise ConfigError(f"pipeline policy prior_power {self.prior_power}: > 0")
         if self.fit_window < 0:
             raise ConfigError(f"pipeline policy fit_window {self.fit_window}: >= 0 (0: always the model's window)")
         if not 0 <= self.overlap < 1 or not 0 < self.threshold < 1:

@@ -8,9 +8,9 @@ trusts a reference where its image looks like the target's: here the local norma
 (Gaussian window) of the target and the aligned reference image, clipped to [0, 1], scales the prior, so
 that a moved copy of the reference takes the aligned labels almost as they are while tissue that the
 alignment misplaces keeps the model's answer. The fused probability of class k is
-``sigmoid(logit(p_k) + weight * s * (2 q_k - 1))`` with ``q_k`` the aligned reference's (linearly
-interpolated) share of class k and ``s`` the agreement; the weight is a policy field chosen on held-out
-tasks (scripts/choose_threshold.py --prior), never on the benchmark.
+``sigmoid(logit(p_k) + weight * s**power * (2 q_k - 1))`` with ``q_k`` the aligned reference's (linearly
+interpolated) share of class k and ``s`` the agreement; the weight and the power are policy fields chosen on
+held-out tasks (studies/label_prior_weight.py, studies/prior_power.py), never on the benchmark.
 """
 
 from __future__ import annotations
@@ -72,13 +72,17 @@ class AlignedPrior:
         return sitk.GetArrayFromImage(sitk.Resample(indicator, self.target, self.transform, sitk.sitkLinear, 0.0))
 
 
-def fuse(probability: np.ndarray, priors: list[AlignedPrior], value: int, weight: float) -> np.ndarray:
+def fuse(probability: np.ndarray, priors: list[AlignedPrior], value: int, weight: float,
+         power: float = 1.0) -> np.ndarray:
     """Class ``value``'s probabilities on the target grid with the aligned references' labels as a prior on the
-    logit (the mean of the priors of the references that hold the class); unchanged with none or a weight of 0."""
+    logit (the mean of the priors of the references that hold the class), each weighted by its agreement to the
+    ``power`` (the policy's prior_power: how sharply the weight falls as the images differ); unchanged with
+    none or a weight of 0."""
     priors = [pr for pr in priors if pr.holds(value)]
     if not priors or weight <= 0:
         return probability
     p = np.clip(probability.astype(np.float32), 1e-6, 1 - 1e-6)
     logit = np.log(p) - np.log1p(-p)
-    prior = sum(pr.agreement * (2 * pr.share(value) - 1) for pr in priors) / len(priors)
+    prior = sum((pr.agreement if power == 1 else pr.agreement**power) * (2 * pr.share(value) - 1)
+                for pr in priors) / len(priors)
     return (1 / (1 + np.exp(-np.clip(logit + weight * prior, -60, 60)))).astype(np.float32)

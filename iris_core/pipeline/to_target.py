@@ -98,7 +98,7 @@ class BackToTarget:
         img = array_to_image(np.ascontiguousarray(p, dtype=np.float32), prep.grid)
         # a copy: an array view of a temporary image would point into freed memory
         out = sitk.GetArrayFromImage(resample_to(img, prep.source, sitk.sitkLinear, 0.0))
-        return fuse(out, list(priors), value, self.policy.prior_weight)
+        return fuse(out, list(priors), value, self.policy.prior_weight, self.policy.prior_power)
 
     def probability_maps(self, probs: np.ndarray, prep: PreparedImage, values: list[int] | None = None,
                          priors: Sequence[AlignedPrior] = ()) -> list[sitk.Image]:
