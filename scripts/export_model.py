@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--keep-choices", action="store_true",
                     help="keep the input model file's memory sample and threshold (a variant of a bundled model: "
                          "the model card's ablation)")
-    ap.add_argument("--chosen-by", default="scripts/choose_threshold.py (held-out parcels on moved Colin27)")
+    ap.add_argument("--chosen-by", help="where the choices come from (default: the input's with --keep-choices, "
+                                        "else scripts/choose_threshold.py)")
     args = ap.parse_args(argv)
     loaded = resolve_model(args.ema)
     if loaded.arch != "iris" or not loaded.model.config.memory_tokens:
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                                  "align": policy.align, "prior_weight": policy.prior_weight,
                                  "prior_power": policy.prior_power, "fit_window": policy.fit_window,
                                  "trained_with_memory_tokens": trained_with,
-                                 "chosen_by": previous.get("chosen_by", args.chosen_by) if args.keep_choices
-                                 else args.chosen_by}
+                                 "chosen_by": args.chosen_by or (previous.get("chosen_by") if args.keep_choices else None)
+                                 or "scripts/choose_threshold.py (held-out parcels on moved Colin27)"}
     path = save_checkpoint(args.out, model, policy, loaded.class_names, info, half=True)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {info['name']}, memory sample {args.memory}, "
           f"threshold {args.threshold}, align {policy.align}, prior weight {policy.prior_weight} (power "
