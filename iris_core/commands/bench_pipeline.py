@@ -52,7 +52,8 @@ class PeakMemory:
 def window_gflop(loaded, window: tuple[int, ...], tokens: list) -> float | None:
     """Floating-point operations (GFLOP, a multiply-add counted as two) of one ``segment`` pass over a
     window, counted by ``torch.utils.flop_counter`` on a copy of the network on the meta device (no
-    memory, no compute); None where an operation has no meta kernel."""
+    memory, no compute; a memory readout in its one-attention form: the CPU's readout by groups of rows,
+    iris.grouped_readout, depends on the mask values); None where an operation has no meta kernel."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
