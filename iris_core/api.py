@@ -279,6 +279,7 @@ def _sidecar(engine: Engine, task: Task, out: TargetResult, found: list[dict], t
         "align": policy.align if engine.uses_positions else "none",
         "prior_weight": policy.prior_weight if engine.uses_positions and policy.registers else 0.0,
         "prior_power": policy.prior_power,
+        "prior_labels": policy.prior_labels,
         "memory_samples": getattr(getattr(loaded.model, "config", None), "memory_tokens", 0) or None,
         "window": list(engine.windows.last_window),  # fitted to the target where the policy says (fit_window)
         "overlap": engine.overlap,

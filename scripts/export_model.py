@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
                                                        "chosen on held-out tasks: the model card; default: the input's)")
     ap.add_argument("--prior-power", type=float, help="the policy's agreement power in the prior's weight "
                                                      "(studies/prior_power.py; default: the input's)")
+    ap.add_argument("--prior-labels", choices=("linear", "nearest"),
+                    help="the policy's prior labels on the target grid (studies/prior_power.py; default: the input's)")
     ap.add_argument("--fit-window", type=int, help="the policy's fit_window: one window for a target grid up to this "
                                                    "edge (issue [21]; 0: off; default: the input's)")
     ap.add_argument("--keep-choices", action="store_true",
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         changes["prior_weight"] = args.prior_weight
     if args.prior_power is not None:
         changes["prior_power"] = args.prior_power
+    if args.prior_labels is not None:
+        changes["prior_labels"] = args.prior_labels
     if args.fit_window is not None:
         changes["fit_window"] = args.fit_window
     policy = dataclasses.replace(loaded.preprocessing, **changes)
@@ -68,14 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     info["name"] = f"{info.get('train_config', {}).get('preset', 'iris-small')} (step {steps})"
     info["inference_choices"] = {"memory_tokens": args.memory, "threshold": args.threshold,
                                  "align": policy.align, "prior_weight": policy.prior_weight,
-                                 "prior_power": policy.prior_power, "fit_window": policy.fit_window,
+                                 "prior_power": policy.prior_power, "prior_labels": policy.prior_labels,
+                                 "fit_window": policy.fit_window,
                                  "trained_with_memory_tokens": trained_with,
                                  "chosen_by": args.chosen_by or (previous.get("chosen_by") if args.keep_choices else None)
                                  or "scripts/choose_threshold.py (held-out parcels on moved Colin27)"}
     path = save_checkpoint(args.out, model, policy, loaded.class_names, info, half=True)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {info['name']}, memory sample {args.memory}, "
           f"threshold {args.threshold}, align {policy.align}, prior weight {policy.prior_weight} (power "
-          f"{policy.prior_power}), "
+          f"{policy.prior_power}, {policy.prior_labels} labels), "
           f"fit window {policy.fit_window}")
 
 

@@ -6,8 +6,12 @@ pushes them onto a different subject's tissue (s about 0.5); a higher power keep
 image matches the target and drops it where it only resembles it: patch-based label fusion's weights
 (Coupe et al. 2011) fall off as sharply with patch dissimilarity.
 
-The model runs once per pair (probabilities saved, prior off); every (w, p) is applied offline through ``fuse``.
-Cohorts: label_prior_weight.py's held-out ones. Prints one table per cohort (rows p, columns w) and the mean.
+The labels reach the target grid either as each label's indicator interpolated linearly (a share in [0, 1]) or
+by nearest neighbour (the label map atlas registration gives; the policy's prior_labels): both are tried.
+
+The model runs once per pair (probabilities saved, prior off); every (labels, w, p) is applied offline through
+``fuse``. Cohorts: label_prior_weight.py's held-out ones. Prints one table per cohort (rows: labels and p,
+columns: w) and the mean over cohorts.
 Usage: python studies/prior_power.py MODEL [heldout-self,heldout-mni,tissue]
 """
 
@@ -31,44 +35,50 @@ from label_prior_weight import pairs  # noqa: E402
 
 WEIGHTS = (0, 10, 20, 40, 100, 1000)
 POWERS = (1, 2, 4, 8)
+LABELS = ("linear", "nearest")
 
 
 def main(model: str, cohorts: list[str]) -> None:
     loaded = resolve_model(model)
     loaded = dataclasses.replace(loaded, preprocessing=dataclasses.replace(loaded.preprocessing, prior_weight=0.0))
     thr = loaded.preprocessing.threshold
-    mean: dict[tuple[int, float], list] = {}
+    mean: dict[tuple[str, int, float], list] = {}
+    rows = [(m, p) for m in LABELS for p in POWERS]
+    head = "| labels | power | " + " | ".join(f"w {w}" for w in WEIGHTS) + " |\n" + "|---" * (len(WEIGHTS) + 2) + "|"
     for name in cohorts:
         ref, targets = pairs(name)
         classes = [ClassSpec(n, v) for v, n in ref.label_names.items()]
         values = np.array([c.value for c in classes])
-        scores: dict[tuple[int, float], list] = {}
+        scores: dict[tuple[str, int, float], list] = {}
         for tgt in targets:
             res = segment(tgt.image, [Reference(ref.image, ref.labels, ref.name)], classes, model=loaded,
                           device="cpu", save_probabilities=True)
             probs = [sitk.GetArrayFromImage(m) for m in res.probabilities]
-            prior = AlignedPrior(tgt.image, ref.image, ref.labels, align_affine(tgt.image, ref.image))
-            shares = {int(v): prior.share(int(v)) for v in values}
-            prior.share = shares.__getitem__  # computed once per class
+            alignment = align_affine(tgt.image, ref.image)
             truth = sitk.GetArrayViewFromImage(tgt.labels)
-            s = prior.agreement
-            print(f"{name} {tgt.name}: agreement inside the brain mean {float(s[truth > 0].mean()):.3f}, "
+            for mode in LABELS:
+                prior = AlignedPrior(tgt.image, ref.image, ref.labels, alignment, nearest=mode == "nearest")
+                shares = {int(v): prior.share(int(v)) for v in values}
+                prior.share = shares.__getitem__  # computed once per class
+                s = prior.agreement
+                for p in POWERS:
+                    pr = copy.copy(prior)
+                    pr.agreement = s**p
+                    for w in WEIGHTS:
+                        f = np.stack([fuse(pb, [pr], int(v), w) for pb, v in zip(probs, values)])
+                        lab = np.where(f.max(0) >= thr, values[f.argmax(0)], 0)
+                        scores.setdefault((mode, p, w), []).extend(dice_score(lab == v, truth == v) for v in values)
+            print(f"{name} {tgt.name}: agreement inside the labels mean {float(s[truth > 0].mean()):.3f}, "
                   f"median {float(np.median(s[truth > 0])):.3f}", file=sys.stderr, flush=True)
-            for p in POWERS:
-                pr = copy.copy(prior)
-                pr.agreement = s**p
-                for w in WEIGHTS:
-                    f = np.stack([fuse(pb, [pr], int(v), w) for pb, v in zip(probs, values)])
-                    lab = np.where(f.max(0) >= thr, values[f.argmax(0)], 0)
-                    scores.setdefault((p, w), []).extend(dice_score(lab == v, truth == v) for v in values)
-        print(f"\n{name}\n\n| power | " + " | ".join(f"w {w}" for w in WEIGHTS) + " |\n" + "|---" * (len(WEIGHTS) + 1) + "|")
-        for p in POWERS:
-            print(f"| {p} | " + " | ".join(f"{np.mean(scores[(p, w)]):.4f}" for w in WEIGHTS) + " |", flush=True)
+        print(f"\n{name}\n\n{head}")
+        for mode, p in rows:
+            print(f"| {mode} | {p} | " + " | ".join(f"{np.mean(scores[(mode, p, w)]):.4f}" for w in WEIGHTS) + " |",
+                  flush=True)
             for w in WEIGHTS:
-                mean.setdefault((p, w), []).append(np.mean(scores[(p, w)]))
-    print("\nmean over cohorts\n\n| power | " + " | ".join(f"w {w}" for w in WEIGHTS) + " |\n" + "|---" * (len(WEIGHTS) + 1) + "|")
-    for p in POWERS:
-        print(f"| {p} | " + " | ".join(f"{np.mean(mean[(p, w)]):.4f}" for w in WEIGHTS) + " |")
+                mean.setdefault((mode, p, w), []).append(np.mean(scores[(mode, p, w)]))
+    print(f"\nmean over cohorts\n\n{head}")
+    for mode, p in rows:
+        print(f"| {mode} | {p} | " + " | ".join(f"{np.mean(mean[(mode, p, w)]):.4f}" for w in WEIGHTS) + " |")
 
 
 if __name__ == "__main__":

@@ -328,6 +328,29 @@ def test_aligned_label_prior_takes_the_labels_where_the_images_agree(sample_pair
     assert dice(got[1000.0], truth) > 0.85
 
 
+def test_nearest_prior_labels_are_the_aligned_label_map(sample_pair):
+    """prior_labels 'nearest': the prior's shares are the label map the alignment alone gives (0 or 1), where
+    'linear' interpolates each label's indicator; with a large weight the pipeline's labels are that map wherever
+    the images agree, and the sidecar says which labels the prior used."""
+    from iris_core.pipeline.prior import AlignedPrior
+
+    ref, ref_lab, tgt, _ = sample_pair
+    alignment = align_affine(tgt, ref)
+    warped = sitk.GetArrayFromImage(alignment.warp_labels(ref_lab, tgt))
+    nearest = AlignedPrior(tgt, ref, ref_lab, alignment, nearest=True)
+    np.testing.assert_array_equal(nearest.share(1), (warped == 1).astype(np.float32))
+    linear = AlignedPrior(tgt, ref, ref_lab, alignment).share(1)
+    assert ((linear > 0.01) & (linear < 0.99)).sum() > 1000  # a border of fractions
+    base = aligning(preset_model("iris-tiny"))
+    model = dataclasses.replace(base, preprocessing=dataclasses.replace(
+        base.preprocessing, prior_weight=1000.0, prior_power=2.0, prior_labels="nearest"))
+    res = segment(tgt, [Reference(ref, ref_lab, "Colin27")], [ClassSpec("brain", 1)], model=model, device="cpu")
+    assert (res.sidecar["prior_labels"], res.sidecar["prior_power"]) == ("nearest", 2.0)
+    agree = nearest.agreement > 0.2
+    got = sitk.GetArrayFromImage(res.labels)
+    assert float(((got > 0) == (warped == 1))[agree].mean()) > 0.999
+
+
 def test_prior_fusion_and_local_agreement():
     """fuse leaves probabilities alone at weight 0 or where the agreement is 0, pulls them to the aligned labels
     where it is 1; an image agrees with itself (1) and not with its negative (0)."""

@@ -19,6 +19,7 @@ POLICY_CHOICES: dict[str, tuple[str, ...]] = {
     "blending": ("monai", "mass"),
     "labels_on": ("target", "model"),
     "align": ("none", "affine", "identity"),
+    "prior_labels": ("linear", "nearest"),
 }
 
 
@@ -79,6 +80,9 @@ class Preprocessing:
     #: the agreement's power in that weight (``w * s**p``; studies/prior_power.py): the higher, the more the prior
     #: is kept to where the aligned reference matches the target (a moved copy) and off a different subject's tissue
     prior_power: float = 1.0
+    #: how the aligned reference's labels reach the target grid for the prior: 'linear' (each label's indicator
+    #: interpolated: a share in [0, 1]) or 'nearest' (nearest neighbour: the label map atlas registration gives)
+    prior_labels: str = "linear"
     #: a target whose model grid spans at most this many voxels along an axis gets one window along it, as long
     #: as the grid (never shorter than ``window``) instead of overlapping ``window``-sized ones: each voxel is
     #: computed once instead of up to 2^3 times (issue [21]; the bundled model's 96: a 3 mm head in one window,
@@ -123,6 +127,12 @@ class Preprocessing:
                    connectivity=6)
 
     # -- what each choice means: the one place its strings are compared ------------------------------------
+    @property
+    def nearest_prior_labels(self) -> bool:
+        """'nearest': the aligned-label prior takes the reference's labels through the alignment by nearest
+        neighbour (a share of 0 or 1); 'linear': each label's indicator interpolated."""
+        return self.prior_labels == "nearest"
+
     @property
     def native_grid(self) -> bool:
         """'native': the image's own origin and direction at the policy's spacing, a target cropped to its body

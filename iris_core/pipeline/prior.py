@@ -8,8 +8,9 @@ trusts a reference where its image looks like the target's: here the local norma
 (Gaussian window) of the target and the aligned reference image, clipped to [0, 1], scales the prior, so
 that a moved copy of the reference takes the aligned labels almost as they are while tissue that the
 alignment misplaces keeps the model's answer. The fused probability of class k is
-``sigmoid(logit(p_k) + weight * s**power * (2 q_k - 1))`` with ``q_k`` the aligned reference's (linearly
-interpolated) share of class k and ``s`` the agreement; the weight and the power are policy fields chosen on
+``sigmoid(logit(p_k) + weight * s**power * (2 q_k - 1))`` with ``q_k`` the aligned reference's share of class
+k (its labels through the alignment by nearest neighbour, or its indicator interpolated linearly: the policy's
+prior_labels) and ``s`` the agreement; the weight and the power are policy fields chosen on
 held-out tasks (studies/label_prior_weight.py, studies/prior_power.py), never on the benchmark.
 """
 
@@ -51,10 +52,14 @@ class AlignedPrior:
     """One aligned reference's evidence on the target grid: its agreement map, and its labels' shares."""
 
     def __init__(self, target: sitk.Image, reference_image: sitk.Image, reference_labels: sitk.Image,
-                 alignment: Alignment):
+                 alignment: Alignment, nearest: bool = False):
+        """``nearest``: the labels go to the target by nearest neighbour (atlas label propagation: a share of 0 or
+        1, one label map kept); else each label's indicator is interpolated linearly (a share in [0, 1])."""
         self.transform = alignment.target_to_reference()
         self.target = target
         self.labels = reference_labels
+        # the same label map as the alignment alone gives (evaluate --method align)
+        self.warped_labels = sitk.GetArrayFromImage(alignment.warp_labels(reference_labels, target)) if nearest else None
         warped = sitk.Resample(sitk.Cast(reference_image, sitk.sitkFloat32), target, self.transform,
                                sitk.sitkLinear, 0.0)
         self.agreement = local_agreement(target, warped)
@@ -66,8 +71,10 @@ class AlignedPrior:
         return int(value) in self.values
 
     def share(self, value: int) -> np.ndarray:
-        """The aligned reference's share of label ``value`` at each target voxel (linear interpolation of its
-        indicator), in [0, 1]."""
+        """The aligned reference's share of label ``value`` at each target voxel: 0 or 1 (nearest neighbour) or
+        the linear interpolation of its indicator, in [0, 1]."""
+        if self.warped_labels is not None:
+            return (self.warped_labels == int(value)).astype(np.float32)
         indicator = sitk.Cast(self.labels == int(value), sitk.sitkFloat32)
         return sitk.GetArrayFromImage(sitk.Resample(indicator, self.target, self.transform, sitk.sitkLinear, 0.0))
 

@@ -225,7 +225,8 @@ def aligned_priors(engine: Engine, target: PreparedImage, encoded: list[EncodedR
     if not (engine.policy.prior_weight > 0 and engine.policy.registers and engine.uses_positions):
         return []
     t0 = time.perf_counter()
-    out = [AlignedPrior(target.source, e.reference.image, e.reference.labels, e.alignment)
+    out = [AlignedPrior(target.source, e.reference.image, e.reference.labels, e.alignment,
+                        nearest=engine.policy.nearest_prior_labels)
            for e in encoded if e.alignment is not None]
     engine.timer.add("prior", t0)
     return out
