@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prior-weight", type=float, help="the policy's aligned-label prior weight (issue [20]; "
                                                        "chosen on held-out tasks: the model card; default: the input's)")
     ap.add_argument("--prior-power", type=float, help="the policy's agreement power in the prior's weight "
-                                                     "(studies/prior_power.py; default: the input's)")
+                                                     "(chosen on held-out tasks: the model card; default: the input's)")
     ap.add_argument("--prior-labels", choices=("linear", "nearest"),
-                    help="the policy's prior labels on the target grid (studies/prior_power.py; default: the input's)")
+                    help="the policy's prior labels on the target grid (the model card; default: the input's)")
     ap.add_argument("--fit-window", type=int, help="the policy's fit_window: one window for a target grid up to this "
                                                    "edge (issue [21]; 0: off; default: the input's)")
     ap.add_argument("--keep-choices", action="store_true",

@@ -77,7 +77,7 @@ class Preprocessing:
     #: grid, scaled by local image agreement (iris_core.pipeline.prior; chosen on held-out tasks: the model card);
     #: 0 turns it off
     prior_weight: float = 0.0
-    #: the agreement's power in that weight (``w * s**p``; studies/prior_power.py): the higher, the more the prior
+    #: the agreement's power in that weight (``w * s**p``; chosen on held-out tasks: the model card): the higher, the more the prior
     #: is kept to where the aligned reference matches the target (a moved copy) and off a different subject's tissue
     prior_power: float = 1.0
     #: how the aligned reference's labels reach the target grid for the prior: 'linear' (each label's indicator
@@ -85,8 +85,8 @@ class Preprocessing:
     prior_labels: str = "linear"
     #: a target whose model grid spans at most this many voxels along an axis gets one window along it, as long
     #: as the grid (never shorter than ``window``) instead of overlapping ``window``-sized ones: each voxel is
-    #: computed once instead of up to 2^3 times (issue [21]; the bundled model's 96: a 3 mm head in one window,
-    #: chosen on held-out tasks, studies/window_size.py); 0: always ``window``. An explicit --window is used as given
+    #: computed once instead of up to 2^3 times (issue [21]; 96 takes a 3 mm head in one window: the bundled model
+    #: keeps 0, the model card says why); 0: always ``window``. An explicit --window or --compile keeps ``window``
     fit_window: int = 0
 
     def __post_init__(self) -> None:

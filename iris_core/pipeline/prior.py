@@ -11,7 +11,7 @@ alignment misplaces keeps the model's answer. The fused probability of class k i
 ``sigmoid(logit(p_k) + weight * s**power * (2 q_k - 1))`` with ``q_k`` the aligned reference's share of class
 k (its labels through the alignment by nearest neighbour, or its indicator interpolated linearly: the policy's
 prior_labels) and ``s`` the agreement; the weight and the power are policy fields chosen on
-held-out tasks (studies/label_prior_weight.py, studies/prior_power.py), never on the benchmark.
+held-out tasks (the model card says how), never on the benchmark.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ A 3 mm whole head of about 85 x 89 x 83 voxels takes 8 windows of 64^3 (each vox
 of 96^3 (padded): the network and its readout are per voxel, so fewer, larger windows do less work, if the
 network, trained on 64^3 crops, segments as well with more context.
 
-Usage: python studies/window_size.py MODEL [0,96,128] [heldout-self,heldout-mni,tissue]
+Usage: python studies/one_window.py MODEL [0,96,128] [heldout-self,heldout-mni,tissue]
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ by nearest neighbour (the label map atlas registration gives; the policy's prior
 The model runs once per pair (probabilities saved, prior off); every (labels, w, p) is applied offline through
 ``fuse``. Cohorts: label_prior_weight.py's held-out ones. Prints one table per cohort (rows: labels and p,
 columns: w) and the mean over cohorts.
-Usage: python studies/prior_power.py MODEL [heldout-self,heldout-mni,tissue]
+Usage: python studies/prior_choice.py MODEL [heldout-self,heldout-mni,tissue]
 """
 
 from __future__ import annotations
