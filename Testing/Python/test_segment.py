@@ -163,7 +163,10 @@ def test_overlapping_classes_keep_their_overlap():
     assert [c["voxels"] for c in res.sidecar["classes"]] == voxels
     truth = sitk.GetArrayFromImage(target.labels) > 0
     single = sitk.GetArrayFromImage(res.labels)
-    assert ((brain_map == 7) & (lobe_map > 0)).sum() > 0.9 * (lobe_map > 0).sum()  # the lobes lie inside it
+    # the lobes lie inside it as far as they do in the reference (89.6 % of Colin27's lobe voxels lie inside its
+    # brain mask: measured 89.8 % on the target with the nearest-neighbour aligned-label prior)
+    nested = float((sitk.GetArrayFromImage(brain.labels) > 0)[sitk.GetArrayFromImage(lobes.labels) > 0].mean())
+    assert ((brain_map == 7) & (lobe_map > 0)).sum() > (nested - 0.03) * (lobe_map > 0).sum()
     assert dice(brain_map == 7, truth) > 0.9
     # one label per voxel, the brain (where the more probable) takes lobe voxels and the lobes take brain voxels:
     # measured with the bundled model of issue [20] (aligned-label prior): 437,450 lobe voxels with overlaps,

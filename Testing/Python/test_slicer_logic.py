@@ -365,7 +365,9 @@ def test_cli_seg_nrrd_keeps_overlapping_classes_as_slicer_layers(tmp_path, capsy
             node, seg.GetNthSegmentID(i), target_node).astype(bool)
     assert [c["voxels"] for c in side["classes"]] == [int(found[v].sum()) for v in range(1, 8)]
     lobe_union = np.any([found[v] for v in range(1, 7)], axis=0)
-    assert lobe_union.sum() > 100_000 and (found[7] & lobe_union).sum() > 0.9 * lobe_union.sum()
+    # inside the brain as far as in the reference (89.6 % of Colin27's lobe voxels lie inside its brain mask)
+    nested = float((sitk.GetArrayFromImage(brain.labels) > 0)[sitk.GetArrayFromImage(lobes.labels) > 0].mean())
+    assert lobe_union.sum() > 100_000 and (found[7] & lobe_union).sum() > (nested - 0.03) * lobe_union.sum()
 
 
 def test_readme_console_example_runs_as_written(tmp_path):
