@@ -281,7 +281,7 @@ def _sidecar(engine: Engine, task: Task, out: TargetResult, found: list[dict], t
         "prior_power": policy.prior_power,
         "prior_labels": policy.prior_labels,
         "memory_samples": getattr(getattr(loaded.model, "config", None), "memory_tokens", 0) or None,
-        "window": list(engine.windows.last_window),  # fitted to the target where the policy says (fit_window)
+        "window": list(engine.window_for(out.prepared.array.shape)),  # fitted where the policy says (fit_window)
         "overlap": engine.overlap,
         "postprocess": out.postprocess,
         "options": engine.options.to_dict(),

@@ -17,6 +17,10 @@ import dataclasses
 
 from iris_core.api import resolve_model
 from iris_core.hub.checkpoint import save_checkpoint
+from iris_core.pipeline.policy import POLICY_CHOICES
+
+#: the policy fields this script sets (each from its --option of the same name; absent: the input file's)
+POLICY_FIELDS = ("align", "prior_weight", "prior_power", "prior_labels", "fit_window")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,13 +29,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out")
     ap.add_argument("--memory", type=int, help="memory sample size of the readout")
     ap.add_argument("--threshold", type=float, help="label threshold of the policy")
-    ap.add_argument("--align", choices=("none", "identity", "affine"),
+    ap.add_argument("--align", choices=POLICY_CHOICES["align"],
                     help="the policy's alignment of references to targets (issue [20]; default: the input's)")
     ap.add_argument("--prior-weight", type=float, help="the policy's aligned-label prior weight (issue [20]; "
                                                        "chosen on held-out tasks: the model card; default: the input's)")
     ap.add_argument("--prior-power", type=float, help="the policy's agreement power in the prior's weight "
                                                      "(chosen on held-out tasks: the model card; default: the input's)")
-    ap.add_argument("--prior-labels", choices=("linear", "nearest"),
+    ap.add_argument("--prior-labels", choices=POLICY_CHOICES["prior_labels"],
                     help="the policy's prior labels on the target grid (the model card; default: the input's)")
     ap.add_argument("--fit-window", type=int, help="the policy's fit_window: one window for a target grid up to this "
                                                    "edge (issue [21]; 0: off; default: the input's)")
@@ -55,25 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     model = loaded.model
     trained_with = previous.get("trained_with_memory_tokens", model.config.memory_tokens)
     model.config = dataclasses.replace(model.config, memory_tokens=args.memory)
-    changes = {"threshold": args.threshold}
-    if args.align is not None:
-        changes["align"] = args.align
-    if args.prior_weight is not None:
-        changes["prior_weight"] = args.prior_weight
-    if args.prior_power is not None:
-        changes["prior_power"] = args.prior_power
-    if args.prior_labels is not None:
-        changes["prior_labels"] = args.prior_labels
-    if args.fit_window is not None:
-        changes["fit_window"] = args.fit_window
-    policy = dataclasses.replace(loaded.preprocessing, **changes)
+    changes = {f: getattr(args, f) for f in POLICY_FIELDS if getattr(args, f) is not None}
+    policy = dataclasses.replace(loaded.preprocessing, threshold=args.threshold, **changes)
     info = dict(loaded.info)
     steps = info.get("steps")
     info["name"] = f"{info.get('train_config', {}).get('preset', 'iris-small')} (step {steps})"
     info["inference_choices"] = {"memory_tokens": args.memory, "threshold": args.threshold,
-                                 "align": policy.align, "prior_weight": policy.prior_weight,
-                                 "prior_power": policy.prior_power, "prior_labels": policy.prior_labels,
-                                 "fit_window": policy.fit_window,
+                                 **{f: getattr(policy, f) for f in POLICY_FIELDS},
                                  "trained_with_memory_tokens": trained_with,
                                  "chosen_by": args.chosen_by or (previous.get("chosen_by") if args.keep_choices else None)
                                  or "scripts/choose_threshold.py (held-out parcels on moved Colin27)"}

@@ -23,7 +23,7 @@ from iris_core.pipeline.embedding import TaskEmbedding, is_memory, memory_groups
 from iris_core.pipeline.precision import TaskPrecisions, in_bfloat16
 from iris_core.pipeline.preprocess import PreparedImage, prepare_image
 from iris_core.pipeline.to_target import BackToTarget
-from iris_core.pipeline.windows import fitted_window, window_runner
+from iris_core.pipeline.windows import window_runner
 from iris_core.types import ClassSpec, ProgressFn, Reference, StageFn, Timer
 
 
@@ -216,10 +216,13 @@ class Engine:
         stage's channels."""
         return int(np.prod(window or self.window)) * self.model.config.channels[0] * 4 * 24
 
+    def window_for(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The window the runner uses over a model grid of ``shape`` (the policy's fit_window, where it applies)."""
+        return self.windows.roi(shape)
+
     def _estimate_bytes(self, shape: tuple[int, ...], k: int) -> int:
         """Volume-sized arrays (input, K probabilities, blending weights) plus the windows in flight."""
-        window = fitted_window(tuple(shape), self.window, self.fit_window)
-        return int(np.prod(shape)) * 4 * (2 * k + 3) + self._window_bytes(window) * self.sw_batch
+        return int(np.prod(shape)) * 4 * (2 * k + 3) + self._window_bytes(self.window_for(shape)) * self.sw_batch
 
 
 class _Bound:

@@ -47,12 +47,10 @@ class WindowRunner:
                  progress: ProgressFn, check_cancel: Callable[[], None], fit: int = 0):
         self.window, self.overlap, self.device, self.amp = window, overlap, device, amp
         self.progress, self.check_cancel, self.fit = progress, check_cancel, fit
-        self.last_window = window  # the window of the last volume (fitted_window)
 
     def roi(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The window used over a volume of ``shape`` (the policy's fit_window; remembered for the sidecar)."""
-        self.last_window = fitted_window(tuple(shape), self.window, self.fit)
-        return self.last_window
+        """The window used over a volume of ``shape`` (the policy's fit_window)."""
+        return fitted_window(tuple(shape), self.window, self.fit)
 
     def __call__(self, x: torch.Tensor, k: int, logits_fn: LogitsFn, name: str, background: float) -> np.ndarray:
         """Blended probabilities [K, z, y, x] of ``logits_fn`` over the volume ``x`` (padded with ``background``
